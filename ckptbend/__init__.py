@@ -1,0 +1,3 @@
+"""ckptbend: bake attention multipliers into diffusion-model checkpoints."""
+
+__version__ = "0.1.0"
