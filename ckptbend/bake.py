@@ -1,0 +1,244 @@
+"""Execute a Plan: one pass over each input file, untouched bytes copied, edited tensors scaled.
+
+Every output is written to a temporary path beside the target and renamed into place only when
+complete. The output header equals the input's tensor table (dtype and shape never change), so it is
+written first; the two hashes it records (the source file's SHA-256 and ModelSpec's data-section hash)
+are computed during the same pass and patched into fixed-width placeholders at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import CkptbendError
+from .layouts import Checkpoint, detect
+from .plan import Edit, Plan, make_plan
+from .safetensors_io import Header, header_bytes
+
+CHUNK = 16 * 1024 * 1024
+TMP_SUFFIX = ".ckptbend-tmp"
+HEX_PLACEHOLDER = "0" * 64
+PROVENANCE_KEYS = ("ckptbend.version", "ckptbend.recipe", "ckptbend.recipe_sha256",
+                   "ckptbend.source", "ckptbend.source_sha256")
+
+# Stored dtype → torch dtype for the tensors a bake may scale.
+SCALABLE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+def output_metadata(source_meta: dict[str, str], recipe, source_name: str) -> dict[str, str]:
+    """The input's metadata, minus hashes that would lie, plus provenance (hashes as placeholders)."""
+    meta = {k: v for k, v in source_meta.items()
+            if not k.startswith("sshs_") and k not in PROVENANCE_KEYS and k != "ckptbend.history"}
+    if "ckptbend.recipe_sha256" in source_meta:   # baked before: keep the chain visible
+        history = json.loads(source_meta.get("ckptbend.history", "[]"))
+        history.append({k.removeprefix("ckptbend."): source_meta.get(k, "") for k in PROVENANCE_KEYS})
+        meta["ckptbend.history"] = json.dumps(history, separators=(",", ":"), sort_keys=True)
+    if "modelspec.hash_sha256" in meta:            # ModelSpec asks tools that modify weights to recompute it
+        meta["modelspec.hash_sha256"] = "0x" + HEX_PLACEHOLDER
+    meta.update({
+        "ckptbend.version": __version__,
+        "ckptbend.recipe": recipe.canonical(),
+        "ckptbend.recipe_sha256": recipe.sha256,
+        "ckptbend.source": source_name,
+        "ckptbend.source_sha256": HEX_PLACEHOLDER,
+    })
+    return meta
+
+
+def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str) -> dict[str, str]:
+    meta = dict(meta, **{"ckptbend.source_sha256": source_sha256})
+    if "modelspec.hash_sha256" in meta:
+        meta["modelspec.hash_sha256"] = "0x" + data_sha256
+    return meta
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+def scale_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], edit: Edit) -> bytes:
+    """Scale rows of one stored tensor: upcast to float32, multiply, round back to the stored dtype."""
+    import torch
+
+    if dtype not in SCALABLE:
+        raise CkptbendError(f"{edit.key}: cannot scale a tensor stored as {dtype}")
+    stored = getattr(torch, SCALABLE[dtype])
+    t = torch.frombuffer(bytearray(raw), dtype=stored).reshape(shape)
+    work = t.to(torch.float64 if stored == torch.float64 else torch.float32)
+    for seg in edit.segments:
+        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        for f in seg.factors:
+            rows.mul_(f)
+    if stored.is_floating_point and stored.itemsize == 1:
+        # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
+        # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
+        info = torch.finfo(stored)
+        work.clamp_(info.min, info.max)
+    return work.to(stored).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
+    """Yield the output data section piece by piece, reading `src` once from the data start."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for t in header.tensors:
+        edit = edits.get(t.name)
+        if edit is None:
+            remaining = t.nbytes
+            while remaining:
+                n = src.readinto(view[:min(remaining, CHUNK)])
+                if not n:
+                    raise CkptbendError(f"{header.path}: file shrank while being read")
+                source_hash.update(view[:n])
+                yield view[:n]
+                remaining -= n
+        else:
+            raw = src.read(t.nbytes)
+            if len(raw) != t.nbytes:
+                raise CkptbendError(f"{header.path}: file shrank while being read")
+            source_hash.update(raw)
+            yield scale_bytes(raw, t.dtype, t.shape, edit)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="baking")
+
+    def update(self, n: int):
+        if self.bar:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
+    """Write one output file to the open binary file `out`. Returns (source_sha256, data_sha256)."""
+    placeholder = header_bytes(meta, header.tensors)
+    out.write(placeholder)
+    source_hash, data_hash = hashlib.sha256(), hashlib.sha256()
+    with open(src_path, "rb") as src:
+        head = src.read(header.data_start)
+        source_hash.update(head)
+        for chunk in data_chunks(src, header, edits, source_hash):
+            data_hash.update(chunk)
+            out.write(chunk)
+            progress.update(len(chunk))
+        if src.read(1):
+            raise CkptbendError(f"{src_path}: file grew while being read")
+    progress.update(len(head))
+    digests = source_hash.hexdigest(), data_hash.hexdigest()
+    final = header_bytes(final_metadata(meta, *digests), header.tensors)
+    assert len(final) == len(placeholder)
+    out.flush()
+    os.pwrite(out.fileno(), final, 0)
+    return digests
+
+
+# --- output paths -----------------------------------------------------------------------------------
+def check_output_path(input_path: Path, output_path: Path, force: bool):
+    src, dst = input_path.resolve(), output_path.resolve()
+    if src == dst or (dst.exists() and os.path.samefile(src, dst)):
+        raise CkptbendError(f"{output_path}: output would overwrite the input; choose another path")
+    if input_path.is_dir() and dst.is_relative_to(src):
+        raise CkptbendError(f"{output_path}: output cannot be inside the input folder")
+    if output_path.exists() and not force:
+        raise CkptbendError(f"{output_path}: already exists (use --force to replace it)")
+    if output_path.exists() and output_path.is_dir() != input_path.is_dir():
+        raise CkptbendError(f"{output_path}: exists and is a {'folder' if output_path.is_dir() else 'file'}; "
+                            "refusing to replace it with the other kind")
+    if not dst.parent.is_dir():
+        raise CkptbendError(f"{output_path.parent}: no such folder")
+    if not os.access(dst.parent, os.W_OK):
+        raise CkptbendError(f"{output_path.parent}: folder is not writable")
+
+
+@contextmanager
+def atomic_output(target: Path, is_dir: bool):
+    """Yield a temporary path beside `target`; rename it into place only if the block completes."""
+    prefix = f".{target.name}."
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX))
+    else:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX))
+            os.replace(target, old / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if is_dir else tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    output: Path
+    plan: Plan
+    source_sha256: dict[str, str]   # file (relative) → SHA-256 of the input file
+
+
+def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name) -> dict[str, str]:
+    digests = {}
+    rewritten = {f.rel: f for f in ckpt.files}
+    if ckpt.kind == "diffusers-folder":
+        sources = sorted(p for p in ckpt.path.rglob("*") if p.is_file())
+        for p in sources:
+            rel = p.relative_to(ckpt.path).as_posix()
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if rel not in rewritten:
+                shutil.copyfile(p, dst)
+                progress.update(p.stat().st_size)
+    for rel, cf in rewritten.items():
+        src = ckpt.path / rel if ckpt.kind == "diffusers-folder" else ckpt.path
+        dst = tmp / rel if ckpt.kind == "diffusers-folder" else tmp
+        name = f"{source_name}/{rel}" if ckpt.kind == "diffusers-folder" else source_name
+        meta = output_metadata(cf.header.metadata, recipe, name)
+        with open(dst, "wb") as out:
+            digests[rel], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress)
+            os.fsync(out.fileno())
+    return digests
+
+
+def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, progress=None,
+         source_name: str | None = None) -> BakeResult:
+    """Bake `recipe` into the checkpoint at `input_path`, writing `output_path` atomically.
+
+    `source_name` is the name recorded as the source (default: the input's file or folder name).
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    ckpt = detect(input_path)
+    plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
+    check_output_path(input_path, output_path, force)
+    if ckpt.kind == "diffusers-folder":
+        total = sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
+    else:
+        total = ckpt.path.stat().st_size
+    bar = _Progress(total, sys.stderr.isatty() if progress is None else progress)
+    try:
+        with atomic_output(output_path, ckpt.kind == "diffusers-folder") as tmp:
+            digests = _bake_into(plan, recipe, ckpt, tmp, bar, source_name or input_path.name)
+    except OSError as e:
+        raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
+    finally:
+        bar.close()
+    return BakeResult(output_path, plan, digests)

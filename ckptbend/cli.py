@@ -1,0 +1,211 @@
+"""The `ckptbend` command line: parse arguments, call the library, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CkptbendError
+
+EXISTING = click.Path(path_type=Path)   # existence is checked by the library, with ckptbend's own messages
+
+
+class _Group(click.Group):
+    """Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CkptbendError as e:
+            click.echo(f"error: {e.message}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            ctx.exit(130)
+        except OSError as e:
+            click.echo(f"error: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "), err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckptbend")
+def cli():
+    """Bake ComfyUI-style attention multipliers into checkpoint files.
+
+    \b
+    Typical use:
+      ckptbend recipe validate recipes/sharper-details.toml
+      ckptbend bake recipes/sharper-details.toml model.safetensors -o model-sharp.safetensors
+      ckptbend inspect model-sharp.safetensors
+      ckptbend verify model-sharp.safetensors --source model.safetensors
+    """
+
+
+def _load(recipe_path: Path, allow_out_of_range: bool):
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, allow_out_of_range=allow_out_of_range)
+    for w in recipe.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return recipe
+
+
+@cli.command()
+@click.argument("recipe", type=EXISTING)
+@click.argument("input", type=EXISTING)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output file (or folder, for a diffusers folder input).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, rows and factor) and write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-missing", is_flag=True,
+              help="Bake even if a recipe value or selector matches nothing in this checkpoint.")
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pickled .ckpt input, loaded with torch.load(weights_only=True) only.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def bake(recipe, input, output, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, quiet):
+    """Bake RECIPE into the checkpoint INPUT, writing OUTPUT.
+
+    INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, UNet-only or text-encoder-only)
+    or a diffusers model folder. The input is never modified; OUTPUT appears only when complete.
+    """
+    from .pickle_input import is_pickle, pickle_to_safetensors
+
+    r = _load(recipe, allow_out_of_range)
+    if is_pickle(input):
+        if not allow_pickle:
+            raise CkptbendError(f"{input}: pickled checkpoints can run code when loaded; refusing. "
+                                "Convert it to .safetensors, or pass --allow-pickle to load it weights-only")
+        with tempfile.TemporaryDirectory(dir=output.resolve().parent, prefix=".ckptbend-pickle-") as tmp:
+            converted = Path(tmp) / (input.stem + ".safetensors")
+            pickle_to_safetensors(input, converted)
+            _bake_or_plan(r, converted, output, dry_run, force, allow_missing, quiet, input.name)
+        return
+    _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, None)
+
+
+def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source_name):
+    from .bake import bake as run_bake
+    from .layouts import detect
+    from .plan import make_plan
+
+    if dry_run:
+        plan = make_plan(r, detect(input), allow_missing=allow_missing)
+        for w in plan.warnings:
+            click.echo(f"warning: {w}", err=True)
+        for line in plan.describe():
+            click.echo(line)
+        click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
+        return
+    result = run_bake(r, input, output, force=force, allow_missing=allow_missing,
+                      progress=False if quiet else None, source_name=source_name)
+    for w in result.plan.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        click.echo(f"baked {r.name} ({r.sha256[:12]}) into {output}: "
+                   f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
+
+
+@cli.command()
+@click.argument("file", type=EXISTING)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(file, as_json):
+    """Show FILE's architecture, layout, attention sites, dtypes, metadata and baked recipe."""
+    from .layouts import detect
+    from .report import describe, format_text
+
+    info = describe(detect(file))
+    click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
+
+
+@cli.group()
+def recipe():
+    """Check and print recipes."""
+
+
+@recipe.command("validate")
+@click.argument("file", type=EXISTING)
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+def recipe_validate(file, allow_out_of_range):
+    """Check FILE against the recipe schema."""
+    r = _load(file, allow_out_of_range)
+    click.echo(f"{file}: ok ({r.name}, sha256 {r.sha256[:16]})")
+
+
+@recipe.command("show")
+@click.argument("file", type=EXISTING)
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+def recipe_show(file, allow_out_of_range):
+    """Print FILE's canonical form and content hash."""
+    r = _load(file, allow_out_of_range)
+    click.echo(r.canonical(), nl=False)
+    click.echo(f"# sha256 {r.sha256}")
+
+
+@cli.command()
+@click.argument("output", type=EXISTING)
+@click.option("--source", type=EXISTING, required=True, help="The checkpoint OUTPUT was baked from.")
+def verify(output, source):
+    """Recompute the bake recorded in OUTPUT from SOURCE and confirm OUTPUT matches byte for byte."""
+    from .verify import verify as run_verify
+
+    problems = run_verify(output, source)
+    for p in problems:
+        click.echo(f"mismatch: {p}", err=True)
+    if problems:
+        raise CkptbendError(f"{output}: does not match the recorded bake of {source}", exit_code=1)
+    click.echo(f"{output}: ok, identical to the recorded bake of {source}")
+
+
+@cli.command()
+@click.argument("a", type=EXISTING)
+@click.argument("b", type=EXISTING)
+def diff(a, b):
+    """Show what differs between two checkpoints (per-tensor ratios) or two recipes (values)."""
+    from .diff import diff_checkpoints, diff_recipes
+    from .layouts import detect
+
+    if a.suffix == ".toml" or b.suffix == ".toml":
+        lines = diff_recipes(_load(a, True), _load(b, True))
+    else:
+        lines = diff_checkpoints(detect(a), detect(b))
+    for line in lines:
+        click.echo(line)
+    if not lines:
+        click.echo("no differences", err=True)
+
+
+@cli.command()
+@click.argument("arch", type=click.Choice(["sd1", "sd2", "sdxl", "sdxl_refiner", "svd"]))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--layout", default="single", show_default=True,
+              type=click.Choice(["single", "diffusers", "unet", "unet_bare", "unet_diffusers",
+                                 "text_encoder", "text_encoder_openclip"]))
+@click.option("--dtype", default="fp16", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]))
+@click.option("--seed", default=0, show_default=True)
+def synth(arch, output, layout, dtype, seed):
+    """Write a tiny random checkpoint with real key names (for trying ckptbend offline)."""
+    import torch
+
+    from .synth import write_checkpoint
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[dtype]
+    if output.exists():
+        raise CkptbendError(f"{output}: already exists")
+    path = write_checkpoint(output, arch, layout=layout, size="tiny", dtype=torch_dtype, seed=seed)
+    click.echo(f"wrote {path} ({arch}, {layout}, {dtype})")
+
+
+def main():
+    cli(prog_name="ckptbend")
+
+
+if __name__ == "__main__":
+    main()

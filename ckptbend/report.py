@@ -1,0 +1,84 @@
+"""Describe a checkpoint (for `ckptbend inspect`): architecture, layout, components, attention, dtypes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .layouts import Checkpoint, blocks_with_attention
+from .verify import recorded_recipe
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    dtypes = Counter()
+    size = 0
+    tensors = Counter()
+    for f in ckpt.files:
+        size += f.header.file_size
+        for t in f.header.tensors:
+            dtypes[t.dtype] += 1
+            tensors[f.components.get(t.name, "other")] += 1
+    unet_sites = [s for s in ckpt.sites if s.component == "unet"]
+    per_block = {}
+    for label in blocks_with_attention(ckpt):
+        here = [s for s in unet_sites if s.block == label]
+        per_block[label] = {
+            "depth": max(s.depth for s in here) + 1,
+            "attn": sorted({s.attn + ("-temporal" if s.temporal else "") for s in here}),
+        }
+    encoders = {}
+    for s in ckpt.sites:
+        if s.component != "unet":
+            layers = encoders.setdefault(s.component, set())
+            layers.add(s.key.rsplit(".", 3)[0])
+    recipe = recorded_recipe(ckpt)
+    metadata = {k: v for f in ckpt.files for k, v in f.header.metadata.items() if k != "ckptbend.recipe"}
+    return {
+        "path": str(ckpt.path),
+        "architecture": ckpt.architecture,
+        "layout": ckpt.kind,
+        "files": [f.rel for f in ckpt.files],
+        "size_bytes": size,
+        "components": dict(tensors),
+        "dtypes": dict(dtypes),
+        "attention_blocks": per_block,
+        "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
+        "qk_norm": ckpt.qk_norm,
+        "metadata": metadata,
+        "recipe": recipe.canonical() if recipe else None,
+        "recipe_sha256": recipe.sha256 if recipe else None,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def format_text(info: dict) -> str:
+    lines = [
+        f"{info['path']}",
+        f"  architecture: {info['architecture']}",
+        f"  layout:       {info['layout']} ({len(info['files'])} file{'s' * (len(info['files']) != 1)})",
+        f"  size:         {_size(info['size_bytes'])}",
+        "  components:   " + ", ".join(f"{c} ({n} tensors)" for c, n in info["components"].items()),
+        "  dtypes:       " + ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items())),
+    ]
+    if info["attention_blocks"]:
+        lines.append("  UNet attention by block:")
+        for label, b in info["attention_blocks"].items():
+            lines.append(f"    {label:<5} depth {b['depth']:<2} {' '.join(b['attn'])}")
+    for c, n in info["text_encoder_attention_layers"].items():
+        lines.append(f"  {c}: {n} attention layers")
+    if info["qk_norm"]:
+        lines.append("  note: the UNet uses qk-norm; q/k multipliers cancel there")
+    if info["metadata"]:
+        lines.append("  metadata:")
+        for k, v in info["metadata"].items():
+            shown = v if len(v) <= 100 else v[:97] + "..."
+            lines.append(f"    {k}: {shown}")
+    if info["recipe"]:
+        lines.append(f"  baked by ckptbend with recipe {info['recipe_sha256'][:16]}:")
+        lines.extend(("    " + line).rstrip() for line in info["recipe"].splitlines())
+    return "\n".join(lines)
