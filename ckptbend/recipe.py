@@ -1,0 +1,805 @@
+"""Recipes: the TOML file that says what to bake, and what to hand to run time.
+
+    schema = 1
+    name = "sharper-details"
+    [unet.self]            # UNetSelfAttentionMultiply (attn1)
+    q = 1.1
+    [[unet.cross]]         # an array of tables: several entries, each with an optional selector
+    blocks = ["IN07", "M00"]
+    v = 1.05
+
+The schema is data: every section is a table of `Param`s (kind, default, ranges), and one reader
+and one writer walk those tables. Reading validates everything and fills in defaults; a recipe is
+a frozen value whose canonical TOML text (and its sha256) does not depend on formatting, key
+order, comments, `1` vs `1.0` or values written out at their default.
+
+Ranges come in two strengths: *hard* bounds say where a value means something (a multiplier is
+never negative, a blur sigma is positive) and always apply; *soft* ranges are the limits the
+original node's widgets enforce (0-10 for ComfyUI's multipliers) and give way to
+`allow_out_of_range=True` (the CLI's --allow-out-of-range).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import CkptbendError
+
+SCHEMA_VERSION = 1
+MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip")
+DYNAMIC_SECTIONS = ("sag", "slothful", "bending")
+SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
+TOP_LEVEL_KEYS = ("schema", "name", "description")
+
+TEXT_ENCODERS = ("clip_l", "clip_g", "clip_h")
+BLOCK_GROUPS = ("input", "middle", "output")
+# Only the shape of a block label is checked: which labels exist depends on the checkpoint
+# (SD 1.x has IN00-IN11 / OUT00-OUT11, SDXL IN00-IN08 / OUT00-OUT08); the planner checks existence.
+BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
+NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
+
+
+# --- the schema, as data ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe key: how to read it, its default, and its ranges."""
+    name: str
+    kind: str                                 # a key of _CHECKS below
+    default: Any = None
+    required: bool = False
+    lo: float | None = None                   # hard bounds: always enforced
+    hi: float | None = None
+    open_lo: bool = False                     # True: lo itself is excluded
+    open_hi: bool = False
+    soft: tuple[float, float] | None = None   # the node's own range: enforced unless allow_out_of_range
+    soft_label: str = "the node's range"
+    choices: tuple[str, ...] = ()
+    note: str = ""                            # appended to a hard-bound error
+
+
+def _table(*params: Param) -> dict[str, Param]:
+    return {p.name: p for p in params}
+
+
+# Multiplier sections: one factor per key (ComfyUI: default 1.0, range 0.0-10.0), plus selectors.
+MULTIPLY_KEYS = {
+    "unet.self": ("q", "k", "v", "out"),
+    "unet.cross": ("q", "k", "v", "out"),
+    "unet.temporal": ("self_structural", "self_temporal", "cross_structural", "cross_temporal"),
+    "clip": ("q", "k", "v", "out"),
+}
+SELECTORS = _table(
+    Param("blocks", "blocks", default=()),        # block labels / group names; () = every block
+    Param("depth", "index_list", default=()),     # transformer index inside a block; () = all
+    Param("encoders", "encoders", default=()),    # text encoders; () = all
+)
+SECTION_SELECTORS = {
+    "unet.self": ("blocks", "depth"),
+    "unet.cross": ("blocks", "depth"),
+    "unet.temporal": ("blocks", "depth"),
+    "clip": ("encoders",),
+}
+
+
+def _factor(name: str) -> Param:
+    return Param(name, "number", 1.0, lo=0.0, soft=(0.0, 10.0), soft_label="ComfyUI's range")
+
+
+def multiply_params(section: str) -> dict[str, Param]:
+    """The keys of one multiplier section, in canonical order: selectors, then factors."""
+    return {**{s: SELECTORS[s] for s in SECTION_SELECTORS[section]},
+            **_table(*map(_factor, MULTIPLY_KEYS[section]))}
+
+
+# Self-Attention Guidance (ComfyUI's SelfAttentionGuidance node).
+SAG_PARAMS = _table(
+    Param("scale", "number", 0.5, soft=(-2.0, 5.0), soft_label="ComfyUI's range"),
+    Param("blur_sigma", "number", 2.0, lo=0.0, open_lo=True, soft=(0.0, 10.0), soft_label="ComfyUI's range",
+          note="ComfyUI's SAG produces NaN at blur_sigma 0; use a tiny positive value such as 0.01, "
+               "or leave [sag] out"),
+)
+
+# Slothful Attention (Dec 2023 version). The Simple node's names map onto the full set.
+SLOTHFUL_MODES = ("1D_AVG", "1D_MAX", "2D_AVG", "2D_MAX")
+SLOTHFUL_PARAMS = _table(
+    Param("time_decay", "number", 1.0, lo=0.0, soft=(0.0, 4.0)),
+    Param("keep_middle", "bool", True),
+    Param("in_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
+    Param("out_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
+    Param("in_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
+    Param("out_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
+    Param("in_strength", "number", 6.0, lo=0.0, soft=(0.0, 50.0)),
+    Param("out_strength", "number", 4.0, lo=0.0, soft=(0.0, 50.0)),
+    Param("in_k_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("in_v_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("out_k_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("out_v_blend", "number", 0.0, soft=(0.0, 1.0)),
+)
+SLOTHFUL_SIMPLE = Param("simple", "bool", False)
+# Simple-node name → the full-node parameters it sets (keep_middle is fixed to true).
+SIMPLE_EXPANDS = {
+    "time_decay": ("time_decay",),
+    "depth_decay": ("in_depth_decay", "out_depth_decay"),
+    "in_mode": ("in_mode",),
+    "in_strength": ("in_strength",),
+    "in_blend": ("in_k_blend", "in_v_blend"),
+    "out_mode": ("out_mode",),
+    "out_strength": ("out_strength",),
+    "out_blend": ("out_k_blend", "out_v_blend"),
+}
+SIMPLE_FIXED = {"keep_middle": True}
+SLOTHFUL_SIMPLE_PARAMS = {simple: replace(SLOTHFUL_PARAMS[full[0]], name=simple)
+                          for simple, full in SIMPLE_EXPANDS.items()}
+
+# Attention Bending: fields every entry has, then each mode's own parameters.
+BEND_MODES = ("scale", "spatial_scale", "rotate", "translate", "flip", "blur", "sharpen",
+              "regional_mask", "frequency_filter")
+BEND_COMMON = _table(
+    Param("token", "text", required=True),
+    Param("mode", "choice", required=True, choices=BEND_MODES),
+    Param("strength", "number", 1.0),
+    Param("apply_to_timesteps", "step_range", None),   # [start, end): scheduler step indices; None = all
+    Param("apply_to_layers", "index_list", None),      # cross-attention site indices; None = all
+    Param("renormalize", "renormalize", "row"),
+)
+BEND_PARAMS = _table(
+    Param("scale_factor", "number", 1.0),
+    Param("zoom_factor", "number", 1.0, lo=0.0, open_lo=True),
+    Param("angle", "number", 0.0),
+    Param("translate_x", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
+    Param("translate_y", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
+    Param("flip_horizontal", "bool", False),
+    Param("flip_vertical", "bool", False),
+    Param("sharpen_amount", "number", 1.0),
+    Param("kernel_size", "int", 3, lo=1),
+    Param("sigma", "number", 1.0, lo=0.0, open_lo=True),
+    Param("region", "region", None, required=True),    # [x1, y1, x2, y2] in 0-1, (0, 0) top-left
+    Param("region_feather", "number", 0.1, lo=0.0),
+    Param("filter", "choice", None, choices=("lowpass", "highpass")),
+    Param("cutoff", "number", None, lo=0.0, open_lo=True, hi=1.0),
+)
+BEND_MODE_PARAMS = {
+    "scale": ("scale_factor",),
+    "spatial_scale": ("zoom_factor",),
+    "rotate": ("angle",),
+    "translate": ("translate_x", "translate_y"),
+    "flip": ("flip_horizontal", "flip_vertical"),
+    "blur": ("kernel_size", "sigma"),
+    "sharpen": ("sharpen_amount", "kernel_size", "sigma"),
+    "regional_mask": ("region", "region_feather"),
+    "frequency_filter": ("sigma", "filter", "cutoff"),
+}
+RENORMALIZE = {True: "row", False: "none", "row": "row", "column": "column", "none": "none"}
+
+
+def bend_params(mode: str) -> dict[str, Param]:
+    """The keys of a [[bending]] entry of this mode, in canonical order."""
+    return {**BEND_COMMON, **{name: BEND_PARAMS[name] for name in BEND_MODE_PARAMS[mode]}}
+
+
+# --- the values ---------------------------------------------------------------------------------
+
+class FrozenDict(Mapping):
+    """A read-only, hashable mapping that keeps insertion order."""
+
+    def __init__(self, items: Mapping | tuple = ()):
+        self._data = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(items).items()}
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({self._data!r})"
+
+
+@dataclass(frozen=True)
+class MultiplyEntry:
+    """One table of a multiplier section: its factors and which attentions it selects."""
+    factors: tuple[tuple[str, float], ...]   # only values other than 1.0, in the section's key order
+    blocks: tuple[str, ...] = ()             # block labels or groups; () = all
+    depth: tuple[int, ...] = ()              # transformer depth inside a block; () = all
+    encoders: tuple[str, ...] = ()           # clip only; () = all
+
+    def factor(self, key: str) -> float:
+        return dict(self.factors).get(key, 1.0)
+
+    @property
+    def has_selector(self) -> bool:
+        return bool(self.blocks or self.depth or self.encoders)
+
+    def values(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "depth": self.depth, "encoders": self.encoders, **dict(self.factors)}
+
+
+@dataclass(frozen=True)
+class SAGParams:
+    scale: float = 0.5
+    blur_sigma: float = 2.0
+
+
+@dataclass(frozen=True)
+class SlothfulParams:
+    """Always the full node's parameter set; `simple` records that the recipe used the Simple node."""
+    simple: bool = False
+    time_decay: float = 1.0
+    keep_middle: bool = True
+    in_mode: str = "2D_AVG"
+    out_mode: str = "2D_AVG"
+    in_depth_decay: float = 1.0
+    out_depth_decay: float = 1.0
+    in_strength: float = 6.0
+    out_strength: float = 4.0
+    in_k_blend: float = 0.0
+    in_v_blend: float = 0.0
+    out_k_blend: float = 0.0
+    out_v_blend: float = 0.0
+
+    def __post_init__(self):
+        if self.simple and not self._simple_representable():
+            raise ValueError("SlothfulParams(simple=True) needs keep_middle=True and equal in/out "
+                             "depth decays, equal in k/v blends and equal out k/v blends")
+
+    def _simple_representable(self) -> bool:
+        values = asdict(self)
+        return (all(values[k] == v for k, v in SIMPLE_FIXED.items())
+                and all(len({values[f] for f in full}) == 1 for full in SIMPLE_EXPANDS.values()))
+
+    def simple_values(self) -> dict[str, Any]:
+        """The Simple node's parameters (meaningful when `simple`)."""
+        return {name: getattr(self, full[0]) for name, full in SIMPLE_EXPANDS.items()}
+
+
+@dataclass(frozen=True)
+class BendEntry:
+    """One [[bending]] entry; only the fields of its mode are meaningful (see `params`)."""
+    token: str
+    mode: str
+    strength: float = 1.0
+    apply_to_timesteps: tuple[int, int] | None = None   # [start, end) scheduler step indices
+    apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
+    renormalize: str = "row"                            # "row" | "column" | "none"
+    scale_factor: float = 1.0
+    zoom_factor: float = 1.0
+    angle: float = 0.0
+    translate_x: float = 0.0
+    translate_y: float = 0.0
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    sharpen_amount: float = 1.0
+    kernel_size: int = 3
+    sigma: float = 1.0
+    region: tuple[float, float, float, float] | None = None
+    region_feather: float = 0.1
+    filter: str | None = None       # frequency_filter: "lowpass" | "highpass" (with cutoff) ...
+    cutoff: float | None = None     # ... or None: the original's sigma placeholder
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """This entry's mode parameters, defaults filled in."""
+        return {name: getattr(self, name) for name in BEND_MODE_PARAMS[self.mode]}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    schema: int
+    name: str
+    description: str = ""
+    multipliers: Mapping[str, tuple[MultiplyEntry, ...]] = field(default_factory=FrozenDict)
+    sag: SAGParams | None = None
+    slothful: SlothfulParams | None = None
+    bending: tuple[BendEntry, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.multipliers, FrozenDict):
+            object.__setattr__(self, "multipliers", FrozenDict(self.multipliers))
+        object.__setattr__(self, "bending", tuple(self.bending))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    @property
+    def has_dynamic(self) -> bool:
+        """Whether part of the recipe only works at sampling time (SAG, Slothful, Bending)."""
+        return self.sag is not None or self.slothful is not None or bool(self.bending)
+
+    def canonical(self) -> str:
+        """Deterministic TOML text that `parse_recipe` reads back to an equal Recipe."""
+        parts = ["\n".join(f"{key} = {_toml(value)}"
+                           for key, value in (("schema", self.schema), ("name", self.name),
+                                              ("description", self.description)) if value != "")]
+        for section in MULTIPLIER_SECTIONS:
+            entries = [e for e in self.multipliers.get(section, ()) if e.factors or e.has_selector]
+            # [[section]] when there are several entries or one selects blocks/depth; a lone [clip] keeps
+            # its encoders key in the plain-table form users write.
+            many = len(entries) > 1 or any(e.blocks or e.depth for e in entries)
+            params = multiply_params(section)
+            parts += [_table_text(f"[[{section}]]" if many else f"[{section}]", params, e.values())
+                      for e in entries]
+        if self.sag is not None:
+            parts.append(_table_text("[sag]", SAG_PARAMS, asdict(self.sag)))
+        if self.slothful is not None:
+            s = self.slothful
+            params = {"simple": SLOTHFUL_SIMPLE, **(SLOTHFUL_SIMPLE_PARAMS if s.simple else SLOTHFUL_PARAMS)}
+            values = {"simple": s.simple, **(s.simple_values() if s.simple else asdict(s))}
+            parts.append(_table_text("[slothful]", params, values))
+        parts += [_table_text("[[bending]]", bend_params(b.mode), asdict(b)) for b in self.bending]
+        return "\n\n".join(parts) + "\n"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical().encode("utf-8")).hexdigest()
+
+
+# --- writing TOML -------------------------------------------------------------------------------
+
+_STRING_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml(value) -> str:
+    """A TOML literal. Floats use repr() (shortest round-trip form); callers pass floats as floats."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + "".join(_STRING_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                             for c in value) + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _as_stored(param: Param, value):
+    """Number-kind values are floats (never -0.0), even if someone built the dataclass with ints."""
+    if param.kind == "number" and value is not None:
+        return float(value) + 0.0
+    if param.kind == "region" and value is not None:
+        return tuple(float(x) + 0.0 for x in value)
+    return value
+
+
+def _table_text(header: str, params: dict[str, Param], values: Mapping[str, Any]) -> str:
+    lines = [header]
+    for name, param in params.items():
+        value = _as_stored(param, values.get(name, param.default))
+        if value != param.default:
+            lines.append(f"{name} = {_toml(value)}")
+    return "\n".join(lines)
+
+
+# --- reading: one check per kind of value -------------------------------------------------------
+
+def _type_name(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _show(value) -> str:
+    """How a value the user wrote is quoted back in a message."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return "{...}"
+    try:
+        return _toml(value)
+    except TypeError:
+        return str(value)
+
+
+def _closest(word: str, candidates) -> str | None:
+    """The nearest candidate to a misspelt word (case-insensitive), or None."""
+    lowered = {c.lower(): c for c in candidates}
+    match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[match[0]] if match else None
+
+
+QUOTED = '"{}"'   # how string values (not key names) are quoted in suggestions
+
+
+def _hint(word: str, candidates, fmt: str = "'{}'") -> str:
+    best = _closest(word, candidates)
+    if best is not None:
+        return f" (did you mean {fmt.format(best)}?)"
+    return f" (expected one of: {', '.join(fmt.format(c) for c in candidates)})"
+
+
+class _Reader:
+    """Carries what every check needs: where messages come from, the range switch, the warnings."""
+
+    def __init__(self, source: str, allow_out_of_range: bool):
+        self.source = source
+        self.allow_out_of_range = allow_out_of_range
+        self.warnings: list[str] = []
+
+    def _line(self, where: str, message: str) -> str:
+        return f"{self.source}: {where} {message}" if where else f"{self.source}: {message}"
+
+    def fail(self, where: str, message: str) -> NoReturn:
+        raise CkptbendError(self._line(where, message))
+
+    def warn(self, where: str, message: str) -> None:
+        self.warnings.append(self._line(where, message))
+
+
+def _interval(p: Param) -> str:
+    if p.lo is not None and p.hi is not None:
+        return f"in {'(' if p.open_lo else '['}{p.lo:g}, {p.hi:g}{')' if p.open_hi else ']'}"
+    if p.lo is not None:
+        return f"{'>' if p.open_lo else '>='} {p.lo:g}"
+    return f"{'<' if p.open_hi else '<='} {p.hi:g}"
+
+
+def _check_bounds(r: _Reader, where: str, p: Param, x: float, shown: str) -> None:
+    below = p.lo is not None and (x <= p.lo if p.open_lo else x < p.lo)
+    above = p.hi is not None and (x >= p.hi if p.open_hi else x > p.hi)
+    if below or above:
+        r.fail(where, f"{p.name} = {shown} must be {_interval(p)}" + (f"; {p.note}" if p.note else ""))
+    if p.soft and not r.allow_out_of_range and not p.soft[0] <= x <= p.soft[1]:
+        r.fail(where, f"{p.name} = {shown} is outside {p.soft_label} {p.soft[0]:g} to {p.soft[1]:g} "
+                      "(pass --allow-out-of-range to accept it)")
+
+
+def _check_number(r: _Reader, where: str, p: Param, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        r.fail(where, f"{p.name} must be a number, not {_type_name(value)} ({_show(value)})")
+    try:
+        x = float(value) + 0.0      # + 0.0 turns -0.0 into 0.0
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        r.fail(where, f"{p.name} = {_show(value)} is not a finite number")
+    _check_bounds(r, where, p, x, _show(value))
+    return x
+
+
+def _check_int(r: _Reader, where: str, p: Param, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        r.fail(where, f"{p.name} must be an integer, not {_type_name(value)} ({_show(value)})")
+    _check_bounds(r, where, p, value, _show(value))
+    return value
+
+
+def _check_bool(r: _Reader, where: str, p: Param, value) -> bool:
+    if not isinstance(value, bool):
+        r.fail(where, f"{p.name} must be true or false, not {_type_name(value)} ({_show(value)})")
+    return value
+
+
+def _check_text(r: _Reader, where: str, p: Param, value) -> str:
+    if not isinstance(value, str):
+        r.fail(where, f"{p.name} must be a string, not {_type_name(value)} ({_show(value)})")
+    if not value.strip():
+        r.fail(where, f"{p.name} must not be empty")
+    return value
+
+
+def _check_choice(r: _Reader, where: str, p: Param, value) -> str:
+    if not isinstance(value, str):
+        r.fail(where, f"{p.name} must be a string, not {_type_name(value)} ({_show(value)})")
+    if value not in p.choices:
+        r.fail(where, f"{p.name} = {_show(value)} is not valid{_hint(value, p.choices, QUOTED)}")
+    return value
+
+
+def _check_list(r: _Reader, where: str, p: Param, value, item: Callable[[Any], None], what: str) -> tuple:
+    """A non-empty array without repeats whose items pass `item` (which fails on a bad one)."""
+    if not isinstance(value, list):
+        r.fail(where, f"{p.name} must be an array of {what}, not {_type_name(value)} ({_show(value)})")
+    if not value:
+        r.fail(where, f"{p.name} = [] selects nothing; leave {p.name} out to select all")
+    for x in value:
+        item(x)
+    for x in value:
+        if value.count(x) > 1:
+            r.fail(where, f"{p.name} lists {_show(x)} twice")
+    return tuple(value)
+
+
+def _check_index_list(r: _Reader, where: str, p: Param, value) -> tuple[int, ...]:
+    def item(x):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            r.fail(where, f"{p.name} must hold integers >= 0, not {_show(x)}")
+    return tuple(sorted(_check_list(r, where, p, value, item, "integers >= 0")))
+
+
+def _block_order(label: str) -> tuple[int, int]:
+    group = {"IN": 0, "M": 1, "OUT": 2, "input": 0, "middle": 1, "output": 2}
+    prefix = label.rstrip("0123456789")
+    return group[prefix], int(label[len(prefix):] or -1)
+
+
+def _check_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+    def item(x):
+        if not isinstance(x, str):
+            r.fail(where, f"{p.name} must hold block labels (strings), not {_show(x)}")
+        if not (BLOCK_LABEL.fullmatch(x) or x in BLOCK_GROUPS):
+            guess = x.upper() if BLOCK_LABEL.fullmatch(x.upper()) else _closest(x, BLOCK_GROUPS)
+            r.fail(where, f"{p.name}: {_show(x)} is not a block label (IN00, M00, OUT03, ...) or group "
+                          f"(input, middle, output)" + (f" (did you mean '{guess}'?)" if guess else ""))
+    return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=_block_order))
+
+
+def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+    if value == "all" or value == ["all"]:
+        return ()
+
+    def item(x):
+        if x == "all":
+            r.fail(where, f"{p.name}: \"all\" cannot be combined with other encoders")
+        if x not in TEXT_ENCODERS:
+            r.fail(where, f"{p.name}: {_show(x)} is not a text encoder"
+                          f"{_hint(str(x), TEXT_ENCODERS + ('all',), QUOTED)}")
+    encoders = _check_list(r, where, p, value, item, 'text encoder names or "all"')
+    return tuple(e for e in TEXT_ENCODERS if e in encoders)
+
+
+def _check_step_range(r: _Reader, where: str, p: Param, value) -> tuple[int, int]:
+    ints = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    if not ints or len(value) != 2 or not 0 <= value[0] < value[1]:
+        r.fail(where, f"{p.name} must be [start, end]: step indices with 0 <= start < end, not {_show(value)}")
+    return tuple(value)
+
+
+def _check_region(r: _Reader, where: str, p: Param, value) -> tuple[float, float, float, float]:
+    if not isinstance(value, list) or len(value) != 4:
+        r.fail(where, f"{p.name} must be [x1, y1, x2, y2], not {_show(value)}")
+    corners = tuple(_check_number(r, where, Param(f"{p.name} {axis}", "number", lo=0.0, hi=1.0), x)
+                    for axis, x in zip(("x1", "y1", "x2", "y2"), value))
+    if not (corners[0] < corners[2] and corners[1] < corners[3]):
+        r.fail(where, f"{p.name} = {_show(value)} needs x1 < x2 and y1 < y2")
+    return corners
+
+
+def _check_renormalize(r: _Reader, where: str, p: Param, value) -> str:
+    if isinstance(value, (bool, str)) and value in RENORMALIZE:
+        return RENORMALIZE[value]
+    r.fail(where, f'{p.name} must be true, false, "row", "column" or "none", not {_show(value)}')
+
+
+_CHECKS: dict[str, Callable[[_Reader, str, Param, Any], Any]] = {
+    "number": _check_number,
+    "int": _check_int,
+    "bool": _check_bool,
+    "text": _check_text,
+    "choice": _check_choice,
+    "index_list": _check_index_list,
+    "blocks": _check_blocks,
+    "encoders": _check_encoders,
+    "step_range": _check_step_range,
+    "region": _check_region,
+    "renormalize": _check_renormalize,
+}
+
+
+def _read_value(r: _Reader, where: str, p: Param, raw: dict):
+    if p.name in raw:
+        return _CHECKS[p.kind](r, where, p, raw[p.name])
+    if p.required:
+        choices = f" (one of: {', '.join(p.choices)})" if p.choices else ""
+        r.fail(where, f"missing required key '{p.name}'{choices}")
+    return p.default
+
+
+def _read_params(r: _Reader, where: str, raw: dict, params: dict[str, Param],
+                 misplaced: Mapping[str, str] = FrozenDict()) -> dict[str, Any]:
+    """Check a table against `params`: unknown keys (with a suggestion), then each value in order.
+    `misplaced` holds a tailored message for keys that are valid elsewhere but not here."""
+    for key in raw:
+        if key not in params:
+            r.fail(where, misplaced.get(key) or f"unknown key '{key}'{_hint(key, params)}")
+    return {name: _read_value(r, where, p, raw) for name, p in params.items()}
+
+
+# --- reading: sections --------------------------------------------------------------------------
+
+def _entries(r: _Reader, section: str, value, many: bool = True) -> list[tuple[str, dict]]:
+    """(where, table) for a section written as a table, or (if `many`) as an array of tables."""
+    if isinstance(value, dict):
+        return [(f"[{section}]", value)]
+    if many and isinstance(value, list) and all(isinstance(e, dict) for e in value):
+        return [(f"[[{section}]] entry {i}", e) for i, e in enumerate(value, 1)]
+    shape = "a table or an array of tables" if many else "a table"
+    r.fail("", f"[{section}] must be {shape}, not {_type_name(value)}")
+
+
+def _read_multiply(r: _Reader, section: str, value) -> tuple[MultiplyEntry, ...]:
+    params = multiply_params(section)
+    here = ", ".join(SECTION_SELECTORS[section])
+    misplaced = {s: f"'{s}' is not a selector of [{section}] (its selectors: {here})"
+                 for s in SELECTORS if s not in params}
+    entries = []
+    for where, raw in _entries(r, section, value):
+        values = _read_params(r, where, raw, params, misplaced)
+        entry = MultiplyEntry(factors=tuple((k, values[k]) for k in MULTIPLY_KEYS[section] if values[k] != 1.0),
+                              **{s: values[s] for s in SECTION_SELECTORS[section]})
+        q, k = entry.factor("q"), entry.factor("k")
+        if q * k > QK_WARN_PRODUCT:
+            r.warn(where, f"q x k = {q:g} x {k:g} = {q * k:g} (> {QK_WARN_PRODUCT:g}) multiplies attention logits "
+                          f"by {q * k:g}; UIs that run attention in fp16 without upcasting may overflow (NaN/black images)")
+        if entry.factors or entry.has_selector:   # an entry of 1.0s that selects everything does nothing
+            entries.append(entry)
+    return tuple(entries)
+
+
+def _read_sag(r: _Reader, value) -> SAGParams:
+    [(where, raw)] = _entries(r, "sag", value, many=False)
+    return SAGParams(**_read_params(r, where, raw, SAG_PARAMS))
+
+
+def _slothful_misplaced(simple: bool) -> dict[str, str]:
+    """Messages for names of the other Slothful node: the two name sets must not be mixed."""
+    if simple:
+        to_simple = {full: name for name, fulls in SIMPLE_EXPANDS.items() for full in fulls}
+        messages = {full: f"'{full}' is not a parameter of Slothful Attention Simple (simple = true); "
+                          f"use '{simple_name}', or remove simple = true"
+                    for full, simple_name in to_simple.items() if full != simple_name}
+        messages.update({name: f"'{name}' is fixed to {_toml(value)} in Slothful Attention Simple; "
+                               "remove simple = true to set it" for name, value in SIMPLE_FIXED.items()})
+        return messages
+    return {name: f"'{name}' is a parameter of Slothful Attention Simple; add simple = true, "
+                  f"or use {' and '.join(fulls)}"
+            for name, fulls in SIMPLE_EXPANDS.items() if name not in SLOTHFUL_PARAMS}
+
+
+def _read_slothful(r: _Reader, value) -> SlothfulParams:
+    [(where, raw)] = _entries(r, "slothful", value, many=False)
+    simple = _read_value(r, where, SLOTHFUL_SIMPLE, raw)
+    params = {"simple": SLOTHFUL_SIMPLE, **(SLOTHFUL_SIMPLE_PARAMS if simple else SLOTHFUL_PARAMS)}
+    values = _read_params(r, where, raw, params, _slothful_misplaced(simple))
+    if simple:
+        values = {"simple": True, **SIMPLE_FIXED,
+                  **{full: values[name] for name, fulls in SIMPLE_EXPANDS.items() for full in fulls}}
+    return SlothfulParams(**values)
+
+
+def _check_frequency_filter(r: _Reader, where: str, raw: dict, entry: BendEntry) -> None:
+    if "sigma" in raw and "filter" in raw:
+        r.fail(where, "frequency_filter takes either sigma or filter + cutoff, not both")
+    if ("filter" in raw) != ("cutoff" in raw):
+        r.fail(where, 'filter and cutoff go together: filter = "lowpass" or "highpass", cutoff in (0, 1]')
+
+
+def _warn_even_kernel(r: _Reader, where: str, raw: dict, entry: BendEntry) -> None:
+    if entry.kernel_size % 2 == 0:
+        r.warn(where, f"kernel_size = {entry.kernel_size} is even; the blur raises it to {entry.kernel_size + 1}")
+
+
+# Rules that involve several keys of one mode.
+BEND_MODE_CHECKS = {
+    "frequency_filter": (_check_frequency_filter,),
+    "blur": (_warn_even_kernel,),
+    "sharpen": (_warn_even_kernel,),
+}
+
+
+def _read_bend(r: _Reader, where: str, raw: dict) -> BendEntry:
+    mode = _read_value(r, where, BEND_COMMON["mode"], raw)
+    params = bend_params(mode)
+    takes = ", ".join(BEND_MODE_PARAMS[mode])
+    misplaced = {name: f"mode \"{mode}\" has no parameter '{name}' (it takes {takes})"
+                 for name in BEND_PARAMS if name not in params}
+    entry = BendEntry(**_read_params(r, where, raw, params, misplaced))
+    for check in BEND_MODE_CHECKS.get(mode, ()):
+        check(r, where, raw, entry)
+    return entry
+
+
+def _read_bending(r: _Reader, value) -> tuple[BendEntry, ...]:
+    return tuple(_read_bend(r, where, raw) for where, raw in _entries(r, "bending", value))
+
+
+def _read_header(r: _Reader, data: dict) -> tuple[int, str, str]:
+    if "schema" not in data:
+        r.fail("", f"missing 'schema = {SCHEMA_VERSION}' (the recipe format version) at the top")
+    schema = data["schema"]
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        r.fail("", f"schema must be the integer {SCHEMA_VERSION}, not {_type_name(schema)} ({_show(schema)})")
+    if schema != SCHEMA_VERSION:
+        r.fail("", f"unsupported schema {schema}: this version of ckptbend reads schema {SCHEMA_VERSION}")
+    if "name" not in data:
+        r.fail("", "missing 'name' (a short slug, e.g. name = \"sharper-details\")")
+    name = data["name"]
+    if not isinstance(name, str):
+        r.fail("", f"name must be a string, not {_type_name(name)} ({_show(name)})")
+    if not NAME_SLUG.fullmatch(name):
+        r.fail("", f"name = {_show(name)} must be a filename-safe slug: letters, digits, '.', '_' and '-', "
+                   "starting with a letter or digit")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        r.fail("", f"description must be a string, not {_type_name(description)} ({_show(description)})")
+    return schema, name, description
+
+
+def _find_sections(r: _Reader, data: dict) -> dict[str, Any]:
+    """Section name ("unet.self", "sag", ...) → its raw TOML value; unknown names are errors."""
+    found: dict[str, Any] = {}
+    unet_sections = [s for s in SECTIONS if s.startswith("unet.")]
+    for key, value in data.items():
+        if key in TOP_LEVEL_KEYS:
+            continue
+        if key == "unet":
+            if not isinstance(value, dict):
+                r.fail("", f"unet must hold the sections {', '.join(f'[{s}]' for s in unet_sections)}, "
+                           f"not {_type_name(value)}")
+            for sub, sub_value in value.items():
+                if not isinstance(sub_value, (dict, list)):
+                    r.fail("[unet]", f"unknown key '{sub}': factors go in "
+                                     f"{', '.join(f'[{s}]' for s in unet_sections)}")
+                if f"unet.{sub}" not in unet_sections:
+                    r.fail("", f"unknown section [unet.{sub}]{_hint(f'unet.{sub}', unet_sections, '[{}]')}")
+                found[f"unet.{sub}"] = sub_value
+        elif key in SECTIONS:
+            found[key] = value
+        elif isinstance(value, (dict, list)):
+            r.fail("", f"unknown section [{key}]{_hint(key, SECTIONS, '[{}]')}")
+        else:
+            r.fail("", f"unknown top-level key '{key}'{_hint(key, TOP_LEVEL_KEYS)}")
+    return found
+
+
+def parse_recipe(text: str, source: str = "<recipe>", *, allow_out_of_range: bool = False) -> Recipe:
+    """Read and validate recipe TOML. Every problem is a CkptbendError naming `source` and the TOML path."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CkptbendError(f"{source}: invalid TOML: {' '.join(str(e).split())}") from None
+    r = _Reader(source, allow_out_of_range)
+    schema, name, description = _read_header(r, data)
+    found = _find_sections(r, data)
+    multipliers = {}
+    for section in MULTIPLIER_SECTIONS:
+        if section in found and (entries := _read_multiply(r, section, found[section])):
+            multipliers[section] = entries
+    return Recipe(
+        schema=schema, name=name, description=description,
+        multipliers=FrozenDict(multipliers),
+        sag=_read_sag(r, found["sag"]) if "sag" in found else None,
+        slothful=_read_slothful(r, found["slothful"]) if "slothful" in found else None,
+        bending=_read_bending(r, found["bending"]) if "bending" in found else (),
+        warnings=tuple(r.warnings),
+    )
+
+
+def load_recipe(path, *, allow_out_of_range: bool = False) -> Recipe:
+    """Read a recipe file (UTF-8; a byte-order mark is tolerated)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CkptbendError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise CkptbendError(f"{path}: is a directory, not a recipe file") from None
+    except UnicodeDecodeError as e:
+        raise CkptbendError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise CkptbendError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    return parse_recipe(text, str(path), allow_out_of_range=allow_out_of_range)
