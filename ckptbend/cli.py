@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -189,7 +189,8 @@ def diff(a, b):
 @click.option("--dtype", default="fp16", show_default=True,
               type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]))
 @click.option("--seed", default=0, show_default=True)
-def synth(arch, output, layout, dtype, seed):
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def synth(arch, output, layout, dtype, seed, force):
     """Write a tiny random checkpoint with real key names (for trying ckptbend offline)."""
     import torch
 
@@ -197,8 +198,10 @@ def synth(arch, output, layout, dtype, seed):
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[dtype]
+    if output.exists() and not force:
+        raise CkptbendError(f"{output}: already exists (use --force to replace it)")
     if output.exists():
-        raise CkptbendError(f"{output}: already exists")
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
     path = write_checkpoint(output, arch, layout=layout, size="tiny", dtype=torch_dtype, seed=seed)
     click.echo(f"wrote {path} ({arch}, {layout}, {dtype})")
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import CkptbendError
+from .layouts import TEXT_ENCODERS
 
 SCHEMA_VERSION = 1
 MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip")
@@ -39,7 +40,6 @@ DYNAMIC_SECTIONS = ("sag", "slothful", "bending")
 SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
 TOP_LEVEL_KEYS = ("schema", "name", "description")
 
-TEXT_ENCODERS = ("clip_l", "clip_g", "clip_h")
 BLOCK_GROUPS = ("input", "middle", "output")
 # Only the shape of a block label is checked: which labels exist depends on the checkpoint
 # (SD 1.x has IN00-IN11 / OUT00-OUT11, SDXL IN00-IN08 / OUT00-OUT08); the planner checks existence.
