@@ -8,9 +8,11 @@ are computed during the same pass and patched into fixed-width placeholders at t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -130,14 +132,18 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     out.write(placeholder)
     source_hash, data_hash = hashlib.sha256(), hashlib.sha256()
     with open(src_path, "rb") as src:
+        before = os.fstat(src.fileno())
+        if before.st_size != header.file_size:
+            raise CkptbendError(f"{src_path}: file changed since its header was read")
         head = src.read(header.data_start)
         source_hash.update(head)
         for chunk in data_chunks(src, header, edits, source_hash):
             data_hash.update(chunk)
             out.write(chunk)
             progress.update(len(chunk))
-        if src.read(1):
-            raise CkptbendError(f"{src_path}: file grew while being read")
+        after = os.fstat(src.fileno())
+        if src.read(1) or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
     progress.update(len(head))
     digests = source_hash.hexdigest(), data_hash.hexdigest()
     final = header_bytes(final_metadata(meta, *digests), header.tensors)
@@ -165,10 +171,38 @@ def check_output_path(input_path: Path, output_path: Path, force: bool):
         raise CkptbendError(f"{output_path.parent}: folder is not writable")
 
 
+def _temp_prefix(target: Path) -> str:
+    # The PID in the name lets a later run tell a dead bake's leftovers from a running bake's file.
+    return f".{target.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete temporaries that interrupted bakes (killed processes) left beside `target`."""
+    removed = []
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^./]+" + re.escape(TMP_SUFFIX))
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*{TMP_SUFFIX}"):
+        m = pattern.fullmatch(p.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output(target: Path, is_dir: bool):
     """Yield a temporary path beside `target`; rename it into place only if the block completes."""
-    prefix = f".{target.name}."
+    prefix = _temp_prefix(target)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX))
     else:
@@ -194,6 +228,7 @@ class BakeResult:
     output: Path
     plan: Plan
     source_sha256: dict[str, str]   # file (relative) → SHA-256 of the input file
+    removed_stale: tuple[Path, ...] = ()
 
 
 def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name) -> dict[str, str]:
@@ -229,6 +264,7 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     ckpt = detect(input_path)
     plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
     check_output_path(input_path, output_path, force)
+    stale = remove_stale_temporaries(output_path)
     if ckpt.kind == "diffusers-folder":
         total = sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
     else:
@@ -241,4 +277,4 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
         raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
     finally:
         bar.close()
-    return BakeResult(output_path, plan, digests)
+    return BakeResult(output_path, plan, digests, tuple(stale))

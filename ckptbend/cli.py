@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source
                       progress=False if quiet else None, source_name=source_name)
     for w in result.plan.warnings:
         click.echo(f"warning: {w}", err=True)
+    for p in result.removed_stale:
+        click.echo(f"note: removed {p.name}, left by an interrupted bake", err=True)
     if not quiet:
         click.echo(f"baked {r.name} ({r.sha256[:12]}) into {output}: "
                    f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
@@ -206,7 +209,13 @@ def synth(arch, output, layout, dtype, seed, force):
     click.echo(f"wrote {path} ({arch}, {layout}, {dtype})")
 
 
+def _terminate(signum, frame):
+    # Turn SIGTERM into the same clean unwinding as Ctrl-C: temporaries are removed, nothing half-written stays.
+    raise KeyboardInterrupt
+
+
 def main():
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="ckptbend")
 
 

@@ -75,7 +75,7 @@ def _unmatched(message: str, allow_missing: bool, warnings: list[str]):
 
 
 def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
-    warnings = list(recipe.warnings)
+    warnings: list[str] = []
     found: dict[tuple[str, str, tuple | None], list] = {}   # (file, key, rows) → [factors, reasons]
     for section, entries in recipe.multipliers.items():
         key_of = SECTION_KEY[section]
