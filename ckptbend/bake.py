@@ -58,9 +58,9 @@ def output_metadata(source_meta: dict[str, str], recipe, source_name: str) -> di
     return meta
 
 
-def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str) -> dict[str, str]:
+def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str | None) -> dict[str, str]:
     meta = dict(meta, **{"ckptbend.source_sha256": source_sha256})
-    if "modelspec.hash_sha256" in meta:
+    if data_sha256 is not None:
         meta["modelspec.hash_sha256"] = "0x" + data_sha256
     return meta
 
@@ -127,10 +127,12 @@ class _Progress:
 
 
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
-    """Write one output file to the open binary file `out`. Returns (source_sha256, data_sha256)."""
+    """Write one output file to the open binary file `out`. Returns (source_sha256, data_sha256 or None)."""
     placeholder = header_bytes(meta, header.tensors)
     out.write(placeholder)
-    source_hash, data_hash = hashlib.sha256(), hashlib.sha256()
+    source_hash = hashlib.sha256()
+    # Hashing is the costliest part of a bake: the output's own hash only when ModelSpec asks for it.
+    data_hash = hashlib.sha256() if "modelspec.hash_sha256" in meta else None
     with open(src_path, "rb") as src:
         before = os.fstat(src.fileno())
         if before.st_size != header.file_size:
@@ -138,14 +140,15 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         head = src.read(header.data_start)
         source_hash.update(head)
         for chunk in data_chunks(src, header, edits, source_hash):
-            data_hash.update(chunk)
+            if data_hash:
+                data_hash.update(chunk)
             out.write(chunk)
             progress.update(len(chunk))
         after = os.fstat(src.fileno())
         if src.read(1) or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
     progress.update(len(head))
-    digests = source_hash.hexdigest(), data_hash.hexdigest()
+    digests = source_hash.hexdigest(), data_hash.hexdigest() if data_hash else None
     final = header_bytes(final_metadata(meta, *digests), header.tensors)
     assert len(final) == len(placeholder)
     out.flush()

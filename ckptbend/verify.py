@@ -73,7 +73,8 @@ def verify(output_path, source_path) -> list[str]:
                 problems.append(f"{cf.rel}: the source's SHA-256 is not the one recorded in the output "
                                 "(a different source file?)")
             out.seek(0)
-            expected = header_bytes(final_metadata(meta, source_hash.hexdigest(), data_hash.hexdigest()),
+            data_sha256 = data_hash.hexdigest() if "modelspec.hash_sha256" in meta else None
+            expected = header_bytes(final_metadata(meta, source_hash.hexdigest(), data_sha256),
                                     cf.header.tensors)
             if out.read(len(expected)) != expected:
                 problems.append(f"{cf.rel}: header or metadata differs from the recomputed bake")
