@@ -51,8 +51,9 @@ PROJ_NAMES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out",
               "q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "out",
               "out_proj.weight": "out", "out_proj.bias": "out"}
 
-# Where a UNet attention sits. LDM: input_blocks.N.M.transformer_blocks.D (time_stack.D: video).
-LDM_BLOCK = re.compile(r"(?:^|\.)(?P<group>input_blocks|middle_block|output_blocks)\.(?P<n>\d+)\.\d+\."
+# Where a UNet attention sits. LDM: input_blocks.N.M.transformer_blocks.D, middle_block.M.transformer_blocks.D
+# (time_stack.D: the temporal transformer of video UNets).
+LDM_BLOCK = re.compile(r"(?:^|\.)(?:(?P<group>input_blocks|output_blocks)\.(?P<n>\d+)\.\d+|middle_block\.\d+)\."
                        r"(?P<stack>transformer_blocks|time_stack)\.(?P<depth>\d+)\.")
 # diffusers: down_blocks.B.attentions.A.transformer_blocks.D (temporal_transformer_blocks.D: video).
 DIFFUSERS_BLOCK = re.compile(r"(?:^|\.)(?:(?P<group>down_blocks|up_blocks)\.(?P<b>\d+)|mid_block)\.attentions\.(?P<a>\d+)\."
@@ -60,7 +61,7 @@ DIFFUSERS_BLOCK = re.compile(r"(?:^|\.)(?:(?P<group>down_blocks|up_blocks)\.(?P<
 DIFFUSERS_RESNET = re.compile(r"(?:^|\.)down_blocks\.0\.resnets\.(\d+)\.")
 QK_NORM = re.compile(r"(?:^|\.)(attn1|attn2)\.(norm_q|norm_k|q_norm|k_norm)\.weight$")
 
-GROUP_OF = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output",
+GROUP_OF = {"input_blocks": "input", "output_blocks": "output",
             "down_blocks": "input", "up_blocks": "output", None: "middle"}
 LABEL_PREFIX = {"input": "IN", "middle": "M", "output": "OUT"}
 
@@ -115,9 +116,9 @@ def _unet_position(key: str, layers_per_block: int | None):
     m = LDM_BLOCK.search(key)
     if m:
         group = GROUP_OF[m["group"]]
-        return group, _label(group, int(m["n"])), int(m["depth"]), m["stack"] == "time_stack"
+        return group, _label(group, int(m["n"] or 0)), int(m["depth"]), m["stack"] == "time_stack"
     m = DIFFUSERS_BLOCK.search(key)
-    if m:
+    if m and layers_per_block is not None:
         group = GROUP_OF[m["group"]]
         b, a = int(m["b"] or 0), int(m["a"])
         # The original UNet numbers input blocks after conv_in (1 + …); up blocks have one more layer.
@@ -126,9 +127,15 @@ def _unet_position(key: str, layers_per_block: int | None):
     return None
 
 
-def _sites_of_file(cf: CheckpointFile) -> list[Site]:
-    resnets = [int(m.group(1)) for k in cf.header.names if (m := DIFFUSERS_RESNET.search(k))]
-    layers_per_block = max(resnets) + 1 if resnets else None
+def _layers_per_block(files) -> int | None:
+    """diffusers UNets only: resnets per down block, needed to number blocks as the original does.
+    Counted over every file, since shards split a UNet anywhere."""
+    resnets = [int(m.group(1)) for f in files for k, c in f.components.items()
+               if c == "unet" and (m := DIFFUSERS_RESNET.search(k))]
+    return max(resnets) + 1 if resnets else None
+
+
+def _sites_of_file(cf: CheckpointFile, layers_per_block: int | None) -> list[Site]:
     sites = []
     for t in cf.header.tensors:
         component = cf.components.get(t.name)
@@ -244,7 +251,8 @@ def detect(path) -> Checkpoint:
         header = read_header(path)
         kind, arch, components = _detect_single(path, header)
         files = [CheckpointFile(path.name, header, components)]
-    sites = tuple(s for f in files for s in _sites_of_file(f))
+    layers_per_block = _layers_per_block(files)
+    sites = tuple(s for f in files for s in _sites_of_file(f, layers_per_block))
     qk_norm = any(QK_NORM.search(n) for f in files for n, c in f.components.items() if c == "unet")
     return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm)
 
