@@ -182,10 +182,15 @@ def _bare_kind(header: Header) -> str | None:
     return None
 
 
+NO_ATTENTION = "{path}: no UNet or text encoder found; not a supported checkpoint layout"
+
+
 def _detect_single(path: Path, header: Header):
     names = header.names
     components = {n: _component_by_prefix(n) for n in names}
     if any(c is not None for c in components.values()):
+        if not {"unet", *TEXT_ENCODERS} & set(components.values()):
+            raise CkptbendError(NO_ATTENTION.format(path=path))
         for arch, needed, _ in ARCHITECTURES:
             if all(k in components for k in needed):
                 break
@@ -195,7 +200,7 @@ def _detect_single(path: Path, header: Header):
         return kind, arch, {n: c for n, c in components.items() if c}
     bare = _bare_kind(header)
     if bare is None:
-        raise CkptbendError(f"{path}: no UNet or text-encoder attention found; not a supported checkpoint layout")
+        raise CkptbendError(NO_ATTENTION.format(path=path))
     kind = "unet" if bare == "unet" else "text-encoder"
     arch = "unet-only" if bare == "unet" else f"{bare}-only"
     return kind, arch, {n: bare for n in names}
