@@ -26,17 +26,15 @@ from . import __version__
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
 from .plan import Edit, Plan, make_plan
-from .safetensors_io import Header, header_bytes
+from .safetensors_io import TORCH_DTYPES, Header, header_bytes
 
 CHUNK = 16 * 1024 * 1024
+COPY_STEP = 256 * 1024 * 1024   # bytes per copy_file_range call: large, but progress still moves
 TMP_SUFFIX = ".ckptbend-tmp"
 HEX_PLACEHOLDER = "0" * 64
 PROVENANCE_KEYS = ("ckptbend.version", "ckptbend.recipe", "ckptbend.recipe_sha256",
                    "ckptbend.source", "ckptbend.source_sha256")
 
-# Stored dtype → torch dtype for the tensors a bake may scale.
-SCALABLE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 # --- metadata ---------------------------------------------------------------------------------------
@@ -68,25 +66,31 @@ def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str | 
 
 
 # --- tensors ----------------------------------------------------------------------------------------
-def scale_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], edit: Edit) -> bytes:
-    """Scale rows of one stored tensor: upcast to float32, multiply, round back to the stored dtype."""
+def scale_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...], edit: Edit) -> bytearray:
+    """Scale rows of one stored tensor in place: upcast to float32, multiply, round back to the stored dtype."""
     import torch
 
-    if dtype not in SCALABLE:
-        raise CkptbendError(f"{edit.key}: cannot scale a tensor stored as {dtype}")
-    stored = getattr(torch, SCALABLE[dtype])
-    t = torch.frombuffer(bytearray(raw), dtype=stored).reshape(shape)
+    stored = getattr(torch, TORCH_DTYPES[dtype])
+    t = torch.frombuffer(raw, dtype=stored).reshape(shape)
     work = t.to(torch.float64 if stored == torch.float64 else torch.float32)
     for seg in edit.segments:
         rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
         for f in seg.factors:
             rows.mul_(f)
-    if stored.is_floating_point and stored.itemsize == 1:
+    if stored.itemsize == 1:
         # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
         # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
         info = torch.finfo(stored)
         work.clamp_(info.min, info.max)
-    return work.to(stored).contiguous().view(torch.uint8).numpy().tobytes()
+    t.copy_(work)   # round to nearest, straight into `raw`
+    return raw
+
+
+def _import_torch_in_background() -> threading.Thread:
+    """torch takes over a second to import: do it while the kernel copies the untouched bytes."""
+    thread = threading.Thread(target=__import__, args=("torch",), daemon=True)
+    thread.start()
+    return thread
 
 
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
@@ -105,7 +109,7 @@ def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
                 yield view[:n]
                 remaining -= n
         else:
-            raw = src.read(t.nbytes)
+            raw = bytearray(src.read(t.nbytes))
             if len(raw) != t.nbytes:
                 raise CkptbendError(f"{header.path}: file shrank while being read")
             source_hash.update(raw)
@@ -187,7 +191,7 @@ def _runs(header: Header, edits: dict[str, Edit]):
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress):
     """Copy bytes between files inside the kernel (no decoding, no user-space buffer) where possible."""
     while count:
-        step = min(count, 4 * CHUNK)
+        step = min(count, COPY_STEP)
         try:
             n = os.copy_file_range(src_fd, dst_fd, step, src_off, dst_off)
         except OSError as e:
@@ -210,7 +214,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
 
 
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
-    """Write one output file to `out` (opened "w+b"). Returns (source_sha256, data_sha256 or None).
+    """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
 
     Untouched runs of tensors are copied by the kernel; edited tensors are read, scaled and written;
     the source is hashed on another core meanwhile. `data_chunks` is the straightforward equivalent
@@ -220,19 +224,28 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     out.write(placeholder)
     out.flush()
     dst_fd, base = out.fileno(), len(placeholder)
+    runs = list(_runs(header, edits))
     with open(src_path, "rb") as src:
         src_fd = src.fileno()
         before = os.fstat(src_fd)
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         hasher = _BackgroundSha256(src_fd, before.st_size)
+        importing = _import_torch_in_background() if edits else None
         try:
-            for t, begin, end in _runs(header, edits):
+            # Output offsets are known, so the order is free: the kernel copies first, scaling after.
+            for t, begin, end in runs:
                 if t is None:
                     _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
+            if importing:
+                importing.join()
+            import torch
+            torch.set_num_threads(1)   # the other core is hashing
+            for t, begin, end in runs:
+                if t is None:
                     continue
-                raw = os.pread(src_fd, t.nbytes, header.data_start + begin)
-                if len(raw) != t.nbytes:
+                raw = bytearray(t.nbytes)
+                if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
                     raise CkptbendError(f"{src_path}: file shrank while being read")
                 _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name]), base + begin)
                 progress.update(t.nbytes)
@@ -322,6 +335,14 @@ def atomic_output(target: Path, is_dir: bool):
         raise
 
 
+def _fsync_dir(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class BakeResult:
     output: Path
@@ -330,7 +351,7 @@ class BakeResult:
     removed_stale: tuple[Path, ...] = ()
 
 
-def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name) -> dict[str, str]:
+def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name, durable) -> dict[str, str]:
     digests = {}
     rewritten = {f.rel: f for f in ckpt.files}
     if ckpt.kind == "diffusers-folder":
@@ -347,17 +368,22 @@ def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source
         dst = tmp / rel if ckpt.kind == "diffusers-folder" else tmp
         name = f"{source_name}/{rel}" if ckpt.kind == "diffusers-folder" else source_name
         meta = output_metadata(cf.header.metadata, recipe, name)
-        with open(dst, "w+b") as out:
+        # "r+b" on the empty temporary (never O_TRUNC): ext4 flushes files truncated then rewritten on close.
+        dst.touch(exist_ok=True)
+        with open(dst, "r+b") as out:
             digests[rel], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress)
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
     return digests
 
 
 def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, progress=None,
-         source_name: str | None = None) -> BakeResult:
+         source_name: str | None = None, durable: bool = True) -> BakeResult:
     """Bake `recipe` into the checkpoint at `input_path`, writing `output_path` atomically.
 
     `source_name` is the name recorded as the source (default: the input's file or folder name).
+    `durable` flushes the output to disk before it is renamed into place (like `cp` followed by
+    `sync`), so a power cut cannot leave a complete-looking file with missing data.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     ckpt = detect(input_path)
@@ -371,7 +397,9 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     bar = _Progress(total, sys.stderr.isatty() if progress is None else progress)
     try:
         with atomic_output(output_path, ckpt.kind == "diffusers-folder") as tmp:
-            digests = _bake_into(plan, recipe, ckpt, tmp, bar, source_name or input_path.name)
+            digests = _bake_into(plan, recipe, ckpt, tmp, bar, source_name or input_path.name, durable)
+        if durable:
+            _fsync_dir(output_path.resolve().parent)
     except OSError as e:
         raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
     finally:

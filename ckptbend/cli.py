@@ -68,8 +68,11 @@ def _load(recipe_path: Path, allow_out_of_range: bool):
 @click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a pickled .ckpt input, loaded with torch.load(weights_only=True) only.")
+@click.option("--no-fsync", is_flag=True,
+              help="Skip flushing the output to disk before it is renamed into place (faster, like plain cp; "
+                   "a power cut right after may lose the output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def bake(recipe, input, output, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, quiet):
+def bake(recipe, input, output, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, no_fsync, quiet):
     """Bake RECIPE into the checkpoint INPUT, writing OUTPUT.
 
     INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, UNet-only or text-encoder-only)
@@ -85,12 +88,12 @@ def bake(recipe, input, output, dry_run, force, allow_missing, allow_out_of_rang
         with tempfile.TemporaryDirectory(dir=output.resolve().parent, prefix=".ckptbend-pickle-") as tmp:
             converted = Path(tmp) / (input.stem + ".safetensors")
             pickle_to_safetensors(input, converted)
-            _bake_or_plan(r, converted, output, dry_run, force, allow_missing, quiet, input.name)
+            _bake_or_plan(r, converted, output, dry_run, force, allow_missing, quiet, input.name, not no_fsync)
         return
-    _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, None)
+    _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, None, not no_fsync)
 
 
-def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source_name):
+def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source_name, durable):
     from .bake import bake as run_bake
     from .layouts import detect
     from .plan import make_plan
@@ -104,7 +107,7 @@ def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source
         click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
         return
     result = run_bake(r, input, output, force=force, allow_missing=allow_missing,
-                      progress=False if quiet else None, source_name=source_name)
+                      progress=False if quiet else None, source_name=source_name, durable=durable)
     for w in result.plan.warnings:
         click.echo(f"warning: {w}", err=True)
     for p in result.removed_stale:

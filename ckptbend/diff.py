@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import tomllib
 
-from .bake import SCALABLE
 from .errors import CkptbendError
 from .layouts import OPENCLIP_SUFFIX, Checkpoint
+from .safetensors_io import TORCH_DTYPES
 
 
 def _flatten(value, prefix="") -> dict[str, object]:
@@ -39,7 +39,7 @@ def _read(path, header, t):
 def _ratio_lines(key, ta, raw_a, raw_b) -> list[str]:
     import torch
 
-    dtype = getattr(torch, SCALABLE[ta.dtype])
+    dtype = getattr(torch, TORCH_DTYPES[ta.dtype])
     a = torch.frombuffer(bytearray(raw_a), dtype=dtype).reshape(ta.shape).double()
     b = torch.frombuffer(bytearray(raw_b), dtype=dtype).reshape(ta.shape).double()
     fused = OPENCLIP_SUFFIX.search(key) and "in_proj" in key
@@ -78,7 +78,7 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                 raw_a, raw_b = _read(path_a, fa.header, ta), _read(path_b, fb.header, other)
                 if raw_a == raw_b:
                     continue
-                if ta.dtype not in SCALABLE:
+                if ta.dtype not in TORCH_DTYPES:
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
                     lines.extend(prefix + line for line in _ratio_lines(ta.name, ta, raw_a, raw_b))
