@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, hash_cache
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
 from .plan import Edit, Plan, make_plan
@@ -86,13 +86,6 @@ def scale_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...], edit: Edit) 
     return raw
 
 
-def _import_torch_in_background() -> threading.Thread:
-    """torch takes over a second to import: do it while the kernel copies the untouched bytes."""
-    thread = threading.Thread(target=__import__, args=("torch",), daemon=True)
-    thread.start()
-    return thread
-
-
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
     """Yield the output data section piece by piece, reading `src` once from the data start."""
     buf = bytearray(CHUNK)
@@ -132,7 +125,7 @@ class _Progress:
             self.bar.close()
 
 
-def _sha256_of(fd: int, start: int, stop: int, cancelled: threading.Event | None = None) -> str | None:
+def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
     """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
     h = hashlib.sha256()
     buf = memoryview(bytearray(CHUNK))
@@ -147,22 +140,22 @@ def _sha256_of(fd: int, start: int, stop: int, cancelled: threading.Event | None
     return h.hexdigest()
 
 
-class _BackgroundSha256:
-    """Hash a file on a second core while the main thread copies it."""
+class _Background:
+    """Run `fn(cancelled, *args)` on another core while the main thread copies; result() re-raises."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fn, *args):
         self._cancelled = threading.Event()
         self._outcome = None
-        self._thread = threading.Thread(target=self._run, args=(fd, size), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
         self._thread.start()
 
-    def _run(self, fd, size):
+    def _run(self, fn, args):
         try:
-            self._outcome = _sha256_of(fd, 0, size, self._cancelled)
-        except BaseException as e:   # re-raised in the main thread by result()
+            self._outcome = fn(self._cancelled, *args)
+        except BaseException as e:
             self._outcome = e
 
-    def result(self) -> str:
+    def result(self):
         self._thread.join()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
@@ -171,6 +164,23 @@ class _BackgroundSha256:
     def cancel(self):
         self._cancelled.set()
         self._thread.join()
+
+
+def _scale_edits(cancelled, src_fd, dst_fd, header: Header, edits: dict[str, Edit], runs, base: int) -> int:
+    """Read, scale and write the edited tensors (in a worker thread). Returns the bytes done."""
+    import torch
+
+    torch.set_num_threads(1)   # the other core copies, or hashes
+    done = 0
+    for t, begin, _ in runs:
+        if t is None or cancelled.is_set():
+            continue
+        raw = bytearray(t.nbytes)
+        if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
+            raise CkptbendError(f"{header.path}: file shrank while being read")
+        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name]), base + begin)
+        done += t.nbytes
+    return done
 
 
 def _runs(header: Header, edits: dict[str, Edit]):
@@ -216,8 +226,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
     """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
 
-    Untouched runs of tensors are copied by the kernel; edited tensors are read, scaled and written;
-    the source is hashed on another core meanwhile. `data_chunks` is the straightforward equivalent
+    Untouched runs of tensors are copied by the kernel in this thread; edited tensors are read, scaled
+    and written by a worker thread, and the source is hashed by another (unless its hash is cached). `data_chunks` is the straightforward equivalent
     (used by verify), so every verify also checks this path byte for byte.
     """
     placeholder = header_bytes(meta, header.tensors)
@@ -230,34 +240,27 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         before = os.fstat(src_fd)
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
-        hasher = _BackgroundSha256(src_fd, before.st_size)
-        importing = _import_torch_in_background() if edits else None
+        cached = hash_cache.lookup(before)
+        workers = [_Background(_scale_edits, src_fd, dst_fd, header, edits, runs, base)]
+        if not cached:
+            workers.append(_Background(_sha256_of, src_fd, 0, before.st_size))
         try:
-            # Output offsets are known, so the order is free: the kernel copies first, scaling after.
             for t, begin, end in runs:
                 if t is None:
                     _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
-            if importing:
-                importing.join()
-            import torch
-            torch.set_num_threads(1)   # the other core is hashing
-            for t, begin, end in runs:
-                if t is None:
-                    continue
-                raw = bytearray(t.nbytes)
-                if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
-                    raise CkptbendError(f"{src_path}: file shrank while being read")
-                _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name]), base + begin)
-                progress.update(t.nbytes)
-            source_sha256 = hasher.result()
+            progress.update(workers[0].result())
+            source_sha256 = cached or workers[1].result()
         finally:
-            hasher.cancel()
+            for w in workers:
+                w.cancel()
         after = os.fstat(src_fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
+        if not cached:
+            hash_cache.remember(after, source_sha256)
     progress.update(header.data_start)
     # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
-    data_sha256 = _sha256_of(dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0)) \
+    data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0)) \
         if "modelspec.hash_sha256" in meta else None
     final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
     assert len(final) == len(placeholder)

@@ -10,8 +10,8 @@ Two sizes:
 
 - ``tiny``: small configs with the real *block structure* (same number of down/up blocks, resnets
   per block, attention positions, transformer depths > 1 where the real model has them), random
-  weights; a file is a few hundred KB to a few MB in fp32 (SVD is the largest, ~9 MB: its
-  diffusers blocks hard-code 32 GroupNorm groups, so its channels cannot go below 32).
+  weights; a single file is 1.2–1.5 MB in fp32 (SVD is the exception, ~10 MB: diffusers'
+  spatio-temporal blocks hard-code 32 GroupNorm groups, so its channels cannot go below 32).
 - ``full``: the real configs of SD 1.5, SD 2.1, SDXL base/refiner 1.0 and SVD, built on the
   ``meta`` device (no memory), written tensor by tensor with seeded random values (never zeros).
 
@@ -433,7 +433,8 @@ _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "c
                "conv_shortcut": "nin_shortcut", "time_emb_proj": "temb_proj"}
 _VAE_TEMPORAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-_VAE_BLOCK = re.compile(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_VAE_BLOCK = re.compile(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\."
+                        r"(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _VAE_MID = re.compile(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
 
 
@@ -564,7 +565,8 @@ def text_encoder_ldm(arch: str, name: str, model) -> dict:
     if naming == "openclip":
         return {prefix + k: v for k, v in openclip_state_dict(model).items()}
     state = {prefix + k: v for k, v in hf_clip_state_dict(model).items()}
-    state[prefix + "text_model.embeddings.position_ids"] = _position_ids(model)   # int64 [1, 77], as saved by old transformers
+    # int64 [1, 77]: a persistent buffer in the transformers versions real files were saved with.
+    state[prefix + "text_model.embeddings.position_ids"] = _position_ids(model)
     return state
 
 
