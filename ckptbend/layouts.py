@@ -196,7 +196,7 @@ def _detect_single(path: Path, header: Header):
                 break
         else:
             arch = "unet-only" if set(components.values()) <= {"unet", None} else "unknown"
-        kind = "single-file" if any(c in TEXT_ENCODERS for c in components.values()) else "unet"
+        kind = "unet" if set(components.values()) <= {"unet", None} else "single-file"
         return kind, arch, {n: c for n, c in components.items() if c}
     bare = _bare_kind(header)
     if bare is None:

@@ -176,3 +176,25 @@ def test_diffusers_folder_with_shards(tmp_path):
         if p.is_file() and not p.name.endswith(".safetensors"):
             assert (out / rel).read_bytes() == p.read_bytes(), rel
     assert verify(out, src) == []
+
+
+def test_source_hash_is_remembered_and_any_write_invalidates_it(sd1, tmp_path):
+    from ckptbend import hash_cache
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(sd1.read_bytes())
+    bake(RECIPE, src, tmp_path / "a.safetensors", progress=False)
+    assert hash_cache.lookup(os.stat(src)) == sha256(src)
+    # Rewrite one byte of an untouched tensor, keeping size and mtime: ctime still moves.
+    h = read_header(src)
+    st = os.stat(src)
+    with open(src, "r+b") as f:
+        f.seek(h.data_start + h.tensors[0].begin)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert hash_cache.lookup(os.stat(src)) is None
+    bake(RECIPE, src, tmp_path / "b.safetensors", progress=False)
+    assert read_header(tmp_path / "b.safetensors").metadata["ckptbend.source_sha256"] == sha256(src)
+    assert verify(tmp_path / "b.safetensors", src) == []
