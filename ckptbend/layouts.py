@@ -17,6 +17,7 @@ from .errors import CkptbendError
 from .safetensors_io import Header, read_header
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "clip_h")
+TEXT_ENCODER_WIDTHS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 
 # Single-file ("LDM") prefixes → component. First match wins.
 SINGLE_FILE_PREFIXES = (
@@ -172,14 +173,18 @@ def _bare_kind(header: Header) -> str | None:
     if any(UNET_SUFFIX.search(n) for n in names) and any(
             n.startswith(("input_blocks.", "down_blocks.", "time_embed.", "time_embedding.")) for n in names):
         return "unet"
-    if any(HF_CLIP_SUFFIX.search(n) for n in names):
-        # CLIP-G is the encoder stored with a text projection (SDXL's CLIPTextModelWithProjection).
+    hf, openclip = any(HF_CLIP_SUFFIX.search(n) for n in names), any(OPENCLIP_SUFFIX.search(n) for n in names)
+    if not (hf or openclip):
+        return None
+    # The three text encoders SD files use differ in width; a small or unknown one is told by its form:
+    # HF-named with a projection is SDXL's CLIP-G; OpenCLIP-named is bigG too unless 1024 wide.
+    norm = next((n for n in names if n.endswith(("final_layer_norm.weight", "ln_final.weight"))), None)
+    width = header.tensor(norm).shape[0] if norm else None
+    if width in TEXT_ENCODER_WIDTHS:
+        return TEXT_ENCODER_WIDTHS[width]
+    if hf:
         return "clip_g" if "text_projection.weight" in names else "clip_l"
-    if any(OPENCLIP_SUFFIX.search(n) for n in names):
-        # OpenCLIP-H (SD 2.x) is 1024 wide; the other OpenCLIP text tower in SD files is bigG.
-        width = header.tensor("ln_final.weight").shape[0] if "ln_final.weight" in names else None
-        return "clip_h" if width == 1024 else "clip_g"
-    return None
+    return "clip_g"
 
 
 NO_ATTENTION = "{path}: no UNet or text encoder found; not a supported checkpoint layout"
