@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, hash_cache
+from .arithmetic import scale_bytes
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
 from .plan import Edit, Plan, make_plan
-from .safetensors_io import TORCH_DTYPES, Header, header_bytes
+from .safetensors_io import Header, header_bytes
 
 CHUNK = 16 * 1024 * 1024
 COPY_STEP = 256 * 1024 * 1024   # bytes per copy_file_range call: large, but progress still moves
@@ -66,26 +67,6 @@ def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str | 
 
 
 # --- tensors ----------------------------------------------------------------------------------------
-def scale_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...], edit: Edit) -> bytearray:
-    """Scale rows of one stored tensor in place: upcast to float32, multiply, round back to the stored dtype."""
-    import torch
-
-    stored = getattr(torch, TORCH_DTYPES[dtype])
-    t = torch.frombuffer(raw, dtype=stored).reshape(shape)
-    work = t.to(torch.float64 if stored == torch.float64 else torch.float32)
-    for seg in edit.segments:
-        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
-        for f in seg.factors:
-            rows.mul_(f)
-    if stored.itemsize == 1:
-        # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
-        # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
-        info = torch.finfo(stored)
-        work.clamp_(info.min, info.max)
-    t.copy_(work)   # round to nearest, straight into `raw`
-    return raw
-
-
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
     """Yield the output data section piece by piece, reading `src` once from the data start."""
     buf = bytearray(CHUNK)
@@ -106,7 +87,7 @@ def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
             if len(raw) != t.nbytes:
                 raise CkptbendError(f"{header.path}: file shrank while being read")
             source_hash.update(raw)
-            yield scale_bytes(raw, t.dtype, t.shape, edit)
+            yield scale_bytes(raw, t.dtype, t.shape, edit.segments)
 
 
 class _Progress:
@@ -168,9 +149,6 @@ class _Background:
 
 def _scale_edits(cancelled, src_fd, dst_fd, header: Header, edits: dict[str, Edit], runs, base: int) -> int:
     """Read, scale and write the edited tensors (in a worker thread). Returns the bytes done."""
-    import torch
-
-    torch.set_num_threads(1)   # the other core copies, or hashes
     done = 0
     for t, begin, _ in runs:
         if t is None or cancelled.is_set():
@@ -178,7 +156,7 @@ def _scale_edits(cancelled, src_fd, dst_fd, header: Header, edits: dict[str, Edi
         raw = bytearray(t.nbytes)
         if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
             raise CkptbendError(f"{header.path}: file shrank while being read")
-        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name]), base + begin)
+        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
         done += t.nbytes
     return done
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import tomllib
 
+import numpy as np
+
+from .arithmetic import SCALABLE, to_float64
 from .errors import CkptbendError
 from .layouts import OPENCLIP_SUFFIX, Checkpoint
-from .safetensors_io import TORCH_DTYPES
 
 
 def _flatten(value, prefix="") -> dict[str, object]:
@@ -37,22 +39,19 @@ def _read(path, header, t):
 
 
 def _ratio_lines(key, ta, raw_a, raw_b) -> list[str]:
-    import torch
-
-    dtype = getattr(torch, TORCH_DTYPES[ta.dtype])
-    a = torch.frombuffer(bytearray(raw_a), dtype=dtype).reshape(ta.shape).double()
-    b = torch.frombuffer(bytearray(raw_b), dtype=dtype).reshape(ta.shape).double()
+    a = to_float64(raw_a, ta.dtype, ta.shape)
+    b = to_float64(raw_b, ta.dtype, ta.shape)
     fused = OPENCLIP_SUFFIX.search(key) and "in_proj" in key
     parts = [(f" rows {i * len(a) // 3}:{(i + 1) * len(a) // 3} ({p})", slice(i * len(a) // 3, (i + 1) * len(a) // 3))
              for i, p in enumerate("qkv")] if fused else [("", slice(None))]
     lines = []
     for label, rows in parts:
-        x, y = a[rows].flatten(), b[rows].flatten()
-        if torch.equal(x, y):
+        x, y = a[rows].ravel(), b[rows].ravel()
+        if np.array_equal(x, y):
             continue
         denom = float(x @ x)
         ratio = float(x @ y) / denom if denom else float("nan")
-        residual = float((y - ratio * x).abs().max()) / max(float(x.abs().max()), 1e-30)
+        residual = float(np.abs(y - ratio * x).max()) / max(float(np.abs(x).max()), 1e-30)
         shape = "scaled" if residual < 1e-2 else "changed (not a pure scale)"
         lines.append(f"{key}{label}: ×{ratio:.6g} {shape}, max deviation {residual:.2e}")
     return lines
@@ -78,7 +77,7 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                 raw_a, raw_b = _read(path_a, fa.header, ta), _read(path_b, fb.header, other)
                 if raw_a == raw_b:
                     continue
-                if ta.dtype not in TORCH_DTYPES:
+                if ta.dtype not in SCALABLE:
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
                     lines.extend(prefix + line for line in _ratio_lines(ta.name, ta, raw_a, raw_b))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import CkptbendError
 from .layouts import TEXT_ENCODERS, Checkpoint, Site, blocks_with_attention
-from .safetensors_io import TORCH_DTYPES
+from .arithmetic import SCALABLE
 
 
 def _temporal_key(site: Site) -> str:
@@ -109,6 +109,6 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                   for (file, key), segs in sorted(by_tensor.items(), key=lambda kv: order[kv[0]]))
     dtypes = {(f.rel, t.name): t.dtype for f in ckpt.files for t in f.header.tensors}
     for e in edits:
-        if dtypes[(e.file, e.key)] not in TORCH_DTYPES:
+        if dtypes[(e.file, e.key)] not in SCALABLE:
             raise CkptbendError(f"{e.key}: stored as {dtypes[(e.file, e.key)]}, which cannot be scaled")
     return Plan(ckpt, recipe, edits, tuple(warnings))

@@ -28,10 +28,6 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 
-# The floating dtypes a bake can scale, as torch names.
-TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -1,0 +1,93 @@
+"""The one arithmetic rule of a bake, as ComfyUI applies a weight patch with strength_model = s:
+upcast the stored tensor to float32, multiply (factor after factor), round to nearest back to the
+stored dtype.
+
+numpy does it for fp32 / fp16 / bf16 / fp64 (importing torch costs more than copying a 2 GB file);
+torch only for fp8. tests/test_arithmetic.py proves both give torch's `(t.float() * s).to(dtype)` bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# safetensors dtype → numpy storage type; BF16 is stored as raw uint16 and widened by hand.
+NUMPY_STORAGE = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+TORCH_ONLY = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+BF16_NAN = 0x7FC0   # what torch stores for a NaN bfloat16
+SCALABLE = set(NUMPY_STORAGE) | set(TORCH_ONLY)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch's float → bfloat16 conversion does."""
+    u = x.view(np.uint32)
+    bits = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    bits[np.isnan(x)] = BF16_NAN
+    return bits
+
+
+def _rows_view(a: np.ndarray, shape) -> np.ndarray:
+    return a.reshape(shape[0], -1) if len(shape) else a.reshape(1, -1)
+
+
+def _multiply(work: np.ndarray, segments, dtype) -> None:
+    for seg in segments:
+        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        for f in seg.factors:
+            rows *= dtype(f)
+
+
+def scale_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...], segments) -> bytearray:
+    """Scale rows of one stored tensor in place and return the buffer. Segments carry (rows, factors)."""
+    if dtype in TORCH_ONLY:
+        return _scale_with_torch(raw, TORCH_ONLY[dtype], shape, segments)
+    with np.errstate(over="ignore", invalid="ignore"):   # inf and NaN follow IEEE, as in torch
+        return _scale_with_numpy(raw, dtype, shape, segments)
+
+
+def _scale_with_numpy(raw: bytearray, dtype: str, shape, segments) -> bytearray:
+    stored = np.frombuffer(raw, dtype=NUMPY_STORAGE[dtype])
+    if stored.size == 0:
+        return raw
+    if dtype in ("F32", "F64"):
+        _multiply(_rows_view(stored, shape), segments, stored.dtype.type)   # already wide: in place
+    elif dtype == "F16":
+        work = _rows_view(stored.astype(np.float32), shape)
+        _multiply(work, segments, np.float32)
+        stored[:] = work.ravel()   # numpy's float32 → float16 cast rounds to nearest even
+    else:
+        work = _rows_view(_bf16_to_f32(stored), shape)
+        _multiply(work, segments, np.float32)
+        stored[:] = _f32_to_bf16(work.ravel())
+    return raw
+
+
+def _scale_with_torch(raw: bytearray, torch_name: str, shape, segments) -> bytearray:
+    import torch
+
+    stored = getattr(torch, torch_name)
+    t = torch.frombuffer(raw, dtype=stored).reshape(shape)
+    work = t.to(torch.float32)
+    for seg in segments:
+        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        for f in seg.factors:
+            rows.mul_(f)
+    # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
+    # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
+    info = torch.finfo(stored)
+    t.copy_(work.clamp_(info.min, info.max))
+    return raw
+
+
+def to_float64(raw: bytes, dtype: str, shape) -> np.ndarray:
+    """Decode a stored floating tensor (for comparisons, e.g. `ckptbend diff`)."""
+    if dtype in TORCH_ONLY:
+        import torch
+
+        t = torch.frombuffer(bytearray(raw), dtype=getattr(torch, TORCH_ONLY[dtype]))
+        return t.to(torch.float64).numpy().reshape(shape)
+    stored = np.frombuffer(raw, dtype=NUMPY_STORAGE[dtype])
+    return (_bf16_to_f32(stored) if dtype == "BF16" else stored).astype(np.float64).reshape(shape)
