@@ -57,12 +57,15 @@ def _load(recipe_path: Path, allow_out_of_range: bool):
 
 
 @cli.command()
-@click.argument("recipe", type=EXISTING)
-@click.argument("input", type=EXISTING)
+@click.argument("paths", nargs=-1, required=True, type=EXISTING, metavar="RECIPE... INPUT")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Output file (or folder, for a diffusers folder input).")
+              help="Output file (a folder for a diffusers input). With several recipes or --grid: a folder "
+                   "that receives INPUT-STEM.RECIPE-NAME outputs.")
+@click.option("--grid", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="Sweep: bake every combination of these values into copies of the recipe "
+                   "(repeatable, e.g. --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, rows and factor) and write nothing.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace outputs that exist.")
 @click.option("--allow-missing", is_flag=True,
               help="Bake even if a recipe value or selector matches nothing in this checkpoint.")
 @click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
@@ -72,49 +75,82 @@ def _load(recipe_path: Path, allow_out_of_range: bool):
               help="Skip flushing the output to disk before it is renamed into place (faster, like plain cp; "
                    "a power cut right after may lose the output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def bake(recipe, input, output, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, no_fsync, quiet):
-    """Bake RECIPE into the checkpoint INPUT, writing OUTPUT.
+def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, no_fsync, quiet):
+    """Bake each RECIPE into the checkpoint INPUT.
 
     INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, UNet-only or text-encoder-only)
-    or a diffusers model folder. The input is never modified; OUTPUT appears only when complete.
+    or a diffusers model folder. The input is never modified; an output appears only when complete.
+
+    \b
+      ckptbend bake recipes/sharper-details.toml model.safetensors -o sharp.safetensors
+      ckptbend bake a.toml b.toml model.safetensors -o variants/
+      ckptbend bake base.toml model.safetensors -o grid/ --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1
     """
     from .pickle_input import is_pickle, pickle_to_safetensors
+    from .sweep import expand, parse_grid
 
-    r = _load(recipe, allow_out_of_range)
+    if len(paths) < 2:
+        raise click.UsageError("give at least one RECIPE and then the INPUT checkpoint")
+    *recipe_paths, input = paths
+    recipes = [_load(p, allow_out_of_range) for p in recipe_paths]
+    if grid:
+        grids = [parse_grid(g) for g in grid]
+        recipes = [v for r in recipes for v in expand(r, grids, allow_out_of_range=allow_out_of_range)]
+    many = len(recipes) > 1 or bool(grid)
+    names = [r.name for r in recipes]
+    if many and len(set(names)) != len(names):
+        raise CkptbendError(f"two recipes share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                            "outputs are named after recipes")
+    if many:
+        stem, suffix = (input.stem, input.suffix) if input.is_file() else (input.name, "")
+        suffix = ".safetensors" if is_pickle(input) else suffix
+        if not dry_run:
+            output.mkdir(parents=True, exist_ok=True)
+        jobs = [(r, output / f"{stem}.{r.name}{suffix}") for r in recipes]
+    else:
+        jobs = [(recipes[0], output)]
+    options = dict(dry_run=dry_run, force=force, allow_missing=allow_missing, quiet=quiet, durable=not no_fsync)
     if is_pickle(input):
         if not allow_pickle:
             raise CkptbendError(f"{input}: pickled checkpoints can run code when loaded; refusing. "
                                 "Convert it to .safetensors, or pass --allow-pickle to load it weights-only")
-        with tempfile.TemporaryDirectory(dir=output.resolve().parent, prefix=".ckptbend-pickle-") as tmp:
+        with tempfile.TemporaryDirectory(dir=jobs[0][1].resolve().parent, prefix=".ckptbend-pickle-") as tmp:
             converted = Path(tmp) / (input.stem + ".safetensors")
             pickle_to_safetensors(input, converted)
-            _bake_or_plan(r, converted, output, dry_run, force, allow_missing, quiet, input.name, not no_fsync)
+            _bake_all(jobs, converted, source_name=input.name, **options)
         return
-    _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, None, not no_fsync)
+    _bake_all(jobs, input, source_name=None, **options)
 
 
-def _bake_or_plan(r, input, output, dry_run, force, allow_missing, quiet, source_name, durable):
+def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, source_name):
     from .bake import bake as run_bake
+    from .bake import check_output_path
     from .layouts import detect
     from .plan import make_plan
 
-    if dry_run:
-        plan = make_plan(r, detect(input), allow_missing=allow_missing)
+    ckpt = detect(input)
+    plans = [make_plan(r, ckpt, allow_missing=allow_missing) for r, _ in jobs]   # all valid before any write
+    for plan in plans:
         for w in plan.warnings:
             click.echo(f"warning: {w}", err=True)
-        for line in plan.describe():
-            click.echo(line)
-        click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
+    if dry_run:
+        for (r, out), plan in zip(jobs, plans):
+            if len(jobs) > 1:
+                click.echo(f"# {r.name} → {out}")
+            for line in plan.describe():
+                click.echo(line)
+            click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
         return
-    result = run_bake(r, input, output, force=force, allow_missing=allow_missing,
-                      progress=False if quiet else None, source_name=source_name, durable=durable)
-    for w in result.plan.warnings:
-        click.echo(f"warning: {w}", err=True)
-    for p in result.removed_stale:
-        click.echo(f"note: removed {p.name}, left by an interrupted bake", err=True)
-    if not quiet:
-        click.echo(f"baked {r.name} ({r.sha256[:12]}) into {output}: "
-                   f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
+    for _, out in jobs:
+        check_output_path(input, out, force)
+    for r, out in jobs:
+        result = run_bake(r, input, out, force=force, allow_missing=allow_missing,
+                          progress=False if quiet else None, source_name=source_name, durable=durable)
+        for p in result.removed_stale:
+            click.echo(f"note: removed {p.name}, left by an interrupted bake", err=True)
+        if not quiet:
+            click.echo(f"baked {r.name} ({r.sha256[:12]}) into {out}: "
+                       f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
 
 
 @cli.command()
