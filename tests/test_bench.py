@@ -1,0 +1,16 @@
+"""A tiny smoke run of bin/bench keeps the benchmark script working (the figures come from full sizes)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run(tmp_path):
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench", "--size", "tiny", "--runs", "1", "--dir", tmp_path],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in ("ckptbend bake", "naive load/scale/save", "ratio ckptbend bake / cp:", "sweep of 4 outputs"):
+        assert line in r.stdout
+    assert list(tmp_path.iterdir()) == [], "the temporary folder must be cleaned up"
