@@ -1,0 +1,395 @@
+"""Attention Bending (Cole & Grierson, 2026): spatial transforms of cross-attention maps during sampling.
+
+Imports only torch, math and the standard library: this file is copied verbatim into companions and
+the ComfyUI node.
+
+The text cross-attention is computed explicitly, P = softmax(Q·Kᵀ·scale) of shape [batch·heads, S, T]
+(S image tokens, T text tokens). For each entry (a BendSpec), each column P[:, :, j] of its word is
+viewed as maps [batch·heads, H, W] (video: one map per frame), transformed, blended
+(1 − strength)·col + strength·T(col), optionally renormalised, and written back; then, if any entry
+asks for it, every query row is renormalised over the text tokens. Only the conditional prediction
+is bent (the host picks its rows). Entry points: attention_with_bending(), bend_probs().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("scale", "spatial_scale", "rotate", "translate", "flip", "blur", "sharpen", "regional_mask",
+         "frequency_filter")
+RENORMALIZE = ("row", "column", "none")
+FILTERS = ("lowpass", "highpass")
+EPS = 1e-8                   # sums at or below this are left undivided
+RANGES = {"translate_x": (-1.0, 1.0), "translate_y": (-1.0, 1.0), "region": (0.0, 1.0), "cutoff": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class BendSpec:
+    """One bending entry, with the original's field names. Unused mode parameters are ignored."""
+    token: str
+    mode: str
+    strength: float = 1.0
+    apply_to_timesteps: tuple[int, int] | None = None   # [start, end) scheduler step indices
+    apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
+    renormalize: str = "row"                            # "row" | "column" (first version) | "none"
+    scale_factor: float = 1.0                           # scale
+    zoom_factor: float = 1.0                            # spatial_scale
+    angle: float = 0.0                                  # rotate, degrees
+    translate_x: float = 0.0                            # translate, normalised units −1..1
+    translate_y: float = 0.0
+    flip_horizontal: bool = False                       # flip
+    flip_vertical: bool = False
+    kernel_size: int = 3                                # blur, sharpen, frequency_filter (placeholder)
+    sigma: float = 1.0
+    sharpen_amount: float = 1.0                         # sharpen
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)   # regional_mask: x1, y1, x2, y2
+    region_feather: float = 0.1
+    filter: str | None = None                           # frequency_filter: "lowpass" | "highpass"
+    cutoff: float = 0.5                                 # fraction of Nyquist
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        renorm = self.renormalize
+        if isinstance(renorm, bool):            # the original's renormalize = true / false
+            renorm = "row" if renorm else "none"
+        if renorm not in RENORMALIZE:
+            raise ValueError(f"renormalize must be one of {', '.join(RENORMALIZE)}, got {self.renormalize!r}")
+        object.__setattr__(self, "renormalize", renorm)
+        if self.apply_to_timesteps is not None:
+            start, end = self.apply_to_timesteps
+            object.__setattr__(self, "apply_to_timesteps", (int(start), int(end)))
+        if self.apply_to_layers is not None:
+            object.__setattr__(self, "apply_to_layers", tuple(int(i) for i in self.apply_to_layers))
+        object.__setattr__(self, "region", tuple(float(c) for c in self.region))
+        if self.filter is not None and self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
+
+    @classmethod
+    def from_dict(cls, entry: Mapping) -> "BendSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(entry) - names)
+        if unknown:
+            raise ValueError(f"unknown bending field(s): {', '.join(unknown)}")
+        return cls(**entry)
+
+
+def as_spec(entry) -> BendSpec:
+    return entry if isinstance(entry, BendSpec) else BendSpec.from_dict(entry)
+
+
+def entry_active(entry, step_index: int | None = None, layer_index: int | None = None) -> bool:
+    """Whether an entry applies at this scheduler step (apply_to_timesteps = [start, end)) and
+    cross-attention site. A filter that is set needs its index: None there is a host bug, not "all"."""
+    spec = as_spec(entry)
+    if spec.apply_to_timesteps is not None:
+        if step_index is None:
+            raise ValueError("entry has apply_to_timesteps but no step index was given")
+        start, end = spec.apply_to_timesteps
+        if not start <= step_index < end:
+            return False
+    if spec.apply_to_layers is not None:
+        if layer_index is None:
+            raise ValueError("entry has apply_to_layers but no layer index was given")
+        if layer_index not in spec.apply_to_layers:
+            return False
+    return True
+
+
+# --- the nine transforms, on maps [N, H, W] -------------------------------------------------------
+
+def scale_map(maps: torch.Tensor, scale_factor: float = 1.0) -> torch.Tensor:
+    return maps * scale_factor
+
+
+def _affine(maps: torch.Tensor, theta: list[list[float]]) -> torch.Tensor:
+    """Output pixel at normalised (x, y) reads the input at θ·(x, y, 1): bilinear, border padding,
+    align_corners=False."""
+    n, h, w = maps.shape
+    t = torch.tensor(theta, dtype=maps.dtype, device=maps.device).expand(n, 2, 3)
+    grid = F.affine_grid(t, [n, 1, h, w], align_corners=False)
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+
+
+def zoom_map(maps: torch.Tensor, zoom_factor: float = 1.0) -> torch.Tensor:
+    """spatial_scale: zoom about the centre, θ = diag(1/zoom) (zoom > 1 enlarges)."""
+    if zoom_factor <= 0:
+        raise ValueError(f"zoom_factor must be positive, got {zoom_factor}")
+    return _affine(maps, [[1 / zoom_factor, 0.0, 0.0], [0.0, 1 / zoom_factor, 0.0]])
+
+
+def rotate_map(maps: torch.Tensor, angle: float = 0.0) -> torch.Tensor:
+    """θ = [[cos a, −sin a, 0], [sin a, cos a, 0]], a in degrees (90 equals torch.rot90 on a square grid)."""
+    a = math.radians(angle)
+    return _affine(maps, [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+
+
+def translate_map(maps: torch.Tensor, translate_x: float = 0.0, translate_y: float = 0.0) -> torch.Tensor:
+    """θ = [[1, 0, tx], [0, 1, ty]] in normalised units: content moves by −tx·W/2, −ty·H/2 pixels."""
+    return _affine(maps, [[1.0, 0.0, translate_x], [0.0, 1.0, translate_y]])
+
+
+def flip_map(maps: torch.Tensor, flip_horizontal: bool = False, flip_vertical: bool = False) -> torch.Tensor:
+    dims = [d for d, on in ((-1, flip_horizontal), (-2, flip_vertical)) if on]
+    return torch.flip(maps, dims) if dims else maps
+
+
+def gaussian_kernel_1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """exp(−x²/2σ²) over x = arange(k) − k//2, normalised. σ ≤ 0 gives the identity tap (the formula's
+    limit; it would divide by zero)."""
+    x = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
+    if sigma <= 0:
+        return (x == 0).float()
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def blur_map(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 1.0) -> torch.Tensor:
+    """2-D Gaussian (outer product), conv2d with zero padding k//2; an even kernel size is raised by one.
+    Zero padding lets mass leak out at the borders, as in the original."""
+    k = int(kernel_size) + (1 - int(kernel_size) % 2)
+    g = gaussian_kernel_1d(k, sigma).to(device=maps.device, dtype=maps.dtype)
+    weight = torch.outer(g, g)[None, None]
+    return F.conv2d(maps[:, None], weight, padding=k // 2)[:, 0]
+
+
+def sharpen_map(maps: torch.Tensor, sharpen_amount: float = 1.0, kernel_size: int = 3,
+                sigma: float = 1.0) -> torch.Tensor:
+    """Unsharp mask: col + amount·(col − blur(col))."""
+    return maps + sharpen_amount * (maps - blur_map(maps, kernel_size, sigma))
+
+
+def region_mask(height: int, width: int, region=(0.0, 0.0, 1.0, 1.0), region_feather: float = 0.1,
+                dtype=torch.float32, device=None) -> torch.Tensor:
+    """M [H, W]: 1 on rows int(y1·H):int(y2·H), columns int(x1·W):int(x2·W), else 0. With feather > 0,
+    blurred with f = max(1, int(feather·min(H, W))), kernel 2f+1, σ = f/2, then divided by its max."""
+    x1, y1, x2, y2 = region
+    m = torch.zeros(height, width, dtype=dtype, device=device)
+    m[int(y1 * height):int(y2 * height), int(x1 * width):int(x2 * width)] = 1
+    if region_feather > 0:
+        f = max(1, int(region_feather * min(height, width)))
+        m = blur_map(m[None], 2 * f + 1, f / 2)[0]
+        peak = m.max()
+        if peak > 0:                       # an empty region stays all zero
+            m = m / peak
+    return m
+
+
+def mask_region(maps: torch.Tensor, region=(0.0, 0.0, 1.0, 1.0), region_feather: float = 0.1) -> torch.Tensor:
+    """regional_mask: col · M."""
+    return maps * region_mask(maps.shape[-2], maps.shape[-1], region, region_feather, maps.dtype, maps.device)
+
+
+def frequency_mask(height: int, width: int, filter: str, cutoff: float, device=None) -> torch.Tensor:
+    """Ideal radial mask over rfft2 frequencies: radius = |f| / Nyquist (0 at DC, 1 at Nyquist on an axis,
+    √2 in the corner); lowpass keeps radius ≤ cutoff, highpass keeps radius > cutoff (they sum to 1)."""
+    fy = torch.fft.fftfreq(height, device=device) / 0.5
+    fx = torch.fft.rfftfreq(width, device=device) / 0.5
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    keep = radius <= cutoff if filter == "lowpass" else radius > cutoff
+    return keep.float()
+
+
+def filter_frequencies(maps: torch.Tensor, filter: str | None = None, cutoff: float = 0.5, sigma: float = 1.0,
+                       sharpen_amount: float = 1.0, kernel_size: int = 3) -> torch.Tensor:
+    """frequency_filter. With filter ("lowpass" | "highpass"): real-FFT filter at `cutoff` (fraction of
+    Nyquist). Without: the original's placeholder, sharpen if sigma < 1 else blur (with the entry's
+    sharpen_amount and kernel_size)."""
+    if filter is None:
+        if sigma < 1:
+            return sharpen_map(maps, sharpen_amount, kernel_size, sigma)
+        return blur_map(maps, kernel_size, sigma)
+    if filter not in FILTERS:
+        raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+    h, w = maps.shape[-2:]
+    spectrum = torch.fft.rfft2(maps.float()) * frequency_mask(h, w, filter, cutoff, maps.device)
+    return torch.fft.irfft2(spectrum, s=(h, w)).to(maps.dtype)
+
+
+TRANSFORMS: dict[str, Callable[[torch.Tensor, BendSpec], torch.Tensor]] = {
+    "scale": lambda m, s: scale_map(m, s.scale_factor),
+    "spatial_scale": lambda m, s: zoom_map(m, s.zoom_factor),
+    "rotate": lambda m, s: rotate_map(m, s.angle),
+    "translate": lambda m, s: translate_map(m, s.translate_x, s.translate_y),
+    "flip": lambda m, s: flip_map(m, s.flip_horizontal, s.flip_vertical),
+    "blur": lambda m, s: blur_map(m, s.kernel_size, s.sigma),
+    "sharpen": lambda m, s: sharpen_map(m, s.sharpen_amount, s.kernel_size, s.sigma),
+    "regional_mask": lambda m, s: mask_region(m, s.region, s.region_feather),
+    "frequency_filter": lambda m, s: filter_frequencies(m, s.filter, s.cutoff, s.sigma, s.sharpen_amount,
+                                                        s.kernel_size),
+}
+
+
+def transform(maps: torch.Tensor, entry) -> torch.Tensor:
+    """T(maps) for the entry's mode, maps [N, H, W]."""
+    spec = as_spec(entry)
+    return TRANSFORMS[spec.mode](maps, spec)
+
+
+# --- renormalisation and the bend itself ------------------------------------------------------------
+
+def _safe_divide(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return x / torch.where(total > EPS, total, torch.ones_like(total))
+
+
+def renormalize_columns(cols: torch.Tensor) -> torch.Tensor:
+    """cols [batch·heads, S]: each divided by its sum over all S positions (all frames, for video)."""
+    return _safe_divide(cols, cols.sum(-1, keepdim=True))
+
+
+def renormalize_rows(probs: torch.Tensor) -> torch.Tensor:
+    """probs [batch·heads, S, T]: each query row divided by its sum over the text tokens."""
+    return _safe_divide(probs, probs.sum(-1, keepdim=True))
+
+
+def grid_for(n_tokens: int, latent_hw: tuple[int, int] | None = None, frames: int | None = None) -> tuple[int, int]:
+    """(h, w) of one frame's token grid, S = frames·h·w.
+
+    With the latent's (H, W): the level whose grid is (ceil(H/2^k), ceil(W/2^k)) (UNet levels, DiT
+    patches), else the aspect-ratio estimate w = round(W·sqrt(s/(H·W))). Without, or if neither fits:
+    the original's fallback, the most square factorisation h ≤ w.
+    """
+    f = frames or 1
+    if n_tokens % f:
+        raise ValueError(f"{n_tokens} tokens are not {f} equal frames")
+    s = n_tokens // f
+    if latent_hw is not None:
+        height, width = latent_hw
+        k = 0
+        while True:
+            h, w = math.ceil(height / 2 ** k), math.ceil(width / 2 ** k)
+            if h * w == s:
+                return h, w
+            if h * w < s or (h == 1 and w == 1):
+                break
+            k += 1
+        w = round(width * math.sqrt(s / (height * width)))
+        if w > 0 and s % w == 0:
+            return s // w, w
+    h = math.isqrt(s)
+    while s % h:
+        h -= 1
+    return h, s // h
+
+
+def bend_probs(probs: torch.Tensor, token_indices: Mapping[str, Sequence[int]], grid_hw: tuple[int, int],
+               entries: Iterable, step_index: int | None = None, layer_index: int | None = None,
+               frames: int | None = None) -> torch.Tensor:
+    """Bent copy of probs [batch·heads, S, T]; probs itself when no entry is active here.
+
+    token_indices: word → its text-token columns (token_indices_for). Entries with strength 0 are
+    skipped outright, so they leave P bit-identical (a row renormalisation would not). Column
+    renormalisation is per entry, after blending; row renormalisation once, after all entries, if
+    any active entry asks for it. The transforms run in float32. Entries with apply_to_timesteps /
+    apply_to_layers need step_index / layer_index (entry_active).
+    """
+    active = [s for s in map(as_spec, entries) if s.strength != 0 and entry_active(s, step_index, layer_index)]
+    if not active:
+        return probs
+    bh, n_tokens, _ = probs.shape
+    f = frames or 1
+    h, w = grid_hw
+    if f * h * w != n_tokens:
+        raise ValueError(f"{n_tokens} image tokens do not fit {f} frame(s) of {h}×{w}")
+    out = probs.clone()
+    for spec in active:
+        if spec.token not in token_indices:
+            raise ValueError(f"Token not found: '{spec.token}'")
+        for j in token_indices[spec.token]:
+            col = out[:, :, j].float()                                       # [bh, S]
+            bent = transform(col.reshape(bh * f, h, w), spec).reshape(bh, n_tokens)
+            blended = (1 - spec.strength) * col + spec.strength * bent
+            if spec.renormalize == "column":
+                blended = renormalize_columns(blended)
+            out[:, :, j] = blended.to(out.dtype)
+    if any(s.renormalize == "row" for s in active):
+        out = renormalize_rows(out)
+    return out
+
+
+def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, entries: Iterable = (),
+                           token_indices: Mapping[str, Sequence[int]] | None = None,
+                           grid_hw: tuple[int, int] | None = None, step_index: int | None = None,
+                           layer_index: int | None = None, frames: int | None = None,
+                           scale: float | None = None, bend_batch: Sequence[int] | None = None,
+                           apply: bool = True,
+                           observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Explicit attention with bent probabilities: q [b, S, heads·d], k, v [b, T, heads·d] (projected)
+    → out [b, S, heads·d] before to_out.
+
+    softmax(q·kᵀ·scale) in float32 (scale defaults to d^−½), bent for the batch items in bend_batch
+    (the conditional ones; default all), then times V in v's dtype. grid_hw defaults to the most square
+    factorisation (pass grid_for(S, latent_hw) when the latent is known). Phase 1 (visualisation):
+    apply=False computes the bent maps, hands (original, bent) to observe, and uses the original.
+    """
+    b, n_q, inner = q.shape
+    n_kv = k.shape[1]
+    d = inner // heads
+    qh = q.reshape(b, n_q, heads, d).transpose(1, 2).reshape(b * heads, n_q, d)
+    kh = k.reshape(b, n_kv, heads, d).transpose(1, 2).reshape(b * heads, n_kv, d)
+    vh = v.reshape(b, n_kv, heads, d).transpose(1, 2).reshape(b * heads, n_kv, d)
+    scale = d ** -0.5 if scale is None else scale
+    probs = torch.softmax(torch.bmm(qh.float(), kh.float().transpose(1, 2)) * scale, dim=-1)
+    bent = probs
+    entries = list(entries)
+    if entries:
+        grid_hw = grid_hw or grid_for(n_q, frames=frames)
+        token_indices = token_indices or {}
+        if bend_batch is None:
+            bent = bend_probs(probs, token_indices, grid_hw, entries, step_index, layer_index, frames)
+        else:
+            rows = torch.as_tensor(list(bend_batch), dtype=torch.long, device=probs.device)
+            per_item = probs.view(b, heads, n_q, n_kv)
+            part = bend_probs(per_item[rows].reshape(-1, n_q, n_kv), token_indices, grid_hw, entries,
+                              step_index, layer_index, frames)
+            bent = per_item.clone()
+            bent[rows] = part.view(len(rows), heads, n_q, n_kv)
+            bent = bent.view(b * heads, n_q, n_kv)
+    if observe is not None:
+        observe(probs, bent)
+    used = bent if apply else probs
+    out = torch.bmm(used.to(v.dtype), vh)
+    return out.reshape(b, heads, n_q, d).transpose(1, 2).reshape(b, n_q, heads * d)
+
+
+# --- token targeting ---------------------------------------------------------------------------------
+
+_MARK = re.compile(r"\(([^()]+)\)")
+
+
+def parse_marked_prompt(prompt: str) -> tuple[str, list[str]]:
+    """'a romantic (kiss) at (sunset)' → ('a romantic kiss at sunset', ['kiss', 'sunset'])."""
+    words = [m.strip() for m in _MARK.findall(prompt)]
+    return _MARK.sub(r"\1", prompt), words
+
+
+def token_indices_for(word: str, prompt_tokens: Sequence[Hashable],
+                      tokenize_word: Callable[[str], Sequence[Hashable]], first_only: bool = False) -> list[int]:
+    """Positions of `word` in the encoded prompt: the first place where its sub-tokens appear in a row.
+
+    prompt_tokens: the encoded prompt as the text encoder sees it (BOS at 0), token strings or ids;
+    tokenize_word: one word (or phrase) → its sub-tokens of the same kind, without BOS/EOS, e.g.
+    `tokenizer.tokenize` of a CLIP tokenizer or a ComfyUI tokenizer's ids. first_only=True bends only
+    the first sub-token, as the original does; the default bends them all.
+    """
+    pieces = list(tokenize_word(word))
+    m = len(pieces)
+    if m:
+        tokens = list(prompt_tokens)
+        for i in range(len(tokens) - m + 1):
+            if tokens[i:i + m] == pieces:
+                return [i] if first_only else list(range(i, i + m))
+    raise ValueError(f"Token not found: '{word}'")
+
+
+def token_columns(words: Iterable[str], prompt_tokens: Sequence[Hashable],
+                  tokenize_word: Callable[[str], Sequence[Hashable]], first_only: bool = False) -> dict[str, list[int]]:
+    """{word: token_indices_for(word, …)} for every word, e.g. the marked ones of parse_marked_prompt."""
+    return {w: token_indices_for(w, prompt_tokens, tokenize_word, first_only) for w in words}
