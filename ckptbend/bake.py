@@ -122,7 +122,7 @@ def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int
 
 
 class _Background:
-    """Run `fn(cancelled, *args)` on another core while the main thread copies; result() re-raises."""
+    """Run `fn(cancelled, *args)` on the other core while the main thread copies; result() re-raises."""
 
     def __init__(self, fn, *args):
         self._cancelled = threading.Event()
@@ -145,20 +145,6 @@ class _Background:
     def cancel(self):
         self._cancelled.set()
         self._thread.join()
-
-
-def _scale_edits(cancelled, src_fd, dst_fd, header: Header, edits: dict[str, Edit], runs, base: int) -> int:
-    """Read, scale and write the edited tensors (in a worker thread). Returns the bytes done."""
-    done = 0
-    for t, begin, _ in runs:
-        if t is None or cancelled.is_set():
-            continue
-        raw = bytearray(t.nbytes)
-        if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
-            raise CkptbendError(f"{header.path}: file shrank while being read")
-        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
-        done += t.nbytes
-    return done
 
 
 def _runs(header: Header, edits: dict[str, Edit]):
@@ -204,8 +190,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
     """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
 
-    Untouched runs of tensors are copied by the kernel in this thread; edited tensors are read, scaled
-    and written by a worker thread, and the source is hashed by another (unless its hash is cached). `data_chunks` is the straightforward equivalent
+    Untouched runs of tensors are copied by the kernel; edited tensors are read, scaled and written;
+    meanwhile another thread hashes the source (unless its hash is cached). `data_chunks` is the straightforward equivalent
     (used by verify), so every verify also checks this path byte for byte.
     """
     placeholder = header_bytes(meta, header.tensors)
@@ -219,18 +205,21 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = hash_cache.lookup(before)
-        workers = [_Background(_scale_edits, src_fd, dst_fd, header, edits, runs, base)]
-        if not cached:
-            workers.append(_Background(_sha256_of, src_fd, 0, before.st_size))
+        hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
         try:
-            for t, begin, end in runs:
+            for t, begin, end in runs:   # in file order: the output is written front to back, like cp
                 if t is None:
                     _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
-            progress.update(workers[0].result())
-            source_sha256 = cached or workers[1].result()
+                    continue
+                raw = bytearray(t.nbytes)
+                if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
+                    raise CkptbendError(f"{src_path}: file shrank while being read")
+                _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
+                progress.update(t.nbytes)
+            source_sha256 = cached or hasher.result()
         finally:
-            for w in workers:
-                w.cancel()
+            if hasher:
+                hasher.cancel()
         after = os.fstat(src_fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
