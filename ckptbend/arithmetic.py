@@ -58,8 +58,9 @@ def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
     return np.frombuffer(every, dtype=np.uint16)
 
 
-def scale_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...], segments) -> bytearray:
-    """Scale rows of one stored tensor in place and return the buffer. Segments carry (rows, factors)."""
+def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
+    """Scale rows of one stored tensor in place, in a writable buffer (bytearray or memoryview), and
+    return the buffer. Segments carry (rows, factors)."""
     if dtype in TORCH_ONLY:
         return _scale_with_torch(raw, TORCH_ONLY[dtype], shape, segments)
     if dtype in ("F16", "BF16"):

@@ -206,12 +206,14 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = hash_cache.lookup(before)
         hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
+        # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
+        scratch = memoryview(bytearray(max((t.nbytes for t, _, _ in runs if t is not None), default=0)))
         try:
             for t, begin, end in runs:   # in file order: the output is written front to back, like cp
                 if t is None:
                     _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
                     continue
-                raw = bytearray(t.nbytes)
+                raw = scratch[:t.nbytes]
                 if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
                     raise CkptbendError(f"{src_path}: file shrank while being read")
                 _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
