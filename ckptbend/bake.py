@@ -44,7 +44,7 @@ def output_metadata(source_meta: dict[str, str], recipe, source_name: str) -> di
     meta = {k: v for k, v in source_meta.items()
             if not k.startswith("sshs_") and k not in PROVENANCE_KEYS and k != "ckptbend.history"}
     if "ckptbend.recipe_sha256" in source_meta:   # baked before: keep the chain visible
-        history = json.loads(source_meta.get("ckptbend.history", "[]"))
+        history = _history(source_meta.get("ckptbend.history", "[]"))
         history.append({k.removeprefix("ckptbend."): source_meta.get(k, "") for k in PROVENANCE_KEYS})
         meta["ckptbend.history"] = json.dumps(history, separators=(",", ":"), sort_keys=True)
     if "modelspec.hash_sha256" in meta:            # ModelSpec asks tools that modify weights to recompute it
@@ -57,6 +57,15 @@ def output_metadata(source_meta: dict[str, str], recipe, source_name: str) -> di
         "ckptbend.source_sha256": HEX_PLACEHOLDER,
     })
     return meta
+
+
+def _history(text: str) -> list:
+    """Earlier bakes recorded in the input; a damaged record is kept as text rather than trusted."""
+    try:
+        history = json.loads(text)
+    except (ValueError, RecursionError):
+        return [{"unreadable": text}]
+    return history if isinstance(history, list) else [{"unreadable": text}]
 
 
 def final_metadata(meta: dict[str, str], source_sha256: str, data_sha256: str | None) -> dict[str, str]:
@@ -244,6 +253,8 @@ def check_output_path(input_path: Path, output_path: Path, force: bool):
         raise CkptbendError(f"{output_path}: output would overwrite the input; choose another path")
     if input_path.is_dir() and dst.is_relative_to(src):
         raise CkptbendError(f"{output_path}: output cannot be inside the input folder")
+    if src.is_relative_to(dst):
+        raise CkptbendError(f"{output_path}: contains the input; replacing it would destroy the input")
     if output_path.exists() and not force:
         raise CkptbendError(f"{output_path}: already exists (use --force to replace it)")
     if output_path.exists() and output_path.is_dir() != input_path.is_dir():
@@ -260,13 +271,13 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete temporaries that interrupted bakes (killed processes) left beside `target`."""
+def remove_stale_temporaries(target: Path, keep: Path) -> list[Path]:
+    """Delete temporaries that interrupted bakes (killed processes) left beside `target`, never `keep`."""
     removed = []
     pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^./]+" + re.escape(TMP_SUFFIX))
     for p in target.parent.glob(f".{glob.escape(target.name)}.*{TMP_SUFFIX}"):
         m = pattern.fullmatch(p.name)
-        if not m or _alive(int(m.group(1))):
+        if not m or _alive(int(m.group(1))) or p.resolve() == keep.resolve() or keep.resolve().is_relative_to(p.resolve()):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
@@ -361,7 +372,7 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     ckpt = detect(input_path)
     plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
     check_output_path(input_path, output_path, force)
-    stale = remove_stale_temporaries(output_path)
+    stale = remove_stale_temporaries(output_path, keep=input_path)
     if ckpt.kind == "diffusers-folder":
         total = sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
     else:

@@ -179,7 +179,8 @@ def _bare_kind(header: Header) -> str | None:
     # The three text encoders SD files use differ in width; a small or unknown one is told by its form:
     # HF-named with a projection is SDXL's CLIP-G; OpenCLIP-named is bigG too unless 1024 wide.
     norm = next((n for n in names if n.endswith(("final_layer_norm.weight", "ln_final.weight"))), None)
-    width = header.tensor(norm).shape[0] if norm else None
+    shape = header.tensor(norm).shape if norm else ()
+    width = shape[0] if len(shape) == 1 else None
     if width in TEXT_ENCODER_WIDTHS:
         return TEXT_ENCODER_WIDTHS[width]
     if hf:
@@ -214,19 +215,26 @@ def _detect_single(path: Path, header: Header):
 def _diffusers_text_component(folder: Path, sub: str) -> str:
     component = DIFFUSERS_FOLDERS[sub]
     config = folder / sub / "config.json"
-    if component == "clip_l" and config.is_file():
-        try:
-            if json.loads(config.read_text()).get("hidden_act") == "gelu":
-                return "clip_h"
-        except (ValueError, OSError):
-            raise CkptbendError(f"{config}: unreadable config.json") from None
+    if component == "clip_l" and config.is_file() and read_json_object(config).get("hidden_act") == "gelu":
+        return "clip_h"
     return component
 
 
-def _diffusers_architecture(folder: Path, present: set[str]) -> str:
+def read_json_object(path: Path) -> dict:
+    """A diffusers/transformers config file: a JSON object, or one clear error."""
     try:
-        unet_class = json.loads((folder / "unet" / "config.json").read_text()).get("_class_name", "")
-    except (ValueError, OSError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError):
+        raise CkptbendError(f"{path}: not a readable JSON file") from None
+    if not isinstance(value, dict):
+        raise CkptbendError(f"{path}: expected a JSON object")
+    return value
+
+
+def _diffusers_architecture(folder: Path, present: set[str]) -> str:
+    try:   # only a hint for the architecture name: the weights decide everything else
+        unet_class = read_json_object(folder / "unet" / "config.json").get("_class_name", "")
+    except CkptbendError:
         unet_class = ""
     if unet_class == "UNetSpatioTemporalConditionModel":
         return "svd"

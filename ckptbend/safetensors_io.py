@@ -69,6 +69,14 @@ def _fail(path, why: str):
     raise CkptbendError(f"{path}: not a valid safetensors file: {why}")
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _reject_duplicates(pairs):
     seen = {}
     for key, value in pairs:
@@ -89,7 +97,7 @@ def _parse_tensor(path, name, entry) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         _fail(path, f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -134,12 +142,17 @@ def read_header(path) -> Header:
         doc = json.loads(text, object_pairs_hook=_reject_duplicates)
     except ValueError as e:
         _fail(path, f"header is not valid JSON ({e})")
+    except RecursionError:
+        _fail(path, "header JSON is nested too deeply")
     if not isinstance(doc, dict):
         _fail(path, "header is not a JSON object")
 
     metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         _fail(path, "__metadata__ must map strings to strings")
+    for text in (*doc, *metadata, *metadata.values()):
+        if not _is_utf8(text):   # JSON's \ud800 escapes decode to strings no UTF-8 writer accepts
+            _fail(path, f"header has a string that is not valid Unicode: {text[:40]!r}")
 
     tensors = sorted((_parse_tensor(path, name, entry) for name, entry in doc.items()),
                      key=lambda t: (t.begin, t.end))
