@@ -115,6 +115,10 @@ class _Progress:
             self.bar.close()
 
 
+class ShrankError(OSError):
+    """A read came back short: the file was truncated under us (the caller names the file)."""
+
+
 def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
     """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
     h = hashlib.sha256()
@@ -124,7 +128,7 @@ def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int
             return None
         n = os.preadv(fd, [buf[:min(CHUNK, stop - start)]], start)
         if not n:
-            raise CkptbendError("file shrank while being read")
+            raise ShrankError()
         h.update(buf[:n])   # hashlib releases the GIL here, so this runs beside the copy
         start += n
     return h.hexdigest()
@@ -184,7 +188,7 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             n = len(data)
             _pwrite_all(dst_fd, data, dst_off)
         if not n:
-            raise CkptbendError("input file shrank while being read")
+            raise ShrankError()
         src_off, dst_off, count = src_off + n, dst_off + n, count - n
         progress.update(n)
 
@@ -228,6 +232,8 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
                 _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
                 progress.update(t.nbytes)
             source_sha256 = cached or hasher.result()
+        except ShrankError:
+            raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
             if hasher:
                 hasher.cancel()
@@ -284,6 +290,12 @@ def remove_stale_temporaries(target: Path, keep: Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -304,6 +316,7 @@ def atomic_output(target: Path, is_dir: bool):
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())   # as a plain open() would have made it
     try:
         yield tmp
         if is_dir and target.exists():

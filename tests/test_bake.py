@@ -198,3 +198,12 @@ def test_source_hash_is_remembered_and_any_write_invalidates_it(sd1, tmp_path):
     bake(RECIPE, src, tmp_path / "b.safetensors", progress=False)
     assert read_header(tmp_path / "b.safetensors").metadata["ckptbend.source_sha256"] == sha256(src)
     assert verify(tmp_path / "b.safetensors", src) == []
+
+
+def test_output_gets_the_usual_file_mode(sd1, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        bake(RECIPE, sd1, tmp_path / "out.safetensors", progress=False)
+    finally:
+        os.umask(mask)
+    assert (os.stat(tmp_path / "out.safetensors").st_mode & 0o777) == 0o644
