@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from ckptbend.bake import bake
 from ckptbend.recipe import parse_recipe
 from ckptbend.synth import build_models, write_checkpoint
+from _helpers import fresh, load_strict
 
 torch.manual_seed(0)
 PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out",
@@ -51,18 +52,6 @@ def ldm_names(ldm_state, converted, prefix):
     """diffusers key → original key, read off diffusers' converter (it moves the same tensor objects)."""
     by_id = {id(t): k for k, t in ldm_state.items() if k.startswith(prefix)}
     return {k: by_id[id(t)] for k, t in converted.items() if id(t) in by_id}
-
-
-def fresh(model):
-    """A new instance of the same class and config (weights to be loaded)."""
-    cls = type(model)
-    return cls.from_config(model.config) if hasattr(cls, "from_config") else cls(model.config)
-
-
-def load_strict(model, state):
-    result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return model.eval()
 
 
 def unet_inputs(unet, batch=2, size=16):

@@ -7,6 +7,7 @@ import torch
 
 from ckptbend.runtime import bending as bd
 from ckptbend.runtime.bending import BendSpec
+from _helpers import imported_roots
 
 BH, H, W, T = 3, 6, 6, 5          # batch·heads, grid, text tokens
 TARGET = 2
@@ -376,17 +377,6 @@ def test_token_indices_for_sub_tokens_and_errors():
         bd.bend_probs(probs(), {}, (H, W), [{"token": "kiss", "mode": "flip"}])
 
 
-def imported_roots(path):
-    """Top-level names a module imports (the runtime modules are copied verbatim into companions and
-    a ComfyUI node: only torch, math and the standard library are allowed)."""
-    import ast
-    roots = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots.add("." if node.level else node.module.split(".")[0])
-    return roots
 
 
 def test_bending_imports_only_torch_and_stdlib():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptbend.runtime import sag
+from _helpers import imported_roots
 
 
 def formula_kernel(sigma):
@@ -231,17 +232,6 @@ def test_vp_delta_equals_the_k_diffusion_step(prediction_type):
     assert sag.sag_prediction_delta(x_vp, p_u, probs, heads, lambda xd: xd, a, scale=0.0) is None
 
 
-def imported_roots(path):
-    """Top-level names a module imports (the runtime modules are copied verbatim into companions and
-    a ComfyUI node: only torch, math and the standard library are allowed)."""
-    import ast
-    roots = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots.add("." if node.level else node.module.split(".")[0])
-    return roots
 
 
 def test_sag_imports_only_torch_and_stdlib():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptbend.runtime import slothful as sl
+from _helpers import imported_roots
 
 START = 20.0          # ln 20 = 3.0 > 2.8, so progress t = 1 (the start of sampling)
 
@@ -219,17 +220,6 @@ def test_sdxl_heads_change_the_stride():
     assert sl.slothful_kv(x, x, "input", START, 10, (32, 32), params)[0].shape[1] == 256 // 8
 
 
-def imported_roots(path):
-    """Top-level names a module imports (the runtime modules are copied verbatim into companions and
-    a ComfyUI node: only torch, math and the standard library are allowed)."""
-    import ast
-    roots = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots.add("." if node.level else node.module.split(".")[0])
-    return roots
 
 
 def test_slothful_imports_only_torch_and_stdlib():

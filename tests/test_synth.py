@@ -25,20 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from ckptbend import synth
 from ckptbend.errors import CkptbendError
+from _helpers import fresh, load_strict
 
 TEXT_ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
-
-
-def fresh(model):
-    """A new, untrained instance of the same class and config."""
-    cls = type(model)
-    return cls.from_config(model.config) if hasattr(cls, "from_config") else cls(model.config)
-
-
-def load_strict(model, state):
-    result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return model
 
 
 def assert_same_tensors(model, reference):
