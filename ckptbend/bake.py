@@ -272,7 +272,7 @@ def check_output_path(input_path: Path, output_path: Path, force: bool):
         raise CkptbendError(f"{output_path.parent}: folder is not writable")
 
 
-def _temp_prefix(target: Path) -> str:
+def temp_prefix(target: Path) -> str:
     # The PID in the name lets a later run tell a dead bake's leftovers from a running bake's file.
     return f".{target.name}.{os.getpid()}."
 
@@ -309,7 +309,7 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def atomic_output(target: Path, is_dir: bool):
     """Yield a temporary path beside `target`; rename it into place only if the block completes."""
-    prefix = _temp_prefix(target)
+    prefix = temp_prefix(target)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TMP_SUFFIX))
     else:

@@ -86,6 +86,7 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
       ckptbend bake a.toml b.toml model.safetensors -o variants/
       ckptbend bake base.toml model.safetensors -o grid/ --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1
     """
+    from .bake import TMP_SUFFIX, temp_prefix
     from .pickle_input import is_pickle, pickle_to_safetensors
     from .sweep import expand, parse_grid
 
@@ -114,7 +115,9 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
         if not allow_pickle:
             raise CkptbendError(f"{input}: pickled checkpoints can run code when loaded; refusing. "
                                 "Convert it to .safetensors, or pass --allow-pickle to load it weights-only")
-        with tempfile.TemporaryDirectory(dir=jobs[0][1].resolve().parent, prefix=".ckptbend-pickle-") as tmp:
+        first = jobs[0][1].resolve()
+        # Named like the bake's own temporaries, so a killed run's conversion is swept up by the next.
+        with tempfile.TemporaryDirectory(dir=first.parent, prefix=temp_prefix(first), suffix=TMP_SUFFIX) as tmp:
             converted = Path(tmp) / (input.stem + ".safetensors")
             pickle_to_safetensors(input, converted)
             _bake_all(jobs, converted, source_name=input.name, **options)
