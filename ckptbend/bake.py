@@ -2,8 +2,9 @@
 
 Every output is written to a temporary path beside the target and renamed into place only when
 complete. The output header equals the input's tensor table (dtype and shape never change), so it is
-written first; the two hashes it records (the source file's SHA-256 and ModelSpec's data-section hash)
-are computed during the same pass and patched into fixed-width placeholders at the end.
+written first, with fixed-width placeholders for the hashes it records: the source file's SHA-256
+(computed beside the copy, or remembered from an earlier bake) and, only when the input carries
+ModelSpec metadata, the output data section's SHA-256 (read back once written).
 """
 
 from __future__ import annotations
@@ -204,8 +205,8 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
 
     Untouched runs of tensors are copied by the kernel; edited tensors are read, scaled and written;
-    meanwhile another thread hashes the source (unless its hash is cached). `data_chunks` is the straightforward equivalent
-    (used by verify), so every verify also checks this path byte for byte.
+    meanwhile another thread hashes the source (unless its hash is cached). `data_chunks` is the
+    straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
     placeholder = header_bytes(meta, header.tensors)
     out.write(placeholder)
@@ -228,7 +229,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
                     continue
                 raw = scratch[:t.nbytes]
                 if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
-                    raise CkptbendError(f"{src_path}: file shrank while being read")
+                    raise ShrankError()
                 _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
                 progress.update(t.nbytes)
             source_sha256 = cached or hasher.result()
@@ -280,10 +281,11 @@ def temp_prefix(target: Path) -> str:
 def remove_stale_temporaries(target: Path, keep: Path) -> list[Path]:
     """Delete temporaries that interrupted bakes (killed processes) left beside `target`, never `keep`."""
     removed = []
+    keep = keep.resolve()
     pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^./]+" + re.escape(TMP_SUFFIX))
     for p in target.parent.glob(f".{glob.escape(target.name)}.*{TMP_SUFFIX}"):
         m = pattern.fullmatch(p.name)
-        if not m or _alive(int(m.group(1))) or p.resolve() == keep.resolve() or keep.resolve().is_relative_to(p.resolve()):
+        if not m or _alive(int(m.group(1))) or keep.is_relative_to(p.resolve()):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
@@ -331,8 +333,9 @@ def atomic_output(target: Path, is_dir: bool):
         raise
 
 
-def _fsync_dir(folder: Path):
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync_file(path: Path):
+    """fsync a file or a folder (a folder's entries: the rename into place)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -358,6 +361,8 @@ def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source
             dst.parent.mkdir(parents=True, exist_ok=True)
             if rel not in rewritten:
                 shutil.copyfile(p, dst)
+                if durable:
+                    _fsync_file(dst)
                 progress.update(p.stat().st_size)
     for rel, cf in rewritten.items():
         src = ckpt.path / rel if ckpt.kind == "diffusers-folder" else ckpt.path
@@ -395,7 +400,7 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
         with atomic_output(output_path, ckpt.kind == "diffusers-folder") as tmp:
             digests = _bake_into(plan, recipe, ckpt, tmp, bar, source_name or input_path.name, durable)
         if durable:
-            _fsync_dir(output_path.resolve().parent)
+            _fsync_file(output_path.resolve().parent)
     except OSError as e:
         raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
     finally:

@@ -34,14 +34,14 @@ SINGLE_FILE_PREFIXES = (
 # names; it is told from CLIP-L by its activation (OpenAI CLIP uses quick_gelu).
 DIFFUSERS_FOLDERS = {"unet": "unet", "text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
-# Single-file architecture detection: (name, keys that must all be present, keys that must be absent).
+# Single-file architecture detection: (name, keys that must all be present); first match wins.
 ARCHITECTURES = (
-    ("svd", ("model.diffusion_model.input_blocks.1.1.time_stack.0.attn1.to_q.weight",), ()),
+    ("svd", ("model.diffusion_model.input_blocks.1.1.time_stack.0.attn1.to_q.weight",)),
     ("sdxl-base", ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
-                   "conditioner.embedders.1.model.positional_embedding"), ()),
-    ("sdxl-refiner", ("conditioner.embedders.0.model.positional_embedding",), ()),
-    ("sd2", ("cond_stage_model.model.token_embedding.weight",), ()),
-    ("sd1", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",), ()),
+                   "conditioner.embedders.1.model.positional_embedding")),
+    ("sdxl-refiner", ("conditioner.embedders.0.model.positional_embedding",)),
+    ("sd2", ("cond_stage_model.model.token_embedding.weight",)),
+    ("sd1", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",)),
 )
 
 # --- attention projections, matched by suffix (the rule ComfyUI's nodes use) ---------------------
@@ -197,7 +197,7 @@ def _detect_single(path: Path, header: Header):
     if any(c is not None for c in components.values()):
         if not {"unet", *TEXT_ENCODERS} & set(components.values()):
             raise CkptbendError(NO_ATTENTION.format(path=path))
-        for arch, needed, _ in ARCHITECTURES:
+        for arch, needed in ARCHITECTURES:
             if all(k in components for k in needed):
                 break
         else:

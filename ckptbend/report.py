@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from .layouts import Checkpoint, blocks_with_attention
 from .verify import recorded_recipe
+
+TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks)\.(\d+)\.")   # HF / OpenCLIP layer index
 
 
 def describe(ckpt: Checkpoint) -> dict:
@@ -28,8 +31,7 @@ def describe(ckpt: Checkpoint) -> dict:
     encoders = {}
     for s in ckpt.sites:
         if s.component != "unet":
-            layers = encoders.setdefault(s.component, set())
-            layers.add(s.key.rsplit(".", 3)[0])
+            encoders.setdefault(s.component, set()).add(TEXT_LAYER.search(s.key).group(1))
     recipe = recorded_recipe(ckpt)
     metadata = {k: v for f in ckpt.files for k, v in f.header.metadata.items() if k != "ckptbend.recipe"}
     return {

@@ -137,3 +137,13 @@ def test_a_file_without_attention_is_rejected(tmp_path):
     save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, tmp_path / "vae.safetensors")
     with pytest.raises(CkptbendError, match="not a supported checkpoint layout"):
         detect(tmp_path / "vae.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_inspect_counts_text_encoder_layers(tmp_path, arch):
+    from ckptbend.report import describe
+
+    models = build_models(arch)
+    expected = {name: m.config.num_hidden_layers for name, m in models.items() if name.startswith("clip")}
+    info = describe(detect(write_checkpoint(tmp_path / "x.safetensors", arch)))
+    assert info["text_encoder_attention_layers"] == expected
