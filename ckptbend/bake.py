@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import __version__, hash_cache
 from .arithmetic import scale_bytes
+from .companion import emit, folder_for
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
 from .plan import Edit, Plan, make_plan
@@ -201,11 +202,25 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
         view, offset = view[n:], offset + n
 
 
+def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress):
+    """Read, scale and write each (tensor, segments, source offset, output offset) of `edited`."""
+    # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
+    scratch = memoryview(bytearray(max((t.nbytes for t, *_ in edited), default=0)))
+    for t, segments, src_off, dst_off in edited:
+        if cancelled.is_set():
+            return
+        raw = scratch[:t.nbytes]
+        if os.preadv(src_fd, [raw], src_off) != t.nbytes:
+            raise ShrankError()
+        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, segments), dst_off)
+        progress.update(t.nbytes)
+
+
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
     """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
 
-    Untouched runs of tensors are copied by the kernel; edited tensors are read, scaled and written;
-    meanwhile another thread hashes the source (unless its hash is cached). `data_chunks` is the
+    Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
+    the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
     placeholder = header_bytes(meta, header.tensors)
@@ -220,22 +235,21 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = hash_cache.lookup(before)
         hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
-        # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
-        scratch = memoryview(bytearray(max((t.nbytes for t, _, _ in runs if t is not None), default=0)))
+        # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
+        # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
+        edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
+                  for t, begin, _ in runs if t is not None]
+        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress)
         try:
-            for t, begin, end in runs:   # in file order: the output is written front to back, like cp
+            for t, begin, end in runs:
                 if t is None:
                     _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
-                    continue
-                raw = scratch[:t.nbytes]
-                if os.preadv(src_fd, [raw], header.data_start + begin) != t.nbytes:
-                    raise ShrankError()
-                _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, edits[t.name].segments), base + begin)
-                progress.update(t.nbytes)
+            scaler.result()
             source_sha256 = cached or hasher.result()
         except ShrankError:
             raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
+            scaler.cancel()
             if hasher:
                 hasher.cancel()
         after = os.fstat(src_fd)
@@ -271,6 +285,21 @@ def check_output_path(input_path: Path, output_path: Path, force: bool):
         raise CkptbendError(f"{output_path.parent}: no such folder")
     if not os.access(dst.parent, os.W_OK):
         raise CkptbendError(f"{output_path.parent}: folder is not writable")
+
+
+def check_companion_path(recipe, input_path: Path, output_path: Path, force: bool) -> Path | None:
+    """Where the companion of a recipe with sampling-time sections goes; refuses to replace one
+    without `force`, and never a folder that holds the input."""
+    if not recipe.has_dynamic:
+        return None
+    target = folder_for(output_path)
+    if input_path.resolve().is_relative_to(target.resolve()):
+        raise CkptbendError(f"{target}: the companion folder would replace the input; choose another output name")
+    if target.exists() and not force:
+        raise CkptbendError(f"{target}: companion folder already exists (use --force to replace it)")
+    if target.exists() and not target.is_dir():
+        raise CkptbendError(f"{target}: exists and is not a folder; cannot write the companion there")
+    return target
 
 
 def temp_prefix(target: Path) -> str:
@@ -348,6 +377,7 @@ class BakeResult:
     plan: Plan
     source_sha256: dict[str, str]   # file (relative) → SHA-256 of the input file
     removed_stale: tuple[Path, ...] = ()
+    companion: Path | None = None   # the companion folder written beside the output, if any
 
 
 def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name, durable) -> dict[str, str]:
@@ -382,6 +412,9 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
          source_name: str | None = None, durable: bool = True) -> BakeResult:
     """Bake `recipe` into the checkpoint at `input_path`, writing `output_path` atomically.
 
+    A recipe with sampling-time sections also gets its companion folder beside the output
+    (companion.folder_for), written just before the output is renamed into place.
+
     `source_name` is the name recorded as the source (default: the input's file or folder name).
     `durable` flushes the output to disk before it is renamed into place (like `cp` followed by
     `sync`), so a power cut cannot leave a complete-looking file with missing data.
@@ -390,6 +423,7 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     ckpt = detect(input_path)
     plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
     check_output_path(input_path, output_path, force)
+    companion_dir = check_companion_path(recipe, input_path, output_path, force)
     stale = remove_stale_temporaries(output_path, keep=input_path)
     if ckpt.kind == "diffusers-folder":
         total = sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
@@ -398,11 +432,15 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     bar = _Progress(total, sys.stderr.isatty() if progress is None else progress)
     try:
         with atomic_output(output_path, ckpt.kind == "diffusers-folder") as tmp:
-            digests = _bake_into(plan, recipe, ckpt, tmp, bar, source_name or input_path.name, durable)
+            name = source_name or input_path.name
+            digests = _bake_into(plan, recipe, ckpt, tmp, bar, name, durable)
+            if companion_dir is not None:
+                emit(recipe, companion_dir, force=True, checkpoint={
+                    "file": output_path.name, "source": name, "source_sha256": digests})
         if durable:
             _fsync_file(output_path.resolve().parent)
     except OSError as e:
         raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
     finally:
         bar.close()
-    return BakeResult(output_path, plan, digests, tuple(stale))
+    return BakeResult(output_path, plan, digests, tuple(stale), companion_dir)

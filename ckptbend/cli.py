@@ -127,7 +127,7 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
 
 def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, source_name):
     from .bake import bake as run_bake
-    from .bake import check_output_path
+    from .bake import check_companion_path, check_output_path
     from .layouts import detect
     from .plan import make_plan
 
@@ -144,8 +144,9 @@ def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, sou
                 click.echo(line)
             click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
         return
-    for _, out in jobs:
+    for r, out in jobs:
         check_output_path(input, out, force)
+        check_companion_path(r, input, out, force)
     for r, out in jobs:
         result = run_bake(r, input, out, force=force, allow_missing=allow_missing,
                           progress=False if quiet else None, source_name=source_name, durable=durable)
@@ -154,6 +155,10 @@ def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, sou
         if not quiet:
             click.echo(f"baked {r.name} ({r.sha256[:12]}) into {out}: "
                        f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
+            if result.companion is not None:
+                click.echo(f"wrote the companion {result.companion}/ for the recipe's sampling-time part "
+                           f"(diffusers: import it and call apply(pipe); ComfyUI: copy it into custom_nodes/)",
+                           err=True)
 
 
 @cli.command()
@@ -223,6 +228,59 @@ def diff(a, b):
         click.echo(line)
     if not lines:
         click.echo("no differences", err=True)
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=EXISTING)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The companion folder to write (its name must be a Python identifier to `import` it).")
+@click.option("--checkpoint", type=EXISTING,
+              help="Record this baked checkpoint as the one the companion belongs to.")
+@click.option("--force", is_flag=True, help="Replace the folder if it exists.")
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+def emit(recipe_path, output, checkpoint, force, allow_out_of_range):
+    """Write the companion folder for RECIPE's sampling-time part ([sag], [slothful], [[bending]])
+    without baking. (`bake` writes one beside its output by itself.)
+
+    \b
+      ckptbend emit recipes/sag-and-bending.toml -o sag_and_bending
+      python -c "import sag_and_bending as c; c.apply(pipe)"      # diffusers
+      cp -r sag_and_bending ComfyUI/custom_nodes/                  # ComfyUI node
+    """
+    from .companion import emit as write
+
+    r = _load(recipe_path, allow_out_of_range)
+    record = None
+    if checkpoint is not None:
+        from .layouts import detect
+        from .verify import recorded_recipe
+
+        baked = recorded_recipe(detect(checkpoint))
+        if baked is not None and baked.sha256 != r.sha256:
+            raise CkptbendError(f"{checkpoint}: was baked from recipe {baked.name!r} ({baked.sha256[:12]}), "
+                                f"not {r.name!r} ({r.sha256[:12]})")
+        record = {"file": checkpoint.name}
+    if not output.name.isidentifier():
+        click.echo(f"warning: {output.name!r} is not a Python identifier: ComfyUI loads it, "
+                   "but `import` needs importlib", err=True)
+    write(r, output, force=force, checkpoint=record)
+    click.echo(f"wrote the companion of {r.name} ({r.sha256[:12]}) to {output}/")
+
+
+@cli.command()
+@click.argument("maps_file", metavar="MAPS", type=EXISTING)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder for the PNG files.")
+def maps(maps_file, output):
+    """Render attention-bending maps saved by a companion (`companion.save_maps(session, MAPS)`) as
+    PNG heatmaps: one grid per token, a row per step, a column per layer, original beside bent.
+
+    \b
+      ckptbend maps maps.safetensors -o maps/
+    """
+    from .maps_render import render_file
+
+    for path in render_file(maps_file, output):
+        click.echo(f"wrote {path}")
 
 
 @cli.command()

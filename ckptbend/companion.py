@@ -1,0 +1,183 @@
+"""Write the companion folder: the recipe's sampling-time part as data, plus a copy of ckptbend/runtime.
+
+A companion is what cannot be baked (SAG, Slothful Attention, Attention Bending). It travels with
+the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ckptbend:
+
+    <folder>/__init__.py          apply(pipe) / remove(pipe) for diffusers; NODE_CLASS_MAPPINGS for ComfyUI
+    <folder>/companion.json       recipe name and hash, the checkpoint it belongs to, the dynamic values
+    <folder>/recipe.toml          the whole recipe, canonical form
+    <folder>/pyproject.toml       ComfyUI registry metadata, so the folder can be published as a node pack
+    <folder>/runtime/*.py         verbatim copies of ckptbend/runtime (torch + stdlib only)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .errors import CkptbendError
+
+FORMAT = 1
+RUNTIME_DIR = Path(__file__).parent / "runtime"
+RUNTIME_FILES = ("__init__.py", "sag.py", "slothful.py", "bending.py", "maps.py",
+                 "diffusers_host.py", "comfy_host.py")
+SUFFIX = "_ckptbend"
+
+
+def folder_for(checkpoint: Path) -> Path:
+    """The companion's place beside a checkpoint: an importable name, `my-model.v2.safetensors` →
+    `my_model_v2_ckptbend/` (a dot or dash in a folder name would stop `import`)."""
+    return checkpoint.parent / (identifier(checkpoint.name.removesuffix(".safetensors")) + SUFFIX)
+
+
+def identifier(text: str) -> str:
+    name = re.sub(r"\W+", "_", text, flags=re.ASCII).strip("_") or "model"
+    return "m_" + name if name[0].isdigit() else name
+
+
+def dynamic_part(recipe) -> dict:
+    """The recipe's sampling-time sections as plain JSON data, in the runtime modules' own names."""
+    out: dict = {}
+    if recipe.sag is not None:
+        out["sag"] = asdict(recipe.sag)
+    if recipe.slothful is not None:
+        full = asdict(recipe.slothful)
+        out["slothful_simple"] = full.pop("simple")
+        out["slothful"] = full
+    if recipe.bending:
+        out["bending"] = [_bend_dict(b) for b in recipe.bending]
+    return out
+
+
+def _bend_dict(entry) -> dict:
+    common = {"token": entry.token, "mode": entry.mode, "strength": entry.strength,
+              "apply_to_timesteps": _list_or_none(entry.apply_to_timesteps),
+              "apply_to_layers": _list_or_none(entry.apply_to_layers), "renormalize": entry.renormalize}
+    # Unset optional parameters (a frequency filter's cutoff) fall back to the runtime's defaults.
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in entry.params.items() if v is not None}
+    return {**common, **params}
+
+
+def _list_or_none(value):
+    return None if value is None else list(value)
+
+
+def manifest(recipe, checkpoint: dict | None) -> dict:
+    return {"format": FORMAT, "ckptbend_version": __version__, "recipe_name": recipe.name,
+            "recipe_sha256": recipe.sha256, "description": recipe.description,
+            "checkpoint": checkpoint, "dynamic": dynamic_part(recipe)}
+
+
+def write_companion(recipe, folder: Path, checkpoint: dict | None = None) -> None:
+    """Fill the empty or new `folder` with the companion of `recipe` (which must have dynamic sections).
+
+    checkpoint: what the companion belongs to, e.g. {"file": "x.safetensors", "source": ...,
+    "source_sha256": ...}; None for `ckptbend emit` without a bake.
+    """
+    if not recipe.has_dynamic:
+        raise CkptbendError(f"recipe {recipe.name!r} has no [sag], [slothful] or [[bending]] section; "
+                            "there is nothing to put in a companion")
+    folder.mkdir(parents=True, exist_ok=True)
+    runtime = folder / "runtime"
+    runtime.mkdir(exist_ok=True)
+    for name in RUNTIME_FILES:
+        shutil.copyfile(RUNTIME_DIR / name, runtime / name)
+    data = manifest(recipe, checkpoint)
+    (folder / "companion.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "recipe.toml").write_text(recipe.canonical(), encoding="utf-8")
+    (folder / "pyproject.toml").write_text(_pyproject(recipe), encoding="utf-8")
+    (folder / "__init__.py").write_text(INIT_TEMPLATE.format(name=recipe.name, sha=recipe.sha256), encoding="utf-8")
+
+
+def _pyproject(recipe) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", recipe.name.lower()).strip("-") or "recipe"
+    description = recipe.description or f"Sampling-time part of the ckptbend recipe {recipe.name}"
+    return (
+        "# ComfyUI registry metadata (https://docs.comfy.org/registry): publish this folder as a node pack.\n"
+        "[project]\n"
+        f"name = {json.dumps('ckptbend-' + slug)}\n"
+        f"version = \"1.0.0\"\n"
+        f"description = {json.dumps(description, ensure_ascii=False)}\n"
+        "license = { text = \"MIT\" }\n"
+        "dependencies = []   # torch comes with ComfyUI\n"
+        "\n"
+        "[tool.comfy]\n"
+        "PublisherId = \"\"   # your registry publisher id\n"
+        f"DisplayName = {json.dumps('ckptbend: ' + recipe.name, ensure_ascii=False)}\n"
+        "Icon = \"\"\n"
+        f"# recipe sha256 {recipe.sha256}\n"
+    )
+
+
+INIT_TEMPLATE = '''"""ckptbend companion for the recipe {name!r} (sha256 {sha}).
+
+The sampling-time part of the recipe (SAG, Slothful Attention, Attention Bending), which cannot be
+baked into weights. Needs torch; diffusers only for apply(). Generated by ckptbend; self-contained.
+
+diffusers:
+    import sys; sys.path.insert(0, "<folder that holds this one>")
+    import <this folder's name> as companion
+    session = companion.apply(pipe)         # phase=1 records bending maps without changing the image
+    image = pipe("a photo at (sunset)").images[0]
+    companion.save_maps(session, "maps.safetensors")   # then: ckptbend maps maps.safetensors -o maps/
+    companion.remove(pipe)
+
+ComfyUI: copy this folder into ComfyUI/custom_nodes/; the node is "ckptbend: {name}".
+"""
+
+import json as _json
+import pathlib as _pathlib
+import struct as _struct
+
+from .runtime import comfy_host as _comfy_host
+from .runtime import diffusers_host as _diffusers_host
+from .runtime.maps import load_maps, save_maps  # noqa: F401  (public API)
+
+MANIFEST = _json.loads((_pathlib.Path(__file__).with_name("companion.json")).read_text(encoding="utf-8"))
+RECIPE_NAME = MANIFEST["recipe_name"]
+RECIPE_SHA256 = MANIFEST["recipe_sha256"]
+CHECKPOINT = MANIFEST["checkpoint"]
+DYNAMIC = MANIFEST["dynamic"]
+
+
+def apply(pipe, *, phase=2, record_maps=None):
+    """Install the recipe's sampling-time techniques on a diffusers pipeline; returns the session
+    (session.maps holds recorded bending maps). Undo with remove(pipe)."""
+    return _diffusers_host.apply(pipe, DYNAMIC, phase=phase, record_maps=record_maps)
+
+
+def remove(pipe):
+    """Restore the pipeline exactly as it was before apply()."""
+    _diffusers_host.remove(pipe)
+
+
+def matches(checkpoint_path):
+    """Whether a .safetensors file was baked from this recipe (its ckptbend.recipe_sha256 metadata)."""
+    with open(checkpoint_path, "rb") as f:
+        (size,) = _struct.unpack("<Q", f.read(8))
+        header = _json.loads(f.read(size))
+    return header.get("__metadata__", {{}}).get("ckptbend.recipe_sha256") == RECIPE_SHA256
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _comfy_host.node_class_mappings(DYNAMIC, RECIPE_NAME, RECIPE_SHA256)
+'''
+
+
+def emit(recipe, target: Path, *, force: bool = False, checkpoint: dict | None = None) -> Path:
+    """Write the companion of `recipe` as the folder `target`, atomically (a temporary folder beside
+    it, renamed into place when complete)."""
+    from .bake import atomic_output   # bake imports this module
+
+    if not target.parent.is_dir():
+        raise CkptbendError(f"{target.parent}: no such folder")
+    if target.exists() and not force:
+        raise CkptbendError(f"{target}: already exists (use --force to replace it)")
+    if target.exists() and not target.is_dir():
+        raise CkptbendError(f"{target}: exists and is not a folder; refusing to replace it with a companion")
+    with atomic_output(target, is_dir=True) as tmp:
+        write_companion(recipe, tmp, checkpoint)
+    return target

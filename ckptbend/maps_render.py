@@ -1,0 +1,87 @@
+"""Render stored attention-bending maps (runtime/maps.py files) as PNG heatmap grids.
+
+One PNG per token: a row per sampling step, a column per cross-attention layer, and in each cell
+the original map (left) beside the bent one (right), both on the same colour scale so a move, a
+blur or a mask is visible at a glance. Video maps show their first frame.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .errors import CkptbendError
+from .runtime.maps import load_maps
+
+# Anchors of a dark-to-bright colour ramp (close to matplotlib's "inferno"), interpolated linearly.
+RAMP = torch.tensor([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
+                     [245, 125, 21], [250, 193, 39], [252, 255, 164]], dtype=torch.float32)
+CELL = 96          # pixels per map side
+GAP = 4
+LABEL = 18         # pixels for the row / column labels
+
+
+def colorize(values: torch.Tensor) -> torch.Tensor:
+    """values in [0, 1], any shape → uint8 RGB with a trailing channel axis."""
+    x = values.clamp(0, 1) * (len(RAMP) - 1)
+    lo = x.floor().long().clamp(max=len(RAMP) - 2)
+    frac = (x - lo).unsqueeze(-1)
+    return (RAMP[lo] * (1 - frac) + RAMP[lo + 1] * frac).round().to(torch.uint8)
+
+
+def _frame(t: torch.Tensor) -> torch.Tensor:
+    return t[0] if t.dim() == 3 else t
+
+
+def _tile(original: torch.Tensor, bent: torch.Tensor) -> Image.Image:
+    a, b = _frame(original).float(), _frame(bent).float()
+    lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+    span = float(hi - lo) or 1.0
+    pair = Image.new("RGB", (2 * CELL + GAP, CELL), "white")
+    for i, m in enumerate((a, b)):
+        rgb = colorize((m - lo) / span).numpy()
+        img = Image.fromarray(rgb, "RGB").resize((CELL, CELL), Image.NEAREST)
+        pair.paste(img, (i * (CELL + GAP), 0))
+    return pair
+
+
+def render(records: list[dict], out_dir: Path) -> list[Path]:
+    """Write one PNG per token into out_dir (created); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for token in dict.fromkeys(r["token"] for r in records):
+        mine = [r for r in records if r["token"] == token]
+        steps = sorted({r["step"] for r in mine})
+        layers = sorted({r["layer"] for r in mine})
+        cell_w, cell_h = 2 * CELL + GAP, CELL
+        sheet = Image.new("RGB", (LABEL * 4 + len(layers) * (cell_w + GAP), LABEL + len(steps) * (cell_h + GAP)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for c, layer in enumerate(layers):
+            draw.text((LABEL * 4 + c * (cell_w + GAP), 2), f"layer {layer}: original | bent", fill="black")
+        for r_i, step in enumerate(steps):
+            draw.text((2, LABEL + r_i * (cell_h + GAP) + cell_h // 2), f"step {step}", fill="black")
+        # Several records for one (step, layer) (a second-order sampler's two calls): the last one.
+        cells = {(r["step"], r["layer"]): r for r in mine}
+        for (step, layer), r in cells.items():
+            x = LABEL * 4 + layers.index(layer) * (cell_w + GAP)
+            y = LABEL + steps.index(step) * (cell_h + GAP)
+            sheet.paste(_tile(r["original"], r["bent"]), (x, y))
+        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '_', token) or 'token'}.png"
+        sheet.save(path)
+        written.append(path)
+    return written
+
+
+def render_file(maps_path: Path, out_dir: Path) -> list[Path]:
+    try:
+        records = load_maps(maps_path)
+    except FileNotFoundError:
+        raise CkptbendError(f"{maps_path}: no such file") from None
+    except ValueError as e:
+        raise CkptbendError(str(e)) from None
+    if not records:
+        raise CkptbendError(f"{maps_path}: holds no maps")
+    return render(records, out_dir)
