@@ -7,6 +7,7 @@ the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ck
     <folder>/companion.json       recipe name and hash, the checkpoint it belongs to, the dynamic values
     <folder>/recipe.toml          the whole recipe, canonical form
     <folder>/pyproject.toml       ComfyUI registry metadata, so the folder can be published as a node pack
+    <folder>/workflow_api.json    a ComfyUI workflow (API format): load the checkpoint, apply the node, sample
     <folder>/runtime/*.py         verbatim copies of ckptbend/runtime (torch + stdlib only)
 """
 
@@ -90,7 +91,44 @@ def write_companion(recipe, folder: Path, checkpoint: dict | None = None) -> Non
     (folder / "companion.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "recipe.toml").write_text(recipe.canonical(), encoding="utf-8")
     (folder / "pyproject.toml").write_text(_pyproject(recipe), encoding="utf-8")
+    workflow = example_workflow(recipe, (checkpoint or {}).get("file", "model.safetensors"))
+    (folder / "workflow_api.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "__init__.py").write_text(INIT_TEMPLATE.format(name=recipe.name, sha=recipe.sha256), encoding="utf-8")
+
+
+EXAMPLE_PROMPT = "a photo of a lake at sunset"
+
+
+def example_workflow(recipe, checkpoint_file: str) -> dict:
+    """ComfyUI's API-format workflow: checkpoint loader → the companion's node → KSampler → save.
+    The node's inputs come from its own INPUT_TYPES, so the example always matches the node."""
+    from .runtime.comfy_host import node_class_mappings
+
+    (node_id, node), = node_class_mappings(dynamic_part(recipe), recipe.name, recipe.sha256)[0].items()
+    words = [b.token for b in recipe.bending]
+    prompt = EXAMPLE_PROMPT + "".join(f", {w}" for w in words if w not in EXAMPLE_PROMPT.split())
+    links = {"MODEL": ["1", 0], "CLIP": ["1", 1]}
+    inputs = {}
+    for name, (kind, *options) in node.INPUT_TYPES()["required"].items():
+        if kind in links:
+            inputs[name] = links[kind]
+        elif name == "bending_prompt":
+            inputs[name] = prompt                       # the words to bend, as the text encoder sees them
+        else:
+            inputs[name] = options[0]["default"] if options else kind[0]
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_file}},
+        "2": {"class_type": node_id, "inputs": inputs},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["2", 0],
+                                                   "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "ckptbend"}},
+    }
 
 
 def _pyproject(recipe) -> str:

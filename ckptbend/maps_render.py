@@ -54,7 +54,7 @@ def render(records: list[dict], out_dir: Path) -> list[Path]:
     written = []
     for token in dict.fromkeys(r["token"] for r in records):
         mine = [r for r in records if r["token"] == token]
-        steps = sorted({r["step"] for r in mine})
+        steps = sorted({r["step"] for r in mine}, key=lambda s: (s is None, s or 0))   # None: outside the schedule
         layers = sorted({r["layer"] for r in mine})
         cell_w, cell_h = 2 * CELL + GAP, CELL
         sheet = Image.new("RGB", (LABEL * 4 + len(layers) * (cell_w + GAP), LABEL + len(steps) * (cell_h + GAP)), "white")

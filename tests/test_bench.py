@@ -14,3 +14,11 @@ def test_bench_smoke_run(tmp_path):
     for line in ("ckptbend bake", "naive load/scale/save", "ratio ckptbend bake / cp:", "sweep of 4 outputs"):
         assert line in r.stdout
     assert list(tmp_path.iterdir()) == [], "the temporary folder must be cleaned up"
+
+
+def test_runtime_bench_smoke_run():
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench-runtime", "--model", "tiny", "--size", "64",
+                        "--steps", "2", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in ("plain CFG", "SAG (scale 0.5, blur 2.0)", "bending (translate 'sunset')", "Slothful (defaults)"):
+        assert line in r.stdout

@@ -314,13 +314,33 @@ def bend_probs(probs: torch.Tensor, token_indices: Mapping[str, Sequence[int]], 
     return out
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, n, heads·d] → [b·heads, n, d], batch-major (row i·heads + h is item i, head h)."""
+    b, n, inner = x.shape
+    return x.reshape(b, n, heads, inner // heads).transpose(1, 2).reshape(b * heads, n, inner // heads)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias) in float32, [b·heads, S, T], from projected q [b, S, heads·d] and
+    k [b, T, heads·d]. scale defaults to d^−½; bias is an additive mask broadcastable to the result
+    (diffusers' Attention.prepare_attention_mask gives [b·heads, 1, T]: 0 keeps, −10000 drops)."""
+    d = q.shape[-1] // heads
+    scale = d ** -0.5 if scale is None else scale
+    logits = torch.bmm(_split_heads(q, heads).float(), _split_heads(k, heads).float().transpose(1, 2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return torch.softmax(logits, dim=-1)
+
+
 def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, entries: Iterable = (),
                            token_indices: Mapping[str, Sequence[int]] | None = None,
                            grid_hw: tuple[int, int] | None = None, step_index: int | None = None,
                            layer_index: int | None = None, frames: int | None = None,
                            scale: float | None = None, bend_batch: Sequence[int] | None = None,
                            apply: bool = True,
-                           observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                           observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Explicit attention with bent probabilities: q [b, S, heads·d], k, v [b, T, heads·d] (projected)
     → out [b, S, heads·d] before to_out.
 
@@ -328,15 +348,13 @@ def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     (the conditional ones; default all), then times V in v's dtype. grid_hw defaults to the most square
     factorisation (pass grid_for(S, latent_hw) when the latent is known). Phase 1 (visualisation):
     apply=False computes the bent maps, hands (original, bent) to observe, and uses the original.
+    bias: an additive mask on the logits (attention_probs).
     """
     b, n_q, inner = q.shape
     n_kv = k.shape[1]
     d = inner // heads
-    qh = q.reshape(b, n_q, heads, d).transpose(1, 2).reshape(b * heads, n_q, d)
-    kh = k.reshape(b, n_kv, heads, d).transpose(1, 2).reshape(b * heads, n_kv, d)
-    vh = v.reshape(b, n_kv, heads, d).transpose(1, 2).reshape(b * heads, n_kv, d)
-    scale = d ** -0.5 if scale is None else scale
-    probs = torch.softmax(torch.bmm(qh.float(), kh.float().transpose(1, 2)) * scale, dim=-1)
+    probs = attention_probs(q, k, heads, scale, bias)
+    vh = _split_heads(v, heads)
     bent = probs
     entries = list(entries)
     if entries:

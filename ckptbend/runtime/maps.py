@@ -36,7 +36,9 @@ def save_maps(source, path) -> int:
             entries[f"{i}.{kind}"] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
             blobs.append(data)
             offset += len(data)
-    index = [{"token": r["token"], "layer": int(r["layer"]), "step": int(r["step"])} for r in records]
+    # step is None for a model call outside the scheduler's timesteps.
+    index = [{"token": r["token"], "layer": int(r["layer"]), "step": None if r["step"] is None else int(r["step"])}
+             for r in records]
     header = {"__metadata__": {"format": FORMAT, "records": json.dumps(index)}, **entries}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)                     # keeps tensor data 8-byte aligned

@@ -1,0 +1,559 @@
+"""diffusers host: wire SAG, Slothful Attention and Attention Bending into a pipeline at sampling time.
+
+Imports only the standard library, torch and the sibling runtime modules: this file is copied
+verbatim into the companion folder, which a ComfyUI host imports without diffusers. diffusers'
+objects are duck-typed: attention processors are callables
+`(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs)`,
+attention modules are found by `named_modules()`. The math lives in sag.py, slothful.py and
+bending.py; this file only wires it in.
+
+    session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})
+    latents = pipe(prompt="a romantic (kiss) at (sunset)", ...)
+    session.maps      # recorded cross-attention maps (phase 1, or record_maps=True)
+    remove(pipe)      # the pipeline exactly as it was
+
+Wiring. Every attn1 / attn2 of the model's transformer blocks gets a processor that holds the
+original processor object and calls it whenever it has nothing to do (output bit-identical). A
+forward pre-hook on the model (pipe.unet or pipe.transformer) describes each call: latent size,
+batch layout, scheduler step and ᾱ. SAG adds a pre-hook on the UNet's mid_block (its real grid)
+and a forward hook on the UNet (the correction). Bending wraps pipe.encode_prompt (an instance
+attribute) to strip the prompt's "(word)" marks and find the words' token columns.
+
+Conventions:
+- Batch layout: diffusers' CFG batches are [uncond…, cond…]: a call whose batch is twice the last
+  encoded prompt's (or, before any prompt, an even batch while pipe.do_classifier_free_guidance).
+  WanPipeline runs CFG as two calls of the prompt's batch: a call is conditional when its
+  encoder_hidden_states equal the encoded prompt's. Without CFG, SAG is skipped (one warning) and
+  bending acts on every item.
+- Step index (bending's apply_to_timesteps, map records): the position of this model call in
+  scheduler.timesteps (the scheduler's own step_index when it keeps one, else the first matching
+  timestep), divided by scheduler.order. Second-order schedulers (Heun: order 2, timesteps
+  [t0, t1, t1, t2, t2, …]) call the model twice per step; both calls get that step's index.
+- ᾱ of a call: from the scheduler's own sigma for it when the scheduler keeps one (Euler, DPM++,
+  Heun: ᾱ = 1/(1+σ²), the value the scheduler itself turns the prediction into x0 with, Karras
+  sigmas included), else scheduler.alphas_cumprod[t] (DDIM, DDPM). The UNet's input is variance-
+  preserving in diffusers (scale_model_input makes it so). Slothful's sigma = sqrt((1−ᾱ)/ᾱ).
+- SAG's extra UNet call runs with the uncond halves of every batched argument. SAG itself (no
+  recording, no recursion) and bending (no conditional item) stay out of it; Slothful stays on,
+  as in ComfyUI, whose extra call runs the patched model. SAG's map is the unreduced attention
+  even where Slothful reduces that site (keep_middle false).
+- Maps: a record is {"token", "layer", "step", "original", "bent"}; original/bent are float32 CPU
+  maps [h, w] (video [frames, h, w]): the word's columns averaged over its sub-tokens, the heads and
+  the conditional items. step is None for a model call outside the scheduler's timesteps.
+- Prompt lists: each prompt is searched; the words must sit at the same columns in all of them
+  (else ValueError). Words are located with pipe.tokenizer (SDXL's two CLIP tokenizers agree);
+  marks are also removed from prompt_2, but the columns come from prompt.
+- Explicit attention (Slothful's reduced case, Bending) follows diffusers' AttnProcessor2_0 (and
+  WanAttnProcessor) for a transformer block's attention: 3-D input, no spatial / group norm, no
+  image key/values (Wan I2V), softmax scale d^−½. Other attentions are left to their processor.
+  Slothful leaves calls with an attention mask alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from . import bending, sag, slothful
+
+SESSION_ATTR = "_ckptbend_session"
+DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
+BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}   # ComfyUI's names
+EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
+SAG_SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+def apply(pipe, dynamic: Mapping, *, phase: int = 2, record_maps: bool | None = None) -> "Session":
+    """Patch `pipe` with the recipe's sampling-time part; returns the Session (also pipe._ckptbend_session).
+
+    phase 2: bending changes the output; phase 1: bent maps are computed and recorded, the output is
+    bit-identical to no bending. record_maps (default: phase == 1) records maps at every bent call.
+    """
+    if getattr(pipe, SESSION_ATTR, None) is not None:
+        raise ValueError("ckptbend is already applied; call remove first")
+    if phase not in (1, 2):
+        raise ValueError(f"phase must be 1 (visualise only) or 2 (bend), got {phase!r}")
+    model = _denoiser(pipe)
+    sag_params, slothful_params, entries = _parse(dynamic)
+    if (sag_params or slothful_params) and not hasattr(model, "mid_block"):
+        raise ValueError(f"SAG and Slothful Attention need a UNet; this pipeline's model is a {type(model).__name__}")
+    session = Session(pipe, model, sag_params, slothful_params, entries, phase,
+                      phase == 1 if record_maps is None else bool(record_maps))
+    try:
+        session._install()
+    except BaseException:
+        session._uninstall()
+        raise
+    setattr(pipe, SESSION_ATTR, session)
+    return session
+
+
+def remove(pipe) -> None:
+    """Undo apply(): the original processor objects, hooks and attributes; a no-op on an unpatched pipe."""
+    session = getattr(pipe, SESSION_ATTR, None)
+    if session is None:
+        return
+    session._uninstall()
+    delattr(pipe, SESSION_ATTR)
+
+
+# --- the recipe's dynamic part ---------------------------------------------------------------------
+
+def _parse(dynamic: Mapping):
+    """(SAG parameters or None, Slothful parameters or None, [BendSpec]); None / absent = off."""
+    if not isinstance(dynamic, Mapping):
+        raise ValueError(f"dynamic must be a mapping, got {type(dynamic).__name__}")
+    unknown = sorted(set(dynamic) - set(DYNAMIC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown dynamic technique(s): {', '.join(map(str, unknown))} "
+                         f"(known: {', '.join(DYNAMIC_KEYS)})")
+    for key in ("sag", "slothful"):
+        if dynamic.get(key) is not None and not isinstance(dynamic[key], Mapping):
+            raise ValueError(f"{key} must be a mapping of parameters, got {type(dynamic[key]).__name__}")
+    sag_params = None
+    if dynamic.get("sag") is not None:
+        extra = sorted(set(dynamic["sag"]) - set(sag.SAG_DEFAULTS))
+        if extra:
+            raise ValueError(f"unknown SAG parameter(s): {', '.join(map(str, extra))}")
+        sag_params = {**sag.SAG_DEFAULTS, **dynamic["sag"]}
+        if sag_params["scale"] == 0:          # nothing to do: no recording, no extra call
+            sag_params = None
+    slothful_params = None
+    if dynamic.get("slothful") is not None:
+        slothful_params = slothful.resolve_params(dynamic["slothful"])
+    entries = dynamic.get("bending") or []
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"bending must be a list of entries, got {type(entries).__name__}")
+    specs = []
+    for entry in entries:
+        try:
+            specs.append(bending.as_spec(entry))
+        except TypeError as e:                # a missing field or a non-mapping
+            raise ValueError(f"bad bending entry {entry!r}: {e}") from None
+    return sag_params, slothful_params, specs
+
+
+def _denoiser(pipe):
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            return model
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+# --- one model call --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Call:
+    """What the processors need to know about the model call in progress."""
+    latent_hw: tuple[int, int]          # the model input's (H, W)
+    token_hw: tuple[int, int]           # its finest image-token grid: (H, W) / patch size
+    frames: int | None                  # video latents [b, c, frames, H, W]
+    cfg: bool                           # a batched [uncond…, cond…] call
+    cond_rows: list[int]                # conditional batch items
+    step: int | None
+    alpha_cumprod: float | None         # only computed for SAG / Slothful
+    mid_hw: tuple[int, int] | None = None      # SAG: the UNet's middle-block grid
+    sag_probs: torch.Tensor | None = None      # SAG: unconditional probabilities at SAG_SITE
+    sag_heads: int | None = None
+
+
+def _position(scheduler, t: float) -> int | None:
+    """This model call's index in scheduler.timesteps. The scheduler's own step_index when it keeps
+    one and it matches t (schedulers that repeat timesteps, Heun, need it), else the first match."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    timesteps = torch.as_tensor(timesteps).detach().flatten().double().cpu()
+    index = getattr(scheduler, "step_index", None)
+    if index is not None and index < len(timesteps) and abs(float(timesteps[index]) - t) < 1e-3:
+        return int(index)
+    hits = ((timesteps - t).abs() < 1e-3).nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
+def _alpha_cumprod(scheduler, t: float, position: int | None) -> float:
+    """ᾱ of this call: 1/(1+σ²) from the scheduler's sigma for it, else alphas_cumprod[t]."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and position is not None and position < len(sigmas):
+        return 1.0 / (1.0 + float(sigmas[position]) ** 2)
+    return float(scheduler.alphas_cumprod[int(round(t))])
+
+
+def _patch_size(model) -> tuple[int, int, int]:
+    """(frames, rows, columns) of one image token: 1 for a UNet, (p, p) or (t, h, w) for a DiT."""
+    size = getattr(model.config, "patch_size", None) or 1
+    if not isinstance(size, (tuple, list)):
+        return 1, size, size
+    return (1, *size) if len(size) == 2 else tuple(size)
+
+
+def _first_rows(value, batch: int, keep: int):
+    """value with every tensor of `batch` items cut to its first `keep` (nested dicts, lists, tuples)."""
+    if torch.is_tensor(value):
+        return value[:keep] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _first_rows(v, batch, keep) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_first_rows(v, batch, keep) for v in value)
+    return value
+
+
+def _model_input(args, kwargs):
+    return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
+
+def _prediction(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+# --- explicit attention (diffusers' AttnProcessor2_0, with two seams) ---------------------------
+
+def _plain(attn, hidden_states) -> bool:
+    """A transformer block's attention: what attention() reproduces."""
+    return (hidden_states.ndim == 3 and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "group_norm", None) is None and getattr(attn, "add_k_proj", None) is None)
+
+
+def _qk_norm(norm, x, heads):
+    """norm_q / norm_k: a norm sized for all heads (WanAttention) acts on [b, n, heads·d], one sized
+    for a head (Attention) on each head."""
+    if norm is None:
+        return x
+    size = tuple(getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None) or ())
+    if size and size[-1] == x.shape[-1]:
+        return norm(x)
+    return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
+
+
+def _sdpa(q, k, v, heads, bias=None):
+    """scaled_dot_product_attention on [b, n, heads·d], as AttnProcessor2_0 calls it."""
+    b = q.shape[0]
+    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
+    if bias is not None:
+        bias = bias.view(b, heads, -1, bias.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).flatten(2)
+
+
+def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=_sdpa):
+    """AttnProcessor2_0 (WanAttnProcessor) for a transformer block's attention (_plain), with the
+    key/value inputs given separately (Slothful passes reduced ones; the query keeps every token)
+    and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending)."""
+    residual = hidden_states
+    bias = None
+    if attention_mask is not None:
+        bias = attn.prepare_attention_mask(attention_mask, k_in.shape[1], hidden_states.shape[0])
+    q = _qk_norm(getattr(attn, "norm_q", None), attn.to_q(hidden_states), attn.heads)
+    k = _qk_norm(getattr(attn, "norm_k", None), attn.to_k(k_in), attn.heads)
+    v = attn.to_v(v_in)
+    out = attend(q, k, v, attn.heads, bias).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))            # linear, dropout
+    if getattr(attn, "residual_connection", False):
+        out = out + residual
+    return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+def _word_map(probs, heads, rows, columns, shape):
+    """A word's map: its columns of probs [b·heads, S, T] averaged over sub-tokens, heads and `rows`."""
+    per_item = probs.unflatten(0, (-1, heads))[rows]               # [rows, heads, S, T]
+    return per_item[..., columns].mean(dim=(0, 1, 3)).reshape(shape).float().cpu()
+
+
+# --- the session -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    name: str
+    module: object
+    cross: bool                 # attn2: text cross-attention
+    block_kind: str | None      # UNet: "input" | "middle" | "output"
+    layer: int | None           # cross-attention sites: position in the model's order
+
+
+def _sites(model) -> list[_Site]:
+    """Every attn1 / attn2 of the model's transformer blocks, in execution order (UNet: down, mid, up)."""
+    found = [(n, m) for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in ("attn1", "attn2") and hasattr(m, "processor")]
+    found.sort(key=lambda nm: EXECUTION_ORDER.get(nm[0].split(".")[0], 0))      # stable
+    sites, layer = [], 0
+    for name, module in found:
+        cross = name.endswith("attn2")
+        sites.append(_Site(name, module, cross, BLOCK_KINDS.get(name.split(".")[0]), layer if cross else None))
+        layer += cross
+    return sites
+
+
+class Session:
+    """What apply() installed on one pipeline, and what it records: `maps` (see the module docstring;
+    records accumulate over pipeline calls, clear the list between runs if needed)."""
+
+    def __init__(self, pipe, model, sag_params, slothful_params, entries, phase, record_maps):
+        self.pipe, self.model = pipe, model
+        self.sag, self.slothful, self.entries = sag_params, slothful_params, entries
+        self.phase, self.record_maps = phase, record_maps
+        self.maps: list[dict] = []
+        self.token_indices: dict[str, list[int]] | None = None   # the last encoded prompt's word columns
+        self.prompt_embeds: torch.Tensor | None = None           # the last encoded prompt (conditional)
+        self.call: _Call | None = None
+        self._undo: list = []
+        self._in_sag_call = False
+        self._warned_no_cfg = False
+
+    # installing -------------------------------------------------------------------------------
+
+    def _install(self):
+        for site in _sites(self.model):
+            original = site.module.processor
+            site.module.set_processor(_Processor(self, site, original))
+            self._undo.append(lambda m=site.module, p=original: m.set_processor(p))
+        hooks = [self.model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+                 self.model.register_forward_hook(self._after_model, with_kwargs=True)]
+        if self.sag:
+            hooks.append(self.model.mid_block.register_forward_pre_hook(self._before_mid, with_kwargs=True))
+        self._undo += [h.remove for h in hooks]
+        if hasattr(self.pipe, "encode_prompt"):
+            self._wrap_encode_prompt()
+
+    def _uninstall(self):
+        while self._undo:
+            self._undo.pop()()
+        self.call = None
+
+    def _wrap_encode_prompt(self):
+        """pipe.encode_prompt as an instance attribute: with bending, strip the marks and locate the
+        words first (errors come before any denoising); always, keep the conditional embeddings."""
+        pipe = self.pipe
+        had, before = "encode_prompt" in vars(pipe), vars(pipe).get("encode_prompt")
+        inner = pipe.encode_prompt
+        signature = inspect.signature(inner)
+
+        def encode_prompt(*args, **kwargs):
+            if self.entries:
+                bound = signature.bind(*args, **kwargs)
+                prompt = bound.arguments.get("prompt")
+                if prompt is None:
+                    raise ValueError("Attention Bending finds its words in the prompt: call the pipeline "
+                                     "with prompt=..., not with prompt_embeds alone")
+                for name in ("prompt", "prompt_2"):
+                    if bound.arguments.get(name) is not None:
+                        bound.arguments[name] = _unmark(bound.arguments[name])
+                self.token_indices = self._locate(bound.arguments["prompt"],
+                                                  bound.arguments.get("clean_caption", False))
+                args, kwargs = bound.args, bound.kwargs
+            result = inner(*args, **kwargs)
+            self.prompt_embeds = result[0]            # prompt_embeds first, in every diffusers pipeline
+            return result
+
+        pipe.encode_prompt = encode_prompt
+        self._undo.append(lambda: setattr(pipe, "encode_prompt", before) if had else delattr(pipe, "encode_prompt"))
+
+    def _locate(self, prompt, clean_caption=False) -> dict[str, list[int]]:
+        """word → its token columns, the same in every prompt of a list (else ValueError)."""
+        tokenizer = self.pipe.tokenizer
+        # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.
+        prepare = getattr(self.pipe, "_text_preprocessing", None)
+
+        def ids(text, special=True):
+            if prepare is not None:
+                text = prepare(text, clean_caption=clean_caption)[0]
+            return tokenizer(text, add_special_tokens=special, truncation=True,
+                             max_length=tokenizer.model_max_length)["input_ids"]
+
+        words = list(dict.fromkeys(e.token for e in self.entries))
+        found = [bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
+                 for text in ([prompt] if isinstance(prompt, str) else prompt)]
+        if any(f != found[0] for f in found):
+            raise ValueError("Attention Bending needs its words at the same token positions in every prompt "
+                             f"of a batch; got {found}")
+        return found[0]
+
+    # hooks --------------------------------------------------------------------------------------
+
+    def _before_model(self, module, args, kwargs):
+        if self._in_sag_call:                 # SAG's extra call keeps this step's description
+            return None
+        x = _model_input(args, kwargs)
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        t = float(torch.as_tensor(t).flatten()[0])
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        cfg, cond_rows = self._layout(x.shape[0], text)
+        scheduler = self.pipe.scheduler
+        position = _position(scheduler, t)
+        frame_patch, row_patch, column_patch = _patch_size(self.model)
+        height, width = x.shape[-2:]
+        self.call = _Call(
+            latent_hw=(height, width), token_hw=(height // row_patch, width // column_patch),
+            frames=x.shape[2] // frame_patch if x.ndim == 5 else None, cfg=cfg, cond_rows=cond_rows,
+            step=None if position is None else position // getattr(scheduler, "order", 1),
+            alpha_cumprod=_alpha_cumprod(scheduler, t, position) if self.sag or self.slothful else None)
+        return None
+
+    def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
+        """(batched CFG?, the conditional rows) of a model call."""
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None)   # a property during a pipeline call
+        prompt = self.prompt_embeds
+        n = None if prompt is None else prompt.shape[0]
+        if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
+            return True, list(range(batch // 2, batch))
+        if flag is True and batch == n and torch.is_tensor(text):     # CFG in two calls (WanPipeline)
+            same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
+            return False, list(range(batch)) if same else []
+        return False, list(range(batch))
+
+    def _before_mid(self, module, args, kwargs):
+        if self.call is not None:
+            self.call.mid_hw = tuple(_model_input(args, kwargs).shape[-2:])
+        return None
+
+    def _after_model(self, module, args, kwargs, output):
+        if self._in_sag_call:
+            return None
+        try:
+            return self._sag(module, args, kwargs, output) if self.sag and self.call is not None else None
+        finally:
+            self.call = None                  # the processors only act inside a model call
+
+    def _sag(self, module, args, kwargs, output):
+        """Add SAG's δ to both halves of the prediction (it lands on the CFG result for any guidance)."""
+        call = self.call
+        if not call.cfg:
+            if not self._warned_no_cfg:
+                warnings.warn("SAG needs classifier-free guidance (an unconditional half); skipped", stacklevel=2)
+                self._warned_no_cfg = True
+            return None
+        if call.sag_probs is None:
+            return None
+        x, pred = _model_input(args, kwargs), _prediction(output)
+        half = x.shape[0] // 2
+
+        def uncond_pred_at(x_degraded):
+            return self._uncond_call(module, args, kwargs, x_degraded, half)
+
+        delta = sag.sag_prediction_delta(
+            x[:half], pred[:half], call.sag_probs, call.sag_heads, uncond_pred_at, call.alpha_cumprod,
+            self.sag["scale"], self.sag["blur_sigma"],
+            getattr(self.pipe.scheduler.config, "prediction_type", "epsilon"), mid_hw=call.mid_hw)
+        if delta is None:
+            return None
+        pred = pred + torch.cat([delta, delta]).to(pred.dtype)
+        return (pred, *output[1:]) if isinstance(output, tuple) else dataclasses.replace(output, sample=pred)
+
+    def _uncond_call(self, module, args, kwargs, x, half):
+        """The model on x with the unconditional halves of every batched argument, SAG and bending off."""
+        batch = 2 * half
+        outer = self.call
+        self.call = dataclasses.replace(outer, cfg=False, cond_rows=[])
+        self._in_sag_call = True
+        try:
+            if args:
+                out = module(x, *_first_rows(args[1:], batch, half), **_first_rows(kwargs, batch, half))
+            else:
+                out = module(**{**_first_rows(kwargs, batch, half), "sample": x})
+        finally:
+            self._in_sag_call = False
+            self.call = outer
+        return _prediction(out)
+
+    # attention ------------------------------------------------------------------------------------
+
+    def self_attention(self, site, attn, hidden_states, encoder_hidden_states, attention_mask, original):
+        call = self.call
+        if self.sag and site.name == SAG_SITE and call.cfg and not self._in_sag_call:
+            half = hidden_states[: hidden_states.shape[0] // 2]     # the unconditional items
+            q = _qk_norm(getattr(attn, "norm_q", None), attn.to_q(half), attn.heads)
+            k = _qk_norm(getattr(attn, "norm_k", None), attn.to_k(half), attn.heads)
+            call.sag_probs, call.sag_heads = bending.attention_probs(q, k, attn.heads), attn.heads
+        if (self.slothful is None or encoder_hidden_states is not None or attention_mask is not None
+                or not _plain(attn, hidden_states)):
+            return original()
+        k_in, v_in = slothful.slothful_kv(hidden_states, hidden_states, site.block_kind,
+                                          slothful.sigma_from_alpha_cumprod(call.alpha_cumprod),
+                                          attn.heads, call.latent_hw, self.slothful)
+        if k_in is hidden_states and v_in is hidden_states:      # stride ≤ 1 here
+            return original()
+        return attention(attn, hidden_states, k_in, v_in)
+
+    def cross_attention(self, site, attn, hidden_states, encoder_hidden_states, attention_mask, original):
+        call = self.call
+        active = [e for e in self.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
+        if not active or not call.cond_rows or encoder_hidden_states is None or not _plain(attn, hidden_states):
+            return original()
+        if self.token_indices is None:
+            raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+        n_text = encoder_hidden_states.shape[1]
+        for e in active:
+            if max(self.token_indices[e.token]) >= n_text:
+                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        context = encoder_hidden_states
+        if getattr(attn, "norm_cross", None):
+            context = attn.norm_encoder_hidden_states(context)
+        grid = bending.grid_for(hidden_states.shape[1], call.token_hw, call.frames)
+        observe = self._recorder(site, active, attn.heads, grid) if self.record_maps else None
+
+        def attend(q, k, v, heads, bias):
+            return bending.attention_with_bending(
+                q, k, v, heads, active, self.token_indices, grid, call.step, site.layer, call.frames,
+                bend_batch=call.cond_rows, apply=self.phase == 2, observe=observe, bias=bias)
+
+        out = attention(attn, hidden_states, context, context, attention_mask, attend)
+        return out if self.phase == 2 else original()       # phase 1: the maps only
+
+    def _recorder(self, site, active, heads, grid):
+        call = self.call
+        shape = grid if call.frames is None else (call.frames, *grid)
+        words = list(dict.fromkeys(e.token for e in active))
+
+        def observe(probs, bent):
+            for word in words:
+                columns = self.token_indices[word]
+                self.maps.append({"token": word, "layer": site.layer, "step": call.step,
+                                  "original": _word_map(probs, heads, call.cond_rows, columns, shape),
+                                  "bent": _word_map(bent, heads, call.cond_rows, columns, shape)})
+        return observe
+
+
+def _unmark(prompt):
+    """The prompt(s) without the "(word)" marks."""
+    if isinstance(prompt, str):
+        return bending.parse_marked_prompt(prompt)[0]
+    return [bending.parse_marked_prompt(p)[0] for p in prompt]
+
+
+class _Processor:
+    """Stands in for one attention's processor and calls the original object when it has nothing to do.
+
+    Transparent to the host: it takes the original's arguments as they come (Attention passes
+    keywords, WanAttention positions), and diffusers' Attention.forward, which hands a processor only
+    the cross_attention_kwargs that inspect.signature(processor.__call__) names, sees the original's
+    signature (an instance attribute; calling the processor still runs the class's __call__).
+    """
+
+    def __init__(self, session: Session, site: _Site, original):
+        self.session, self.site, self.original = session, site, original
+        self.signature = inspect.signature(original)
+
+        def shown(*args, **kwargs):
+            return self(*args, **kwargs)
+
+        shown.__signature__ = self.signature
+        self.__call__ = shown
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        def original():
+            return self.original(attn, hidden_states, *args, **kwargs)
+
+        session = self.session
+        if session.call is None:              # called outside a model forward
+            return original()
+        given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        run = session.cross_attention if self.site.cross else session.self_attention
+        return run(self.site, attn, hidden_states, given.get("encoder_hidden_states"),
+                   given.get("attention_mask"), original)
