@@ -110,12 +110,12 @@ def example_workflow(recipe, checkpoint_file: str) -> dict:
     links = {"MODEL": ["1", 0], "CLIP": ["1", 1]}
     inputs = {}
     for name, (kind, *options) in node.INPUT_TYPES()["required"].items():
-        if kind in links:
+        if isinstance(kind, str) and kind in links:
             inputs[name] = links[kind]
         elif name == "bending_prompt":
             inputs[name] = prompt                       # the words to bend, as the text encoder sees them
         else:
-            inputs[name] = options[0]["default"] if options else kind[0]
+            inputs[name] = options[0]["default"] if options else kind[0]   # a combo list: its first choice
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_file}},
         "2": {"class_type": node_id, "inputs": inputs},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptbend.companion import RUNTIME_DIR, RUNTIME_FILES, dynamic_part, folder_for
+from ckptbend.companion import RUNTIME_DIR, RUNTIME_FILES, dynamic_part, emit, folder_for
 from ckptbend.recipe import load_recipe, parse_recipe
 from ckptbend.runtime import slothful
 from ckptbend.runtime.bending import BendSpec
@@ -238,3 +238,81 @@ def test_maps_command_rejects_other_files(sd1, tmp_path):
     assert r.returncode == 2 and "not a ckptbend maps file" in r.stderr and "Traceback" not in r.stderr
     r = run("maps", tmp_path / "missing.safetensors", "-o", tmp_path / "png")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+KISS = """schema = 1
+name = "kiss"
+[sag]
+scale = 0.8
+[slothful]
+in_strength = 9.0
+[[bending]]
+token = "sunset"
+mode = "translate"
+translate_x = -0.5
+"""
+
+FRESH_PROCESS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ckptbend":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+import kiss_ckptbend as companion
+
+torch.set_num_threads(1)
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[2])
+pipe.set_progress_bar_config(disable=True)
+session = companion.apply(pipe, record_maps=True)
+latents = pipe("a romantic kiss at (sunset)", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
+               output_type="latent", generator=torch.Generator().manual_seed(0)).images
+companion.save_maps(session, sys.argv[4])
+companion.remove(pipe)
+save_file({"latents": latents.contiguous()}, sys.argv[3])
+"""
+
+
+def test_companion_in_a_fresh_process_gives_the_in_tree_latents(tmp_path):
+    """The emitted folder, imported where ckptbend cannot be, samples exactly like the in-tree adapter;
+    its phase maps render with `ckptbend maps`."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from _pipelines import sd_pipeline, write_clip_tokenizer
+    from ckptbend.runtime import diffusers_host
+
+    sd_pipeline(write_clip_tokenizer(tmp_path / "tokenizer")).save_pretrained(tmp_path / "pipe")
+    recipe = parse_recipe(KISS, "kiss.toml")
+    emit(recipe, tmp_path / "kiss_ckptbend")
+    r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tmp_path, tmp_path / "pipe", tmp_path / "latents.safetensors",
+                        tmp_path / "maps.safetensors"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+        pipe.set_progress_bar_config(disable=True)
+        plain = pipe("a romantic kiss at sunset", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
+                     output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        diffusers_host.apply(pipe, dynamic_part(recipe))
+        in_tree = pipe("a romantic kiss at (sunset)", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
+                       output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        diffusers_host.remove(pipe)
+    finally:
+        torch.set_num_threads(threads)
+    fresh = load_file(tmp_path / "latents.safetensors")["latents"]
+    assert torch.equal(fresh, in_tree)
+    assert not torch.allclose(fresh, plain, atol=1e-3)          # the companion did act
+
+    records = load_maps(tmp_path / "maps.safetensors")
+    assert {(m["step"], m["layer"]) for m in records} == {(s, layer) for s in range(3) for layer in range(7)}
+    assert all(m["token"] == "sunset" and m["original"].shape == m["bent"].shape in {(16, 16), (8, 8)}
+               for m in records)
+    r = run("maps", tmp_path / "maps.safetensors", "-o", tmp_path / "png")
+    assert r.returncode == 0 and (tmp_path / "png" / "sunset.png").is_file(), r.stderr

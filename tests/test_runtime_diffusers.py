@@ -8,30 +8,27 @@ test removes what it applies.
 """
 
 import contextlib
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DPMSolverMultistepScheduler,
+from diffusers import (AutoencoderKLWan, DDIMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler,
                        PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
                        StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline,
                        WanTransformer3DModel)
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                          PreTrainedTokenizerFast, T5Config, T5EncoderModel)
+from transformers import (CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel)
 
 from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
+from _pipelines import SCHEDULER_CONFIG, SIZE, WORDS, clip_text_config, sd_pipeline, tiny_vae, write_clip_tokenizer
 
-WORDS = ["a", "photo", "of", "romantic", "kiss", "at", "sunset", "cat", "on", "the", "beach", "red", "sky"]
 PROMPT = "a romantic kiss at sunset"
 MARKED = "a romantic (kiss) at (sunset)"
 SUNSET = 5                       # <BOS> a romantic kiss at sunset
-SIZE = 16                        # pixels = latent size (VAE scale factor 1)
 STEPS = 3
 SD_CROSS_SITES = 7               # down 1 + 1, mid 1, up 2 + 2
 
@@ -40,51 +37,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # --- tiny real components ------------------------------------------------------------------------
 
-def write_clip_tokenizer(folder, max_length=16):
-    """A CLIP BPE tokenizer: single letters, and merges that make each of WORDS one token (each word's
-    merges grow it from the left; longer words first, so that "at" cannot split "cat")."""
-    vocab, merges = {}, []
-
-    def add(token):
-        vocab.setdefault(token, len(vocab))
-
-    for token in ("<|startoftext|>", "<|endoftext|>"):
-        add(token)
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        add(c)
-        add(c + "</w>")
-    for word in sorted(WORDS, key=len, reverse=True):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            if f"{merged} {part}" not in merges:
-                merges.append(f"{merged} {part}")
-            merged += part
-            add(merged)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
-    assert all(tokenizer.tokenize(w) == [w + "</w>"] for w in WORDS)
-    return tokenizer
-
-
-def clip_text_config(tokenizer, **extra):
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-                          max_position_embeddings=tokenizer.model_max_length, projection_dim=32, **extra)
-
-
-def tiny_vae():
-    return AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                         norm_num_groups=32, sample_size=SIZE)
-
-
-SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                        timestep_spacing="leading")
-
-
 @pytest.fixture(scope="module")
 def clip_tokenizer(tmp_path_factory):
     return write_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
@@ -92,20 +44,7 @@ def clip_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd(clip_tokenizer):
-    """SD 1.x-like: 8 heads everywhere (Slothful's SD 1.x rule), attention at both levels."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
-    text_encoder = CLIPTextModel(clip_text_config(clip_tokenizer)).eval()
-    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(clip_tokenizer)
 
 
 @pytest.fixture(scope="module")
