@@ -142,6 +142,9 @@ def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, sou
                 click.echo(f"# {r.name} → {out}")
             for line in plan.describe():
                 click.echo(line)
+            if r.has_dynamic:
+                from .companion import folder_for
+                click.echo(f"# companion for the sampling-time sections: {folder_for(out)}/")
             click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
         return
     for r, out in jobs:
