@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import __version__, hash_cache
 from .arithmetic import scale_bytes
-from .companion import emit, folder_for
+from .companion import check_target, emit, folder_for
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
 from .plan import Edit, Plan, make_plan
@@ -295,10 +295,7 @@ def check_companion_path(recipe, input_path: Path, output_path: Path, force: boo
     target = folder_for(output_path)
     if input_path.resolve().is_relative_to(target.resolve()):
         raise CkptbendError(f"{target}: the companion folder would replace the input; choose another output name")
-    if target.exists() and not force:
-        raise CkptbendError(f"{target}: companion folder already exists (use --force to replace it)")
-    if target.exists() and not target.is_dir():
-        raise CkptbendError(f"{target}: exists and is not a folder; cannot write the companion there")
+    check_target(target, force)
     return target
 
 

@@ -226,7 +226,6 @@ def test_maps_file_round_trip_and_render(tmp_path):
     y, x = divmod(peak, 10)
     lo = min(rec["original"].min(), rec["bent"].min())
     hi = max(rec["original"].max(), rec["bent"].max())
-    assert float(rec["bent"].max()) == float(hi) or float(rec["original"].max()) == float(hi)
     px = sheet.getpixel((LABEL * 4 + CELL + GAP + int((x + 0.5) * CELL / 10), LABEL + int((y + 0.5) * CELL / 6)))
     from ckptbend.maps_render import colorize
     expected = tuple(int(v) for v in colorize((rec["bent"].max() - lo) / (hi - lo)))
