@@ -86,7 +86,7 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
       ckptbend bake a.toml b.toml model.safetensors -o variants/
       ckptbend bake base.toml model.safetensors -o grid/ --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1
     """
-    from .bake import TMP_SUFFIX, temp_prefix
+    from .output import TMP_SUFFIX, temp_prefix
     from .pickle_input import is_pickle, pickle_to_safetensors
     from .sweep import expand, parse_grid
 
@@ -127,7 +127,8 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
 
 def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, source_name):
     from .bake import bake as run_bake
-    from .bake import check_companion_path, check_output_path
+    from .bake import check_companion_path
+    from .output import check_output_path
     from .layouts import detect
     from .plan import make_plan
 

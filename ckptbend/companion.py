@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CkptbendError
+from .output import atomic_output, check_folder_target
 
 FORMAT = 1
 RUNTIME_DIR = Path(__file__).parent / "runtime"
@@ -205,22 +206,10 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _comfy_host.node_class_mapping
 '''
 
 
-def check_target(target: Path, force: bool) -> None:
-    """The one rule for where a companion folder may be written (emit, and bake before it starts)."""
-    if not target.parent.is_dir():
-        raise CkptbendError(f"{target.parent}: no such folder")
-    if target.exists() and not target.is_dir():
-        raise CkptbendError(f"{target}: exists and is not a folder; refusing to replace it with a companion")
-    if target.exists() and not force:
-        raise CkptbendError(f"{target}: companion folder already exists (use --force to replace it)")
-
-
 def emit(recipe, target: Path, *, force: bool = False, checkpoint: dict | None = None) -> Path:
     """Write the companion of `recipe` as the folder `target`, atomically (a temporary folder beside
     it, renamed into place when complete)."""
-    from .bake import atomic_output   # bake imports this module
-
-    check_target(target, force)
+    check_folder_target(target, force)
     with atomic_output(target, is_dir=True) as tmp:
         write_companion(recipe, tmp, checkpoint)
     return target

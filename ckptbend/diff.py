@@ -8,7 +8,8 @@ import numpy as np
 
 from .arithmetic import SCALABLE, to_float64
 from .errors import CkptbendError
-from .layouts import OPENCLIP_SUFFIX, Checkpoint
+from .layouts import Checkpoint
+from .layouts.text_encoders import OPENCLIP_SUFFIX
 
 
 def _flatten(value, prefix="") -> dict[str, object]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import CkptbendError
-from .layouts import TEXT_ENCODERS, Checkpoint, Site, blocks_with_attention
+from .layouts import Checkpoint, Site, blocks_with_attention
+from .layouts.text_encoders import TEXT_ENCODERS
 from .arithmetic import SCALABLE
 
 

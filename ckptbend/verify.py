@@ -7,7 +7,8 @@ import filecmp
 import hashlib
 from pathlib import Path
 
-from .bake import data_chunks, final_metadata, output_metadata
+from .provenance import final_metadata, output_metadata
+from .writer import data_chunks
 from .errors import CkptbendError
 from .layouts import detect
 from .plan import make_plan

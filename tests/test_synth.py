@@ -354,7 +354,7 @@ def test_tiny_files_are_small(tmp_path):
 
 def test_random_streaming_for_meta_tensors(tmp_path, monkeypatch):
     """The `full` path: meta tensors get seeded random values, chunk by chunk, never zero."""
-    monkeypatch.setattr(synth, "_CHUNK", 1000)
+    monkeypatch.setattr(synth.files, "_CHUNK", 1000)
     models = synth.build_models("sdxl")
     spec = {k: (torch.empty(v.shape, device="meta") if v.is_floating_point() else v)
             for k, v in synth.ldm_state_dict("sdxl", models).items()}
@@ -449,7 +449,7 @@ def test_streamed_diffusers_weights_load(tmp_path):
 
     unet = synth.build_models("sd1")["unet"]
     unet.save_config(tmp_path)
-    synth._write_weights(tmp_path, "diffusion_pytorch_model", unet.state_dict(), torch.float32, None, "50KB")
+    synth.write_weights(tmp_path, "diffusion_pytorch_model", unet.state_dict(), torch.float32, None, "50KB")
     loaded, info = UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert_same_tensors(loaded, unet)

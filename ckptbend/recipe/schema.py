@@ -1,0 +1,162 @@
+"""The recipe schema, as data: the sections, their keys (`Param`: kind, default, hard bounds, the
+original node's soft range), the selectors each section accepts. The reader and the canonical writer
+walk these tables; nothing else knows a key's default or range.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+SCHEMA_VERSION = 1
+MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip")
+DYNAMIC_SECTIONS = ("sag", "slothful", "bending")
+SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
+TOP_LEVEL_KEYS = ("schema", "name", "description")
+
+BLOCK_GROUPS = ("input", "middle", "output")
+# Only the shape of a block label is checked: which labels exist depends on the checkpoint
+# (SD 1.x has IN00-IN11 / OUT00-OUT11, SDXL IN00-IN08 / OUT00-OUT08); the planner checks existence.
+BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
+NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
+
+
+# --- the schema, as data ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe key: how to read it, its default, and its ranges."""
+    name: str
+    kind: str                                 # a key of _CHECKS below
+    default: Any = None
+    required: bool = False
+    lo: float | None = None                   # hard bounds: always enforced
+    hi: float | None = None
+    open_lo: bool = False                     # True: lo itself is excluded
+    open_hi: bool = False
+    soft: tuple[float, float] | None = None   # the node's own range: enforced unless allow_out_of_range
+    soft_label: str = "the node's range"
+    choices: tuple[str, ...] = ()
+    note: str = ""                            # appended to a hard-bound error
+
+
+def _table(*params: Param) -> dict[str, Param]:
+    return {p.name: p for p in params}
+
+
+# Multiplier sections: one factor per key (ComfyUI: default 1.0, range 0.0-10.0), plus selectors.
+MULTIPLY_KEYS = {
+    "unet.self": ("q", "k", "v", "out"),
+    "unet.cross": ("q", "k", "v", "out"),
+    "unet.temporal": ("self_structural", "self_temporal", "cross_structural", "cross_temporal"),
+    "clip": ("q", "k", "v", "out"),
+}
+SELECTORS = _table(
+    Param("blocks", "blocks", default=()),        # block labels / group names; () = every block
+    Param("depth", "index_list", default=()),     # transformer index inside a block; () = all
+    Param("encoders", "encoders", default=()),    # text encoders; () = all
+)
+SECTION_SELECTORS = {
+    "unet.self": ("blocks", "depth"),
+    "unet.cross": ("blocks", "depth"),
+    "unet.temporal": ("blocks", "depth"),
+    "clip": ("encoders",),
+}
+
+
+def _factor(name: str) -> Param:
+    return Param(name, "number", 1.0, lo=0.0, soft=(0.0, 10.0), soft_label="ComfyUI's range")
+
+
+def multiply_params(section: str) -> dict[str, Param]:
+    """The keys of one multiplier section, in canonical order: selectors, then factors."""
+    return {**{s: SELECTORS[s] for s in SECTION_SELECTORS[section]},
+            **_table(*map(_factor, MULTIPLY_KEYS[section]))}
+
+
+# Self-Attention Guidance (ComfyUI's SelfAttentionGuidance node).
+SAG_PARAMS = _table(
+    Param("scale", "number", 0.5, soft=(-2.0, 5.0), soft_label="ComfyUI's range"),
+    Param("blur_sigma", "number", 2.0, lo=0.0, open_lo=True, soft=(0.0, 10.0), soft_label="ComfyUI's range",
+          note="ComfyUI's SAG produces NaN at blur_sigma 0; use a tiny positive value such as 0.01, "
+               "or leave [sag] out"),
+)
+
+# Slothful Attention (Dec 2023 version). The Simple node's names map onto the full set.
+SLOTHFUL_MODES = ("1D_AVG", "1D_MAX", "2D_AVG", "2D_MAX")
+SLOTHFUL_PARAMS = _table(
+    Param("time_decay", "number", 1.0, lo=0.0, soft=(0.0, 4.0)),
+    Param("keep_middle", "bool", True),
+    Param("in_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
+    Param("out_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
+    Param("in_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
+    Param("out_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
+    Param("in_strength", "number", 6.0, lo=0.0, soft=(0.0, 50.0)),
+    Param("out_strength", "number", 4.0, lo=0.0, soft=(0.0, 50.0)),
+    Param("in_k_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("in_v_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("out_k_blend", "number", 0.0, soft=(0.0, 1.0)),
+    Param("out_v_blend", "number", 0.0, soft=(0.0, 1.0)),
+)
+SLOTHFUL_SIMPLE = Param("simple", "bool", False)
+# Simple-node name → the full-node parameters it sets (keep_middle is fixed to true).
+SIMPLE_EXPANDS = {
+    "time_decay": ("time_decay",),
+    "depth_decay": ("in_depth_decay", "out_depth_decay"),
+    "in_mode": ("in_mode",),
+    "in_strength": ("in_strength",),
+    "in_blend": ("in_k_blend", "in_v_blend"),
+    "out_mode": ("out_mode",),
+    "out_strength": ("out_strength",),
+    "out_blend": ("out_k_blend", "out_v_blend"),
+}
+SIMPLE_FIXED = {"keep_middle": True}
+SLOTHFUL_SIMPLE_PARAMS = {simple: replace(SLOTHFUL_PARAMS[full[0]], name=simple)
+                          for simple, full in SIMPLE_EXPANDS.items()}
+
+# Attention Bending: fields every entry has, then each mode's own parameters.
+BEND_MODES = ("scale", "spatial_scale", "rotate", "translate", "flip", "blur", "sharpen",
+              "regional_mask", "frequency_filter")
+BEND_COMMON = _table(
+    Param("token", "text", required=True),
+    Param("mode", "choice", required=True, choices=BEND_MODES),
+    Param("strength", "number", 1.0),
+    Param("apply_to_timesteps", "step_range", None),   # [start, end): scheduler step indices; None = all
+    Param("apply_to_layers", "index_list", None),      # cross-attention site indices; None = all
+    Param("renormalize", "renormalize", "row"),
+)
+BEND_PARAMS = _table(
+    Param("scale_factor", "number", 1.0),
+    Param("zoom_factor", "number", 1.0, lo=0.0, open_lo=True),
+    Param("angle", "number", 0.0),
+    Param("translate_x", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
+    Param("translate_y", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
+    Param("flip_horizontal", "bool", False),
+    Param("flip_vertical", "bool", False),
+    Param("sharpen_amount", "number", 1.0),
+    Param("kernel_size", "int", 3, lo=1),
+    Param("sigma", "number", 1.0, lo=0.0, open_lo=True),
+    Param("region", "region", None, required=True),    # [x1, y1, x2, y2] in 0-1, (0, 0) top-left
+    Param("region_feather", "number", 0.1, lo=0.0),
+    Param("filter", "choice", None, choices=("lowpass", "highpass")),
+    Param("cutoff", "number", None, lo=0.0, open_lo=True, hi=1.0),
+)
+BEND_MODE_PARAMS = {
+    "scale": ("scale_factor",),
+    "spatial_scale": ("zoom_factor",),
+    "rotate": ("angle",),
+    "translate": ("translate_x", "translate_y"),
+    "flip": ("flip_horizontal", "flip_vertical"),
+    "blur": ("kernel_size", "sigma"),
+    "sharpen": ("sharpen_amount", "kernel_size", "sigma"),
+    "regional_mask": ("region", "region_feather"),
+    "frequency_filter": ("sigma", "filter", "cutoff"),
+}
+RENORMALIZE = {True: "row", False: "none", "row": "row", "column": "column", "none": "none"}
+
+
+def bend_params(mode: str) -> dict[str, Param]:
+    """The keys of a [[bending]] entry of this mode, in canonical order."""
+    return {**BEND_COMMON, **{name: BEND_PARAMS[name] for name in BEND_MODE_PARAMS[mode]}}

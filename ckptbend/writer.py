@@ -1,0 +1,199 @@
+"""The byte engine: write one output safetensors file from its input in one pass.
+
+The output header equals the input's tensor table (dtype and shape never change), so it is written
+first, with fixed-width placeholders for the hashes it records: the source file's SHA-256 (computed
+beside the copy, or remembered from an earlier bake) and, only when the input carries ModelSpec
+metadata, the output data section's SHA-256 (read back once written). Untouched runs of tensors are
+copied by the kernel; edited tensors are read, scaled (arithmetic.scale_bytes) and written by a worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from . import hash_cache
+from .arithmetic import scale_bytes
+from .errors import CkptbendError
+from .plan import Edit
+from .provenance import final_metadata
+from .safetensors_io import Header, header_bytes
+
+CHUNK = 16 * 1024 * 1024
+COPY_STEP = 256 * 1024 * 1024   # bytes per copy_file_range call: large, but progress still moves
+
+
+def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
+    """Yield the output data section piece by piece, reading `src` once from the data start."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for t in header.tensors:
+        edit = edits.get(t.name)
+        if edit is None:
+            remaining = t.nbytes
+            while remaining:
+                n = src.readinto(view[:min(remaining, CHUNK)])
+                if not n:
+                    raise CkptbendError(f"{header.path}: file shrank while being read")
+                source_hash.update(view[:n])
+                yield view[:n]
+                remaining -= n
+        else:
+            raw = bytearray(src.read(t.nbytes))
+            if len(raw) != t.nbytes:
+                raise CkptbendError(f"{header.path}: file shrank while being read")
+            source_hash.update(raw)
+            yield scale_bytes(raw, t.dtype, t.shape, edit.segments)
+
+
+class ShrankError(OSError):
+    """A read came back short: the file was truncated under us (the caller names the file)."""
+
+
+def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
+    """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(CHUNK))
+    while start < stop:
+        if cancelled is not None and cancelled.is_set():
+            return None
+        n = os.preadv(fd, [buf[:min(CHUNK, stop - start)]], start)
+        if not n:
+            raise ShrankError()
+        h.update(buf[:n])   # hashlib releases the GIL here, so this runs beside the copy
+        start += n
+    return h.hexdigest()
+
+
+class _Background:
+    """Run `fn(cancelled, *args)` on the other core while the main thread copies; result() re-raises."""
+
+    def __init__(self, fn, *args):
+        self._cancelled = threading.Event()
+        self._outcome = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._outcome = fn(self._cancelled, *args)
+        except BaseException as e:
+            self._outcome = e
+
+    def result(self):
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def cancel(self):
+        self._cancelled.set()
+        self._thread.join()
+
+
+def _runs(header: Header, edits: dict[str, Edit]):
+    """(tensor to scale, or None for a run of untouched tensors, begin, end) in data order."""
+    start = None
+    for t in header.tensors:
+        if t.name in edits:
+            if start is not None:
+                yield None, start, t.begin
+                start = None
+            yield t, t.begin, t.end
+        elif start is None:
+            start = t.begin
+    if start is not None:
+        yield None, start, header.tensors[-1].end
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress):
+    """Copy bytes between files inside the kernel (no decoding, no user-space buffer) where possible."""
+    while count:
+        step = min(count, COPY_STEP)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, step, src_off, dst_off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src_fd, step, src_off)
+            n = len(data)
+            _pwrite_all(dst_fd, data, dst_off)
+        if not n:
+            raise ShrankError()
+        src_off, dst_off, count = src_off + n, dst_off + n, count - n
+        progress.update(n)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress):
+    """Read, scale and write each (tensor, segments, source offset, output offset) of `edited`."""
+    # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
+    scratch = memoryview(bytearray(max((t.nbytes for t, *_ in edited), default=0)))
+    for t, segments, src_off, dst_off in edited:
+        if cancelled.is_set():
+            return
+        raw = scratch[:t.nbytes]
+        if os.preadv(src_fd, [raw], src_off) != t.nbytes:
+            raise ShrankError()
+        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, segments), dst_off)
+        progress.update(t.nbytes)
+
+
+def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
+    """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
+
+    Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
+    the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
+    straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
+    """
+    placeholder = header_bytes(meta, header.tensors)
+    out.write(placeholder)
+    out.flush()
+    dst_fd, base = out.fileno(), len(placeholder)
+    runs = list(_runs(header, edits))
+    with open(src_path, "rb") as src:
+        src_fd = src.fileno()
+        before = os.fstat(src_fd)
+        if before.st_size != header.file_size:
+            raise CkptbendError(f"{src_path}: file changed since its header was read")
+        cached = hash_cache.lookup(before)
+        hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
+        # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
+        # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
+        edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
+                  for t, begin, _ in runs if t is not None]
+        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress)
+        try:
+            for t, begin, end in runs:
+                if t is None:
+                    _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
+            scaler.result()
+            source_sha256 = cached or hasher.result()
+        except ShrankError:
+            raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
+        finally:
+            scaler.cancel()
+            if hasher:
+                hasher.cancel()
+        after = os.fstat(src_fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
+        if not cached:
+            hash_cache.remember(after, source_sha256)
+    progress.update(header.data_start)
+    # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
+    data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0)) \
+        if "modelspec.hash_sha256" in meta else None
+    final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
+    assert len(final) == len(placeholder)
+    _pwrite_all(dst_fd, final, 0)
+    return source_sha256, data_sha256
