@@ -148,7 +148,7 @@ BEND_COMMON = _table(
     Param("token", "text", required=True),
     Param("mode", "choice", required=True, choices=BEND_MODES),
     Param("strength", "number", 1.0),
-    Param("apply_to_timesteps", "step_range", None),   # [start, end): scheduler step indices; None = all
+    Param("apply_to_timesteps", "step_range", None),   # [start, end], both inclusive; None = all
     Param("apply_to_layers", "index_list", None),      # cross-attention site indices; None = all
     Param("renormalize", "renormalize", "row"),
 )
@@ -163,7 +163,7 @@ BEND_PARAMS = _table(
     Param("sharpen_amount", "number", 1.0),
     Param("kernel_size", "int", 3, lo=1),
     Param("sigma", "number", 1.0, lo=0.0, open_lo=True),
-    Param("region", "region", None, required=True),    # [x1, y1, x2, y2] in 0-1, (0, 0) top-left
+    Param("region", "region", None),                   # [x1, y1, x2, y2] in 0-1, (0, 0) top-left; None = no-op
     Param("region_feather", "number", 0.1, lo=0.0),
     Param("filter", "choice", None, choices=("lowpass", "highpass")),
     Param("cutoff", "number", None, lo=0.0, open_lo=True, hi=1.0),
@@ -274,7 +274,7 @@ class BendEntry:
     token: str
     mode: str
     strength: float = 1.0
-    apply_to_timesteps: tuple[int, int] | None = None   # [start, end) scheduler step indices
+    apply_to_timesteps: tuple[int, int] | None = None   # [start, end] scheduler step indices, inclusive
     apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
     renormalize: str = "row"                            # "row" | "column" | "none"
     scale_factor: float = 1.0
@@ -564,8 +564,8 @@ def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
 
 def _check_step_range(r: _Reader, where: str, p: Param, value) -> tuple[int, int]:
     ints = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ints or len(value) != 2 or not 0 <= value[0] < value[1]:
-        r.fail(where, f"{p.name} must be [start, end]: step indices with 0 <= start < end, not {_show(value)}")
+    if not ints or len(value) != 2 or not 0 <= value[0] <= value[1]:
+        r.fail(where, f"{p.name} must be [start, end]: step indices with 0 <= start <= end, not {_show(value)}")
     return tuple(value)
 
 
