@@ -161,7 +161,7 @@ diffusers:
     import sys; sys.path.insert(0, "<folder that holds this one>")
     import <this folder's name> as companion
     session = companion.apply(pipe)         # phase=1 records bending maps without changing the image
-    image = pipe("a photo at (sunset)").images[0]
+    image = pipe("a photo at {{sunset}}").images[0]   # {{word}} marks a bending target
     companion.save_maps(session, "maps.safetensors")   # then: ckptbend maps maps.safetensors -o maps/
     companion.remove(pipe)
 

@@ -4,8 +4,10 @@ tokenizer written here (nothing is downloaded)."""
 import json
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel, WanPipeline, WanTransformer3DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast, T5Config,
+                          T5EncoderModel)
 
 WORDS = ["a", "photo", "of", "romantic", "kiss", "at", "sunset", "cat", "on", "the", "beach", "red", "sky"]
 SIZE = 16                        # pixels = latent size (VAE scale factor 1)
@@ -71,3 +73,44 @@ def sd_pipeline(clip_tokenizer):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- T5 and Wan 2.1 -------------------------------------------------------------------------------
+
+WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                  text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def t5_like_tokenizer():
+    """A word-level `tokenizers` tokenizer ending in </s>, in PreTrainedTokenizerFast (T5's conventions:
+    no BOS, pad 0); the pipelines only call it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=16)
+
+
+def t5_encoder(tokenizer):
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8)).eval()
+
+
+def wan_pipeline(seed: int = 5):
+    """Wan 2.1 (the original Attention Bending's model): video latents of 2 frames × 8×8, patch 1×2×2,
+    q/k RMS norms across heads, CFG as two model calls."""
+    tokenizer = t5_like_tokenizer()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**WAN_CONFIG).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5_encoder(tokenizer), vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+

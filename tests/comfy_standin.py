@@ -13,7 +13,9 @@ the doc is silent, from what ComfyUI does), not from ckptbend's node:
 - HookedAttention: every diffusers attention runs as ComfyUI's BasicTransformerBlock runs it:
   attn1/attn2_patch on the normalised hidden states (and context) before projection, then a
   replace function keyed (block_name, number, index), falling back to (block_name, number), on the
-  projected q/k/v (output before to_out), else plain attention, then to_out, then output patches.
+  projected q/k/v (output before to_out), else the selected backend (BACKEND.optimized_attention,
+  attention_chunked by default, which differs from sdpa in the last bits as ComfyUI's CPU
+  sub-quadratic attention does), then to_out, then output patches.
   extra_options: everything in transformer_options but the patches, plus n_heads, dim_head,
   attn_precision, block, block_index, transformer_index (global SpatialTransformer counter),
   activations_shape (the SpatialTransformer's input shape), original_shape, cond_or_uncond, sigmas,
@@ -23,9 +25,10 @@ the doc is silent, from what ComfyUI does), not from ckptbend's node:
   position in the conds list, so SAG's calc_cond_batch(model, [uncond], …) re-run is marked [0],
   as in ComfyUI. `EPSModel.max_chunks = 1` runs each chunk in its own call (ComfyUI does so when
   memory is short). Post-CFG functions get the doc's args.
-- install_comfy(): a fake `comfy` package with `comfy.samplers.calc_cond_batch` in sys.modules.
-- CLIP: tokenize(text) → {"l": [[(id, 1.0), …77]]}: BOS, up to 75 tokens, EOS, EOS padding, per
-  chunk (ComfyUI's emphasis syntax is not parsed; the node strips its marks before tokenising).
+- install_comfy(): a fake `comfy` package in sys.modules: `comfy.samplers.calc_cond_batch` and
+  `comfy.ldm.modules.attention` (the selected backend, with the optimized_attention_override hook).
+- CLIP: tokenize(text) → {"l": [[(id, weight), …77]]}: BOS, up to 75 tokens, EOS, EOS padding, per
+  chunk, with ComfyUI's emphasis syntax ("(word:1.2)", "((word))", "\\(" escapes; emphasis_segments).
 
 Block numbering (ComfyUI's UNetModel layout for a diffusers config): input_blocks[0] is conv_in;
 each down level adds one input block per resnet (with its SpatialTransformer when the level has
@@ -120,13 +123,72 @@ def comfy_layout(unet) -> tuple[nn.Module, list[tuple[Site, nn.Module]]]:
     return view, sites
 
 
-def _plain_attention(q, k, v, heads):
+def attention_sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                   **kwargs):
     """ComfyUI's attention_pytorch: scaled_dot_product_attention over heads."""
-    b, _, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, -1, heads * d)
+    if not skip_reshape:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+
+
+def attention_chunked(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                      skip_output_reshape=False, key_chunk=5, **kwargs):
+    """A backend that, like ComfyUI's sub-quadratic attention on CPU, computes the same function in a
+    different order (keys in chunks of 5, an online softmax), so its results differ from
+    scaled_dot_product_attention in the last bits: a node that bypasses the selected backend shows.
+    Upcasts to float32 when attn_precision asks for it; the output is in q's dtype."""
+    dtype = q.dtype
+    if not skip_reshape:
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    if attn_precision == torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    q = q * q.shape[-1] ** -0.5
+    peak = total = acc = None
+    for i in range(0, k.shape[2], key_chunk):
+        s = q @ k[:, :, i:i + key_chunk].transpose(-1, -2)
+        if mask is not None:
+            s = s + mask[..., i:i + key_chunk]
+        m = s.amax(-1, keepdim=True) if peak is None else torch.maximum(peak, s.amax(-1, keepdim=True))
+        e = torch.exp(s - m)
+        if peak is None:
+            total, acc = e.sum(-1, keepdim=True), e @ v[:, :, i:i + key_chunk]
+        else:
+            fix = torch.exp(peak - m)
+            total, acc = total * fix + e.sum(-1, keepdim=True), acc * fix + e @ v[:, :, i:i + key_chunk]
+        peak = m
+    out = (acc / total).to(dtype)
+    return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+
+
+class Backend:
+    """comfy.ldm.modules.attention as a node sees it: optimized_attention (and _masked) is the backend
+    the user selected (attention_chunked unless a test sets another), behind ComfyUI ≥ 0.3.60's
+    wrap_attn: a call whose keyword transformer_options holds "optimized_attention_override" goes to
+    override(func, *args, **kwargs, _inside_attn_wrapper=True) instead."""
+
+    def __init__(self, func=attention_chunked, override_mechanism: bool = True):
+        self.func = func
+        self.wrap_attn = self._wrapped if override_mechanism else None
+
+    def _wrapped(self, *args, **kwargs):
+        options = kwargs.get("transformer_options")
+        if "_inside_attn_wrapper" not in kwargs and options is not None and "optimized_attention_override" in options:
+            return options["optimized_attention_override"](self.func, *args, **kwargs, _inside_attn_wrapper=True)
+        kwargs.pop("_inside_attn_wrapper", None)
+        kwargs.pop("transformer_options", None)
+        return self.func(*args, **kwargs)
+
+    def optimized_attention(self, q, k, v, heads, *args, **kwargs):
+        if self.wrap_attn is None and "transformer_options" in kwargs:
+            kwargs.pop("transformer_options")
+        return self._wrapped(q, k, v, heads, *args, **kwargs)
+
+    def optimized_attention_masked(self, q, k, v, heads, mask=None, *args, **kwargs):
+        return self.optimized_attention(q, k, v, heads, mask, *args, **kwargs)
+
+
+BACKEND = Backend()
 
 
 class HookedAttention:
@@ -152,7 +214,11 @@ class HookedAttention:
         q, k, v = attn.to_q(q_in), attn.to_k(k_in), attn.to_v(v_in)
         key = self.site.block + (self.site.index,)
         f = replace.get(key, replace.get(self.site.block))
-        out = f(q, k, v, extra) if f is not None else _plain_attention(q, k, v, attn.heads)
+        if f is not None:
+            out = f(q, k, v, extra)
+        else:
+            out = BACKEND.optimized_attention(q, k, v, attn.heads, attn_precision=self.model.attn_precision,
+                                              transformer_options=to)
         out = attn.to_out[1](attn.to_out[0](out))
         for p in patches.get(self.kind + "_output_patch", []):
             out = p(out, extra)
@@ -198,6 +264,9 @@ class EPSModel:
         return torch.cat([self.sigmas[t], torch.zeros(1)])
 
     def apply_model(self, x, sigma, c_crossattn, transformer_options):
+        return apply_model(self, x, sigma, c_crossattn, transformer_options)
+
+    def _apply_model(self, x, sigma, c_crossattn, transformer_options):
         options = dict(transformer_options)
         options["original_shape"] = list(x.shape)
         s = sigma.view(-1, 1, 1, 1).to(x.dtype)
@@ -206,17 +275,59 @@ class EPSModel:
         return x - eps * s
 
 
+APPLY_MODEL = "apply_model"          # comfy.patcher_extension.WrappersMP.APPLY_MODEL
+
+
+class Executor:
+    """What a wrapper gets as its first argument: call it to run the rest; class_obj is the BaseModel."""
+
+    def __init__(self, run, class_obj):
+        self.run, self.class_obj = run, class_obj
+
+    def __call__(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+
+def apply_model(model, x, sigma, c_crossattn, transformer_options):
+    """BaseModel.apply_model: the APPLY_MODEL wrappers of transformer_options["wrappers"], outermost
+    first, each called as w(executor, x, t, c_concat, c_crossattn, control, transformer_options),
+    around model._apply_model."""
+    wrappers = [w for fs in transformer_options.get("wrappers", {}).get(APPLY_MODEL, {}).values() for w in fs]
+
+    def run(i, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if i == len(wrappers):
+            return model._apply_model(x, t, c_crossattn, transformer_options)
+        executor = Executor(lambda *a, **k: run(i + 1, *a, **k), model)
+        return wrappers[i](executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    return run(0, x, sigma, None, c_crossattn, None, transformer_options)
+
+
 class ModelPatcher:
     """ComfyUI's ModelPatcher, the parts of the doc's table."""
 
-    def __init__(self, model: EPSModel):
+    def __init__(self, model):
         self.model = model
         self.model_options = {"transformer_options": {}}
+        self.wrappers = {}                  # {wrapper type: {key: [functions]}}, outside model_options
 
     def clone(self):
         n = ModelPatcher(self.model)
         n.model_options = copy.deepcopy(self.model_options)
+        n.wrappers = {t: {k: list(fs) for k, fs in keyed.items()} for t, keyed in self.wrappers.items()}
         return n
+
+    def add_wrapper_with_key(self, wrapper_type: str, key: str, wrapper):
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def sampling_options(self, sample_sigmas=None) -> dict:
+        """model_options as ComfyUI's sampler passes them: transformer_options gets the schedule and
+        a copy of the patcher's wrappers."""
+        options = dict(self.model_options)
+        wrappers = {t: {k: list(fs) for k, fs in keyed.items()} for t, keyed in self.wrappers.items()}
+        options["transformer_options"] = {**options.get("transformer_options", {}), "sample_sigmas": sample_sigmas,
+                                          "wrappers": wrappers}
+        return options
 
     def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
         self.model_options["sampler_post_cfg_function"] = (
@@ -306,8 +417,7 @@ def sample(patcher: ModelPatcher, noise, positive, negative, cfg: float = 5.0, s
     on_step(i, x, denoised) sees every step."""
     model = patcher.model
     sigmas = model.schedule(steps)
-    model_options = dict(patcher.model_options)
-    model_options["transformer_options"] = {**model_options.get("transformer_options", {}), "sample_sigmas": sigmas}
+    model_options = patcher.sampling_options(sigmas)
     x = noise * sigmas[0]
     with torch.no_grad():
         for i in range(steps):
@@ -319,28 +429,148 @@ def sample(patcher: ModelPatcher, noise, positive, negative, cfg: float = 5.0, s
     return x
 
 
-def install_comfy(monkeypatch) -> types.ModuleType:
-    """Register the fake `comfy` package (comfy.samplers.calc_cond_batch) for the test's duration."""
-    comfy = types.ModuleType("comfy")
-    samplers = types.ModuleType("comfy.samplers")
-    samplers.calc_cond_batch = calc_cond_batch
-    comfy.samplers = samplers
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.samplers", samplers)
-    return comfy
+def install_comfy(monkeypatch, backend: Backend | None = None) -> types.ModuleType:
+    """Register the fake `comfy` package for the test's duration: comfy.samplers.calc_cond_batch and
+    comfy.ldm.modules.attention (optimized_attention, optimized_attention_masked, and wrap_attn when
+    the backend has the override mechanism); backend replaces the module-level BACKEND."""
+    if backend is not None:
+        monkeypatch.setattr(sys.modules[__name__], "BACKEND", backend)
+    names = ("comfy", "comfy.samplers", "comfy.ldm", "comfy.ldm.modules", "comfy.ldm.modules.attention",
+             "comfy.patcher_extension")
+    modules = {name: types.ModuleType(name) for name in names}
+    for name, module in modules.items():
+        if "." in name:
+            parent, child = name.rsplit(".", 1)
+            setattr(modules[parent], child, module)
+        monkeypatch.setitem(sys.modules, name, module)
+    modules["comfy.samplers"].calc_cond_batch = calc_cond_batch
+    modules["comfy.patcher_extension"].WrappersMP = types.SimpleNamespace(APPLY_MODEL=APPLY_MODEL)
+    attention = modules["comfy.ldm.modules.attention"]
+    attention.optimized_attention = BACKEND.optimized_attention
+    attention.optimized_attention_masked = BACKEND.optimized_attention_masked
+    if BACKEND.wrap_attn is not None:
+        attention.wrap_attn = BACKEND.wrap_attn
+    return modules["comfy"]
 
 
-# --- CLIP --------------------------------------------------------------------------------------
+# --- Wan 2.1: a DiT as ComfyUI runs it ---------------------------------------------------------------
 
-WORDS = ("a", "romantic", "kiss", "at", "photo", "of", "dog", ("sun", "set"))
+def tiny_wan(seed: int = 5):
+    """The tiny Wan 2.1 transformer of tests/_pipelines.py (same weights for the same seed)."""
+    from _pipelines import wan_pipeline
+
+    return wan_pipeline(seed).transformer
+
+
+def _rotate(x, heads, rotary_emb):
+    """RoPE as diffusers' Wan applies it: each head's interleaved pairs (x[2i], x[2i+1]) turned by the
+    angle whose cosine / sine the rotary embedding holds at 2i / 2i+1; x [b, L, heads·d]."""
+    cos, sin = rotary_emb
+    xh = x.unflatten(-1, (heads, -1))
+    even, odd = xh[..., 0::2], xh[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x).flatten(-2)
+
+
+class WanHookedAttention:
+    """diffusers' WanAttention run as ComfyUI's Wan attention runs it: q, k RMS-normed across heads (RoPE
+    applied on self-attention), [b, L, heads·d], then comfy's optimized_attention(q, k, v, heads=…,
+    transformer_options=…) with the block's transformer_options, then the output projection. T2V only
+    (ComfyUI's I2V adds a call to the CLIP-image keys before the text)."""
+
+    def __init__(self, model: "FlowModel"):
+        self.model = model
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(context)), attn.to_v(context)
+        if encoder_hidden_states is None and rotary_emb is not None:
+            q, k = _rotate(q, attn.heads, rotary_emb), _rotate(k, attn.heads, rotary_emb)
+        self.model.log.append(("self" if encoder_hidden_states is None else "cross", q.shape, k.shape))
+        out = BACKEND.optimized_attention(q, k, v, heads=attn.heads, transformer_options=self.model.block_options)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class FlowModel:
+    """ComfyUI's BaseModel for Wan 2.1 (ModelSamplingDiscreteFlow with shift, CONST prediction): the
+    input is not scaled, the timestep is 1000·σ, denoised = x − σ·v. `.diffusion_model` has WanModel's
+    face: `blocks` (each with `cross_attn`), `patch_size`. Each block runs behind ComfyUI's DiT loop
+    hook: a patches_replace["dit"][("double_block", i)] function gets {"img", "txt", "vec", "pe",
+    "transformer_options"} and {"original_block": f} and returns {"img": …}; the attention calls of the
+    block see the transformer_options that reached f."""
+
+    def __init__(self, transformer, shift: float = 7.0):
+        self.transformer, self.shift = transformer, shift
+        self.attn_precision = None
+        self.max_chunks = 8
+        self.log = []
+        self.options = self.block_options = None
+        self.diffusion_model = nn.Module()
+        self.diffusion_model.patch_size = tuple(transformer.config.patch_size)
+        self.diffusion_model.blocks = transformer.blocks
+        for i, block in enumerate(transformer.blocks):
+            block.cross_attn = block.attn2
+            block.attn1.set_processor(WanHookedAttention(self))
+            block.attn2.set_processor(WanHookedAttention(self))
+            block.forward = self._dit_block(block.forward, i)
+
+    def _dit_block(self, inner, index):
+        def forward(hidden_states, encoder_hidden_states, temb, rotary_emb):
+            options = self.options
+            replace = options.get("patches_replace", {}).get("dit", {}).get(("double_block", index))
+
+            def original(args):
+                self.block_options = args["transformer_options"]
+                return {"img": inner(args["img"], args["txt"], args["vec"], args["pe"])}
+
+            args = {"img": hidden_states, "txt": encoder_hidden_states, "vec": temb, "pe": rotary_emb,
+                    "transformer_options": options}
+            return (original(args) if replace is None else replace(args, {"original_block": original}))["img"]
+
+        return forward
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        t = torch.linspace(1, 0, steps + 1)[:-1]
+        return torch.cat([self.shift * t / (1 + (self.shift - 1) * t), torch.zeros(1)])
+
+    def apply_model(self, x, sigma, c_crossattn, transformer_options):
+        return apply_model(self, x, sigma, c_crossattn, transformer_options)
+
+    def _apply_model(self, x, sigma, c_crossattn, transformer_options):
+        self.options = dict(transformer_options)
+        try:
+            v = self.transformer(x, sigma * 1000, encoder_hidden_states=c_crossattn).sample
+        finally:
+            self.options = self.block_options = None
+        return x - v * sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+
+
+class T5CLIP:
+    """ComfyUI's CLIP object for a T5-family encoder (Wan's UMT5: key "umt5xxl"), only tokenize(): no start
+    token, the weighted segments' tokens, the end token, padding with 0 up to min_length; no chunks."""
+
+    def __init__(self, tokenizer, key: str = "umt5xxl", min_length: int = 16):
+        self.tokenizer, self.key, self.min_length = tokenizer, key, min_length
+
+    def tokenize(self, text: str) -> dict:
+        tokens = [(t, w) for segment, w in emphasis_segments(text)
+                  for t in self.tokenizer(segment, add_special_tokens=False)["input_ids"]]
+        tokens.append((self.tokenizer.eos_token_id, 1.0))
+        return {self.key: [tokens + [(0, 1.0)] * max(0, self.min_length - len(tokens))]}
+
+
+# --- CLIP ----------------------------------------------------------------------------------------
+
+WORDS = ("a", "romantic", "kiss", "at", "photo", "of", "dog", "lake", "red", "car", "on", "road", ("sun", "set"))
+PUNCTUATION = "()[]{}:,.\\0123456789"
 
 
 def write_tokenizer(folder) -> None:
-    """vocab.json / merges.txt of a tiny CLIP BPE: single letters, and each word as one token by
-    merges letter by letter (("sun", "set") becomes two sub-tokens)."""
+    """vocab.json / merges.txt of a tiny CLIP BPE: single letters, punctuation and digits, and each word
+    as one token by merges letter by letter (("sun", "set") becomes two sub-tokens)."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     merges = []
-    for c in "abcdefghijklmnopqrstuvwxyz":
+    for c in "abcdefghijklmnopqrstuvwxyz" + PUNCTUATION:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     for word in WORDS:
@@ -359,17 +589,70 @@ def write_tokenizer(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
 
 
-class CLIP:
-    """ComfyUI's CLIP object, only tokenize(): SD 1.x's "l" tokenizer format."""
+# ComfyUI's prompt weighting, as it behaves (written here, checked against ComfyUI's parser on sample prompts):
+# "(text)" multiplies the weight by 1.1 per level, "(text:1.3)" sets it (the last colon followed by a
+# number), "\(" and "\)" are literal parentheses, an unclosed "(" starts a literal segment. Every weighted
+# segment is tokenised on its own; a segment shorter than 8 tokens that would cross a 77-token chunk
+# moves whole into the next chunk, a longer one is split. Not modelled: "embedding:" names and
+# other unbalanced parentheses (ComfyUI keeps a mismatched group literal; here a balanced inner group still weighs).
+_OPEN, _CLOSE = "\ue000", "\ue001"          # escaped parentheses while parsing
 
-    def __init__(self, folder):
+
+def emphasis_segments(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
+    """[(text, weight)] of a prompt, escapes resolved."""
+    text = text.replace("\\(", _OPEN).replace("\\)", _CLOSE)
+    out, plain, i = [], "", 0
+    while i < len(text):
+        if text[i] == "(":
+            depth, j = 0, i
+            while j < len(text):
+                depth += {"(": 1, ")": -1}.get(text[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+            if j < len(text):                        # a balanced group text[i..j]
+                out.append((plain, weight))
+                plain, inner, w = "", text[i + 1:j], weight * 1.1
+                colon = inner.rfind(":")
+                if colon > 0:
+                    try:
+                        w, inner = float(inner[colon + 1:]), inner[:colon]
+                    except ValueError:
+                        pass
+                out += emphasis_segments(inner, w)
+                i = j + 1
+                continue
+            out.append((plain, weight))              # unclosed: literal, a segment of its own
+            plain = ""
+        plain += text[i]
+        i += 1
+    out.append((plain, weight))
+    return [(t.replace(_OPEN, "(").replace(_CLOSE, ")"), w) for t, w in out if t]
+
+
+class CLIP:
+    """ComfyUI's CLIP object, only tokenize(): SD 1.x's "l" tokenizer, with ComfyUI's emphasis syntax."""
+
+    def __init__(self, folder, max_word_length: int = 8):
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder))
         self.bos, self.eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self.max_word_length = max_word_length
 
     def tokenize(self, text: str) -> dict:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        chunks = [ids[i:i + 75] for i in range(0, len(ids), 75)] or [[]]
-        return {"l": [[(self.bos, 1.0)] + [(t, 1.0) for t in c] + [(self.eos, 1.0)] * (76 - len(c))
-                      for c in chunks]}
+        """{"l": [[(id, weight), …77], …]}: per chunk BOS, up to 75 tokens, EOS, EOS padding."""
+        chunks, chunk = [], [(self.bos, 1.0)]
+        for segment, weight in emphasis_segments(text):
+            group = [(t, weight) for t in self.tokenizer(segment, add_special_tokens=False)["input_ids"]]
+            while group:
+                room = 76 - len(chunk)
+                if len(group) <= room:
+                    chunk += group
+                    break
+                if len(group) >= self.max_word_length:        # split a long segment
+                    chunk, group = chunk + group[:room], group[room:]
+                chunks.append(chunk + [(self.eos, 1.0)] * (77 - len(chunk)))
+                chunk = [(self.bos, 1.0)]
+        chunks.append(chunk + [(self.eos, 1.0)] * (77 - len(chunk)))
+        return {"l": chunks}

@@ -7,3 +7,24 @@ import pytest
 def private_hash_cache(tmp_path_factory, monkeypatch):
     # Keep the source-hash cache out of the user's ~/.cache and independent between tests.
     monkeypatch.setenv("CKPTBEND_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def one_thread_no_grad():
+    # Tiny tensors: threads only add overhead, and the CI machine is shared. Inference only.
+    import torch
+
+    n, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_num_threads(n)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    """The stand-in ComfyUI host's `comfy` package (tests/comfy_standin.py) for the test's duration."""
+    import comfy_standin
+
+    return comfy_standin.install_comfy(monkeypatch)

@@ -22,3 +22,17 @@ def test_runtime_bench_smoke_run():
     assert r.returncode == 0, r.stderr
     for line in ("plain CFG", "SAG (scale 0.5, blur 2.0)", "bending (translate 'sunset')", "Slothful (defaults)"):
         assert line in r.stdout
+
+
+def test_runtime_bench_wan_smoke_run():
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench-runtime", "--model", "wan", "--size", "64", "--frames", "5",
+                        "--steps", "2", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "plain CFG" in r.stdout and "bending (translate 'sunset')" in r.stdout and "SAG" not in r.stdout
+
+
+def test_wan_attention_bench_smoke_run():
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench-wan-attention", "--frames", "1", "--width", "64",
+                        "--height", "64", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "16 video tokens" in r.stdout and "extra memory of bending" in r.stdout

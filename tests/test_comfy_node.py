@@ -22,7 +22,7 @@ from ckptbend.runtime import comfy_host, slothful
 from ckptbend.runtime import diffusers_host as dh
 
 H, W = 16, 24                        # latent; token grids 16×24, 8×12, 4×6 and the middle's 2×3
-PROMPT = "a romantic (kiss) at (sunset)"
+PROMPT = "a romantic {kiss} at {sunset}"
 RECIPE_NAME, RECIPE_SHA = "Kiss at sunset", "0123abcd" + "e" * 56
 DYNAMIC = {
     "sag": {"scale": 0.6, "blur_sigma": 2.0},
@@ -38,20 +38,7 @@ DYNAMIC = {
 RUNTIME_FILES = ("__init__.py", "sag.py", "slothful.py", "bending.py", "comfy_host.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_no_grad():
-    # Tiny tensors: threads only add overhead, and the CI machine is shared. Inference only.
-    n, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_num_threads(n)
-    torch.set_grad_enabled(grad)
-
-
-@pytest.fixture(autouse=True)
-def comfy(monkeypatch):
-    return cs.install_comfy(monkeypatch)
+pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +77,8 @@ def patched(model, dynamic, clip=None, **values):
 
 
 def options(patcher, sample_sigmas=None):
-    """model_options as the sampler passes them (sample_sigmas added to transformer_options)."""
-    opts = dict(patcher.model_options)
-    opts["transformer_options"] = {**opts.get("transformer_options", {}), "sample_sigmas": sample_sigmas}
-    return opts
+    """model_options as the sampler passes them (sample_sigmas and wrappers in transformer_options)."""
+    return patcher.sampling_options(sample_sigmas)
 
 
 @contextlib.contextmanager
@@ -234,6 +219,74 @@ def test_zero_strength_samples_bit_identically(model, clip):
     assert not torch.equal(cs.sample(patched(model, DYNAMIC, clip), noise, cond, uncond, steps=3), plain)
 
 
+class CountingBackend(cs.Backend):
+    """The stand-in's selected backend, counting its calls."""
+
+    def __init__(self, func=cs.attention_chunked):
+        super().__init__(func)
+        self.calls = 0
+
+    def optimized_attention(self, *args, **kwargs):
+        self.calls += 1
+        return super().optimized_attention(*args, **kwargs)
+
+
+def test_stand_in_backend_differs_from_sdpa(model, monkeypatch):
+    """So that the next test can fail: a node computing plain attention with its own PyTorch call
+    instead of the selected backend would not sample bit-identically."""
+    cond, uncond = contexts()
+    noise = latent()
+    chunked = cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=2)
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    sdpa = cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=2)
+    assert not torch.equal(chunked, sdpa)
+    assert_close(chunked, sdpa, rtol=1e-4, atol=1e-4)
+
+
+def test_sites_the_node_does_not_change_run_the_selected_backend(model, clip, monkeypatch):
+    """A bending entry whose steps lie outside the run (issue 12: 1e-5 off in real ComfyUI), and every
+    unbent site and chunk, compute ComfyUI's own attention: bit-identical, and every call goes there."""
+    cond, uncond = contexts()
+    noise = latent()
+    backend = CountingBackend()
+    cs.install_comfy(monkeypatch, backend)
+    plain = cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=3)
+    plain_calls, backend.calls = backend.calls, 0
+    late = [{**e, "apply_to_timesteps": [5, 9]} for e in DYNAMIC["bending"]]
+    m = patched(model, {"bending": late}, clip)
+    assert len(m.model_options["transformer_options"]["patches_replace"]["attn2"]) == 16
+    assert torch.equal(cs.sample(m, noise, cond, uncond, steps=3), plain)
+    assert backend.calls == plain_calls == 3 * 32
+    # bending at step 1 only: the other steps stay bit-identical, all calls still reach the backend
+    backend.calls = 0
+    steps, plain_steps = [], []
+    one = [{**DYNAMIC["bending"][0], "apply_to_timesteps": [1, 1]}]
+    cs.sample(patched(model, {"bending": one}, clip), noise, cond, uncond, steps=3,
+              on_step=lambda i, x, d: steps.append(d))
+    assert backend.calls == 3 * 32
+    cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=1, on_step=lambda i, x, d: plain_steps.append(d))
+    assert torch.equal(steps[0], plain_steps[0]) and not torch.equal(steps[1], steps[0])
+
+
+def test_bending_with_one_chunk_or_several_positive_chunks(model, clip):
+    """cond_or_uncond decides the rows: a lone positive chunk (cfg 1, low memory) is bent, a lone
+    negative one is not, and several positive chunks are each bent as the single one is."""
+    m = patched(model, {"bending": DYNAMIC["bending"][:1]}, clip)
+    bend = m.model_options["transformer_options"]["patches_replace"]["attn2"][("output", 5, 0)]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(3, 48, 32, generator=g), torch.randn(3, 77, 32, generator=g), torch.randn(3, 77, 32, generator=g)
+    extra = {"n_heads": 8, "original_shape": [1, 4, H, W], "sigmas": torch.tensor([2.0]), "attn_precision": None,
+             "sample_sigmas": model.schedule(3), "activations_shape": [1, 32, 6, 8]}
+    plain = cs.BACKEND.optimized_attention(q, k, v, 8)
+    alone = [bend(q[i:i + 1], k[i:i + 1], v[i:i + 1], {**extra, "cond_or_uncond": [0]}) for i in range(3)]
+    assert all(not torch.allclose(alone[i], plain[i:i + 1], atol=1e-4) for i in range(3))
+    assert torch.equal(bend(q[:1], k[:1], v[:1], {**extra, "cond_or_uncond": [1]}),
+                       cs.BACKEND.optimized_attention(q[:1], k[:1], v[:1], 8))
+    mixed = bend(q, k, v, {**extra, "cond_or_uncond": [1, 0, 0]})
+    assert torch.equal(mixed[0], plain[0])
+    assert_close(mixed[1:], torch.cat(alone[1:]), rtol=1e-6, atol=1e-6)
+
+
 # --- SAG ---------------------------------------------------------------------------------------
 
 def formula_blur(x, sigma):
@@ -369,10 +422,48 @@ def test_slothful_attention_uses_kv_projected_from_pooled_hidden_states(model, k
 
 # --- Attention Bending -----------------------------------------------------------------------------
 
+def test_stand_in_tokenizes_like_comfyui(clip):
+    """Weights from ComfyUI's emphasis syntax, escapes as literal parentheses, brackets literal (no
+    A1111 de-emphasis in ComfyUI); ids from the tiny vocabulary, positions counted by hand."""
+    vocab = clip.tokenizer.get_vocab()
+    ids = [vocab[w + "</w>"] for w in ("a", "lake", "at", "kiss", "(", "dog", ")", "[", "car", "]")]
+    a, lake, at, kiss, lpar, dog, rpar, lbr, car, rbr = ids
+    (chunk,) = clip.tokenize("a (lake:1.2) at ((kiss)) \\(dog\\) [car]")["l"]
+    assert [t for t, _ in chunk[:12]] == [clip.bos, a, lake, at, kiss, lpar, dog, rpar, lbr, car, rbr, clip.eos]
+    assert [round(w, 4) for _, w in chunk[:12]] == [1.0, 1.0, 1.2, 1.0, 1.21] + [1.0] * 7
+    assert len(chunk) == 77 and {t for t, _ in chunk[12:]} == {clip.eos}
+    # a short weighted segment that would cross the 75-token boundary moves whole to the next chunk
+    first, second = clip.tokenize("a " * 74 + "(kiss at a dog:1.1)")["l"]
+    assert [t for t, _ in first[75:]] == [clip.eos, clip.eos] and first[74][0] == a
+    assert [t for t, _ in second[:6]] == [clip.bos, kiss, at, a, dog, clip.eos]
+
+
 def test_token_columns_via_clip(clip):
     assert comfy_host.token_columns(clip, PROMPT, ["kiss", "sunset"]) == {"kiss": [3], "sunset": [5, 6]}
     long = "a " * 80 + "(kiss)"                  # second 77-token chunk: BOS + 5 × "a" before it
     assert comfy_host.token_columns(clip, long, ["kiss"]) == {"kiss": [77 + 1 + 5]}
+
+
+@pytest.mark.parametrize("prompt, columns", [
+    ("a photo of a lake at sunset", [7, 8]),
+    ("a photo of a (lake:1.2) at sunset", [7, 8]),          # issue 12: was column 11 (padding)
+    ("a photo of a ((lake)) at (sunset)", [7, 8]),
+    ("a photo of a lake at {(sunset:1.3)}", [7, 8]),        # a marked target with a weight
+    ("a photo of a lake at ({sunset}:0.8)", [7, 8]),
+    ("a \\(photo\\) of a lake at sunset", [9, 10]),          # escaped: two literal tokens more
+    ("a photo of a [lake] at sunset", [9, 10]),              # brackets are text in ComfyUI
+])
+def test_token_columns_follow_the_hosts_emphasis_parsing(clip, prompt, columns):
+    """The node's columns are where the host's tokenizer puts the word (its weights do not move it)."""
+    assert comfy_host.token_columns(clip, prompt, ["sunset"]) == {"sunset": columns}
+    tokens = [t for t, _ in clip.tokenize(prompt.replace("{", "").replace("}", ""))["l"][0]]
+    vocab = clip.tokenizer.get_vocab()
+    assert tokens[columns[0]:columns[-1] + 1] == [vocab["sun"], vocab["set</w>"]]
+
+
+def test_token_columns_of_groups_and_wildcards(clip):
+    assert comfy_host.token_columns(clip, "a (kiss:1.2) at sunset", ["kiss, sunset, dog", "ALL"]) == \
+        {"kiss, sunset, dog": [2, 4, 5]}
     with pytest.raises(ValueError, match="Token not found: 'dog'"):
         comfy_host.token_columns(clip, PROMPT, ["dog"])
 
@@ -420,17 +511,17 @@ def test_bending_layer_filter(model, clip):
 
 
 def test_bending_timestep_filter(model, clip):
-    entry = {**DYNAMIC["bending"][0], "apply_to_timesteps": [1, 2]}
+    entry = {**DYNAMIC["bending"][0], "apply_to_timesteps": [1, 2]}      # steps 1 and 2, both ends inclusive
     m = patched(model, {"bending": [entry]}, clip)
     plain = cs.ModelPatcher(model)
     cond, uncond = contexts()
     steps = []
-    cs.sample(m, latent(), cond, uncond, steps=3, on_step=lambda i, x, d: steps.append((x, d)))
-    sigmas = model.schedule(3)
+    cs.sample(m, latent(), cond, uncond, steps=4, on_step=lambda i, x, d: steps.append((x, d)))
+    sigmas = model.schedule(4)
     for i, (x, denoised) in enumerate(steps):
         s = sigmas[i:i + 1]
         unbent = cs.sampling_function(model, x, s, cs.cond(uncond), cs.cond(cond), 5.0, options(plain, sigmas))
-        assert torch.equal(denoised, unbent) is (i != 1), i
+        assert torch.equal(denoised, unbent) is (i not in (1, 2)), i
 
 
 def test_replace_functions_keep_q_dtype_and_honour_fp32_precision(model, clip):

@@ -268,7 +268,7 @@ torch.set_num_threads(1)
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 session = companion.apply(pipe, record_maps=True)
-latents = pipe("a romantic kiss at (sunset)", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
+latents = pipe("a romantic kiss at {sunset}", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
                output_type="latent", generator=torch.Generator().manual_seed(0)).images
 companion.save_maps(session, sys.argv[4])
 companion.remove(pipe)
@@ -300,7 +300,7 @@ def test_companion_in_a_fresh_process_gives_the_in_tree_latents(tmp_path):
         plain = pipe("a romantic kiss at sunset", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
                      output_type="latent", generator=torch.Generator().manual_seed(0)).images
         diffusers_host.apply(pipe, dynamic_part(recipe))
-        in_tree = pipe("a romantic kiss at (sunset)", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
+        in_tree = pipe("a romantic kiss at {sunset}", num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
                        output_type="latent", generator=torch.Generator().manual_seed(0)).images
         diffusers_host.remove(pipe)
     finally:

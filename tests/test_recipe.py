@@ -165,7 +165,7 @@ BENDING_ERRORS = [
     (BEND + 'mode = "rotate"\nangel = 5.0\n', "unknown key 'angel' (did you mean 'angle'?)"),
     (BEND + 'mode = "scale"\nstrength = "x"\n', "strength must be a number, not a string"),
     (BEND + 'mode = "scale"\nscale_factor = nan\n', "scale_factor = nan is not a finite number"),
-    (BEND + 'mode = "scale"\napply_to_timesteps = [5, 5]\n', "apply_to_timesteps must be [start, end]: step indices with 0 <= start < end, not [5, 5]"),
+    (BEND + 'mode = "scale"\napply_to_timesteps = [5, 4]\n', "apply_to_timesteps must be [start, end]: step indices with 0 <= start <= end, not [5, 4]"),
     (BEND + 'mode = "scale"\napply_to_timesteps = [-1, 5]\n', "apply_to_timesteps must be [start, end]"),
     (BEND + 'mode = "scale"\napply_to_timesteps = [0, 5, 9]\n', "apply_to_timesteps must be [start, end]"),
     (BEND + 'mode = "scale"\napply_to_timesteps = [0.0, 5]\n', "apply_to_timesteps must be [start, end]"),
@@ -182,7 +182,6 @@ BENDING_ERRORS = [
     (BEND + 'mode = "blur"\nkernel_size = 3.0\n', "kernel_size must be an integer, not a float (3.0)"),
     (BEND + 'mode = "blur"\nsigma = 0\n', "sigma = 0 must be > 0"),
     (BEND + 'mode = "sharpen"\nsharpen_amount = "lots"\n', "sharpen_amount must be a number"),
-    (BEND + 'mode = "regional_mask"\n', "missing required key 'region'"),
     (BEND + 'mode = "regional_mask"\nregion = [0, 0, 1]\n', "region must be [x1, y1, x2, y2], not [0, 0, 1]"),
     (BEND + 'mode = "regional_mask"\nregion = "top"\n', "region must be [x1, y1, x2, y2]"),
     (BEND + 'mode = "regional_mask"\nregion = [0, 0, 1.5, 1]\n', "region x2 = 1.5 must be in [0, 1]"),
@@ -390,6 +389,7 @@ def test_bending_defaults():
     ("blur", {"kernel_size": 3, "sigma": 1.0}),
     ("sharpen", {"sharpen_amount": 1.0, "kernel_size": 3, "sigma": 1.0}),
     ("frequency_filter", {"sigma": 1.0, "filter": None, "cutoff": None}),
+    ("regional_mask", {"region": None, "region_feather": 0.1}),       # no region: the map is left unchanged
 ])
 def test_bending_mode_parameter_defaults(mode, params):
     assert parse(f'[[bending]]\ntoken = "a"\nmode = "{mode}"\n').bending[0].params == params
@@ -407,6 +407,10 @@ def test_bending_values():
     assert (mask.renormalize, freq.renormalize, rot.renormalize) == ("none", "column", "row")
     assert (freq.filter, freq.cutoff, freq.sigma) == ("highpass", 0.3, 1.0)
     assert rot.angle == -30.0 and r.has_dynamic
+    # a one-step window (both ends inclusive) and the original's wildcard / comma-group tokens
+    r = parse('[[bending]]\ntoken = "ALL"\nmode = "scale"\napply_to_timesteps = [4, 4]\n'
+              '[[bending]]\ntoken = "kiss, rose"\nmode = "scale"\n')
+    assert r.bending[0].apply_to_timesteps == (4, 4) and r.bending[1].token == "kiss, rose"
 
 
 def test_single_bending_table_is_one_entry():

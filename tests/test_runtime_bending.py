@@ -200,6 +200,16 @@ def test_regional_mask_hard_and_feathered():
     check_only_target_changed(p, out, m * soft, h, w)
 
 
+def test_regional_mask_without_a_region_leaves_the_map_unchanged():
+    p = probs()
+    for feather in (0.0, 0.1, 0.5):
+        out = bend_one(p, mode="regional_mask", region_feather=feather)
+        assert torch.equal(out, p)
+    # a full-frame region with a feather is not the same thing: the feather darkens the borders
+    full = bend_one(p, mode="regional_mask", region=(0.0, 0.0, 1.0, 1.0), region_feather=0.3)
+    assert (target_maps(full)[:, 0, 0] < target_maps(p)[:, 0, 0]).all()
+
+
 def test_frequency_filter_fft():
     h, w = 8, 8
     jj = torch.arange(w, dtype=torch.float32)
@@ -281,7 +291,11 @@ def test_several_entries_apply_in_order_and_sub_tokens_each():
 
 def test_entry_filters():
     s = BendSpec("a", "flip", apply_to_timesteps=(2, 5), apply_to_layers=(0, 3))
-    assert [bd.entry_active(s, step, 0) for step in range(7)] == [False, False, True, True, True, False, False]
+    # both ends inclusive, as the original's start <= step <= end
+    assert [bd.entry_active(s, step, 0) for step in range(7)] == [False, False, True, True, True, True, False]
+    assert sum(bd.entry_active(BendSpec("a", "flip", apply_to_timesteps=(0, 25)), step) for step in range(50)) == 26
+    assert [bd.entry_active(BendSpec("a", "flip", apply_to_timesteps=(3, 3)), step) for step in range(5)] == \
+        [False, False, False, True, False]
     assert [bd.entry_active(s, 3, layer) for layer in range(5)] == [True, False, False, True, False]
     assert bd.entry_active(BendSpec("a", "flip"))
     with pytest.raises(ValueError, match="step index"):
@@ -290,6 +304,7 @@ def test_entry_filters():
     entry = {"token": "kiss", "mode": "flip", "flip_horizontal": True, "apply_to_timesteps": [1, 2],
              "apply_to_layers": [4]}
     assert bd.bend_probs(p, {"kiss": [TARGET]}, (H, W), [entry], step_index=0, layer_index=4) is p
+    assert bd.bend_probs(p, {"kiss": [TARGET]}, (H, W), [entry], step_index=3, layer_index=4) is p
     assert bd.bend_probs(p, {"kiss": [TARGET]}, (H, W), [entry], step_index=1, layer_index=3) is p
     assert not torch.equal(bd.bend_probs(p, {"kiss": [TARGET]}, (H, W), [entry], step_index=1, layer_index=4), p)
 
@@ -347,14 +362,53 @@ def test_attention_with_bending_matches_explicit_attention():
     torch.testing.assert_close(shown, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("renormalize", ["row", "column", "none"])
+@pytest.mark.parametrize("token", ["kiss", "ALL"])
+def test_bent_output_equals_explicit_bent_attention(renormalize, token):
+    """Host output + correction of the bent columns == softmax → bend_probs → ·V, for joint attention
+    ([text; image] keys, image queries bent) with the logits computed in several query chunks."""
+    g = torch.Generator().manual_seed(7)
+    b, heads, d, n_text, h, w = 2, 3, 8, 5, 4, 6
+    L = n_text + h * w
+    q, k, v = (torch.randn(b, heads, L, d, generator=g) * 2 for _ in range(3))
+    probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)                  # [b, heads, L, L]
+    out = probs @ v
+    entries = [{"token": token, "mode": "translate", "translate_x": 0.5, "renormalize": "none"},
+               {"token": token, "mode": "scale", "scale_factor": 3.0, "renormalize": renormalize}]
+    image, text = slice(n_text, None), slice(0, n_text)
+    block = probs[:, :, image, text].reshape(b * heads, h * w, n_text)
+    bent_block = bd.bend_probs(block, {"kiss": [1, 3]}, (h, w), entries)
+    expected = probs.clone()
+    expected[:, :, image, text] = bent_block.view(b, heads, h * w, n_text)
+    if renormalize == "row":               # bend_probs renormalised over the text keys; over all keys here
+        expected[:, :, image, text] = bd.bend_probs(block, {"kiss": [1, 3]}, (h, w), entries[:1] + [
+            {**entries[1], "renormalize": "none"}]).view(b, heads, h * w, n_text)
+        expected[:, :, image] /= expected[:, :, image].sum(-1, keepdim=True)
+    seen = []
+    host = out.clone()
+    got = bd.bent_output(host, q, k, v, entries, {"kiss": [1, 3]}, (h, w), text=text, queries=image,
+                         chunk_elements=b * heads * L * 7, observe=lambda p, pb: seen.append((p, pb)))
+    assert got is host                                                   # in place: no copy of the output
+    torch.testing.assert_close(got, expected @ v, atol=1e-4, rtol=1e-4)      # |v| ~ 2: float32 rounding
+    assert torch.equal(got[:, :, text], out[:, :, text])                 # text queries: the host's output
+    columns = list(range(n_text)) if token == "ALL" else [1, 3]
+    torch.testing.assert_close(seen[0][0], block[..., columns])          # the columns it saw
+    # nothing active: the host's output itself
+    assert bd.bent_output(out, q, k, v, [{**entries[0], "strength": 0}], {}, (h, w), text=text, queries=image) is out
+
+
 def test_parse_marked_prompt():
-    assert bd.parse_marked_prompt("a romantic (kiss) at (sunset)") == ("a romantic kiss at sunset", ["kiss", "sunset"])
-    assert bd.parse_marked_prompt("a (red car) on a road") == ("a red car on a road", ["red car"])
+    assert bd.parse_marked_prompt("a romantic {kiss} at {sunset}") == ("a romantic kiss at sunset", ["kiss", "sunset"])
+    assert bd.parse_marked_prompt("a {red car} on a road") == ("a red car on a road", ["red car"])
     assert bd.parse_marked_prompt("no marks") == ("no marks", [])
+    # emphasis is the host's: parentheses, weights and escapes pass through untouched
+    assert bd.parse_marked_prompt("a (lake:1.2) at {(sunset:1.3)}, \\(b\\)") == \
+        ("a (lake:1.2) at (sunset:1.3), \\(b\\)", ["(sunset:1.3)"])
+    assert bd.parse_marked_prompt("a {red|blue} car") == ("a {red|blue} car", [])     # a dynamic-prompt choice
 
 
 SUBWORDS = {"a": ["a</w>"], "romantic": ["romantic</w>"], "kiss": ["kiss</w>"], "at": ["at</w>"],
-            "sunset": ["sun", "set</w>"], "dog": ["dog</w>"]}
+            "sunset": ["sun", "set</w>"], "dog": ["dog</w>"], "cat": ["cat</w>"]}
 
 
 def fake_tokenize(text):
@@ -362,7 +416,7 @@ def fake_tokenize(text):
 
 
 def test_token_indices_for_sub_tokens_and_errors():
-    clean, words = bd.parse_marked_prompt("a romantic (kiss) at (sunset)")
+    clean, words = bd.parse_marked_prompt("a romantic {kiss} at {sunset}")
     tokens = ["<|startoftext|>"] + fake_tokenize(clean) + ["<|endoftext|>"] * 3
     assert bd.token_indices_for("kiss", tokens, fake_tokenize) == [3]
     assert bd.token_indices_for("sunset", tokens, fake_tokenize) == [5, 6]
@@ -377,6 +431,26 @@ def test_token_indices_for_sub_tokens_and_errors():
         bd.bend_probs(probs(), {}, (H, W), [{"token": "kiss", "mode": "flip"}])
 
 
+
+
+def test_comma_groups_and_wildcards():
+    tokens = ["<|startoftext|>"] + fake_tokenize("a romantic kiss at sunset") + ["<|endoftext|>"] * 3
+    # a group: the members found in the prompt, each column bent by the one entry; missing members skipped
+    assert bd.token_columns(["kiss, sunset, dog"], tokens, fake_tokenize) == {"kiss, sunset, dog": [3, 5, 6]}
+    with pytest.raises(ValueError, match="Token not found: no word of the group 'dog, cat'"):
+        bd.token_columns(["dog, cat"], tokens, fake_tokenize)
+    # a wildcard needs no lookup: it is every key column of the call
+    for wildcard in ("ALL", "*", "all", "AllTokens"):
+        assert bd.token_columns([wildcard], tokens, fake_tokenize) == {}
+        assert bd.columns_for(wildcard, {}, 9) == list(range(9))
+    p = probs()
+    group = bd.bend_probs(p, {"kiss, sunset": [1, 3]}, (H, W),
+                          [{"token": "kiss, sunset", "mode": "flip", "flip_horizontal": True, "renormalize": "none"}])
+    for j in range(T):
+        expected = torch.flip(target_maps(p, j=j), [2]) if j in (1, 3) else target_maps(p, j=j)
+        torch.testing.assert_close(target_maps(group, j=j), expected)
+    every = bd.bend_probs(p, {}, (H, W), [{"token": "*", "mode": "scale", "scale_factor": 2.0, "renormalize": "none"}])
+    torch.testing.assert_close(every, 2 * p)
 
 
 def test_bending_imports_only_torch_and_stdlib():

@@ -13,21 +13,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKLWan, DDIMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler,
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                        PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
-                       StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline,
-                       WanTransformer3DModel)
+                       StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline)
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import (CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
-from _pipelines import SCHEDULER_CONFIG, SIZE, WORDS, clip_text_config, sd_pipeline, tiny_vae, write_clip_tokenizer
+from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
+                        tiny_vae, wan_pipeline, write_clip_tokenizer)
 
 PROMPT = "a romantic kiss at sunset"
-MARKED = "a romantic (kiss) at (sunset)"
+MARKED = "a romantic {kiss} at {sunset}"
 SUNSET = 5                       # <BOS> a romantic kiss at sunset
 STEPS = 3
 SD_CROSS_SITES = 7               # down 1 + 1, mid 1, up 2 + 2
@@ -66,24 +65,6 @@ def sdxl(clip_tokenizer):
     return pipe
 
 
-def t5_like_tokenizer():
-    """A word-level `tokenizers` tokenizer ending in </s>, in PreTrainedTokenizerFast (T5's conventions:
-    no BOS, pad 0); the pipelines only call it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=16)
-
-
-def t5_encoder(tokenizer):
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                   num_heads=4, relative_attention_num_buckets=8)).eval()
-
-
 @pytest.fixture(scope="module")
 def pixart():
     """PixArt-α: a real PixArtTransformer2DModel and T5 encoder."""
@@ -103,20 +84,7 @@ def pixart():
 
 @pytest.fixture(scope="module")
 def wan():
-    """Wan 2.1 (the original Attention Bending's model): video latents of 2 frames × 8×8, patch 1×2×2,
-    q/k RMS norms across heads, CFG as two model calls."""
-    tokenizer = t5_like_tokenizer()
-    torch.manual_seed(5)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5_encoder(tokenizer), vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return wan_pipeline()
 
 
 WAN_FRAMES, WAN_GRID = 2, (4, 4)                          # 5 frames → 2 latent frames; 64 px → 8 → 4
@@ -585,9 +553,18 @@ def test_encode_prompt_removes_the_marks(sd):
         plain = sd.encode_prompt(PROMPT, *args)
         with applied(sd, {"bending": [BEND]}):
             marked = sd.encode_prompt(MARKED, *args)
-        unmarked_raw = sd.encode_prompt(MARKED, *args)   # unpatched: the parentheses are tokens
+        unmarked_raw = sd.encode_prompt(MARKED, *args)   # unpatched: the braces are tokens
+        # only the braces go: parentheses (compel-style weights, left to the user's encoder) stay
+        weighted = "a (romantic:1.2) kiss at {sunset}"
+        with applied(sd, {"bending": [BEND]}) as session:
+            kept = sd.encode_prompt(weighted, *args)
+        raw = sd.encode_prompt(weighted.replace("{", "").replace("}", ""), *args)
     assert torch.equal(marked[0], plain[0]) and torch.equal(marked[1], plain[1])
     assert not torch.equal(unmarked_raw[0], plain[0])
+    assert torch.equal(kept[0], raw[0])
+    columns = session.token_indices["sunset"]
+    assert columns[0] > SUNSET and sd.tokenizer.convert_ids_to_tokens(
+        sd.tokenizer(weighted.replace("{", "").replace("}", ""))["input_ids"])[columns[0]].startswith("sun")
 
 
 LAYER0_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -683,7 +660,7 @@ def test_prompt_embeds_only_is_an_error(sd):
 
 def test_prompt_lists(sd):
     with applied(sd, {"bending": [BEND]}, record_maps=True) as session:
-        out = latents(sd, ["a photo at (sunset)", "a cat at sunset"], num_inference_steps=1)
+        out = latents(sd, ["a photo at {sunset}", "a cat at sunset"], num_inference_steps=1)
         assert out.shape[0] == 2 and session.token_indices == {"sunset": [4]}
         with pytest.raises(ValueError, match="same token positions"):
             latents(sd, ["a photo at sunset", "a romantic kiss at sunset"])
@@ -694,7 +671,7 @@ def test_word_with_several_subtokens(sd):
     pieces = len(sd.tokenizer.tokenize("moon"))
     assert pieces > 1
     entry = {**BEND, "token": "moon"}
-    session, _, inputs = recorded_with_layer0_inputs(sd, {"bending": [entry]}, "a photo of a (moon)", phase=1)
+    session, _, inputs = recorded_with_layer0_inputs(sd, {"bending": [entry]}, "a photo of a {moon}", phase=1)
     columns = list(range(5, 5 + pieces))
     assert session.token_indices == {"moon": columns}
     probs = conditional_probs(module(sd, LAYER0_ATTN2), *inputs[0])

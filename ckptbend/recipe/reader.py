@@ -198,8 +198,8 @@ def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
 
 def _check_step_range(r: _Reader, where: str, p: Param, value) -> tuple[int, int]:
     ints = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ints or len(value) != 2 or not 0 <= value[0] < value[1]:
-        r.fail(where, f"{p.name} must be [start, end]: step indices with 0 <= start < end, not {_show(value)}")
+    if not ints or len(value) != 2 or not 0 <= value[0] <= value[1]:
+        r.fail(where, f"{p.name} must be [start, end]: step indices with 0 <= start <= end, not {_show(value)}")
     return tuple(value)
 
 

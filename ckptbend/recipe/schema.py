@@ -123,7 +123,7 @@ BEND_COMMON = _table(
     Param("token", "text", required=True),
     Param("mode", "choice", required=True, choices=BEND_MODES),
     Param("strength", "number", 1.0),
-    Param("apply_to_timesteps", "step_range", None),   # [start, end): scheduler step indices; None = all
+    Param("apply_to_timesteps", "step_range", None),   # [start, end], both inclusive; None = all
     Param("apply_to_layers", "index_list", None),      # cross-attention site indices; None = all
     Param("renormalize", "renormalize", "row"),
 )
@@ -138,7 +138,7 @@ BEND_PARAMS = _table(
     Param("sharpen_amount", "number", 1.0),
     Param("kernel_size", "int", 3, lo=1),
     Param("sigma", "number", 1.0, lo=0.0, open_lo=True),
-    Param("region", "region", None, required=True),    # [x1, y1, x2, y2] in 0-1, (0, 0) top-left
+    Param("region", "region", None),                   # [x1, y1, x2, y2] in 0-1, (0, 0) top-left; None = no-op
     Param("region_feather", "number", 0.1, lo=0.0),
     Param("filter", "choice", None, choices=("lowpass", "highpass")),
     Param("cutoff", "number", None, lo=0.0, open_lo=True, hi=1.0),

@@ -98,7 +98,7 @@ class BendEntry:
     token: str
     mode: str
     strength: float = 1.0
-    apply_to_timesteps: tuple[int, int] | None = None   # [start, end) scheduler step indices
+    apply_to_timesteps: tuple[int, int] | None = None   # [start, end] scheduler step indices, inclusive
     apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
     renormalize: str = "row"                            # "row" | "column" | "none"
     scale_factor: float = 1.0

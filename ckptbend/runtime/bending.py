@@ -36,7 +36,7 @@ class BendSpec:
     token: str
     mode: str
     strength: float = 1.0
-    apply_to_timesteps: tuple[int, int] | None = None   # [start, end) scheduler step indices
+    apply_to_timesteps: tuple[int, int] | None = None   # [start, end] scheduler step indices, both inclusive
     apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
     renormalize: str = "row"                            # "row" | "column" (first version) | "none"
     scale_factor: float = 1.0                           # scale
@@ -49,7 +49,7 @@ class BendSpec:
     kernel_size: int = 3                                # blur, sharpen, frequency_filter (placeholder)
     sigma: float = 1.0
     sharpen_amount: float = 1.0                         # sharpen
-    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)   # regional_mask: x1, y1, x2, y2
+    region: tuple[float, float, float, float] | None = None   # regional_mask: x1, y1, x2, y2; None: no-op
     region_feather: float = 0.1
     filter: str | None = None                           # frequency_filter: "lowpass" | "highpass"
     cutoff: float = 0.5                                 # fraction of Nyquist
@@ -68,7 +68,8 @@ class BendSpec:
             object.__setattr__(self, "apply_to_timesteps", (int(start), int(end)))
         if self.apply_to_layers is not None:
             object.__setattr__(self, "apply_to_layers", tuple(int(i) for i in self.apply_to_layers))
-        object.__setattr__(self, "region", tuple(float(c) for c in self.region))
+        if self.region is not None:
+            object.__setattr__(self, "region", tuple(float(c) for c in self.region))
         if self.filter is not None and self.filter not in FILTERS:
             raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
 
@@ -86,14 +87,17 @@ def as_spec(entry) -> BendSpec:
 
 
 def entry_active(entry, step_index: int | None = None, layer_index: int | None = None) -> bool:
-    """Whether an entry applies at this scheduler step (apply_to_timesteps = [start, end)) and
-    cross-attention site. A filter that is set needs its index: None there is a host bug, not "all"."""
+    """Whether an entry applies at this scheduler step and cross-attention site.
+
+    apply_to_timesteps = [start, end] bends steps start <= step <= end, both ends inclusive as in the
+    original (a recipe [0, 25] bends 26 steps). A filter that is set needs its index: None there is
+    a host bug, not "all"."""
     spec = as_spec(entry)
     if spec.apply_to_timesteps is not None:
         if step_index is None:
             raise ValueError("entry has apply_to_timesteps but no step index was given")
         start, end = spec.apply_to_timesteps
-        if not start <= step_index < end:
+        if not start <= step_index <= end:
             return False
     if spec.apply_to_layers is not None:
         if layer_index is None:
@@ -182,8 +186,10 @@ def region_mask(height: int, width: int, region=(0.0, 0.0, 1.0, 1.0), region_fea
     return m
 
 
-def mask_region(maps: torch.Tensor, region=(0.0, 0.0, 1.0, 1.0), region_feather: float = 0.1) -> torch.Tensor:
-    """regional_mask: col · M."""
+def mask_region(maps: torch.Tensor, region=None, region_feather: float = 0.1) -> torch.Tensor:
+    """regional_mask: col · M; without a region the map is left unchanged, as in the original."""
+    if region is None:
+        return maps
     return maps * region_mask(maps.shape[-2], maps.shape[-1], region, region_feather, maps.dtype, maps.device)
 
 
@@ -279,38 +285,108 @@ def grid_for(n_tokens: int, latent_hw: tuple[int, int] | None = None, frames: in
     return h, s // h
 
 
+def active_entries(entries: Iterable, step_index: int | None = None, layer_index: int | None = None) -> list:
+    """The entries that act here: strength ≠ 0 (0 leaves sampling bit-identical) and entry_active."""
+    return [s for s in map(as_spec, entries) if s.strength != 0 and entry_active(s, step_index, layer_index)]
+
+
+def _bend_columns(cols: torch.Tensor, spec_columns: Sequence[tuple], grid_hw: tuple[int, int],
+                  frames: int | None) -> None:
+    """Bend, in place, the columns cols[:, :, j] ([batch·heads, S, ·]) each (spec, [j…]) names, in order."""
+    bh, n_tokens, _ = cols.shape
+    f = frames or 1
+    h, w = grid_hw
+    if f * h * w != n_tokens:
+        raise ValueError(f"{n_tokens} image tokens do not fit {f} frame(s) of {h}×{w}")
+    for spec, columns in spec_columns:
+        for j in columns:
+            col = cols[:, :, j].float()                                      # [bh, S]
+            bent = transform(col.reshape(bh * f, h, w), spec).reshape(bh, n_tokens)
+            blended = (1 - spec.strength) * col + spec.strength * bent
+            if spec.renormalize == "column":
+                blended = renormalize_columns(blended)
+            cols[:, :, j] = blended.to(cols.dtype)
+
+
 def bend_probs(probs: torch.Tensor, token_indices: Mapping[str, Sequence[int]], grid_hw: tuple[int, int],
                entries: Iterable, step_index: int | None = None, layer_index: int | None = None,
                frames: int | None = None) -> torch.Tensor:
     """Bent copy of probs [batch·heads, S, T]; probs itself when no entry is active here.
 
-    token_indices: word → its text-token columns (token_indices_for). Entries with strength 0 are
+    token_indices: token → its text-token columns (token_columns). Entries with strength 0 are
     skipped outright, so they leave P bit-identical (a row renormalisation would not). Column
     renormalisation is per entry, after blending; row renormalisation once, after all entries, if
     any active entry asks for it. The transforms run in float32. Entries with apply_to_timesteps /
     apply_to_layers need step_index / layer_index (entry_active).
     """
-    active = [s for s in map(as_spec, entries) if s.strength != 0 and entry_active(s, step_index, layer_index)]
+    active = active_entries(entries, step_index, layer_index)
     if not active:
         return probs
-    bh, n_tokens, _ = probs.shape
-    f = frames or 1
-    h, w = grid_hw
-    if f * h * w != n_tokens:
-        raise ValueError(f"{n_tokens} image tokens do not fit {f} frame(s) of {h}×{w}")
     out = probs.clone()
-    for spec in active:
-        if spec.token not in token_indices:
-            raise ValueError(f"Token not found: '{spec.token}'")
-        for j in token_indices[spec.token]:
-            col = out[:, :, j].float()                                       # [bh, S]
-            bent = transform(col.reshape(bh * f, h, w), spec).reshape(bh, n_tokens)
-            blended = (1 - spec.strength) * col + spec.strength * bent
-            if spec.renormalize == "column":
-                blended = renormalize_columns(blended)
-            out[:, :, j] = blended.to(out.dtype)
+    _bend_columns(out, [(s, columns_for(s.token, token_indices, probs.shape[-1])) for s in active], grid_hw, frames)
     if any(s.renormalize == "row" for s in active):
         out = renormalize_rows(out)
+    return out
+
+
+CHUNK_ELEMENTS = 1 << 25      # logits per query chunk in bent_output: 128 MiB of float32
+
+
+def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entries: Iterable,
+                token_indices: Mapping[str, Sequence[int]], grid_hw: tuple[int, int],
+                step_index: int | None = None, layer_index: int | None = None, frames: int | None = None,
+                text: slice = slice(None), queries: slice = slice(None), scale: float | None = None,
+                chunk_elements: int = CHUNK_ELEMENTS,
+                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Bend the host's attention output `out` in place, computing only what bending changes; returns out.
+
+    out, q: [b, heads, Lq, d]; k, v: [b, heads, Lk, d] (per head; a host's [b, L, heads·d] viewed so).
+    out is the host's own attention result softmax(q·kᵀ·scale)·v (any backend). Only the query rows
+    `queries` (the image tokens) are bent, against the text keys `text` (their column numbers count
+    from text.start); the softmax runs over all Lk keys (joint attention: text and image). Per query
+    chunk (chunk_elements logits), in float32: s = q·kᵀ·scale, lse = logsumexp(s), and the n bent
+    columns P_J = exp(s_J − lse) only; they are bent (bend_probs' rules, _bend_columns) to P'_J, and
+
+        out' = (out + (P'_J − P_J)·v_J) / r,   r = 1 − ΣP_J + ΣP'_J if any entry renormalises rows, else 1
+
+    which is what bend_probs followed by P'·v gives, without the [Lq, Lk] matrix. Extra memory: the
+    columns (2·b·heads·Lq·n float32) and one chunk's logits and temporaries (about 2·chunk_elements
+    floats plus the chunk's float32 queries and output rows). observe(P_J, P'_J) ([b·heads, S, n])
+    sees the columns (maps). Nothing active: out untouched.
+    """
+    active = active_entries(entries, step_index, layer_index)
+    if not active:
+        return out
+    b, heads, _, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    first = text.start or 0
+    n_text = len(range(k.shape[2])[text])
+    per_spec = [(s, [first + j for j in columns_for(s.token, token_indices, n_text)]) for s in active]
+    keys = sorted({j for _, js in per_spec for j in js})
+    if keys and keys[-1] >= k.shape[2]:
+        raise ValueError(f"token column {keys[-1] - first} lies beyond the {n_text} text tokens the model sees")
+    local = {j: i for i, j in enumerate(keys)}
+    qs, os = q[:, :, queries], out[:, :, queries]
+    n_q = qs.shape[2]
+    kf, vj = k.float(), v[:, :, keys].float()
+    step = max(1, chunk_elements // max(1, b * heads * k.shape[2]))
+    chunks = [slice(i, i + step) for i in range(0, n_q, step)]
+    p = torch.empty(b, heads, n_q, len(keys), dtype=torch.float32, device=q.device)
+    for c in chunks:
+        logits = torch.matmul(qs[:, :, c].float(), kf.transpose(-1, -2)).mul_(scale)
+        p[:, :, c] = torch.exp(logits[..., keys] - torch.logsumexp(logits, dim=-1, keepdim=True))
+        del logits
+    bent = p.clone()
+    _bend_columns(bent.view(b * heads, n_q, -1), [(s, [local[j] for j in js]) for s, js in per_spec], grid_hw,
+                  frames)
+    if observe is not None:
+        observe(p.view(b * heads, n_q, -1), bent.view(b * heads, n_q, -1))
+    rows = any(s.renormalize == "row" for s in active)
+    for c in chunks:
+        corrected = os[:, :, c].float() + torch.matmul(bent[:, :, c] - p[:, :, c], vj)
+        if rows:
+            corrected = _safe_divide(corrected, 1 - p[:, :, c].sum(-1, keepdim=True) + bent[:, :, c].sum(-1, keepdim=True))
+        os[:, :, c] = corrected.to(out.dtype)
     return out
 
 
@@ -345,7 +421,7 @@ def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     → out [b, S, heads·d] before to_out.
 
     softmax(q·kᵀ·scale) in float32 (scale defaults to d^−½), bent for the batch items in bend_batch
-    (the conditional ones; default all), then times V in v's dtype. grid_hw defaults to the most square
+    (the conditional ones; default all), then times V in float32, returned in v's dtype. grid_hw defaults to the most square
     factorisation (pass grid_for(S, latent_hw) when the latent is known). Phase 1 (visualisation):
     apply=False computes the bent maps, hands (original, bent) to observe, and uses the original.
     bias: an additive mask on the logits (attention_probs).
@@ -373,17 +449,44 @@ def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     if observe is not None:
         observe(probs, bent)
     used = bent if apply else probs
-    out = torch.bmm(used.to(v.dtype), vh)
+    out = torch.bmm(used, vh.float()).to(v.dtype)          # float32 probabilities, not v's fp16 / bf16
     return out.reshape(b, heads, n_q, d).transpose(1, 2).reshape(b, n_q, heads * d)
 
 
 # --- token targeting ---------------------------------------------------------------------------------
+#
+# An entry's token is one of (the original's later versions, after 6322d6f):
+# - a word or phrase: its sub-tokens' columns in the encoded prompt (all of them; first_only for the
+#   original's first sub-token). A word absent from the prompt is an error ("Token not found").
+# - a wildcard, "ALL", "*" or "ALLTOKENS" (any case): every text token, i.e. every key column of the
+#   cross-attention (start/end tokens and padding included, as the original's range(seq_len)).
+# - a comma-separated group, "kiss, rose, ship": every member found in the prompt is bent by the same
+#   entry, each column on its own, as one entry. Members missing from the prompt are skipped, as in
+#   the original; a group none of whose members is in the prompt is an error here (the original logs
+#   a warning and bends nothing).
+#
+# Prompts may mark targets with braces, "a romantic {kiss} at {sunset}": the braces are removed before
+# encoding and nothing else is touched, so the host's emphasis syntax ("(sunset:1.2)", "((kiss))",
+# "\(" escapes; compel's weights in diffusers) passes to its tokenizer unchanged, and a target may carry
+# a weight: "{(sunset:1.2)}" or "({sunset}:1.2)". Marks are optional: the entry's token names the target.
+# The original marked targets with parentheses, which are ComfyUI's and A1111's emphasis; "{a|b}"
+# (dynamic-prompt choices) is not a mark.
 
-_MARK = re.compile(r"\(([^()]+)\)")
+WILDCARDS = ("ALL", "*", "ALLTOKENS")
+_MARK = re.compile(r"\{([^{}|]+)\}")
+
+
+def is_wildcard(token: str) -> bool:
+    return token.strip().upper() in WILDCARDS
+
+
+def group_members(token: str) -> list[str]:
+    """'kiss, rose' → ['kiss', 'rose']; a single word → [word]."""
+    return [w.strip() for w in token.split(",") if w.strip()]
 
 
 def parse_marked_prompt(prompt: str) -> tuple[str, list[str]]:
-    """'a romantic (kiss) at (sunset)' → ('a romantic kiss at sunset', ['kiss', 'sunset'])."""
+    """'a romantic {kiss} at {(sunset:1.2)}' → ('a romantic kiss at (sunset:1.2)', ['kiss', '(sunset:1.2)'])."""
     words = [m.strip() for m in _MARK.findall(prompt)]
     return _MARK.sub(r"\1", prompt), words
 
@@ -409,5 +512,30 @@ def token_indices_for(word: str, prompt_tokens: Sequence[Hashable],
 
 def token_columns(words: Iterable[str], prompt_tokens: Sequence[Hashable],
                   tokenize_word: Callable[[str], Sequence[Hashable]], first_only: bool = False) -> dict[str, list[int]]:
-    """{word: token_indices_for(word, …)} for every word, e.g. the marked ones of parse_marked_prompt."""
-    return {w: token_indices_for(w, prompt_tokens, tokenize_word, first_only) for w in words}
+    """{token: its columns} for every entry token (see above): a word's sub-tokens, a group's members'
+    (those in the prompt), nothing for a wildcard (columns_for resolves it per call)."""
+    out = {}
+    for word in words:
+        if is_wildcard(word):
+            continue
+        members = group_members(word) if "," in word else [word]
+        found = []
+        for member in members:
+            try:
+                found += token_indices_for(member, prompt_tokens, tokenize_word, first_only)
+            except ValueError:
+                if len(members) == 1:
+                    raise
+        if not found:
+            raise ValueError(f"Token not found: no word of the group '{word}'")
+        out[word] = list(dict.fromkeys(found))
+    return out
+
+
+def columns_for(token: str, token_indices: Mapping[str, Sequence[int]], n_text: int) -> list[int]:
+    """The key columns an entry bends: every one of the n_text for a wildcard, else token_indices'."""
+    if is_wildcard(token):
+        return list(range(n_text))
+    if token not in token_indices:
+        raise ValueError(f"Token not found: '{token}'")
+    return list(token_indices[token])

@@ -11,8 +11,11 @@ only wires it into ComfyUI's model-patch hooks (shared/docs/comfyui-hooks.md):
             runs the extra unconditional model call through comfy.samplers.calc_cond_batch and
             returns sag.sag_step's result (x0 space).
   Slothful  attn1_patch reduces the key/value inputs (slothful.slothful_kv) before projection.
-  Bending   attn2_replace at every cross-attention site that an entry may act on: explicit
-            probabilities, bent for the conditional chunks only (bending.attention_with_bending).
+  Bending   attn2_replace at every cross-attention site that an entry may act on: ComfyUI's own
+            attention, plus for the conditional chunks where an entry acts the correction of the
+            bent columns (bending.bent_output, float32).
+Every hooked site computes its unchanged output with ComfyUI's own attention function, the backend
+the user selected (host_attention), so wherever nothing is bent the result is bit-identical.
 
 Node API, used by the companion's __init__.py:
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = node_class_mappings(dynamic, name, sha256)
@@ -25,7 +28,6 @@ import re
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from . import bending, sag, slothful
 
@@ -88,7 +90,7 @@ def input_specs(dynamic: Mapping) -> dict:
 
     sag_*: scale, blur_sigma. slothful_*: the full node's twelve parameters, or the Simple node's
     eight when dynamic["slothful_simple"]. Bending: bending_clip (maps words to token columns),
-    bending_prompt (the prompt as encoded, words to bend may be marked "(word)"), and per entry
+    bending_prompt (the prompt as encoded, emphasis included; words to bend may be marked "{word}"), and per entry
     i = 1, 2, …: bend<i>_token and bend<i>_strength; the rest of an entry is the recipe's.
     """
     specs: dict = {}
@@ -133,6 +135,10 @@ def patch_model(model, dynamic: Mapping, **values):
     stays bit-identical to the unpatched model.
     """
     values = {**{k: _default(s) for k, s in input_specs(dynamic).items()}, **values}
+    if (dynamic.get("sag") is not None or dynamic.get("slothful") is not None) \
+            and not _is_unet(model.model.diffusion_model):
+        raise ValueError("SAG and Slothful Attention need a UNet model (SD 1.x/2.x, SDXL); this model's "
+                         f"diffusion_model is a {type(model.model.diffusion_model).__name__}")
     m = model.clone()
     if dynamic.get("sag") is not None and values["sag_scale"] != 0:
         _patch_sag(m, float(values["sag_scale"]), float(values["sag_blur_sigma"]))
@@ -148,25 +154,38 @@ def patch_model(model, dynamic: Mapping, **values):
                  for i, entry in enumerate(dynamic["bending"], 1)]
         specs = [s for s in specs if s.strength != 0]
         if specs:
-            columns = token_columns(values["bending_clip"], values["bending_prompt"], [s.token for s in specs])
-            _patch_bending(m, specs, columns)
+            dit = None if _is_unet(m.model.diffusion_model) else dit_layout(m.model.diffusion_model)
+            columns = token_columns(values["bending_clip"], values["bending_prompt"], [s.token for s in specs],
+                                    None if dit is None else dit.text_key)
+            (_patch_bending if dit is None else _patch_bending_dit)(m, specs, columns, *([dit] if dit else []))
     return m
+
+
+def _is_unet(diffusion_model) -> bool:
+    return hasattr(diffusion_model, "input_blocks")
 
 
 # --- attention helpers ------------------------------------------------------------------------------
 
-def _attention(q, k, v, heads: int, precision=None):
-    """Plain attention as ComfyUI's PyTorch backend computes it (scaled_dot_product_attention), in
-    q's dtype unless attn_precision asks for float32. Used where a replace has nothing to do, so
-    the output matches an unpatched model's."""
-    b, _, inner = q.shape
-    d = inner // heads
-    dtype = q.dtype
-    if precision == torch.float32:
-        q, k, v = q.float(), k.float(), v.float()
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, -1, heads * d).to(dtype)
+def host_attention(q, k, v, heads: int, extra: Mapping, mask=None):
+    """ComfyUI's own attention, the backend the user selected (sub-quadratic, split, PyTorch, xformers,
+    sage, flash: comfy.ldm.modules.attention.optimized_attention), called as ComfyUI's CrossAttention
+    calls it, so a site the node does not change computes exactly what the unpatched model does.
+    Another node's optimized_attention_override (ComfyUI ≥ 0.3.60) is honoured as ComfyUI would."""
+    import importlib
+
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    kwargs = {"attn_precision": extra.get("attn_precision")}
+    if "optimized_attention_override" in extra:
+        kwargs["transformer_options"] = extra
+    if mask is not None:
+        return attention.optimized_attention_masked(q, k, v, heads, mask, **kwargs)
+    return attention.optimized_attention(q, k, v, heads, **kwargs)
+
+
+def _per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, n, heads·d] → [b, heads, n, d] (a view)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def _chunk_rows(cond_or_uncond, kind: int, batch: int) -> list[int]:
@@ -174,6 +193,16 @@ def _chunk_rows(cond_or_uncond, kind: int, batch: int) -> list[int]:
     len(cond_or_uncond) equal chunks in that order."""
     size = batch // len(cond_or_uncond)
     return [c * size + i for c, k in enumerate(cond_or_uncond) if k == kind for i in range(size)]
+
+
+def _bend_rows(out, q, k, v, rows: list, **bend) -> None:
+    """bending.bent_output on the batch rows `rows` of per-head out/q/k/v, writing into out: consecutive
+    rows as views (no copies), others gathered and written back."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        index = slice(rows[0], rows[-1] + 1)
+        bending.bent_output(out[index], q[index], k[index], v[index], **bend)
+    else:
+        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], **bend)
 
 
 def _grid_hw(extra: Mapping):
@@ -212,7 +241,7 @@ def _patch_sag(m, scale: float, blur_sigma: float) -> None:
             if grid is not None and grid[0] * grid[1] != k.shape[1]:
                 grid = None     # keys reduced by Slothful (keep_middle off): ComfyUI's guess, as its node
             state.update(probs=bending.attention_probs(q[rows], k[rows], heads), heads=heads, mid_hw=grid)
-        return _attention(q, k, v, heads, extra.get("attn_precision"))
+        return host_attention(q, k, v, heads, extra)
 
     def post_cfg(args):
         probs = state.pop("probs", None)       # this step's map, used once
@@ -268,26 +297,34 @@ def cross_attention_sites(diffusion_model) -> list[tuple[str, int, int]]:
     return sites
 
 
-def _chunks(tokens: Mapping) -> list[list]:
-    """ComfyUI's clip.tokenize output {"l": [[(id, weight), …77], …]} (SDXL adds "g" with the same
-    positions) as lists of token ids per 77-token chunk; the encoder's context is their concatenation."""
-    key = "l" if "l" in tokens else sorted(tokens)[0]
-    return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in tokens[key]]
+def _token_ids(tokens: Mapping, key: str | None = None) -> list:
+    """The token ids of ComfyUI's clip.tokenize output {"l": [[(id, weight, …), …77], …]} in
+    cross-attention column order (the chunks' concatenation); an embedding vector counts as None.
+    key: the encoder whose tokens the model attends to; default "l" (SDXL's "g" has the same
+    positions), or the only one."""
+    if key is None:
+        key = "l" if "l" in tokens or len(tokens) != 1 else next(iter(tokens))
+    if key not in tokens:
+        raise ValueError(f"bending_clip tokenizes for {', '.join(sorted(tokens))}, but this model reads "
+                         f"{key!r} tokens: wire the text encoder you sample with")
+    return [t[0] if isinstance(t[0], int) else None for chunk in tokens[key] for t in chunk]
 
 
-def token_columns(clip, prompt: str, words) -> dict[str, list[int]]:
-    """word → its text-token columns in the cross-attention context of `prompt` encoded by `clip`.
+def token_columns(clip, prompt: str, words, key: str | None = None) -> dict[str, list[int]]:
+    """token → its text-token columns in the cross-attention context of `prompt` as `clip` encodes it.
 
-    The prompt's marks "(word)" are removed before tokenising, as the original does (ComfyUI's
-    emphasis syntax keeps the same tokens in the same places); all of a word's sub-tokens are bent.
+    The prompt goes to the wired CLIP's own tokenize() exactly as the user encodes it, after removing
+    only the "{word}" bending marks (bending.py): ComfyUI parses its emphasis ("(word:1.2)", "((word))",
+    "\\(" escapes) and chunking itself, so a weighted word keeps its place and a target may carry a
+    weight. A word's ids are clip.tokenize(word) less the ids an empty prompt has (start, end,
+    padding); all of its sub-tokens are bent. Wildcards and comma groups: bending.token_columns.
     """
     text, _marked = bending.parse_marked_prompt(prompt)
-    prompt_ids = [i for chunk in _chunks(clip.tokenize(text)) for i in chunk]
-    eos = _chunks(clip.tokenize(""))[0][1]               # "" encodes as BOS, EOS, padding
+    prompt_ids = _token_ids(clip.tokenize(text), key)
+    special = set(_token_ids(clip.tokenize(""), key))
 
-    def word_ids(word):                                  # the word's tokens between BOS and EOS
-        ids = _chunks(clip.tokenize(word))[0][1:]
-        return ids[:ids.index(eos)] if eos in ids else ids
+    def word_ids(word):
+        return [i for i in _token_ids(clip.tokenize(word), key) if i not in special]
 
     try:
         return bending.token_columns(words, prompt_ids, word_ids)
@@ -297,6 +334,7 @@ def token_columns(clip, prompt: str, words) -> dict[str, list[int]]:
 
 
 def _patch_bending(m, specs: list, columns: Mapping) -> None:
+    """UNet: an attn2 replace at every cross-attention site an entry may act on."""
     sites = cross_attention_sites(m.model.diffusion_model)
     for layer, (name, number, index) in enumerate(sites):
         if any(s.apply_to_layers is None or layer in s.apply_to_layers for s in specs):
@@ -305,23 +343,159 @@ def _patch_bending(m, specs: list, columns: Mapping) -> None:
 
 def _bend_site(specs: list, columns: Mapping, layer: int):
     def bend(q, k, v, extra):
-        heads, precision = extra["n_heads"], extra.get("attn_precision")
-        cond_or_uncond = extra["cond_or_uncond"]
+        heads = extra["n_heads"]
         step = step_index(extra["sigmas"][0], extra.get("sample_sigmas"))
-        active = [s for s in specs if bending.entry_active(s, step, layer)]
-        out = _attention(q, k, v, heads, precision)
-        rows = _chunk_rows(cond_or_uncond, 0, q.shape[0])
+        active = bending.active_entries(specs, step, layer)
+        out = host_attention(q, k, v, heads, extra)
+        rows = _chunk_rows(extra["cond_or_uncond"], 0, q.shape[0])
         if not active or not rows or extra.get(SAG_PASS):
             return out
-        last = max(j for s in active for j in columns[s.token])
+        last = max(j for s in active for j in bending.columns_for(s.token, columns, k.shape[1]))
         if last >= k.shape[1]:
             raise ValueError(f"Attention Bending: token column {last} lies beyond the {k.shape[1]} text tokens "
                              "the model sees; is bending_prompt the prompt you encode?")
-        # Only the conditional chunks get explicit, bent attention; the others keep the plain result.
+        # Only the conditional chunks are bent: the host's output plus the bent columns' correction.
         grid = _grid_hw(extra) or bending.grid_for(q.shape[1], tuple(extra["original_shape"][-2:]))
-        bent = bending.attention_with_bending(q[rows], k[rows], v[rows], heads, active, columns, grid,
-                                              step, layer)
-        out[rows] = bent.to(out.dtype)
+        _bend_rows(*(_per_head(t, heads) for t in (out, q, k, v)), rows, entries=active, token_indices=columns,
+                   grid_hw=grid, step_index=step, layer_index=layer)
         return out
 
     return bend
+
+
+# --- Attention Bending on DiTs ----------------------------------------------------------------------
+#
+# ComfyUI ≥ 0.3.60 hands every attention call of a DiT to transformer_options["optimized_attention_override"]
+# (shared/docs/comfyui-dit-hooks.md). Three hooks, all on the clone:
+#   - a "dit" block replace per block tags the block's transformer_options with its layer and a call
+#     counter (the call index tells self / cross / joint attention apart), then runs the block (or the
+#     replace another node put there);
+#   - an APPLY_MODEL wrapper records each model call's token grid (frames, rows, cols) from the latent
+#     and the patch size, and, on joint models, the text length of the block arguments;
+#   - the override runs ComfyUI's own attention (the backend the user selected, or another node's
+#     override) and, at the text attention of a tagged block where an entry acts, adds the bent
+#     columns' correction for the conditional chunks (bending.bent_output: no [Lq, Lk] matrix).
+
+MIN_COMFYUI = "0.3.60"
+DIT_TAG = "ckptbend_dit_block"     # transformer_options: {"layer": n, "calls": [count]}
+DIT_CALL = "ckptbend_dit_call"     # transformer_options: {"grid": (f, h, w), "text": n | None}
+
+
+class DiTLayout:
+    """How a DiT's text attention is reached: its blocks as (replace name, index, layer), which call
+    of a block is the text attention, whether it is joint ([text; image] keys and queries), the patch
+    (frames, rows, cols) and the tokenizer key of the text it attends to."""
+
+    def __init__(self, kind, blocks, text_call, joint, patch, text_key):
+        self.kind, self.blocks, self.text_call, self.joint = kind, blocks, text_call, joint
+        self.patch, self.text_key = patch, text_key
+
+
+def dit_layout(diffusion_model) -> DiTLayout:
+    """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
+    CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
+    blocks; the dual blocks' second call is image self-attention). Layers count the blocks in order."""
+    dm = diffusion_model
+    name = type(dm).__name__
+
+    def patch3(size):
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return (1, *size) if len(size) == 2 else size
+
+    if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
+        blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
+        image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
+        return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
+    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
+        n = len(dm.double_blocks)
+        blocks = [("double_block", i, i) for i in range(n)]
+        blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
+        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+    if hasattr(dm, "joint_blocks"):                                                 # SD3, SD3.5
+        blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
+        return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "l")
+    raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma "
+                     f"and SD3/SD3.5; this model's diffusion_model is a {name}")
+
+
+def _patch_bending_dit(m, specs: list, columns: Mapping, layout: DiTLayout) -> None:
+    import importlib
+
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    if not hasattr(attention, "wrap_attn"):
+        raise ValueError(f"Attention Bending on {layout.kind} models needs ComfyUI {MIN_COMFYUI} or newer "
+                         "(optimized_attention_override); update ComfyUI")
+    from comfy.patcher_extension import WrappersMP
+
+    options = m.model_options["transformer_options"]
+    replaced = options.get("patches_replace", {}).get("dit", {})
+    for name, index, layer in layout.blocks:         # all of them: Flux's double blocks give the text length
+        m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout.patch))
+    options["optimized_attention_override"] = _dit_override(specs, columns, layout,
+                                                            options.get("optimized_attention_override"))
+
+
+def _tag_block(layer: int, previous):
+    def replace(args, extra):
+        if "txt" in args and DIT_CALL in args["transformer_options"]:
+            args["transformer_options"][DIT_CALL]["text"] = args["txt"].shape[1]   # joint: the text length
+        tagged = {**args["transformer_options"], DIT_TAG: {"layer": layer, "calls": [0]}}
+        args = {**args, "transformer_options": tagged}
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    return replace
+
+
+def _record_call(patch):
+    def wrapper(executor, x, *args, **kwargs):
+        # ComfyUI calls wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, …)
+        options = args[4] if len(args) > 4 else kwargs["transformer_options"]
+        frames = x.shape[2] if x.ndim == 5 else 1
+        grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), patch))   # ComfyUI pads up
+        options[DIT_CALL] = {"grid": grid, "text": None}
+        return executor(x, *args, **kwargs)
+
+    return wrapper
+
+
+def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous):
+    def override(func, q, k, v, *args, **kwargs):
+        out = previous(func, q, k, v, *args, **kwargs) if previous is not None else func(q, k, v, *args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        tag, call = options.get(DIT_TAG), options.get(DIT_CALL)
+        if tag is None or call is None:
+            return out
+        index = tag["calls"][0]
+        tag["calls"][0] += 1
+        if index != layout.text_call or options.get(SAG_PASS):
+            return out
+        step = step_index(options["sigmas"][0], options.get("sample_sigmas"))
+        active = bending.active_entries(specs, step, tag["layer"])
+        rows = _chunk_rows(options["cond_or_uncond"], 0, q.shape[0])
+        if not active or not rows:
+            return out
+        heads = args[0] if args else kwargs["heads"]
+        if (args[1] if len(args) > 1 else kwargs.get("mask")) is not None:
+            raise ValueError("Attention Bending: masked text attention is not supported")
+        qh, kh, vh = (t if kwargs.get("skip_reshape") else _per_head(t, heads) for t in (q, k, v))
+        per_head_out = kwargs.get("skip_output_reshape")
+        oh = out if per_head_out else _per_head(out, heads)
+        frames, h, w = call["grid"]
+        n_image = frames * h * w
+        if layout.joint:
+            n_text = call["text"]
+            text, queries = slice(0, n_text), slice(n_text, n_text + n_image)
+        else:
+            text, queries = slice(None), slice(None)
+            if qh.shape[2] != n_image:
+                raise ValueError(f"Attention Bending: {qh.shape[2]} image tokens do not fit the grid {call['grid']}")
+        last = max(j for s in active for j in bending.columns_for(s.token, columns, len(range(kh.shape[2])[text])))
+        if last >= len(range(kh.shape[2])[text]):
+            raise ValueError(f"Attention Bending: token column {last} lies beyond the text tokens the model sees; "
+                             "is bending_prompt the prompt you encode?")
+        _bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=columns, grid_hw=(h, w), step_index=step,
+                   layer_index=tag["layer"], frames=frames if frames > 1 else None, text=text, queries=queries)
+        return out
+
+    return override

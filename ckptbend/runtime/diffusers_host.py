@@ -8,7 +8,7 @@ attention modules are found by `named_modules()`. The math lives in sag.py, slot
 bending.py; this file only wires it in.
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})
-    latents = pipe(prompt="a romantic (kiss) at (sunset)", ...)
+    latents = pipe(prompt="a romantic {kiss} at {sunset}", ...)
     session.maps      # recorded cross-attention maps (phase 1, or record_maps=True)
     remove(pipe)      # the pipeline exactly as it was
 
@@ -17,7 +17,8 @@ original processor object and calls it whenever it has nothing to do (output bit
 forward pre-hook on the model (pipe.unet or pipe.transformer) describes each call: latent size,
 batch layout, scheduler step and ᾱ. SAG adds a pre-hook on the UNet's mid_block (its real grid)
 and a forward hook on the UNet (the correction). Bending wraps pipe.encode_prompt (an instance
-attribute) to strip the prompt's "(word)" marks and find the words' token columns.
+attribute) to strip the prompt's "{word}" marks (bending.py; nothing else of the prompt is touched,
+so compel-style weights stay the user's encoder's business) and find the words' token columns.
 
 Conventions:
 - Batch layout: diffusers' CFG batches are [uncond…, cond…]: a call whose batch is twice the last
@@ -490,7 +491,7 @@ class Session:
             raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
         n_text = encoder_hidden_states.shape[1]
         for e in active:
-            if max(self.token_indices[e.token]) >= n_text:
+            if max(bending.columns_for(e.token, self.token_indices, n_text)) >= n_text:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
         context = encoder_hidden_states
         if getattr(attn, "norm_cross", None):
@@ -513,7 +514,7 @@ class Session:
 
         def observe(probs, bent):
             for word in words:
-                columns = self.token_indices[word]
+                columns = bending.columns_for(word, self.token_indices, probs.shape[-1])
                 self.maps.append({"token": word, "layer": site.layer, "step": call.step,
                                   "original": _word_map(probs, heads, call.cond_rows, columns, shape),
                                   "bent": _word_map(bent, heads, call.cond_rows, columns, shape)})
@@ -521,7 +522,7 @@ class Session:
 
 
 def _unmark(prompt):
-    """The prompt(s) without the "(word)" marks."""
+    """The prompt(s) without the "{word}" marks."""
     if isinstance(prompt, str):
         return bending.parse_marked_prompt(prompt)[0]
     return [bending.parse_marked_prompt(p)[0] for p in prompt]

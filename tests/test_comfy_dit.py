@@ -1,0 +1,216 @@
+"""Attention Bending on DiTs in ComfyUI (comfy_host's optimized_attention_override path), driven through
+the stand-in host's Wan 2.1 (a real tiny diffusers WanTransformer3DModel run as ComfyUI runs Wan:
+shared/docs/comfyui-dit-hooks.md) and compared with the diffusers host on the same weights."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import comfy_standin as cs
+from _pipelines import t5_like_tokenizer, wan_pipeline
+from ckptbend.runtime import comfy_host
+from ckptbend.runtime import diffusers_host as dh
+
+PROMPT = "a romantic kiss at {sunset}"
+FRAMES, HEIGHT, WIDTH = 2, 8, 12             # latent; grid 2 × 4 × 6 with Wan's 1×2×2 patch
+ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
+         "apply_to_timesteps": None, "apply_to_layers": None, "renormalize": "row"}
+GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
+        "apply_to_layers": [1], "renormalize": "column"}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return cs.T5CLIP(t5_like_tokenizer())
+
+
+@pytest.fixture
+def model():
+    return cs.FlowModel(cs.tiny_wan())
+
+
+def contexts(seed=1, length=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, length, 32, generator=g), torch.randn(1, length, 32, generator=g)
+
+
+def latent(seed=2):
+    return torch.randn(1, 16, FRAMES, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def patched(model, clip, entries, **values):
+    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "wan bend", "ab" * 32)[0].values()
+    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
+    (m,) = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)
+    return m
+
+
+def predictions(model, patcher, cond, uncond, sigma, sample_sigmas):
+    return cs.calc_cond_batch(model, [cs.cond(cond), cs.cond(uncond)], latent(), sigma,
+                              patcher.sampling_options(sample_sigmas))
+
+
+@contextlib.contextmanager
+def cross_attention_outputs(transformer):
+    """{block index: [output per call]} of the blocks' text cross-attention (attn2)."""
+    records, handles = {}, []
+    for i, block in enumerate(transformer.blocks):
+        handles.append(block.attn2.register_forward_hook(
+            lambda m, args, out, i=i: records.setdefault(i, []).append(out)))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_stand_in_wan_runs_the_diffusers_model_as_comfyui_does(model, comfy, monkeypatch):
+    """With PyTorch's SDPA as the backend the stand-in's Wan equals diffusers' own forward; the
+    attention calls are what the doc observed (self then text cross-attention per block)."""
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    reference = cs.tiny_wan()
+    cond, _ = contexts()
+    x, sigma = latent(), torch.tensor([0.7])
+    expected = x - reference(x, sigma * 1000, encoder_hidden_states=cond).sample * sigma
+    got = model.apply_model(x, sigma, cond, {"wrappers": {}})
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    tokens = FRAMES * (HEIGHT // 2) * (WIDTH // 2)
+    assert [(kind, tuple(q), tuple(k)) for kind, q, k in model.log] == [
+        ("self", (1, tokens, 24), (1, tokens, 24)), ("cross", (1, tokens, 24), (1, 16, 24))] * 2
+
+
+def test_token_columns_through_the_t5_tokenizer(clip):
+    assert comfy_host.token_columns(clip, "a (romantic:1.3) kiss at {sunset}", ["sunset", "kiss"], "umt5xxl") == \
+        {"sunset": [4], "kiss": [2]}
+
+
+def test_node_hooks_wan_through_the_override(model, clip):
+    m = patched(model, clip, [ENTRY])
+    options = m.model_options["transformer_options"]
+    assert callable(options["optimized_attention_override"])
+    assert sorted(options["patches_replace"]["dit"]) == [("double_block", 0), ("double_block", 1)]
+    assert list(m.wrappers[cs.APPLY_MODEL]) == ["ckptbend_bending"]
+    assert "optimized_attention_override" not in cs.ModelPatcher(model).model_options["transformer_options"]
+
+
+@pytest.mark.parametrize("max_chunks", [8, 1])
+def test_wan_bending_changes_only_the_conditional_prediction(model, clip, max_chunks):
+    model.max_chunks = max_chunks
+    cond, uncond = contexts()
+    sigmas = model.schedule(3)
+    plain = predictions(model, cs.ModelPatcher(model), cond, uncond, sigmas[:1], sigmas)
+    bent = predictions(model, patched(model, clip, [ENTRY, GAIN]), cond, uncond, sigmas[:1], sigmas)
+    assert torch.equal(bent[1], plain[1])
+    assert (bent[0] - plain[0]).abs().max() > 1e-3
+
+
+def test_wan_unbent_steps_and_zero_strength_sample_bit_identically(model, clip):
+    """Every attention call the node does not bend runs the selected backend: bit-identical."""
+    cond, uncond = contexts()
+    noise = latent()
+    plain = cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=3)
+    late = [{**ENTRY, "apply_to_timesteps": [5, 9]}, {**GAIN, "apply_to_timesteps": [3, 3]}]
+    assert torch.equal(cs.sample(patched(model, clip, late), noise, cond, uncond, steps=3), plain)
+    zero = patched(model, clip, [ENTRY], bend1_strength=0.0)
+    assert "optimized_attention_override" not in zero.model_options["transformer_options"]
+    assert not torch.equal(cs.sample(patched(model, clip, [ENTRY, GAIN]), noise, cond, uncond, steps=3), plain)
+
+
+def test_wan_bending_matches_the_diffusers_host(model, clip):
+    """The same tiny Wan in both hosts: the text cross-attention outputs of a conditional call at a
+    scheduler step agree (diffusers: explicit bent softmax; ComfyUI: backend output + correction)."""
+    pipe = wan_pipeline()
+    entries = [ENTRY, GAIN, {**ENTRY, "token": "kiss, sunset", "mode": "flip", "flip_horizontal": True,
+                             "apply_to_timesteps": [1, 1], "renormalize": "none"}]
+    x, step = latent(), 1
+    cond = pipe.encode_prompt(PROMPT.replace("{", "").replace("}", ""), do_classifier_free_guidance=False,
+                              max_sequence_length=16)[0]
+    pipe.scheduler.set_timesteps(3)
+    t, sigma = pipe.scheduler.timesteps[step], pipe.scheduler.sigmas[step:step + 1]
+    dh.apply(pipe, {"bending": entries})
+    try:
+        pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=16)  # locates the words
+        with cross_attention_outputs(pipe.transformer) as d_out:
+            v = pipe.transformer(x, t.expand(1), encoder_hidden_states=cond).sample
+    finally:
+        dh.remove(pipe)
+    m = patched(model, clip, entries)
+    with cross_attention_outputs(model.transformer) as c_out:
+        (c_cond,) = cs.calc_cond_batch(model, [cs.cond(cond)], x, sigma, m.sampling_options(pipe.scheduler.sigmas))
+    with cross_attention_outputs(model.transformer) as plain:
+        cs.calc_cond_batch(model, [cs.cond(cond)], x, sigma, cs.ModelPatcher(model).sampling_options())
+    for i in (0, 1):
+        assert_close(c_out[i][0], d_out[i][0], rtol=1e-5, atol=1e-6, msg=f"block {i}")
+        assert not torch.allclose(c_out[i][0], plain[i][0], atol=1e-4), i
+    assert_close(c_cond, x - v * sigma, rtol=1e-5, atol=1e-5)
+
+
+def test_older_comfyui_gets_one_clear_error(model, clip, monkeypatch):
+    cs.install_comfy(monkeypatch, cs.Backend(override_mechanism=False))
+    with pytest.raises(ValueError, match=r"needs ComfyUI 0\.3\.60 or newer"):
+        patched(model, clip, [ENTRY])
+
+
+def test_sag_and_slothful_need_a_unet(model):
+    with pytest.raises(ValueError, match="need a UNet"):
+        comfy_host.patch_model(cs.ModelPatcher(model), {"sag": {"scale": 0.5, "blur_sigma": 2.0}})
+
+
+# --- joint attention (Flux, SD3): the override's arithmetic on ComfyUI's call layouts -------------------
+
+def joint_model(kind):
+    """A diffusion_model with the structure dit_layout reads (Flux: double + single blocks; SD3: joint
+    blocks); the blocks themselves are not run here."""
+    dm = torch.nn.Module()
+    if kind == "flux":
+        dm.double_blocks, dm.single_blocks = torch.nn.ModuleList([torch.nn.Identity()] * 2), torch.nn.ModuleList(
+            [torch.nn.Identity()] * 3)
+    else:
+        dm.joint_blocks = torch.nn.ModuleList([torch.nn.Identity()] * 4)
+    dm.patch_size = 2
+    return dm
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_joint_attention_bends_image_queries_against_text_keys(kind):
+    """Through ComfyUI's call (Flux: [B, heads, L, d] with skip_reshape; SD3: [B, L, heads·d]) with the
+    keys [text; image]: the image-query × text-key block of the positive chunk is bent, every row
+    renormalised over all keys; text queries and the negative chunk keep the backend's output."""
+    layout = comfy_host.dit_layout(joint_model(kind))
+    assert layout.joint and layout.text_call == 0 and len(layout.blocks) == (5 if kind == "flux" else 4)
+    entry = {**ENTRY, "token": "kiss", "translate_x": 0.5, "apply_to_layers": [3]}
+    override = comfy_host._dit_override([comfy_host.bending.as_spec(entry)], {"kiss": [2, 3]}, layout, None)
+    heads, d, n_text, grid = 2, 8, 6, (1, 4, 6)
+    length = n_text + 24
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, length, d, generator=g) * 2 for _ in range(3))
+    options = {"optimized_attention_override": override, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([0.5, 0.5]),
+               "sample_sigmas": None, comfy_host.DIT_TAG: {"layer": 3, "calls": [0]},
+               comfy_host.DIT_CALL: {"grid": grid, "text": n_text}}
+    backend = cs.Backend(cs.attention_chunked)
+    if kind == "flux":
+        args, kwargs = (q, k, v, heads), {"skip_reshape": True}
+    else:
+        args, kwargs = [t.transpose(1, 2).flatten(2) for t in (q, k, v)], {"heads": heads}
+    out = backend.optimized_attention(*args, **kwargs, transformer_options=options)
+    plain = cs.attention_chunked(*args, **kwargs)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+    block = probs[1:, :, n_text:, :n_text].reshape(heads, 24, n_text)
+    bent = comfy_host.bending.bend_probs(block, {"kiss": [2, 3]}, grid[1:], [{**entry, "renormalize": "none"}],
+                                         layer_index=3)
+    expected = probs[1:].clone()
+    expected[0, :, n_text:, :n_text] = bent.view(heads, 24, n_text)
+    expected[0, :, n_text:] /= expected[0, :, n_text:].sum(-1, keepdim=True)
+    expected = (expected @ v[1:]).transpose(1, 2).flatten(2)
+    assert_close(out[1:], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[:1], plain[:1])                                   # negative chunk
+    assert torch.equal(out[1:, :n_text], plain[1:, :n_text])                 # text queries
+    assert options[comfy_host.DIT_TAG]["calls"] == [1]
+    # the next call of the block (SD3.5's dual-block image self-attention) passes through
+    again = backend.optimized_attention(*args, **kwargs, transformer_options=options)
+    assert torch.equal(again, plain)
