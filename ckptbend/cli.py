@@ -211,7 +211,8 @@ def recipe_show(file, allow_out_of_range):
               help="A companion folder (or a folder holding some) for ckptbend companion nodes; the source's "
                    "folder is searched too. Repeatable.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def recipe_import(source, output, name, sampler, ignore_other_patches, companions, force):
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+def recipe_import(source, output, name, sampler, ignore_other_patches, companions, force, allow_out_of_range):
     """Write the recipe that reproduces SOURCE's attention settings.
 
     \b
@@ -230,7 +231,7 @@ def recipe_import(source, output, name, sampler, ignore_other_patches, companion
     """
     from .importers import Options, import_recipe, write_output
 
-    imported = import_recipe(source, Options(name, sampler, ignore_other_patches, tuple(companions)))
+    imported = import_recipe(source, Options(name, sampler, ignore_other_patches, tuple(companions), allow_out_of_range))
     for w in imported.warnings:
         click.echo(f"warning: {w}", err=True)
     if output is None:

@@ -269,6 +269,39 @@ def test_the_recipe_text_says_where_everything_came_from(tmp_path):
     assert parse_recipe(text).sha256 == imported(tmp_path / "flow.json").recipe.sha256
 
 
+def test_sampler_custom_advanced_is_followed_through_its_guider(tmp_path):
+    workflow = copy.deepcopy(API)
+    del workflow["3"]
+    workflow.update({
+        "20": {"class_type": "CFGGuider", "inputs": {"cfg": 1.0, "model": ["6", 0], "positive": ["8", 0],
+                                                     "negative": ["9", 0]}},
+        "21": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "23": {"class_type": "BasicScheduler", "inputs": {"scheduler": "normal", "steps": 20, "denoise": 1,
+                                                          "model": ["4", 0]}},
+        "24": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["21", 0], "guider": ["20", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
+            "latent_image": ["10", 0]}},
+    })
+    result = imported(write(tmp_path / "custom.json", workflow))
+    assert got(result.recipe) == settings(BASE)
+    assert any("cfg 1.0" in w for w in result.warnings)   # the guider's cfg, read for SAG's sake
+
+
+def test_two_sag_nodes_cannot_share_one_section(tmp_path):
+    workflow = insert_model_node(copy.deepcopy(UI), 30, "SelfAttentionGuidance", [0.4, 1.0])
+    assert_clean_error(run("recipe", "import", write(tmp_path / "w.json", workflow)),
+                       "two sources of [sag] (node 6 (SelfAttentionGuidance); node 30 (SelfAttentionGuidance))")
+
+
+def test_values_beyond_comfyuis_range_need_allow_out_of_range(tmp_path):
+    workflow = copy.deepcopy(API)
+    workflow["5"]["inputs"]["q"] = 12.0   # written by a script: the widget stops at 10
+    path = write(tmp_path / "w.json", workflow)
+    assert_clean_error(run("recipe", "import", path), "pass --allow-out-of-range")
+    assert imported(path, allow_out_of_range=True).recipe.multipliers["unet.self"][0].factor("q") == 12.0
+
+
 # --- bypass, mute, reroutes, primitives, subgraphs -----------------------------------------------------------
 
 def test_bypassed_and_muted_nodes_are_skipped(tmp_path):
@@ -526,6 +559,32 @@ def test_companion_node_edits_and_lookup(tmp_path):
     lone = write(other / "w.json", workflow)
     assert_clean_error(run("recipe", "import", lone), "pass --companion DIR")
     assert imported(lone, companions=(tmp_path / "x_sab",)).recipe.sag.scale == 0.9
+
+
+def test_companion_node_in_a_ui_workflow(tmp_path):
+    """The companion node as the frontend saves it: widget values in the order of its INPUT_TYPES."""
+    folder = tmp_path / "sab"
+    assert run("emit", RECIPES / "sag-and-bending.toml", "-o", folder).returncode == 0
+    kind = next(n["class_type"] for n in json.loads((folder / "workflow_api.json").read_text()).values()
+                if n["class_type"].startswith("ckptbend_"))
+    workflow = copy.deepcopy(UI)
+    workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] != 6]   # the companion replaces SAG
+    workflow["nodes"].append({
+        "id": 6, "type": kind, "pos": [700, 300], "size": [300, 200], "flags": {}, "order": 3, "mode": 0,
+        "inputs": [{"name": "model", "type": "MODEL", "link": 13}, {"name": "bending_clip", "type": "CLIP", "link": 30}],
+        "outputs": [{"name": "MODEL", "type": "MODEL", "links": [14], "slot_index": 0}],
+        "properties": {"Node name for S&R": kind},
+        # sag_scale, sag_blur_sigma, bending_prompt, bend1_token, bend1_strength
+        "widgets_values": [0.7, 2, "a lake at (sunset)", "sunset", 0.25]})
+    node(workflow, 4)["outputs"][1]["links"].append(30)
+    workflow["links"].append([30, 4, 1, 6, 1, "CLIP"])
+    result = imported(write(folder / "ui.json", workflow))
+    r = result.recipe
+    assert r.sag.scale == 0.7 and r.bending[0].strength == 0.25 and r.bending[0].token == "sunset"
+    # the companion's own [unet.self] (q = k = 1.05), baked into its checkpoint, so first; then node 5's
+    assert [dict(e.factors) for e in r.multipliers["unet.self"]] == [{"q": 1.05, "k": 1.05}, {"q": 1.1, "k": 1.1}]
+    assert "bending prompt: 'a lake at (sunset)'" in result.text
+    assert r.name == "sag-and-bending" and "ui.json" in r.description   # not the companion's recipe any more
 
 
 # --- output ----------------------------------------------------------------------------------------------

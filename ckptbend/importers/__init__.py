@@ -48,7 +48,7 @@ def import_recipe(source: Path, opts: Options = Options()) -> Imported:
             draft = bending_draft(_text(source), source, opts.name)
         else:
             draft = workflow_draft(_json(_text(source), str(source)), source, opts)
-    recipe = draft.recipe()
+    recipe = draft.recipe(opts.allow_out_of_range)
     return Imported(draft.text(), recipe, tuple(draft.warnings) + recipe.warnings)
 
 
@@ -90,7 +90,7 @@ def write_output(text: str, output: Path, source: Path, force: bool) -> None:
     """Write the recipe atomically; an existing file needs `force`, the source is never replaced."""
     from ckptbend.bake import atomic_output
 
-    if output.exists() and (output.is_dir() or not output.is_file()):
+    if output.exists() and not output.is_file():
         raise CkptbendError(f"{output}: exists and is not a file")
     if output.exists() and os.path.samefile(output, source):
         raise CkptbendError(f"{output}: output would overwrite the source; choose another path")

@@ -130,18 +130,24 @@ class _UIGraph:
         return _Scope(prefix, {n["id"]: n for n in graph["nodes"]}, links, outputs, instance, parent)
 
     def _inside(self, scope: _Scope, node: dict) -> _Scope:
+        if scope.prefix.count(":") >= 32:
+            raise CkptbendError(f"{self.source}: subgraphs nested more than 32 deep (a subgraph that contains itself?)")
         return self._scope(self.definitions[node["type"]], f"{scope.prefix}{node['id']}:", node, scope)
 
     def resolve(self, scope: _Scope, link_id, depth: int = 0):
         """What a link delivers: a Link to a real node's output, a literal (PrimitiveNode), or None."""
-        if link_id is None or depth > 1000:
+        if link_id is None:
             return None
+        if depth > 1000:
+            raise CkptbendError(f"{self.source}: link {link_id} leads round in a cycle of reroutes or subgraphs")
         if link_id not in scope.links:
             raise CkptbendError(f"{self.source}: link {link_id} is used but not defined")
         origin, slot = scope.links[link_id]
         if origin == self.INPUT_NODE:              # a subgraph input: whatever feeds the instance's slot
             return self.resolve(scope.parent, scope.instance["inputs"][slot].get("link"), depth + 1)
         node = scope.nodes[origin]
+        if node.get("mode") in (MUTED, BYPASSED):  # skipped: its input of the output's type passes through
+            return self.resolve(scope, _pass_through(node, slot), depth + 1)
         if node["type"] in self.definitions:       # a subgraph instance's output: what feeds it inside
             inner = self._inside(scope, node)
             return self.resolve(inner, inner.outputs.get(slot), depth + 1)
@@ -149,8 +155,6 @@ class _UIGraph:
             return (node.get("widgets_values") or [None])[0]
         if node["type"] in N.REROUTES:
             return self.resolve(scope, node["inputs"][0].get("link"), depth + 1)
-        if node.get("mode") in (MUTED, BYPASSED):  # skipped: its input of the output's type passes through
-            return self.resolve(scope, _pass_through(node, slot), depth + 1)
         return Link(scope.prefix + str(origin), slot)
 
     def convert(self) -> dict[str, Node]:
@@ -275,12 +279,13 @@ class _Walker:
 
 # --- the recipe -----------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     name: str | None = None
     sampler: str | None = None
     ignore_other_patches: bool = False
     companions: tuple[Path, ...] = ()
+    allow_out_of_range: bool = False
 
 
 def choose_chain(graph: dict[str, Node], source: str, sampler_id: str | None) -> tuple[Chain, list[Chain]]:
@@ -315,7 +320,8 @@ def workflow_draft(data, source: Path, opts: Options, where: str = "") -> Draft:
     draft.notes.append(f"sampler: {chain.sampler}" + (f" (same chain: {', '.join(c.sampler.key for c in same)})" if same else ""))
     companion = None
     others: list[str] = []
-    for node in chain.model:
+    # A companion's static sections are baked into the checkpoint it belongs to: they come first.
+    for node in sorted(chain.model, key=lambda n: not COMPANION_NODE.fullmatch(n.class_type)):
         if COMPANION_NODE.fullmatch(node.class_type):
             if companion is not None:
                 raise CkptbendError(f"{label}: two ckptbend companion nodes ({companion.node.key}, {node.key}) on the "
@@ -336,7 +342,7 @@ def workflow_draft(data, source: Path, opts: Options, where: str = "") -> Draft:
                             "to import the rest and list these as comments")
     draft.notes += [f"left out (not expressible in a recipe): {o}" for o in others]
     draft.notes += _loader_notes(chain, companion)
-    only_companion = companion is not None and all(b in companion.blocks for b in draft.blocks)
+    only_companion = companion is not None and {id(b) for b in draft.blocks} <= {id(b) for b in companion.blocks}
     draft.name = opts.name or (companion.recipe.name if companion else _default_name(source))
     draft.description = (companion.recipe.description if only_companion else
                          f"Imported from {source.name}{where}: ComfyUI sampler {chain.sampler.key} ({chain.sampler.class_type}).")

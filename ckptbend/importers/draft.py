@@ -32,9 +32,9 @@ class Draft:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, section: str, values: dict, *comments: str) -> Block:
-        if section in SINGLE and self.get(section) is not None:
-            raise CkptbendError(f"{self.source}: two [{section}] sources ({comments[0] if comments else ''}); "
-                                f"a recipe holds one")
+        if section in SINGLE and (first := self.get(section)) is not None:
+            raise CkptbendError(f"{self.source}: two sources of [{section}] ({'; '.join(first.comments[:1] + list(comments[:1]))}); "
+                                "a recipe holds one")
         block = Block(section, dict(values), list(comments))
         self.blocks.append(block)
         return block
@@ -55,11 +55,19 @@ class Draft:
         for block in sorted(self.blocks, key=lambda b: SECTIONS.index(b.section)):   # stable: chain order kept
             header = f"[{block.section}]" if block.section in SINGLE else f"[[{block.section}]]"
             lines += ["", *(f"# {c}" for c in block.comments), header]
-            lines += [f"{key} = {literal(value)}" for key, value in block.values.items() if value is not None]
+            lines += [f"{key} = {self._literal(block, key, value)}" for key, value in block.values.items()
+                      if value is not None]
         return "\n".join(lines) + "\n"
 
-    def recipe(self):
-        return parse_recipe(self.text(), f"{self.source} (imported)")
+    def _literal(self, block: Block, key: str, value) -> str:
+        try:
+            return literal(value)
+        except TypeError:
+            raise CkptbendError(f"{self.source}: [{block.section}] {key}: a {type(value).__name__} "
+                                f"({value!r}) cannot be a recipe value") from None
+
+    def recipe(self, allow_out_of_range: bool = False):
+        return parse_recipe(self.text(), f"{self.source} (imported)", allow_out_of_range=allow_out_of_range)
 
 
 def _sections(data: dict):
@@ -83,7 +91,7 @@ def literal(value) -> str:
         return re.sub(r"[\x7f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04X}", json.dumps(value, ensure_ascii=False))
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(map(literal, value)) + "]"
-    raise CkptbendError(f"cannot write {type(value).__name__} value {value!r} into a recipe")
+    raise TypeError(value)
 
 
 def slug(text: str) -> str:

@@ -7,6 +7,7 @@ WebP (SaveAnimatedWEBP): EXIF strings "prompt:<json>" (tag 0x0110) and "workflow
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ckptbend.errors import CkptbendError
@@ -24,17 +25,25 @@ def embedded_texts(path: Path) -> dict[str, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            if image.format == "PNG":
-                texts = {k: v for k, v in image.info.items() if k in CHUNKS and isinstance(v, str)}
-            else:
-                texts = {}
-                for value in image.getexif().values():
-                    key, _, text = value.partition(":") if isinstance(value, str) else ("", "", "")
-                    if key in CHUNKS:
-                        texts.setdefault(key, text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # only metadata is read
+            texts = _texts(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise CkptbendError(f"{path}: cannot read the image's metadata ({' '.join(str(e).split()) or type(e).__name__})") from None
     if not texts:
         raise CkptbendError(f"{path}: the image carries no ComfyUI workflow (no 'prompt' or 'workflow' metadata)")
     return {k: texts[k] for k in CHUNKS if k in texts}
+
+
+def _texts(path: Path) -> dict[str, str]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return {k: v for k, v in image.info.items() if k in CHUNKS and isinstance(v, str)}
+        texts = {}
+        for value in image.getexif().values():
+            key, _, text = value.partition(":") if isinstance(value, str) else ("", "", "")
+            if key in CHUNKS:
+                texts.setdefault(key, text)
+        return texts
