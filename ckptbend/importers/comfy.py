@@ -21,7 +21,7 @@ from pathlib import Path
 from ckptbend.errors import CkptbendError
 
 from . import nodes as N
-from .draft import Draft
+from .draft import Draft, slug
 
 COMPANION_NODE = re.compile(r"ckptbend_\w+_[0-9a-f]{8}")   # comfy_host.node_id's shape
 MUTED, BYPASSED = 2, 4
@@ -253,8 +253,7 @@ class _Walker:
             clip, loader = self.path(encoder, "clip")
             clips[(tuple(n.key for n in clip), loader and loader.key)] = (clip, loader, encoder)
         if len(clips) > 1:
-            users = "; ".join(f"{enc} via {' → '.join(([ld.key] if ld else []) + [n.key for n in c])}"
-                              for c, ld, enc in clips.values())
+            users = "; ".join(f"{enc} via {_route(ld, c)}" for c, ld, enc in clips.values())
             raise CkptbendError(f"{self.source}: {sampler}'s conditioning is encoded through different CLIP "
                                 f"chains ({users}); a recipe has one [clip]")
         clip, clip_loader, _ = next(iter(clips.values()), ([], None, None))
@@ -275,6 +274,10 @@ class _Walker:
                 users.append(node)
             pending += [(node, n) for n, v in node.inputs.items() if isinstance(v, Link) and n not in ("clip", "model")]
         return users
+
+
+def _route(loader: Node | None, path: list[Node]) -> str:
+    return " → ".join(([loader.key] if loader else []) + [n.key for n in path]) or "nothing"
 
 
 # --- the recipe -----------------------------------------------------------------------------------------
@@ -301,8 +304,7 @@ def choose_chain(graph: dict[str, Node], source: str, sampler_id: str | None) ->
         return walker.chain(chosen[0]), []
     chains = [walker.chain(s) for s in samplers]
     if len({c.signature for c in chains}) > 1:
-        listing = "; ".join(f"{c.sampler.key} ({c.sampler.class_type}: "
-                            f"{' → '.join(([c.model_loader.key] if c.model_loader else []) + [n.key for n in c.model])})"
+        listing = "; ".join(f"{c.sampler.key} ({c.sampler.class_type}: {_route(c.model_loader, c.model)})"
                             for c in chains)
         raise CkptbendError(f"{source}: {len(chains)} samplers use different model/CLIP chains ({listing}); "
                             f"choose one with --sampler ID")
@@ -326,7 +328,7 @@ def workflow_draft(data, source: Path, opts: Options, where: str = "") -> Draft:
             if companion is not None:
                 raise CkptbendError(f"{label}: two ckptbend companion nodes ({companion.node.key}, {node.key}) on the "
                                     "model path; each replaces the other's attention hooks")
-            companion = _add_companion(draft, node, source, opts.companions, fmt)
+            companion = _add_companion(draft, node, source, opts.companions)
         elif node.class_type in N.PATCHES and N.PATCHES[node.class_type].through == "model":
             _add_patch(draft, node)
         else:
@@ -343,17 +345,12 @@ def workflow_draft(data, source: Path, opts: Options, where: str = "") -> Draft:
     draft.notes += [f"left out (not expressible in a recipe): {o}" for o in others]
     draft.notes += _loader_notes(chain, companion)
     only_companion = companion is not None and {id(b) for b in draft.blocks} <= {id(b) for b in companion.blocks}
-    draft.name = opts.name or (companion.recipe.name if companion else _default_name(source))
+    draft.name = opts.name or (companion.recipe.name if companion else slug(source.stem))
     draft.description = (companion.recipe.description if only_companion else
                          f"Imported from {source.name}{where}: ComfyUI sampler {chain.sampler.key} ({chain.sampler.class_type}).")
     if draft.get("sag") is not None and _number(chain.cfg) is not None and chain.cfg <= 1:
         draft.warnings.append(f"{label}: SAG needs classifier-free guidance, but {chain.sampler} runs with cfg {chain.cfg}")
     return draft
-
-
-def _default_name(source: Path) -> str:
-    from .draft import slug
-    return slug(source.stem)
 
 
 def _number(value):
@@ -410,7 +407,7 @@ def _find_companion(class_type: str, places) -> tuple[Path, dict] | None:
     return None
 
 
-def _add_companion(draft: Draft, node: Node, source: Path, companions, fmt: str) -> _Companion:
+def _add_companion(draft: Draft, node: Node, source: Path, companions) -> _Companion:
     from ckptbend.recipe import load_recipe
     from ckptbend.runtime.comfy_host import input_specs
 
