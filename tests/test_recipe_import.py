@@ -553,6 +553,7 @@ def test_companion_node_edits_and_lookup(tmp_path):
     (tmp_path / "sab").rename(tmp_path / "x_sab")           # lookup must not depend on the folder's name
     r = imported(elsewhere).recipe
     assert r.sag.scale == 0.9 and r.bending[0].strength == 0.5 and r.bending[0].translate_x == -0.4
+    assert r.name == "sag-and-bending" and r.description.startswith("Imported from edited.json")   # edited
     assert dict(r.multipliers["unet.self"][0].factors) == {"q": 1.05, "k": 1.05}
     other = tmp_path / "other"
     other.mkdir()

@@ -344,10 +344,13 @@ def workflow_draft(data, source: Path, opts: Options, where: str = "") -> Draft:
                             "to import the rest and list these as comments")
     draft.notes += [f"left out (not expressible in a recipe): {o}" for o in others]
     draft.notes += _loader_notes(chain, companion)
-    only_companion = companion is not None and {id(b) for b in draft.blocks} <= {id(b) for b in companion.blocks}
-    draft.name = opts.name or (companion.recipe.name if companion else slug(source.stem))
-    draft.description = (companion.recipe.description if only_companion else
-                         f"Imported from {source.name}{where}: ComfyUI sampler {chain.sampler.key} ({chain.sampler.class_type}).")
+    draft.name = companion.recipe.name if companion else slug(source.stem)
+    draft.description = f"Imported from {source.name}{where}: ComfyUI sampler {chain.sampler.key} ({chain.sampler.class_type})."
+    if companion is not None:   # the graph is the companion's recipe exactly: keep its description (and hash)
+        provenance, draft.description = draft.description, companion.recipe.description
+        if draft.recipe(allow_out_of_range=True).sha256 != companion.recipe.sha256:
+            draft.description = provenance
+    draft.name = opts.name or draft.name
     if draft.get("sag") is not None and _number(chain.cfg) is not None and chain.cfg <= 1:
         draft.warnings.append(f"{label}: SAG needs classifier-free guidance, but {chain.sampler} runs with cfg {chain.cfg}")
     return draft
@@ -390,7 +393,6 @@ class _Companion:
     recipe: object
     manifest: dict
     folder: Path
-    blocks: list
 
 
 def _find_companion(class_type: str, places) -> tuple[Path, dict] | None:
@@ -436,7 +438,7 @@ def _add_companion(draft: Draft, node: Node, source: Path, companions) -> _Compa
             draft.get(section).values[key] = value
         elif m := re.fullmatch(r"bend(\d+)_(token|strength)", name):
             bends[int(m.group(1)) - 1].values[m.group(2)] = value
-    return _Companion(node, recipe, manifest, folder, blocks)
+    return _Companion(node, recipe, manifest, folder)
 
 
 def _loader_notes(chain: Chain, companion: _Companion | None) -> list[str]:
