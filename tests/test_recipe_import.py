@@ -331,6 +331,18 @@ def test_reroutes_are_followed_and_primitives_give_their_value(tmp_path):
     assert dict(r.multipliers["unet.self"][0].factors) == {"q": 1.3, "k": 1.1}
 
 
+def test_backend_value_nodes_give_their_value(tmp_path):
+    workflow = copy.deepcopy(API)
+    workflow["30"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 1.25}}
+    workflow["5"]["inputs"]["k"] = ["30", 0]
+    assert dict(imported(write(tmp_path / "w.json", workflow)).recipe.multipliers["unet.self"][0].factors) == \
+        {"q": 1.1, "k": 1.25}
+    workflow["31"] = {"class_type": "FloatMath", "inputs": {"a": 1.0, "b": 0.5}}   # computed: not a written value
+    workflow["5"]["inputs"]["k"] = ["31", 0]
+    assert_clean_error(run("recipe", "import", write(tmp_path / "w.json", workflow)),
+                       "input 'k' comes from node 31; only values written in the workflow can be imported")
+
+
 def test_nodes_inside_a_subgraph(tmp_path):
     """The self-attention multiply and SAG packed into a subgraph (frontend ≥ 1.24 format)."""
     workflow = copy.deepcopy(UI)

@@ -52,7 +52,7 @@ def read_graph(data, source: str) -> tuple[dict[str, Node], str]:
     """(nodes by key, "API" or "UI") from a parsed workflow JSON document."""
     if isinstance(data, dict) and isinstance(data.get("nodes"), list):
         try:
-            return _UIGraph(data, source).convert(), "UI"
+            return _inline_values(_UIGraph(data, source).convert()), "UI"
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise CkptbendError(f"{source}: malformed UI-format workflow ({type(e).__name__}: {e})") from None
     if isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
@@ -63,9 +63,19 @@ def read_graph(data, source: str) -> tuple[dict[str, Node], str]:
                 raise CkptbendError(f"{source}: node {key} of the API-format workflow is malformed")
             graph[str(key)] = Node(str(key), node["class_type"], {k: _api_value(v) for k, v in inputs.items()},
                                    str((node.get("_meta") or {}).get("title", "")))
-        return graph, "API"
+        return _inline_values(graph), "API"
     raise CkptbendError(f"{source}: not a ComfyUI workflow (neither the API format {{id: {{class_type, inputs}}}} "
                         "nor the UI format {nodes, links})")
+
+
+def _inline_values(graph: dict[str, Node]) -> dict[str, Node]:
+    """Inputs linked to a value node (PrimitiveFloat, ...) take its value, as if typed into the widget."""
+    for node in graph.values():
+        for name, value in node.inputs.items():
+            source = graph.get(value.key) if isinstance(value, Link) else None
+            if source is not None and source.class_type in N.VALUES and not isinstance(source.inputs.get("value"), Link):
+                node.inputs[name] = source.inputs.get("value")
+    return graph
 
 
 def _api_value(value):

@@ -84,7 +84,8 @@ GUIDERS = {
 
 # Nodes that only pass a value along, with no effect of their own.
 REROUTES = ("Reroute",)
-PRIMITIVES = ("PrimitiveNode",)          # holds a widget value feeding converted widget inputs
+PRIMITIVES = ("PrimitiveNode",)          # frontend-only: holds a widget value feeding converted widget inputs
+VALUES = ("PrimitiveFloat", "PrimitiveInt", "PrimitiveBoolean", "PrimitiveString", "PrimitiveStringMultiline")
 NOT_EXECUTED = ("Note", "MarkdownNote")  # frontend-only
 
 # Widget order of each node whose values an import reads (UI format). A class with several entries
@@ -98,6 +99,11 @@ WIDGETS: dict[str, tuple[tuple[tuple[str, type], ...], ...]] = {
         tuple((k, _S if k.endswith("_mode") else _F) for k in SLOTHFUL_LATER_KEYS),
     ),
     "SlothfulAttentionSimple": (tuple((k, _S if k.endswith("_mode") else _F) for k in SLOTHFUL_SIMPLE_KEYS),),
+    "PrimitiveFloat": ((("value", _F),),),       # backend value nodes: their one input "value"
+    "PrimitiveInt": ((("value", _I), (CONTROL, _S)),),
+    "PrimitiveBoolean": ((("value", _B),),),
+    "PrimitiveString": ((("value", _S),),),
+    "PrimitiveStringMultiline": ((("value", _S),),),
     "CheckpointLoaderSimple": ((("ckpt_name", _S),),),
     "CheckpointLoader": ((("config_name", _S), ("ckpt_name", _S)),),
     "unCLIPCheckpointLoader": ((("ckpt_name", _S),),),
