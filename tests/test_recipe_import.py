@@ -259,12 +259,15 @@ def test_chained_nodes_stay_separate_entries_in_chain_order(tmp_path):
 
 
 def test_the_recipe_text_says_where_everything_came_from(tmp_path):
-    result = run("recipe", "import", write(tmp_path / "flow.json", UI))
+    workflow = copy.deepcopy(UI)
+    node(workflow, 6)["title"] = "SAG\nfor structure"   # a title a user typed, newline included
+    result = run("recipe", "import", write(tmp_path / "flow.json", workflow))
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "# sampler: node 3 (KSampler)" in text
     assert "node 4 (CheckpointLoaderSimple) loads 'sd15.safetensors'" in text
     assert "# node 5 (UNetSelfAttentionMultiply)\n[[unet.self]]" in text
+    assert '# node 6 (SelfAttentionGuidance "SAG for structure")\n[sag]' in text
     assert 'name = "flow"' in text
     assert parse_recipe(text).sha256 == imported(tmp_path / "flow.json").recipe.sha256
 

@@ -48,13 +48,13 @@ class Draft:
                 for entry in (value if isinstance(value, list) else [value])]
 
     def text(self) -> str:
-        lines = [f"# {n}" for n in self.notes]
+        lines = [_comment(n) for n in self.notes]
         lines += [f"schema = {SCHEMA_VERSION}", f"name = {literal(self.name)}"]
         if self.description:
             lines.append(f"description = {literal(self.description)}")
         for block in sorted(self.blocks, key=lambda b: SECTIONS.index(b.section)):   # stable: chain order kept
             header = f"[{block.section}]" if block.section in SINGLE else f"[[{block.section}]]"
-            lines += ["", *(f"# {c}" for c in block.comments), header]
+            lines += ["", *map(_comment, block.comments), header]
             lines += [f"{key} = {self._literal(block, key, value)}" for key, value in block.values.items()
                       if value is not None]
         return "\n".join(lines) + "\n"
@@ -68,6 +68,11 @@ class Draft:
 
     def recipe(self, allow_out_of_range: bool = False):
         return parse_recipe(self.text(), f"{self.source} (imported)", allow_out_of_range=allow_out_of_range)
+
+
+def _comment(text: str) -> str:
+    # Titles and file names come from the source; a newline or control character would end the comment.
+    return "# " + re.sub(r"[\x00-\x1f\x7f]+", " ", text)
 
 
 def _sections(data: dict):
