@@ -522,6 +522,7 @@ renormalize = "none"
     ("attention_bending: {configs: [{token: a, mode: scale, colour: red}]}\n", "unknown key 'colour'"),
     ("attention_bending: {configs: [{token: a, mode: twirl}]}\n", "mode = \"twirl\" is not valid"),
     ("attention_bending:\n  configs: [\n", "invalid YAML"),
+    ("attention_bending: {configs: [{token: a, mode: [scale]}]}\n", "mode must be a string"),
     ("- just a list\n", "not an Attention Bending config"),
     ("!!python/object/apply:os.system ['echo hacked']\n", "invalid YAML"),
 ])

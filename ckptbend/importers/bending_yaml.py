@@ -72,7 +72,8 @@ def bending_draft(text: str, source: Path, name: str | None) -> Draft:
 
 def _convert(entry: dict, i: int) -> tuple[dict, ...]:
     values, notes = {}, [f"entry {i}"]
-    takes = BEND_MODE_PARAMS.get(entry.get("mode"), ())
+    mode = entry.get("mode")
+    takes = BEND_MODE_PARAMS.get(mode, ()) if isinstance(mode, str) else ()
     for key, value in entry.items():
         if key in UNUSED:
             notes.append(f"{key}: {value!r} left out: the original never reads it")
@@ -84,7 +85,7 @@ def _convert(entry: dict, i: int) -> tuple[dict, ...]:
         elif key in BEND_COMMON or key in takes or not takes:   # an unknown mode: let the reader name it
             values[key] = value
         else:
-            notes.append(f"{key}: {value!r} left out: mode {entry['mode']!r} does not use it (nor does the original)")
+            notes.append(f"{key}: {value!r} left out: mode {mode!r} does not use it (nor does the original)")
     values.setdefault("renormalize", RENORMALIZE[True])        # the original's default
     return values, *notes
 

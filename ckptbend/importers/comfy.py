@@ -431,7 +431,10 @@ def _add_companion(draft: Draft, node: Node, source: Path, companions) -> _Compa
     recipe = load_recipe(folder / "recipe.toml", allow_out_of_range=True)
     if recipe.sha256 != manifest["recipe_sha256"]:
         raise CkptbendError(f"{folder}: recipe.toml does not match companion.json's recipe_sha256")
-    specs = input_specs(manifest["dynamic"])
+    try:
+        specs = input_specs(manifest["dynamic"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CkptbendError(f"{folder}: companion.json is malformed ({type(e).__name__}: {e})") from None
     if node.widgets is not None:    # UI format: widget values in the node's input order, links excluded
         fill_widgets(node, [n for n, spec in specs.items() if spec[0] not in ("CLIP", "MODEL")])
     blocks = draft.add_recipe_text(recipe.canonical(), f"{node}: the ckptbend companion of {recipe.name!r} "
