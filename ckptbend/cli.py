@@ -179,7 +179,7 @@ def inspect(file, as_json):
 
 @cli.group()
 def recipe():
-    """Check and print recipes."""
+    """Check, print and import recipes."""
 
 
 @recipe.command("validate")
@@ -199,6 +199,47 @@ def recipe_show(file, allow_out_of_range):
     r = _load(file, allow_out_of_range)
     click.echo(r.canonical(), nl=False)
     click.echo(f"# sha256 {r.sha256}")
+
+
+@recipe.command("import")
+@click.argument("source", type=EXISTING)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="The recipe file to write (default: print it).")
+@click.option("--name", help="The recipe's name (default: the companion's recipe, or the source's file name).")
+@click.option("--sampler", metavar="ID", help="The sampler node to follow, when samplers use different chains.")
+@click.option("--ignore-other-patches", is_flag=True,
+              help="Import even if LoRAs, model merges or other patches sit on the path; they are listed as comments.")
+@click.option("--companion", "companions", multiple=True, type=EXISTING, metavar="DIR",
+              help="A companion folder (or a folder holding some) for ckptbend companion nodes; the source's "
+                   "folder is searched too. Repeatable.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-out-of-range", is_flag=True, help="Accept multipliers outside ComfyUI's 0–10 range.")
+def recipe_import(source, output, name, sampler, ignore_other_patches, companions, force, allow_out_of_range):
+    """Write the recipe that reproduces SOURCE's attention settings.
+
+    \b
+    SOURCE is one of:
+      a ComfyUI workflow (.json, API or UI format) or an image ComfyUI saved (.png, .webp):
+        from the sampler, the MODEL and CLIP inputs are followed back to the loader; the
+        Attention Multiply, Self-Attention Guidance, Slothful Attention and ckptbend companion
+        nodes on the way become the recipe (chained nodes multiply, as the bake does);
+      an Attention Bending config (.yaml: attention_bending: {enabled, configs: [...]});
+      a checkpoint baked by ckptbend (.safetensors or a diffusers folder): its recorded recipe.
+
+    \b
+      ckptbend recipe import ComfyUI_00042_.png -o recipes/tuned.toml
+      ckptbend recipe import workflow.json --sampler 12 --name refiner-pass
+      ckptbend recipe import model-sharp.safetensors
+    """
+    from .importers import Options, import_recipe, write_output
+
+    imported = import_recipe(source, Options(name, sampler, ignore_other_patches, tuple(companions), allow_out_of_range))
+    for w in imported.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if output is None:
+        click.echo(imported.text, nl=False)
+        return
+    write_output(imported.text, output, source, force)
+    click.echo(f"wrote {output} ({imported.recipe.name}, sha256 {imported.recipe.sha256[:16]})", err=True)
 
 
 @cli.command()

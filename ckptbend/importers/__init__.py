@@ -1,0 +1,105 @@
+"""`ckptbend recipe import`: the recipe that reproduces settings tuned elsewhere.
+
+Sources, told apart by content (and the .yaml/.yml suffix):
+- ComfyUI workflows, API or UI format (comfy.py), or a PNG/WebP image ComfyUI saved (images.py);
+- the original Attention Bending YAML configs (bending_yaml.py);
+- a checkpoint baked by ckptbend: the recipe recorded in it.
+
+Each importer fills a Draft (draft.py); its TOML text, with comments saying where every part came
+from, is read back by ckptbend.recipe, which validates it and gives the canonical form and hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptbend.errors import CkptbendError
+
+from .comfy import Options, workflow_draft
+from .draft import Draft
+from .images import embedded_texts, is_image
+
+
+@dataclass(frozen=True)
+class Imported:
+    text: str            # the recipe TOML, with comments
+    recipe: object       # ckptbend.recipe.Recipe, as the reader reads `text`
+    warnings: tuple[str, ...]
+
+
+def import_recipe(source: Path, opts: Options = Options()) -> Imported:
+    source = Path(source)
+    if not source.exists():
+        raise CkptbendError(f"{source}: no such file")
+    if source.is_dir() or source.suffix == ".safetensors":
+        draft = _checkpoint_draft(source, opts.name)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(16)
+        if is_image(head):
+            texts = embedded_texts(source)
+            key, text = next(iter(texts.items()))
+            draft = workflow_draft(_json(text, f"{source} ('{key}' metadata)"), source, opts, f" ('{key}' metadata)")
+        elif source.suffix.lower() in (".yaml", ".yml"):
+            from .bending_yaml import bending_draft
+            draft = bending_draft(_text(source), source, opts.name)
+        else:
+            draft = workflow_draft(_json(_text(source), str(source)), source, opts)
+    recipe = draft.recipe(opts.allow_out_of_range)
+    return Imported(draft.text(), recipe, tuple(draft.warnings) + recipe.warnings)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CkptbendError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _json(text: str, label: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CkptbendError(f"{label}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise CkptbendError(f"{label}: invalid JSON: nested too deeply") from None
+
+
+def _checkpoint_draft(path: Path, name: str | None) -> Draft:
+    from ckptbend.layouts import detect
+    from ckptbend.verify import recorded_recipe
+
+    ckpt = detect(path)
+    recipe = recorded_recipe(ckpt)
+    if recipe is None:
+        raise CkptbendError(f"{path}: no ckptbend recipe recorded; it was not baked by ckptbend")
+    meta = ckpt.files[0].header.metadata
+    draft = Draft(str(path), name or recipe.name, recipe.description)
+    draft.notes.append(f"Imported by `ckptbend recipe import`: the recipe recorded in {path.name} "
+                       f"(ckptbend {meta.get('ckptbend.version', '?')})")
+    draft.notes.append(f"baked from {meta.get('ckptbend.source', '?')!r} (sha256 {meta.get('ckptbend.source_sha256', '?')}): "
+                       "bake this recipe into that file")
+    draft.add_recipe_text(recipe.canonical(), f"recorded in {path.name}")
+    return draft
+
+
+def write_output(text: str, output: Path, source: Path, force: bool) -> None:
+    """Write the recipe atomically; an existing file needs `force`, the source is never replaced."""
+    from ckptbend.bake import atomic_output
+
+    if output.exists() and not output.is_file():
+        raise CkptbendError(f"{output}: exists and is not a file")
+    if output.exists() and os.path.samefile(output, source):
+        raise CkptbendError(f"{output}: output would overwrite the source; choose another path")
+    if output.exists() and not force:
+        raise CkptbendError(f"{output}: already exists (use --force to replace it)")
+    if not output.parent.is_dir():
+        raise CkptbendError(f"{output.parent}: no such folder")
+    with atomic_output(output, is_dir=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+__all__ = ["Imported", "Options", "import_recipe", "write_output"]
