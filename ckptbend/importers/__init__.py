@@ -88,7 +88,7 @@ def _checkpoint_draft(path: Path, name: str | None) -> Draft:
 
 def write_output(text: str, output: Path, source: Path, force: bool) -> None:
     """Write the recipe atomically; an existing file needs `force`, the source is never replaced."""
-    from ckptbend.bake import atomic_output
+    from ckptbend.output import atomic_output
 
     if output.exists() and not output.is_file():
         raise CkptbendError(f"{output}: exists and is not a file")

@@ -79,9 +79,6 @@ def _convert(entry: dict, i: int) -> tuple[dict, ...]:
             notes.append(f"{key}: {value!r} left out: the original never reads it")
         elif key == "renormalize" and value in RENORMALIZE:
             values[key] = RENORMALIZE[value]
-        elif key == "apply_to_timesteps" and _step_pair(value):
-            values[key] = [value[0], value[1] + 1]
-            notes.append(f"apply_to_timesteps {value} includes step {value[1]} in the original; a recipe's end is exclusive")
         elif key in BEND_COMMON or key in takes or not takes:   # an unknown mode: let the reader name it
             values[key] = value
         else:
@@ -89,6 +86,3 @@ def _convert(entry: dict, i: int) -> tuple[dict, ...]:
     values.setdefault("renormalize", RENORMALIZE[True])        # the original's default
     return values, *notes
 
-
-def _step_pair(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(type(x) is int for x in value)
