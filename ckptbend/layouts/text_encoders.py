@@ -96,6 +96,11 @@ def bare_kind(header) -> str | None:
 
 
 def identify(header) -> Identified | None:
+    """A file of text encoders only: one saved alone, or several under ComfyUI's `text_encoders.<name>.`."""
+    by_prefix = {n: c for n in header.names if (c := all_in_one_component(n))}
+    if by_prefix:
+        names = "+".join(c for c in TEXT_ENCODERS if c in by_prefix.values())
+        return Identified("text-encoder", f"{names}-only", by_prefix)
     kind = bare_kind(header)
     return Identified("text-encoder", f"{kind}-only", {n: kind for n in header.names}) if kind else None
 
