@@ -73,8 +73,9 @@ def _diffusers_files(path: Path) -> list[CheckpointFile]:
         if not (path / sub).is_dir():
             continue
         component = default
-        if default in text_encoders.TEXT_ENCODERS:
-            component = text_encoders.folder_component(default, _config(path / sub / "config.json"))
+        config = path / sub / "config.json"
+        if default in text_encoders.TEXT_ENCODERS and config.is_file():   # a damaged one is an error: it names the encoder
+            component = text_encoders.folder_component(default, read_json_object(config))
         weights = sorted((path / sub).glob("*.safetensors"))
         if not weights and any((path / sub).glob("*.bin")):
             raise CkptbendError(f"{path / sub}: only pickle .bin weights; convert them to safetensors first")
