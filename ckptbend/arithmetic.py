@@ -39,11 +39,18 @@ def _rows_view(a: np.ndarray, shape) -> np.ndarray:
     return a.reshape(shape[0], -1) if len(shape) else a.reshape(1, -1)
 
 
+def _part(rows_view, seg):
+    """The view of a [rows, everything else] array that a segment scales: a row range, then a column range."""
+    part = rows_view if seg.rows is None else rows_view[seg.rows[0]:seg.rows[1]]
+    cols = getattr(seg, "cols", None)
+    return part if cols is None else part[:, cols[0]:cols[1]]
+
+
 def _multiply(work: np.ndarray, segments, dtype) -> None:
     for seg in segments:
-        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        part = _part(work, seg)
         for f in seg.factors:
-            rows *= dtype(f)
+            part *= dtype(f)
 
 
 _Whole = namedtuple("_Whole", "rows factors")
@@ -59,14 +66,14 @@ def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
 
 
 def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
-    """Scale rows of one stored tensor in place, in a writable buffer (bytearray or memoryview), and
-    return the buffer. Segments carry (rows, factors)."""
+    """Scale rows (or columns) of one stored tensor in place, in a writable buffer (bytearray or
+    memoryview), and return the buffer. Segments carry rows, factors and optionally cols."""
     if dtype in TORCH_ONLY:
         return _scale_with_torch(raw, TORCH_ONLY[dtype], shape, segments)
     if dtype in ("F16", "BF16"):
         rows = _rows_view(np.frombuffer(raw, dtype=np.uint16), shape)
         for seg in segments:
-            part = rows if seg.rows is None else rows[seg.rows[0]:seg.rows[1]]
+            part = _part(rows, seg)
             part[...] = _table(dtype, tuple(seg.factors))[part]
         return raw
     with np.errstate(over="ignore", invalid="ignore"):   # inf and NaN follow IEEE, as in torch
@@ -94,16 +101,16 @@ def _scale_with_torch(raw: bytearray, torch_name: str, shape, segments) -> bytea
     import torch
 
     stored = getattr(torch, torch_name)
-    t = torch.frombuffer(raw, dtype=stored).reshape(shape)
-    work = t.to(torch.float32)
+    t = torch.frombuffer(raw, dtype=stored)
+    work = t.to(torch.float32).reshape(shape[0] if len(shape) else 1, -1)
     for seg in segments:
-        rows = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        part = _part(work, seg)
         for f in seg.factors:
-            rows.mul_(f)
+            part.mul_(f)
     # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
     # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
     info = torch.finfo(stored)
-    t.copy_(work.clamp_(info.min, info.max))
+    t.copy_(work.clamp_(info.min, info.max).reshape(-1))
     return raw
 
 

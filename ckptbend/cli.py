@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import CkptbendError
+from .synth import catalog as synth_catalog
 
 EXISTING = click.Path(path_type=Path)   # existence is checked by the library, with ckptbend's own messages
 
@@ -329,13 +330,11 @@ def maps(maps_file, output):
 
 
 @cli.command()
-@click.argument("arch", type=click.Choice(["sd1", "sd2", "sdxl", "sdxl_refiner", "svd"]))
+@click.argument("arch", type=click.Choice(synth_catalog.ARCHES))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--layout", default="single", show_default=True,
-              type=click.Choice(["single", "diffusers", "unet", "unet_bare", "unet_diffusers",
-                                 "text_encoder", "text_encoder_openclip"]))
-@click.option("--dtype", default="fp16", show_default=True,
-              type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]))
+@click.option("--layout", default="single", show_default=True, type=click.Choice(synth_catalog.LAYOUTS),
+              help="File form; not every architecture has every layout.")
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(synth_catalog.DTYPE_NAMES))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def synth(arch, output, layout, dtype, seed, force):

@@ -1,4 +1,10 @@
-"""recipe + checkpoint → Plan: every tensor to scale, its rows and its factors. Pure; nothing is written."""
+"""recipe + checkpoint → Plan: every tensor to scale, its rows or columns and its factors. Pure; nothing
+is written.
+
+ComfyUI's scaled-fp8 files store a quantised Linear's weight as fp8 × a float32 `scale_weight`: a
+factor covering the whole weight multiplies that scale instead (exact); a row or column range is
+requantised in fp8 (rounded to nearest), which `describe` says.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import CkptbendError
 from .layouts import Checkpoint, Site, blocks_with_attention
-from .layouts.text_encoders import TEXT_ENCODERS
+from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from .arithmetic import SCALABLE
 
 
@@ -19,15 +25,26 @@ SECTION_KEY = {
     "unet.self": lambda s: s.proj if s.component == "unet" and s.attn == "attn1" else None,
     "unet.cross": lambda s: s.proj if s.component == "unet" and s.attn == "attn2" else None,
     "unet.temporal": lambda s: _temporal_key(s) if s.component == "unet" and s.proj == "out" else None,
-    "clip": lambda s: s.proj if s.component in TEXT_ENCODERS else None,
+    "clip": lambda s: s.proj if s.component in CLIP_ENCODERS else None,
+    "dit.joint": lambda s: s.proj if s.component == "dit" and s.attn == "joint" else None,
+    "dit.self": lambda s: s.proj if s.component == "dit" and s.attn == "self" else None,
+    "dit.cross": lambda s: s.proj if s.component == "dit" and s.attn == "cross" else None,
+    "text": lambda s: s.proj if s.component in LARGE_ENCODERS else None,
 }
+FP8 = ("F8_E4M3", "F8_E5M2")
+SCALED_FP8_MARKER = "scaled_fp8"
 
 
 @dataclass(frozen=True)
 class Segment:
-    rows: tuple[int, int] | None   # None: the whole tensor
+    rows: tuple[int, int] | None   # None: every row
     factors: tuple[float, ...]     # applied one after another in float32, like chained nodes
     reasons: tuple[str, ...]       # e.g. "unet.self.q"
+    cols: tuple[int, int] | None = None   # None: every column (a 2-D weight's input columns otherwise)
+
+    @property
+    def whole(self) -> bool:
+        return self.rows is None and self.cols is None
 
 
 @dataclass(frozen=True)
@@ -49,12 +66,15 @@ class Plan:
 
     def describe(self) -> list[str]:
         lines = []
+        dtypes = {(f.rel, t.name): t.dtype for f in self.checkpoint.files for t in f.header.tensors}
         for e in self.edits:
             for seg in e.segments:
                 rows = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else ""
+                cols = f" columns {seg.cols[0]}:{seg.cols[1]}" if seg.cols else ""
                 factors = " × ".join(f"{f:g}" for f in seg.factors)
                 where = f"{e.file}: " if self.checkpoint.kind == "diffusers-folder" else ""
-                lines.append(f"{where}{e.key}{rows}  ×{factors}  ({', '.join(seg.reasons)})")
+                note = ", requantised in fp8" if dtypes[(e.file, e.key)] in FP8 and not seg.whole else ""
+                lines.append(f"{where}{e.key}{rows}{cols}  ×{factors}  ({', '.join(seg.reasons)}{note})")
         return lines
 
 
@@ -62,6 +82,8 @@ def _selected(entry, site: Site) -> bool:
     if entry.blocks and site.block not in entry.blocks and site.group not in entry.blocks:
         return False
     if entry.depth and site.depth not in entry.depth:
+        return False
+    if entry.stream and site.stream != entry.stream:
         return False
     return not entry.encoders or site.component in entry.encoders
 
@@ -76,9 +98,40 @@ def _unmatched(message: str, allow_missing: bool, warnings: list[str]):
     warnings.append(message)
 
 
+def _qk_norm_cancels(name, recipe_key, factor, section, ckpt: Checkpoint, warnings: list[str]):
+    """q/k factors of a UNet node on a model that normalises q and k after projection. On a DiT (LTX-Video)
+    the bake keeps ComfyUI's literal meaning, so it stays bit-identical to the node, and warns."""
+    if any(s.component == "dit" for s in ckpt.sites):
+        dit = "[dit.self]" if section == "unet.self" else "[dit.cross]"
+        warnings.append(f"{name}: {recipe_key} = {factor:g} is cancelled by this model's qk-norm, as with "
+                        f"ComfyUI's node; {dit} scales the norm weight instead, which does act")
+        return
+    raise CkptbendError(f"{name}: {recipe_key} = {factor:g} would do nothing: this UNet normalises "
+                        "q and k after projection (qk-norm), which cancels a scale on W_q/W_k")
+
+
+def _through_scale_weights(ckpt: Checkpoint, by_tensor: dict) -> dict:
+    """In a scaled-fp8 file, move whole-weight factors of an fp8 weight onto its `scale_weight`."""
+    moved: dict[tuple[str, str], list[Segment]] = {}
+    for f in ckpt.files:
+        names = set(f.header.names)
+        if not any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in names):
+            continue
+        for (file, key), segs in by_tensor.items():
+            scale = key.removesuffix("weight") + "scale_weight"
+            if (file == f.rel and key.endswith(".weight") and scale in names and f.header.tensor(key).dtype in FP8
+                    and all(seg.whole for seg in segs)):
+                moved[(file, key)] = [Segment(None, seg.factors, tuple(r + " (via scale_weight)" for r in seg.reasons))
+                                      for seg in segs]
+    out = {k: v for k, v in by_tensor.items() if k not in moved}
+    for (file, key), segs in moved.items():
+        out.setdefault((file, key.removesuffix("weight") + "scale_weight"), []).extend(segs)
+    return out
+
+
 def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     warnings: list[str] = []
-    found: dict[tuple[str, str, tuple | None], list] = {}   # (file, key, rows) → [factors, reasons]
+    found: dict[tuple, list] = {}   # (file, key, rows, cols) → [factors, reasons]
     for section, entries in recipe.multipliers.items():
         key_of = SECTION_KEY[section]
         for index, entry in enumerate(entries):
@@ -94,19 +147,19 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                     _unmatched(f"{name}: {recipe_key} = {factor:g} matches no tensor in {ckpt.path.name} "
                                f"(components: {', '.join(ckpt.components)})", allow_missing, warnings)
                 if ckpt.qk_norm and section in ("unet.self", "unet.cross") and recipe_key in ("q", "k") and hits:
-                    raise CkptbendError(f"{name}: {recipe_key} = {factor:g} would do nothing: this UNet normalises "
-                                        "q and k after projection (qk-norm), which cancels a scale on W_q/W_k")
+                    _qk_norm_cancels(name, recipe_key, factor, section, ckpt, warnings)
                 for s in hits:
-                    slot = found.setdefault((s.file, s.key, s.rows), [[], []])
+                    slot = found.setdefault((s.file, s.key, s.rows, s.cols), [[], []])
                     slot[0].append(factor)
                     slot[1].append(f"{section}.{recipe_key}")
 
-    # Group row segments per tensor, keeping file order (the order tensors will be written in).
+    # Group segments per tensor, keeping file order (the order tensors will be written in).
     by_tensor: dict[tuple[str, str], list[Segment]] = {}
-    for (file, key, rows), (factors, reasons) in found.items():
-        by_tensor.setdefault((file, key), []).append(Segment(rows, tuple(factors), tuple(reasons)))
+    for (file, key, rows, cols), (factors, reasons) in found.items():
+        by_tensor.setdefault((file, key), []).append(Segment(rows, tuple(factors), tuple(reasons), cols))
+    by_tensor = _through_scale_weights(ckpt, by_tensor)
     order = {(f.rel, t.name): i for i, (f, t) in enumerate((f, t) for f in ckpt.files for t in f.header.tensors)}
-    edits = tuple(Edit(file, key, tuple(sorted(segs, key=lambda s: s.rows or (0, 0))))
+    edits = tuple(Edit(file, key, tuple(sorted(segs, key=lambda s: (s.rows or (0, 0), s.cols or (0, 0)))))
                   for (file, key), segs in sorted(by_tensor.items(), key=lambda kv: order[kv[0]]))
     dtypes = {(f.rel, t.name): t.dtype for f in ckpt.files for t in f.header.tensors}
     for e in edits:

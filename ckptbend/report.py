@@ -8,7 +8,7 @@ from collections import Counter
 from .layouts import Checkpoint, blocks_with_attention
 from .verify import recorded_recipe
 
-TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks)\.(\d+)\.")   # HF / OpenCLIP layer index
+TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
 
 
 def describe(ckpt: Checkpoint) -> dict:
@@ -20,18 +20,19 @@ def describe(ckpt: Checkpoint) -> dict:
         for t in f.header.tensors:
             dtypes[t.dtype] += 1
             tensors[f.components.get(t.name, "other")] += 1
-    unet_sites = [s for s in ckpt.sites if s.component == "unet"]
+    model_sites = [s for s in ckpt.sites if s.component in ("unet", "dit")]
     per_block = {}
     for label in blocks_with_attention(ckpt):
-        here = [s for s in unet_sites if s.block == label]
+        here = [s for s in model_sites if s.block == label]
         per_block[label] = {
-            "depth": max(s.depth for s in here) + 1,
+            "depth": max((s.depth for s in here if s.depth is not None), default=0) + 1,
             "attn": sorted({s.attn + ("-temporal" if s.temporal else "") for s in here}),
+            "streams": sorted({s.stream for s in here if s.stream}),
         }
     encoders = {}
     for s in ckpt.sites:
-        if s.component != "unet":
-            encoders.setdefault(s.component, set()).add(TEXT_LAYER.search(s.key).group(1))
+        if s.component not in ("unet", "dit") and (m := TEXT_LAYER.search(s.key)):
+            encoders.setdefault(s.component, set()).add(m.group(1))
     recipe = recorded_recipe(ckpt)
     metadata = {k: v for f in ckpt.files for k, v in f.header.metadata.items() if k != "ckptbend.recipe"}
     return {
@@ -68,13 +69,16 @@ def format_text(info: dict) -> str:
         "  dtypes:       " + ", ".join(f"{d} ×{n}" for d, n in sorted(info["dtypes"].items())),
     ]
     if info["attention_blocks"]:
-        lines.append("  UNet attention by block:")
+        dit = "dit" in info["components"]
+        lines.append("  transformer attention by block:" if dit else "  UNet attention by block:")
         for label, b in info["attention_blocks"].items():
-            lines.append(f"    {label:<5} depth {b['depth']:<2} {' '.join(b['attn'])}")
+            streams = f" (streams: {', '.join(b['streams'])})" if b["streams"] else ""
+            depth = "" if dit else f"depth {b['depth']:<2} "
+            lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}")
     for c, n in info["text_encoder_attention_layers"].items():
         lines.append(f"  {c}: {n} attention layers")
     if info["qk_norm"]:
-        lines.append("  note: the UNet uses qk-norm; q/k multipliers cancel there")
+        lines.append("  note: the model uses qk-norm; q/k multipliers of the UNet nodes cancel there")
     if info["metadata"]:
         lines.append("  metadata:")
         for k, v in info["metadata"].items():

@@ -65,3 +65,16 @@ def test_decoding_matches_torch(name):
     decoded = to_float64(t.view(torch.uint8).numpy().tobytes(), name, tuple(t.shape))
     expected = t.to(torch.float64).numpy()
     assert ((decoded == expected) | (decoded != decoded) & (expected != expected)).all()
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_column_segments_scale_only_their_columns(name):
+    """Flux single blocks: only linear2's attention input columns are scaled; the MLP columns keep their bytes."""
+    g = torch.Generator().manual_seed(2)
+    t = (torch.randn(5, 12, generator=g) * 0.1).to(DTYPES[name])
+    raw = bytearray(t.view(torch.uint8).numpy().tobytes())
+    got = torch.frombuffer(scale_bytes(raw, name, (5, 12), [Segment(None, (1.7,), (), cols=(0, 4))]),
+                           dtype=t.dtype).reshape(5, 12)
+    expected = torch_reference(t.t().contiguous(), (1.7,), (0, 4)).t()
+    assert torch.equal(got.view(torch.uint8), expected.contiguous().view(torch.uint8))
+    assert torch.equal(got[:, 4:].view(torch.uint8), t[:, 4:].view(torch.uint8))

@@ -58,7 +58,7 @@ HEADER_ERRORS = [
     ('schema = 1\nname = "t"\nnmae = "x"\n', "unknown top-level key 'nmae' (did you mean 'name'?)"),
     ('schema = 1\nname = "t"\ncolour = "red"\n', "unknown top-level key 'colour' (expected one of:"),
     ('schema = 1\nname = "t"\n[sga]\n', "unknown section [sga] (did you mean [sag]?)"),
-    ('schema = 1\nname = "t"\n[self]\nq = 1.1\n', "unknown section [self] (did you mean [unet.self]?)"),
+    ('schema = 1\nname = "t"\n[self]\nq = 1.1\n', "unknown section [self] (did you mean [unet.self] or [dit.self]?)"),
     ('schema = 1\nname = "t"\n[unet.slef]\nq = 1.1\n', "unknown section [unet.slef] (did you mean [unet.self]?)"),
     ('schema = 1\nname = "t"\nunet = 1\n', "unet must hold the sections [unet.self]"),
     ('schema = 1\nname = "t"\n[unet]\nq = 1.1\n', "[unet] unknown key 'q': factors go in [unet.self]"),

@@ -347,7 +347,7 @@ def test_deterministic_per_seed(tmp_path):
 
 
 def test_tiny_files_are_small(tmp_path):
-    for arch in synth.ARCHES:
+    for arch in synth.sd.ARCHES:
         size = synth.write_checkpoint(tmp_path / f"{arch}.safetensors", arch).stat().st_size
         assert size < (11e6 if arch == "svd" else 2e6), (arch, size)   # SVD: 32-channel floor
 
@@ -389,7 +389,7 @@ def test_full_size_file_streams(tmp_path):
 
 # --- other layouts -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", synth.ARCHES)
+@pytest.mark.parametrize("arch", synth.sd.ARCHES)
 def test_diffusers_folder_loads_with_from_pretrained(tmp_path, arch):
     import diffusers
     import transformers
@@ -455,7 +455,7 @@ def test_streamed_diffusers_weights_load(tmp_path):
     assert_same_tensors(loaded, unet)
 
 
-@pytest.mark.parametrize("arch", synth.ARCHES)
+@pytest.mark.parametrize("arch", synth.sd.ARCHES)
 def test_unet_only_layouts(tmp_path, arch):
     unet = synth.build_models(arch)["unet"]
     prefixed = load_file(synth.write_checkpoint(tmp_path / "u.safetensors", arch, layout="unet"))

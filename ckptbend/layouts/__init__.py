@@ -1,18 +1,21 @@
-"""What checkpoint files look like: find the model families in a file or folder, and their attention.
+"""What checkpoint files look like: find the model family in a file or folder, and its attention.
 
-A checkpoint is one or more safetensors files. Every tensor key belongs to a *component* (unet,
-clip_l, clip_g, clip_h, or something ckptbend leaves alone). Each model family is one module of
-data and small finders, registered in `FAMILIES`; this module only combines them. A family module has:
+A checkpoint is one or more safetensors files. Every tensor key belongs to a *component* (unet, dit,
+a text encoder such as clip_l or t5xxl, or something ckptbend leaves alone). Each model family is one
+module of data and small finders, registered in `FAMILIES`; this module only combines them. A family
+module has:
 
     COMPONENTS            the components whose attention it finds
-    SINGLE_FILE_PREFIXES  (key prefix, component) of its single files, most specific first
-    ARCHITECTURES         (architecture name, keys that must all be present) for single files
-    DIFFUSERS_FOLDERS     diffusers sub-folder → component
+    identify(header)      an `Identified` (kind, architecture, key → component) for a single file, or None
+    DIFFUSERS_FOLDERS     diffusers sub-folder → component (the default mapping, SD's)
+    DIFFUSERS_PIPELINES   model_index.json `_class_name` → {sub-folder: component}
     sites(cf, files)      the attention Sites of one CheckpointFile (`files`: all of the checkpoint's)
-    bare_kind(header)     the component a file holding only this family's model is, or None
-    folder_architecture(config_class, present)   a diffusers folder's architecture, or None
+    folder_architecture(model_class, present)   a diffusers folder's architecture, or None
+    has_qk_norm(files)    whether q/k multipliers on its unet.* sites are cancelled by a qk-norm
 
-Adding a model family is one new module plus its entry in `FAMILIES`.
+Families are asked in order; the first that identifies a file wins (DiT families come before the SD
+UNets, whose `model.diffusion_model.` prefix they share). Adding a model family is one new module plus
+its entry in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ import json
 from pathlib import Path
 
 from ..errors import CkptbendError
-from ..safetensors_io import Header, read_header
+from ..safetensors_io import read_header
 from . import sd_unet, text_encoders
-from .types import Checkpoint, CheckpointFile, Site  # noqa: F401  (the package's public types)
+from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 
 FAMILIES = (sd_unet, text_encoders)
-SINGLE_FILE_PREFIXES = tuple(p for f in FAMILIES for p in f.SINGLE_FILE_PREFIXES)
-ARCHITECTURES = tuple(a for f in FAMILIES for a in f.ARCHITECTURES)
 DIFFUSERS_FOLDERS = {sub: c for f in FAMILIES for sub, c in f.DIFFUSERS_FOLDERS.items()}
-ATTENTION_COMPONENTS = {c for f in FAMILIES for c in f.COMPONENTS}
+DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 
-NO_ATTENTION = "{path}: no UNet or text encoder found; not a supported checkpoint layout"
+NO_ATTENTION = "{path}: no UNet, diffusion transformer or text encoder found; not a supported checkpoint layout"
 
 
 def read_json_object(path: Path) -> dict:
@@ -45,62 +46,36 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
-def _component_by_prefix(key: str) -> str | None:
-    for prefix, component in SINGLE_FILE_PREFIXES:
-        if key.startswith(prefix):
-            return component
-    return None
-
-
-def _bare_kind(header: Header) -> str | None:
-    return next((kind for f in FAMILIES if (kind := f.bare_kind(header))), None)
-
-
-def _detect_single(path: Path, header: Header):
-    names = header.names
-    components = {n: _component_by_prefix(n) for n in names}
-    if any(c is not None for c in components.values()):
-        if not ATTENTION_COMPONENTS & set(components.values()):
-            raise CkptbendError(NO_ATTENTION.format(path=path))
-        for arch, needed in ARCHITECTURES:
-            if all(k in components for k in needed):
-                break
-        else:
-            arch = "unet-only" if set(components.values()) <= {"unet", None} else "unknown"
-        kind = "unet" if set(components.values()) <= {"unet", None} else "single-file"
-        return kind, arch, {n: c for n, c in components.items() if c}
-    bare = _bare_kind(header)
-    if bare is None:
-        raise CkptbendError(NO_ATTENTION.format(path=path))
-    kind = "unet" if bare == "unet" else "text-encoder"
-    arch = "unet-only" if bare == "unet" else f"{bare}-only"
-    return kind, arch, {n: bare for n in names}
-
-
-def _diffusers_component(folder: Path, sub: str) -> str:
-    component = DIFFUSERS_FOLDERS[sub]
-    # SD 2.x's text_encoder is OpenCLIP-H converted to HF names: told from CLIP-L by its activation
-    # (OpenAI CLIP uses quick_gelu).
-    config = folder / sub / "config.json"
-    if component == "clip_l" and config.is_file() and read_json_object(config).get("hidden_act") == "gelu":
-        return "clip_h"
-    return component
-
-
-def _diffusers_architecture(folder: Path, present: set[str]) -> str:
-    try:   # only a hint for the architecture name: the weights decide everything else
-        model_class = read_json_object(folder / "unet" / "config.json").get("_class_name", "")
+def _config(path: Path) -> dict:
+    """A config that may be missing or damaged: it only refines names, the weights decide the rest."""
+    try:
+        return read_json_object(path) if path.is_file() else {}
     except CkptbendError:
-        model_class = ""
-    return next(a for f in FAMILIES if (a := f.folder_architecture(model_class, present)))
+        return {}
+
+
+def _identify(path: Path, header) -> Identified:
+    found = next((found for f in FAMILIES if (found := f.identify(header))), None)
+    if found is None:
+        raise CkptbendError(NO_ATTENTION.format(path=path))
+    return found
+
+
+def _folder_map(path: Path) -> dict[str, str]:
+    """sub-folder → component for this diffusers folder (its pipeline's table, else SD's)."""
+    pipeline = _config(path / "model_index.json").get("_class_name")
+    return DIFFUSERS_PIPELINES.get(pipeline, DIFFUSERS_FOLDERS)
 
 
 def _diffusers_files(path: Path) -> list[CheckpointFile]:
     files = []
-    for sub in DIFFUSERS_FOLDERS:
+    for sub, default in _folder_map(path).items():
         if not (path / sub).is_dir():
             continue
-        component = _diffusers_component(path, sub)
+        component = default
+        config = path / sub / "config.json"
+        if default in text_encoders.TEXT_ENCODERS and config.is_file():   # a damaged one is an error: it names the encoder
+            component = text_encoders.folder_component(default, read_json_object(config))
         weights = sorted((path / sub).glob("*.safetensors"))
         if not weights and any((path / sub).glob("*.bin")):
             raise CkptbendError(f"{path / sub}: only pickle .bin weights; convert them to safetensors first")
@@ -108,9 +83,15 @@ def _diffusers_files(path: Path) -> list[CheckpointFile]:
             h = read_header(w)
             files.append(CheckpointFile(f"{sub}/{w.name}", h, {n: component for n in h.names}))
     if not files:
-        raise CkptbendError(f"{path}: a folder, but no unet/, text_encoder/ or text_encoder_2/ "
+        raise CkptbendError(f"{path}: a folder, but no unet/, transformer/ or text_encoder*/ "
                             "with .safetensors weights (expected a diffusers model folder)")
     return files
+
+
+def _diffusers_architecture(path: Path, present: set[str]) -> str:
+    model_class = next((c for sub in ("unet", "transformer")
+                        if (c := _config(path / sub / "config.json").get("_class_name"))), "")
+    return next(a for f in FAMILIES if (a := f.folder_architecture(str(model_class), present)))
 
 
 def _sites(files) -> tuple[Site, ...]:
@@ -136,11 +117,18 @@ def detect(path) -> Checkpoint:
         raise CkptbendError(f"{path}: no such file or folder")
     else:
         header = read_header(path)
-        kind, arch, components = _detect_single(path, header)
-        files = [CheckpointFile(path.name, header, components)]
-    return Checkpoint(path, kind, arch, tuple(files), _sites(files), sd_unet.has_qk_norm(files))
+        found = _identify(path, header)
+        kind, arch = found.kind, found.architecture
+        files = [CheckpointFile(path.name, header, found.components)]
+    sites = _sites(files)
+    qk_norm = any(f.has_qk_norm(files) for f in FAMILIES)
+    return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm)
+
+
+GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "double": 0, "single": 1}
 
 
 def blocks_with_attention(ckpt: Checkpoint) -> list[str]:
-    """Block labels that hold UNet attention, in UNet order."""
-    return sd_unet.blocks(ckpt.sites)
+    """Block labels that hold UNet or DiT attention, in model order."""
+    labels = {(GROUP_ORDER.get(s.group, 0), s.block) for s in ckpt.sites if s.block is not None}
+    return [label for _, label in sorted(labels)]

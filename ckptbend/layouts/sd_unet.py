@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from .types import CheckpointFile, Site
+from .types import CheckpointFile, Identified, Site
+from .text_encoders import CLIP_ENCODERS
 
 COMPONENTS = ("unet",)
 
@@ -34,9 +35,11 @@ ARCHITECTURES = (
     ("sd1", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",)),
 )
 
-# diffusers folder: sub-folder → component. SD 2.x's text_encoder is OpenCLIP-H converted to HF
-# names; it is told from CLIP-L by its activation (OpenAI CLIP uses quick_gelu).
+# diffusers folder: sub-folder → component, for every SD pipeline (and folders without model_index.json).
+# SD 2.x's text_encoder is OpenCLIP-H converted to HF names; text_encoders.folder_component tells it
+# from CLIP-L by its activation.
 DIFFUSERS_FOLDERS = {"unet": "unet", "text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+DIFFUSERS_PIPELINES = {}   # the default mapping above serves every SD pipeline class
 
 UNET_SUFFIX = re.compile(r"(?:^|\.)(?P<attn>attn1|attn2)\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)$")
 PROJ_NAMES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
@@ -54,7 +57,6 @@ BARE_UNET_STARTS = ("input_blocks.", "down_blocks.", "time_embed.", "time_embedd
 
 GROUP_OF = {"input_blocks": "input", "output_blocks": "output",
             "down_blocks": "input", "up_blocks": "output", None: "middle"}
-GROUP_ORDER = {"input": 0, "middle": 1, "output": 2}
 LABEL_PREFIX = {"input": "IN", "middle": "M", "output": "OUT"}
 
 
@@ -106,11 +108,26 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
     return found
 
 
-def bare_kind(header) -> str | None:
-    """'unet' for a UNet saved alone (no single-file prefix)."""
+def _component_by_prefix(key: str) -> str | None:
+    for prefix, component in SINGLE_FILE_PREFIXES:
+        if key.startswith(prefix):
+            return component
+    return None
+
+
+def identify(header) -> Identified | None:
+    """An SD single file (by its prefixes), or a UNet saved alone."""
     names = header.names
+    components = {n: c for n in names if (c := _component_by_prefix(n))}
+    if components:
+        if not {"unet", *CLIP_ENCODERS} & set(components.values()):
+            return None
+        arch = next((a for a, needed in ARCHITECTURES if all(k in components for k in needed)), None)
+        only_unet = set(components.values()) == {"unet"}
+        arch = arch or ("unet-only" if only_unet else "unknown")
+        return Identified("unet" if only_unet else "single-file", arch, components)
     if any(UNET_SUFFIX.search(n) for n in names) and any(n.startswith(BARE_UNET_STARTS) for n in names):
-        return "unet"
+        return Identified("unet", "unet-only", {n: "unet" for n in names})
     return None
 
 
@@ -118,16 +135,10 @@ def has_qk_norm(files) -> bool:
     return any(QK_NORM.search(n) for f in files for n, c in f.components.items() if c == "unet")
 
 
-def folder_architecture(unet_class: str, present: set[str]) -> str:
+def folder_architecture(unet_class: str, present: set[str]) -> str | None:
     """A diffusers SD pipeline's architecture name, from the UNet class and the text encoders present."""
     if unet_class == "UNetSpatioTemporalConditionModel":
         return "svd"
     if "clip_g" in present:
         return "sdxl-base" if "clip_l" in present else "sdxl-refiner"
     return "sd2" if "clip_h" in present else "sd1"
-
-
-def blocks(sites_) -> list[str]:
-    """Block labels that hold UNet attention, in UNet order."""
-    labels = {(GROUP_ORDER[s.group], s.block) for s in sites_ if s.component == "unet"}
-    return [label for _, label in sorted(labels)]

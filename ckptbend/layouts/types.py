@@ -13,14 +13,24 @@ class Site:
     """One attention projection parameter (or a row range of a fused one)."""
     file: str
     key: str
-    component: str
-    attn: str                    # attn1 | attn2 (UNet) | self (text encoder)
+    component: str               # unet | dit | a text encoder (clip_l, t5xxl, ...)
+    attn: str                    # attn1 | attn2 (UNet) | joint | self | cross (DiT) | self (text encoder)
     proj: str                    # q | k | v | out
-    rows: tuple[int, int] | None = None   # row range inside a fused in_proj tensor
-    group: str | None = None     # input | middle | output (UNet)
-    block: str | None = None     # IN04, M00, OUT03 (UNet)
+    rows: tuple[int, int] | None = None   # row range inside a fused tensor (qkv, in_proj, linear1)
+    group: str | None = None     # input | middle | output (UNet); double | single | ... (DiT)
+    block: str | None = None     # IN04, M00, OUT03 (UNet); D03, S12, J05, B07 (DiT)
     depth: int | None = None     # transformer index inside the block (UNet)
     temporal: bool = False       # video temporal transformer (SVD time_stack)
+    cols: tuple[int, int] | None = None   # column range of a fused input (Flux single blocks' linear2)
+    stream: str | None = None    # image | text: the token stream of a joint attention; None: both
+
+
+@dataclass(frozen=True)
+class Identified:
+    """What a family recognised in a single file."""
+    kind: str                    # "single-file" | "unet" | "dit" | "text-encoder"
+    architecture: str
+    components: dict[str, str]   # tensor key → component, for the keys that belong to one
 
 
 @dataclass(frozen=True)
@@ -33,11 +43,11 @@ class CheckpointFile:
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    kind: str                    # "single-file" | "diffusers-folder" | "unet" | "text-encoder"
+    kind: str                    # "single-file" | "diffusers-folder" | "unet" | "dit" | "text-encoder"
     architecture: str
     files: tuple[CheckpointFile, ...]
     sites: tuple[Site, ...]
-    qk_norm: bool                # the UNet normalises q and k after projection
+    qk_norm: bool                # the UNet (or the DiT behind unet.* sites) normalises q and k after projection
 
     @property
     def components(self) -> list[str]:

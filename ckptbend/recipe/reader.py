@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import CkptbendError
-from ..layouts.text_encoders import TEXT_ENCODERS
+from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from .canonical import _toml
-from .schema import (BEND_COMMON, BEND_MODE_PARAMS, BEND_PARAMS, BLOCK_GROUPS, BLOCK_LABEL, MULTIPLIER_SECTIONS,
+from .schema import (BEND_COMMON, BEND_MODE_PARAMS, BEND_PARAMS, BLOCK_GROUPS, BLOCK_LABEL, DIT_BLOCK_GROUPS,
+                     DIT_BLOCK_LABEL, MULTIPLIER_SECTIONS,
                      MULTIPLY_KEYS, NAME_SLUG, QK_WARN_PRODUCT, RENORMALIZE, SAG_PARAMS, SCHEMA_VERSION, SECTION_SELECTORS,
                      SECTIONS, SELECTORS, SIMPLE_EXPANDS, SIMPLE_FIXED, SLOTHFUL_PARAMS, SLOTHFUL_SIMPLE,
                      SLOTHFUL_SIMPLE_PARAMS, TOP_LEVEL_KEYS, Param, bend_params, multiply_params)
@@ -182,6 +183,23 @@ def _check_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
     return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=_block_order))
 
 
+def _dit_block_order(label: str) -> tuple[int, int]:
+    if label in DIT_BLOCK_GROUPS:
+        return DIT_BLOCK_GROUPS.index(label) - len(DIT_BLOCK_GROUPS), 0
+    return "DSJB".index(label[0]), int(label[1:])
+
+
+def _check_dit_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+    def item(x):
+        if not isinstance(x, str):
+            r.fail(where, f"{p.name} must hold block labels (strings), not {_show(x)}")
+        if not (DIT_BLOCK_LABEL.fullmatch(x) or x in DIT_BLOCK_GROUPS):
+            guess = x.upper() if DIT_BLOCK_LABEL.fullmatch(x.upper()) else _closest(x, DIT_BLOCK_GROUPS)
+            r.fail(where, f"{p.name}: {_show(x)} is not a transformer block label (D00, S12, J05, B07, ...) or "
+                          f"group (double, single)" + (f" (did you mean '{guess}'?)" if guess else ""))
+    return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=_dit_block_order))
+
+
 def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
     if value == "all" or value == ["all"]:
         return ()
@@ -189,11 +207,14 @@ def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
     def item(x):
         if x == "all":
             r.fail(where, f"{p.name}: \"all\" cannot be combined with other encoders")
-        if x not in TEXT_ENCODERS:
-            r.fail(where, f"{p.name}: {_show(x)} is not a text encoder"
-                          f"{_hint(str(x), TEXT_ENCODERS + ('all',), QUOTED)}")
+        if x in p.choices:
+            return
+        home = next((f"[{sec}]" for sec, names in (("clip", CLIP_ENCODERS), ("text", LARGE_ENCODERS)) if x in names), None)
+        if home:
+            r.fail(where, f"{p.name}: {_show(x)} is not an encoder of this section; it is set in {home}")
+        r.fail(where, f"{p.name}: {_show(x)} is not a text encoder{_hint(str(x), p.choices + ('all',), QUOTED)}")
     encoders = _check_list(r, where, p, value, item, 'text encoder names or "all"')
-    return tuple(e for e in TEXT_ENCODERS if e in encoders)
+    return tuple(e for e in p.choices if e in encoders)
 
 
 def _check_step_range(r: _Reader, where: str, p: Param, value) -> tuple[int, int]:
@@ -227,6 +248,7 @@ _CHECKS: dict[str, Callable[[_Reader, str, Param, Any], Any]] = {
     "choice": _check_choice,
     "index_list": _check_index_list,
     "blocks": _check_blocks,
+    "dit_blocks": _check_dit_blocks,
     "encoders": _check_encoders,
     "step_range": _check_step_range,
     "region": _check_region,
@@ -267,14 +289,14 @@ def _entries(r: _Reader, section: str, value, many: bool = True) -> list[tuple[s
 
 def _read_multiply(r: _Reader, section: str, value) -> tuple[MultiplyEntry, ...]:
     params = multiply_params(section)
-    here = ", ".join(SECTION_SELECTORS[section])
+    here = ", ".join(p.name for p in SECTION_SELECTORS[section])
     misplaced = {s: f"'{s}' is not a selector of [{section}] (its selectors: {here})"
                  for s in SELECTORS if s not in params}
     entries = []
     for where, raw in _entries(r, section, value):
         values = _read_params(r, where, raw, params, misplaced)
         entry = MultiplyEntry(factors=tuple((k, values[k]) for k in MULTIPLY_KEYS[section] if values[k] != 1.0),
-                              **{s: values[s] for s in SECTION_SELECTORS[section]})
+                              **{p.name: values[p.name] for p in SECTION_SELECTORS[section]})
         q, k = entry.factor("q"), entry.factor("k")
         if q * k > QK_WARN_PRODUCT:
             r.warn(where, f"q x k = {q:g} x {k:g} = {q * k:g} (> {QK_WARN_PRODUCT:g}) multiplies attention logits "
@@ -373,28 +395,34 @@ def _read_header(r: _Reader, data: dict) -> tuple[int, str, str]:
     return schema, name, description
 
 
+NESTED = ("unet", "dit")   # [unet.self], [dit.joint]: TOML reads them as tables inside "unet" / "dit"
+
+
 def _find_sections(r: _Reader, data: dict) -> dict[str, Any]:
     """Section name ("unet.self", "sag", ...) → its raw TOML value; unknown names are errors."""
     found: dict[str, Any] = {}
-    unet_sections = [s for s in SECTIONS if s.startswith("unet.")]
     for key, value in data.items():
         if key in TOP_LEVEL_KEYS:
             continue
-        if key == "unet":
+        if key in NESTED:
+            inner = [s for s in SECTIONS if s.startswith(key + ".")]
             if not isinstance(value, dict):
-                r.fail("", f"unet must hold the sections {', '.join(f'[{s}]' for s in unet_sections)}, "
+                r.fail("", f"{key} must hold the sections {', '.join(f'[{s}]' for s in inner)}, "
                            f"not {_type_name(value)}")
             for sub, sub_value in value.items():
                 if not isinstance(sub_value, (dict, list)):
-                    r.fail("[unet]", f"unknown key '{sub}': factors go in "
-                                     f"{', '.join(f'[{s}]' for s in unet_sections)}")
-                if f"unet.{sub}" not in unet_sections:
-                    r.fail("", f"unknown section [unet.{sub}]{_hint(f'unet.{sub}', unet_sections, '[{}]')}")
-                found[f"unet.{sub}"] = sub_value
+                    r.fail(f"[{key}]", f"unknown key '{sub}': factors go in "
+                                       f"{', '.join(f'[{s}]' for s in inner)}")
+                if f"{key}.{sub}" not in inner:
+                    r.fail("", f"unknown section [{key}.{sub}]{_hint(f'{key}.{sub}', inner, '[{}]')}")
+                found[f"{key}.{sub}"] = sub_value
         elif key in SECTIONS:
             found[key] = value
         elif isinstance(value, (dict, list)):
-            r.fail("", f"unknown section [{key}]{_hint(key, SECTIONS, '[{}]')}")
+            # [self] / [cross] exist as both [unet.…] and [dit.…]: name every one.
+            nested = [f"[{s}]" for s in SECTIONS if s.partition(".")[2] == key]
+            hint = f" (did you mean {' or '.join(nested)}?)" if nested else _hint(key, SECTIONS, '[{}]')
+            r.fail("", f"unknown section [{key}]{hint}")
         else:
             r.fail("", f"unknown top-level key '{key}'{_hint(key, TOP_LEVEL_KEYS)}")
     return found

@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
+
 SCHEMA_VERSION = 1
-MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip")
+MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip", "dit.joint", "dit.self", "dit.cross", "text")
 DYNAMIC_SECTIONS = ("sag", "slothful", "bending")
 SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
 TOP_LEVEL_KEYS = ("schema", "name", "description")
@@ -19,6 +21,11 @@ BLOCK_GROUPS = ("input", "middle", "output")
 # Only the shape of a block label is checked: which labels exist depends on the checkpoint
 # (SD 1.x has IN00-IN11 / OUT00-OUT11, SDXL IN00-IN08 / OUT00-OUT08); the planner checks existence.
 BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
+# Diffusion transformers: D = Flux/HunyuanVideo double block, S = single block, J = SD3 joint block,
+# B = a block of a model with one kind (Wan, Qwen-Image, LTX-Video). README lists them per model.
+DIT_BLOCK_GROUPS = ("double", "single")
+DIT_BLOCK_LABEL = re.compile(r"[DSJB][0-9]{2,3}")
+STREAMS = ("image", "text")
 NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
 
@@ -52,18 +59,29 @@ MULTIPLY_KEYS = {
     "unet.cross": ("q", "k", "v", "out"),
     "unet.temporal": ("self_structural", "self_temporal", "cross_structural", "cross_temporal"),
     "clip": ("q", "k", "v", "out"),
+    "dit.joint": ("q", "k", "v", "out"),
+    "dit.self": ("q", "k", "v", "out"),
+    "dit.cross": ("q", "k", "v", "out"),
+    "text": ("q", "k", "v", "out"),
 }
-SELECTORS = _table(
-    Param("blocks", "blocks", default=()),        # block labels / group names; () = every block
-    Param("depth", "index_list", default=()),     # transformer index inside a block; () = all
-    Param("encoders", "encoders", default=()),    # text encoders; () = all
-)
+# Selectors, per section. A value of () (or None) selects everything.
+UNET_BLOCKS = Param("blocks", "blocks", default=())           # block labels / group names
+DIT_BLOCKS = Param("blocks", "dit_blocks", default=())
+DEPTH = Param("depth", "index_list", default=())              # transformer index inside a block
+STREAM = Param("stream", "choice", default=None, choices=STREAMS)   # one token stream of a joint attention
+CLIP_ENCODERS_PARAM = Param("encoders", "encoders", default=(), choices=CLIP_ENCODERS)
+LARGE_ENCODERS_PARAM = Param("encoders", "encoders", default=(), choices=LARGE_ENCODERS)
 SECTION_SELECTORS = {
-    "unet.self": ("blocks", "depth"),
-    "unet.cross": ("blocks", "depth"),
-    "unet.temporal": ("blocks", "depth"),
-    "clip": ("encoders",),
+    "unet.self": (UNET_BLOCKS, DEPTH),
+    "unet.cross": (UNET_BLOCKS, DEPTH),
+    "unet.temporal": (UNET_BLOCKS, DEPTH),
+    "clip": (CLIP_ENCODERS_PARAM,),
+    "dit.joint": (DIT_BLOCKS, STREAM),
+    "dit.self": (DIT_BLOCKS,),
+    "dit.cross": (DIT_BLOCKS,),
+    "text": (LARGE_ENCODERS_PARAM,),
 }
+SELECTORS = ("blocks", "depth", "encoders", "stream")
 
 
 def _factor(name: str) -> Param:
@@ -72,7 +90,7 @@ def _factor(name: str) -> Param:
 
 def multiply_params(section: str) -> dict[str, Param]:
     """The keys of one multiplier section, in canonical order: selectors, then factors."""
-    return {**{s: SELECTORS[s] for s in SECTION_SELECTORS[section]},
+    return {**{p.name: p for p in SECTION_SELECTORS[section]},
             **_table(*map(_factor, MULTIPLY_KEYS[section]))}
 
 

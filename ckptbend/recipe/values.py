@@ -38,17 +38,19 @@ class MultiplyEntry:
     factors: tuple[tuple[str, float], ...]   # only values other than 1.0, in the section's key order
     blocks: tuple[str, ...] = ()             # block labels or groups; () = all
     depth: tuple[int, ...] = ()              # transformer depth inside a block; () = all
-    encoders: tuple[str, ...] = ()           # clip only; () = all
+    encoders: tuple[str, ...] = ()           # clip / text only; () = all
+    stream: str | None = None                # dit.joint only: "image" | "text"; None = both (and single blocks)
 
     def factor(self, key: str) -> float:
         return dict(self.factors).get(key, 1.0)
 
     @property
     def has_selector(self) -> bool:
-        return bool(self.blocks or self.depth or self.encoders)
+        return bool(self.blocks or self.depth or self.encoders or self.stream)
 
     def values(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "depth": self.depth, "encoders": self.encoders, **dict(self.factors)}
+        return {"blocks": self.blocks, "depth": self.depth, "encoders": self.encoders, "stream": self.stream,
+                **dict(self.factors)}
 
 
 @dataclass(frozen=True)

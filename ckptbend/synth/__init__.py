@@ -39,8 +39,40 @@ diffusers. They are derived from generative-models (``sgm``) module definitions,
 ``_unet_resnet_ldm`` / ``_unet_attention_ldm`` / ``_vae_resnet_ldm``.
 """
 
-from .files import write_safetensors, write_weights  # noqa: F401
-from .sd import build_models, ddpm_schedule_buffers, layout_state_dict, ldm_state_dict, write_checkpoint  # noqa: F401
-from .sd_configs import (ARCHES, DIFFUSERS_TEXT, DTYPES, FULL_CONFIGS, LAYOUTS, SINGLE_FILE_TEXT, SIZES,  # noqa: F401
-                         TINY_CONFIGS)
-from .text_encoders import hf_clip_state_dict, openclip_state_dict  # noqa: F401
+import importlib
+
+from ..errors import CkptbendError
+from .catalog import ARCHES, LAYOUTS, generator_of
+
+# Imported on first use (PEP 562), so that `ckptbend synth --help` and the catalog need no torch.
+_EXPORTS = {
+    "write_safetensors": "files", "write_weights": "files",
+    "build_models": "sd", "ddpm_schedule_buffers": "sd", "layout_state_dict": "sd", "ldm_state_dict": "sd",
+    "DIFFUSERS_TEXT": "sd_configs", "DTYPES": "sd_configs", "FULL_CONFIGS": "sd_configs",
+    "SINGLE_FILE_TEXT": "sd_configs", "SIZES": "sd_configs", "TINY_CONFIGS": "sd_configs",
+    "hf_clip_state_dict": "text_encoders", "openclip_state_dict": "text_encoders",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")   # a generator module: synth.sd, synth.files
+    except ModuleNotFoundError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny", dtype=None,
+                     seed: int = 0, shard_size=None):
+    """Write a synthetic checkpoint of `arch` (any of `ARCHES`) in `layout` and return its path (the
+    file, or the folder for ``diffusers``); the family's generator module (catalog.GENERATORS) does the
+    work. `dtype` (a torch dtype) applies to floating tensors; None is float32."""
+    module = generator_of(arch)
+    if module is None:
+        raise CkptbendError(f"unknown architecture {arch!r} (one of {', '.join(ARCHES)})")
+    if layout not in LAYOUTS:
+        raise CkptbendError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    generator = importlib.import_module(f"{__name__}.{module}")
+    return generator.write_checkpoint(path, arch, layout=layout, size=size, dtype=dtype, seed=seed,
+                                      shard_size=shard_size)

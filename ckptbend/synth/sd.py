@@ -271,6 +271,7 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
     ``diffusers`` folder, with ``*.safetensors.index.json``.
     """
     _check(arch, size, layout)
+    dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
         raise CkptbendError(f"synth: unsupported dtype {dtype}")
     if shard_size is not None and layout != "diffusers":

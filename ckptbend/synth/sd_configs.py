@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-ARCHES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "svd")
+from .catalog import GENERATORS
+
+ARCHES, LAYOUTS = GENERATORS["sd"]
 SIZES = ("tiny", "full")
-LAYOUTS = ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 LDM_UNET_PREFIX = "model.diffusion_model."
