@@ -9,6 +9,7 @@ converter (or `from_pretrained` for folders) into a fresh model, so ckptbend's t
 import copy
 import re
 import shutil
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -447,3 +448,11 @@ def test_synth_command_and_bad_layout(tmp_path):
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: synth: wan21_t2v has no layout 'unet' (one of single, comfy, " \
                                "transformer_diffusers, diffusers, text_encoder)"
+
+
+def test_shipped_wan_recipe_bakes_on_wan(tmp_path):
+    src = write_checkpoint(tmp_path / "src.safetensors", "wan21_i2v", dtype=torch.float16)
+    recipe = parse_recipe((Path(__file__).resolve().parent.parent / "recipes" / "wan-prompt-adherence.toml").read_text())
+    plan = make_plan(recipe, detect(src))
+    reasons = {r for e in plan.edits for seg in e.segments for r in seg.reasons}
+    assert reasons == {"dit.cross.k", "dit.cross.v", "dit.self.q"} and not plan.warnings
