@@ -65,6 +65,7 @@ def _arch_of(header, prefix: str, diffusers: bool) -> str:
         return header.tensor(prefix + key).shape if prefix + key in header.names else ()
     patch, head = shape("patch_embedding.weight"), shape("proj_out.weight" if diffusers else "head.head.weight")
     image_key = "condition_embedder.image_embedder.norm1.weight" if diffusers else "img_emb.proj.0.weight"
+    # FLF2V's learned image-token positions (Wan-AI / ComfyUI `img_emb.emb_pos`; not in dit-layouts.md: unverified)
     pos_key = "condition_embedder.image_embedder.pos_embed" if diffusers else "img_emb.emb_pos"
     return architecture(patch[0] if patch else 0, patch[1] if len(patch) > 1 else 0,
                         head[0] // 4 if head else 0, prefix + image_key in header.names, prefix + pos_key in header.names)
