@@ -9,6 +9,20 @@ from .layouts import Checkpoint, blocks_with_attention
 from .verify import recorded_recipe
 
 TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
+INDEX = re.compile(r"\.\d+\.")
+
+
+def _dit_qk_targets(ckpt: Checkpoint) -> list[str]:
+    """What the DiT's q/k factors scale, one name per kind (block index as N): norm weights with qk-norm."""
+    return sorted({INDEX.sub(".N.", s.key) + (f" rows {s.rows[0]}:{s.rows[1]}" if s.rows else "")
+                   for s in ckpt.sites if s.component == "dit" and s.proj in ("q", "k")})
+
+
+def _quantisation(ckpt: Checkpoint) -> str | None:
+    names = [n for f in ckpt.files for n in f.header.names]
+    if not any(n == "scaled_fp8" or n.endswith(".scaled_fp8") for n in names):
+        return None
+    return f"scaled fp8 ({sum(n.endswith('.scale_weight') for n in names)} weights with scale_weight)"
 
 
 def describe(ckpt: Checkpoint) -> dict:
@@ -46,6 +60,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "attention_blocks": per_block,
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
         "qk_norm": ckpt.qk_norm,
+        "dit_qk_targets": _dit_qk_targets(ckpt),
+        "quantisation": _quantisation(ckpt),
         "metadata": metadata,
         "recipe": recipe.canonical() if recipe else None,
         "recipe_sha256": recipe.sha256 if recipe else None,
@@ -77,6 +93,10 @@ def format_text(info: dict) -> str:
             lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}")
     for c, n in info["text_encoder_attention_layers"].items():
         lines.append(f"  {c}: {n} attention layers")
+    if info["quantisation"]:
+        lines.append(f"  quantisation: {info['quantisation']}")
+    if info["dit_qk_targets"]:
+        lines.append("  [dit.*] q/k factors scale: " + ", ".join(info["dit_qk_targets"]))
     if info["qk_norm"]:
         lines.append("  note: the model uses qk-norm; q/k multipliers of the UNet nodes cancel there")
     if info["metadata"]:

@@ -5,10 +5,13 @@ write. Plain data without torch, so the CLI can list choices without importing a
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
+    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "ltx_video"),
+            ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
-DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+SCALED_FP8 = "fp8_e4m3fn_scaled"   # ComfyUI's scaled fp8: not a torch dtype, passed to generators by name
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", SCALED_FP8)
 
 
 def generator_of(arch: str) -> str | None:

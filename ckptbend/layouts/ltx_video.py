@@ -1,0 +1,91 @@
+"""LTX-Video (0.9.x 2B, 0.9.7/0.9.8 13B), as data: file forms, architecture names, and two kinds of
+attention site (dit-layouts.md §0, §8, §11).
+
+- DiT sites (`[dit.self]` = `attn1`, `[dit.cross]` = `attn2`): q/k scale the `q_norm` / `k_norm`
+  weights (an RMSNorm across all heads right after the projection), v scales `to_v`, out `to_out.0`
+  (weight and bias).
+- UNet-node sites (component "unet", attn1/attn2, `to_q`/`to_k`/`to_v`/`to_out.0` weight and bias):
+  ComfyUI's UNet attention-multiply nodes match these literally, so `[unet.self]` / `[unet.cross]` /
+  `[unet.temporal]` keep the nodes' meaning and bake bit-identically to them; their q/k factors are
+  cancelled by the qk-norm (has_qk_norm → the plan warns and points to `[dit.self]` / `[dit.cross]`).
+
+File forms: original names (Lightricks / ComfyUI) bare or under `model.diffusion_model.`, with the VAE
+as `vae.…` in released files and T5-XXL as `text_encoders.t5xxl.transformer.…` in ComfyUI's; diffusers
+names in one file; diffusers folders (`transformer/`, `text_encoder/`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .types import CheckpointFile, Identified, Site
+from .wan import identified, is_family, model_prefix
+
+COMPONENTS = ("dit", "unet")
+ORIGINAL_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"   # ComfyUI's detection key
+DIFFUSERS_KEY = "time_embed.emb.timestep_embedder.linear_1.bias"
+# PixArt shares `adaln_single` and `transformer_blocks.N.attn1`; LTX alone has the qk-norm and patchify_proj.
+ORIGINAL_NEEDS = ("patchify_proj.weight", "transformer_blocks.0.attn1.q_norm.weight")
+DIFFUSERS_NEEDS = ("proj_in.weight", "transformer_blocks.0.attn1.norm_q.weight")
+
+ATTENTION = re.compile(r"(?:^|\.)transformer_blocks\.(?P<i>\d+)\.(?P<attn>attn1|attn2)\."
+                       r"(?P<t>q_norm|k_norm|norm_q|norm_k|to_q|to_k|to_v|to_out\.0)\.(?P<wb>weight|bias)$")
+DIT_ATTN = {"attn1": "self", "attn2": "cross"}
+DIT_PROJ = {"q_norm": "q", "norm_q": "q", "k_norm": "k", "norm_k": "k", "to_v": "v", "to_out.0": "out"}
+NODE_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
+
+SIZES = {2048: "2b", 4096: "13b"}   # inner width (32 heads × 64 or × 128)
+DIFFUSERS_PIPELINES = {name: {"transformer": "dit", "text_encoder": "t5xxl"}
+                       for name in ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")}
+DIFFUSERS_FOLDERS = {}
+TRANSFORMER_CLASS = "LTXVideoTransformer3DModel"
+
+
+def architecture(inner: int) -> str:
+    size = SIZES.get(inner)
+    return f"ltx-video-{size}" if size else "ltx-video"
+
+
+def identify(header) -> Identified | None:
+    names = set(header.names)
+    found = model_prefix(names, (ORIGINAL_KEY, DIFFUSERS_KEY))
+    if found is None:
+        return None
+    prefix, key = found
+    needs = ORIGINAL_NEEDS if key == ORIGINAL_KEY else DIFFUSERS_NEEDS
+    if not all(prefix + n in names for n in needs):
+        return None
+    q = prefix + "transformer_blocks.0.attn1.to_q.weight"
+    inner = header.tensor(q).shape[0] if q in names else 0
+    return identified(header, prefix, architecture(inner))
+
+
+def _is_ltx(files) -> bool:
+    return is_family(files, (ORIGINAL_KEY, DIFFUSERS_KEY))
+
+
+def sites(cf: CheckpointFile, files) -> list[Site]:
+    if not _is_ltx(files):
+        return []
+    found = []
+    for t in cf.header.tensors:
+        if cf.components.get(t.name) != "dit" or not (m := ATTENTION.search(t.name)):
+            continue
+        block, role = f"B{int(m['i']):02d}", m["t"]
+        if role in DIT_PROJ:
+            found.append(Site(cf.rel, t.name, "dit", DIT_ATTN[m["attn"]], DIT_PROJ[role], block=block))
+        if role in NODE_PROJ:
+            found.append(Site(cf.rel, t.name, "unet", m["attn"], NODE_PROJ[role], block=block))
+    return found
+
+
+def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:
+    if model_class != TRANSFORMER_CLASS:
+        return None
+    config = config or {}
+    return architecture(config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0))
+
+
+def has_qk_norm(files) -> bool:
+    """LTX's UNet-node sites: their q/k factors are cancelled by the qk-norm."""
+    return _is_ltx(files)

@@ -1,0 +1,139 @@
+"""Wan 2.1 / 2.2 (T2V, I2V, FLF2V, TI2V-5B; the 2.2 A14B experts by their layout), as data: the file
+forms, the architecture names, and where each q/k/v/out factor lands (dit-layouts.md §4, §11).
+
+Both attentions of a Wan block normalise q and k with an RMSNorm over the whole projected vector, so
+q/k factors scale `norm_q` / `norm_k` (never the projection rows, which the norm cancels); v scales the
+v projection, out the output projection (weight and bias). I2V's cross-attention also attends to CLIP
+image tokens through `k_img` / `v_img` / `norm_k_img`; its result joins the text result before `o`.
+
+File forms: original (Wan-AI / ComfyUI) names, bare or under `model.diffusion_model.`; ComfyUI
+all-in-one files (`text_encoders.umt5xxl.transformer.…`, `vae.…`); diffusers names in one file; diffusers
+folders (`transformer/`, `transformer_2/` for the 2.2 A14B pair, `text_encoder/`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .text_encoders import all_in_one_component
+from .types import CheckpointFile, Identified, Site
+
+COMPONENTS = ("dit",)
+MODEL_PREFIX = "model.diffusion_model."
+ORIGINAL_KEY = "head.modulation"                                    # ComfyUI's and diffusers' detection key
+DIFFUSERS_KEY = "condition_embedder.time_embedder.linear_1.weight"
+# The stand-alone scaled-fp8 marker and VAE prefix of ComfyUI all-in-one files.
+VAE_PREFIX = "vae."
+
+# One pattern per naming: block index, attention, and the tensor's role.
+ORIGINAL = re.compile(r"(?:^|\.)blocks\.(?P<i>\d+)\.(?P<attn>self_attn|cross_attn)\."
+                      r"(?P<t>norm_q\.weight|norm_k\.weight|norm_k_img\.weight|[vo]\.(?:weight|bias)|v_img\.(?:weight|bias))$")
+DIFFUSERS = re.compile(r"(?:^|\.)blocks\.(?P<i>\d+)\.(?P<attn>attn1|attn2)\."
+                       r"(?P<t>norm_q\.weight|norm_k\.weight|norm_added_k\.weight|(?:to_v|to_out\.0|add_v_proj)\.(?:weight|bias))$")
+ATTN = {"self_attn": "self", "cross_attn": "cross", "attn1": "self", "attn2": "cross"}
+PROJ = {"norm_q": "q", "norm_k": "k", "norm_k_img": "k", "norm_added_k": "k", "v": "v", "v_img": "v",
+        "to_v": "v", "add_v_proj": "v", "o": "out", "to_out.0": "out"}
+
+# Widths of the released sizes; the name keeps only the variant for other widths (tiny test files).
+SIZES = {1536: "1.3b", 3072: "5b", 5120: "14b"}
+DIFFUSERS_PIPELINES = {
+    "WanPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
+    "WanImageToVideoPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
+}
+DIFFUSERS_FOLDERS = {}
+TRANSFORMER_CLASS = "WanTransformer3DModel"
+
+
+def architecture(width: int, in_channels: int, out_channels: int, image: bool, first_last: bool) -> str:
+    """wan21-t2v-1.3b, wan21-t2v-14b, wan21-i2v-14b, wan21-flf2v-14b, wan22-ti2v-5b, wan22-i2v-a14b.
+    A Wan 2.2 A14B T2V expert has Wan 2.1 T2V-14B's layout and is named by it; the 2.2 I2V expert is
+    the only 14B layout with 36 input channels and no image embedder."""
+    size = SIZES.get(width)
+    if out_channels == 48:
+        name = "wan22-ti2v"
+    elif image:
+        name = "wan21-flf2v" if first_last else "wan21-i2v"
+    elif in_channels == 36:
+        name, size = "wan22-i2v", ("a14b" if size == "14b" else size)
+    else:
+        name = "wan21-t2v"
+    return f"{name}-{size}" if size else name
+
+
+def _arch_of(header, prefix: str, diffusers: bool) -> str:
+    def shape(key):
+        return header.tensor(prefix + key).shape if prefix + key in header.names else ()
+    patch, head = shape("patch_embedding.weight"), shape("proj_out.weight" if diffusers else "head.head.weight")
+    image_key = "condition_embedder.image_embedder.norm1.weight" if diffusers else "img_emb.proj.0.weight"
+    # FLF2V's learned image-token positions (Wan-AI / ComfyUI `img_emb.emb_pos`; not in dit-layouts.md: unverified)
+    pos_key = "condition_embedder.image_embedder.pos_embed" if diffusers else "img_emb.emb_pos"
+    return architecture(patch[0] if patch else 0, patch[1] if len(patch) > 1 else 0,
+                        head[0] // 4 if head else 0, prefix + image_key in header.names, prefix + pos_key in header.names)
+
+
+def model_prefix(names, keys) -> tuple[str, str] | None:
+    """(prefix, detection key) when one of `keys` is present bare or under `model.diffusion_model.`."""
+    for key in keys:
+        for prefix in ("", MODEL_PREFIX):
+            if prefix + key in names:
+                return prefix, key
+    return None
+
+
+def components_of(names, prefix: str) -> dict[str, str]:
+    """key → component of a DiT single file: the model under `prefix` (everything else when bare),
+    ComfyUI's all-in-one text encoders and VAE beside it."""
+    out = {}
+    for n in names:
+        if c := all_in_one_component(n):
+            out[n] = c
+        elif n.startswith(VAE_PREFIX):
+            out[n] = "vae"
+        elif n.startswith(prefix):
+            out[n] = "dit"
+    return out
+
+
+def identified(header, prefix: str, arch: str) -> Identified:
+    components = components_of(header.names, prefix)
+    only_model = set(components.values()) == {"dit"}
+    return Identified("dit" if only_model else "single-file", arch, components)
+
+
+def identify(header) -> Identified | None:
+    found = model_prefix(set(header.names), (ORIGINAL_KEY, DIFFUSERS_KEY))
+    if found is None:
+        return None
+    prefix, key = found
+    return identified(header, prefix, _arch_of(header, prefix, key == DIFFUSERS_KEY))
+
+
+def is_family(files, keys) -> bool:
+    """Whether the checkpoint's model carries one of the family's detection keys (in any file or shard):
+    every family is asked about every file, and these patterns would match other DiTs' names too."""
+    return any(n.endswith(keys) for f in files for n, c in f.components.items() if c == "dit")
+
+
+def sites(cf: CheckpointFile, files) -> list[Site]:
+    if not is_family(files, (ORIGINAL_KEY, DIFFUSERS_KEY)):
+        return []
+    found = []
+    for t in cf.header.tensors:
+        if cf.components.get(t.name) != "dit" or not (m := ORIGINAL.search(t.name) or DIFFUSERS.search(t.name)):
+            continue
+        role = m["t"].rsplit(".", 1)[0]
+        found.append(Site(cf.rel, t.name, "dit", ATTN[m["attn"]], PROJ[role], block=f"B{int(m['i']):02d}"))
+    return found
+
+
+def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:
+    if model_class != TRANSFORMER_CLASS:
+        return None
+    config = config or {}
+    width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+    return architecture(width, config.get("in_channels", 0), config.get("out_channels", 0),
+                        config.get("image_dim") is not None, config.get("pos_embed_seq_len") is not None)
+
+
+def has_qk_norm(files) -> bool:
+    return False   # Wan has no UNet-node sites: ComfyUI's nodes match nothing here (dit-layouts.md §0)
