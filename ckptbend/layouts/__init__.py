@@ -25,10 +25,10 @@ from pathlib import Path
 
 from ..errors import CkptbendError
 from ..safetensors_io import read_header
-from . import sd_unet, text_encoders
+from . import flux, sd_unet, text_encoders
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 
-FAMILIES = (sd_unet, text_encoders)
+FAMILIES = (flux, sd_unet, text_encoders)
 DIFFUSERS_FOLDERS = {sub: c for f in FAMILIES for sub, c in f.DIFFUSERS_FOLDERS.items()}
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 

@@ -5,6 +5,8 @@ write. Plain data without torch, so the CLI can list choices without importing a
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
+    "flux": (("flux_dev", "flux_schnell", "chroma", "hunyuan_video"),
+             ("single", "comfy", "transformer_diffusers", "diffusers", "scaled_fp8")),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
