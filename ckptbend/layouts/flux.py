@@ -76,12 +76,13 @@ COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, 
 # model prefix; first match wins. Flux.2 (model-level `single_stream_modulation`) is not this family.
 _BFL_DOUBLE, _DIFF_SINGLE = "double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"
 _REFINER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
+_FLUX2 = ("single_stream_modulation.lin.weight",)
 ARCHITECTURES = (
     ("hunyuan-video", "tencent", ("double_blocks.0.img_attn_k_norm.weight", _REFINER), ()),
     ("hunyuan-video", "bfl", (_BFL_DOUBLE, _REFINER), ()),          # as ComfyUI saves it (model.model.)
-    ("chroma", "bfl", (_BFL_DOUBLE, "distilled_guidance_layer.in_proj.weight"), ()),
-    ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "guidance_in.in_layer.weight"), ()),
-    ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight"), ("single_stream_modulation.lin.weight",)),
+    ("chroma", "bfl", (_BFL_DOUBLE, "distilled_guidance_layer.in_proj.weight"), _FLUX2),
+    ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "guidance_in.in_layer.weight"), _FLUX2),
+    ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight"), _FLUX2),
     ("hunyuan-video", "diffusers", (_DIFF_SINGLE, "context_embedder.token_refiner.refiner_blocks.0.norm1.weight"), ()),
     ("chroma", "diffusers", (_DIFF_SINGLE, "distilled_guidance_layer.in_proj.weight"), ()),
     ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.guidance_embedder.linear_1.weight"), ()),

@@ -119,8 +119,14 @@ def build_text_encoders(arch: str, seed: int = 0) -> dict:
             else:   # llama: the decoder's layers, as LlamaModel (diffusers) / `model.` (ComfyUI) hold them
                 m = T.LlamaModel(T.LlamaConfig(num_key_value_heads=1, **_TINY_TEXT))
                 state = dict(m.state_dict())
-            out[name] = (m.eval(), {k: v.detach().clone() for k, v in state.items()})
-    return out
+            out[name] = (m.eval(), state)
+        g = torch.Generator().manual_seed(seed + 8)
+        with torch.no_grad():   # perturb every tensor: no all-zero biases or all-one norms
+            for model, state in out.values():
+                for t in model.state_dict().values():
+                    if t.is_floating_point():
+                        t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    return {name: (model, {k: v.detach().clone() for k, v in state.items()}) for name, (model, state) in out.items()}
 
 
 def build_vae(seed: int = 0):

@@ -43,6 +43,33 @@ _FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.
                 "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
 _FLUX_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
                       "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+# How one naming spells the double and single blocks: the fused qkv per stream, the renamed Linears,
+# the qk-norms (and the suffix their weight takes), single-block Linears and norms. Modules a model lacks
+# (Chroma has no per-block modulation) are skipped.
+FLUX_BLOCKS = {"qkv": ("img_attn.qkv", "txt_attn.qkv"), "double": _FLUX_DOUBLE, "double_norms": _FLUX_DOUBLE_NORMS,
+               "norm_suffix": "scale", "single": {"norm.linear": "modulation.lin", "proj_out": "linear2"},
+               "single_norms": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
+
+
+def _blocks(sd: dict, names: dict) -> dict:
+    """The double and single blocks of a diffusers Flux-style state dict, in one original naming."""
+    o, suffix = {}, names["norm_suffix"]
+    for i in range(_count(sd, "transformer_blocks.")):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for wb in ("weight", "bias"):
+            o[f"{b}{names['qkv'][0]}.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"])
+            o[f"{b}{names['qkv'][1]}.{wb}"] = _cat(sd, [f"{d}attn.add_{x}_proj.{wb}" for x in "qkv"])
+            o.update({f"{b}{dst}.{wb}": sd[f"{d}{src}.{wb}"] for src, dst in names["double"].items()
+                      if f"{d}{src}.{wb}" in sd})
+        o.update({f"{b}{dst}.{suffix}": sd[f"{d}{src}.weight"] for src, dst in names["double_norms"].items()})
+    for i in range(_count(sd, "single_transformer_blocks.")):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for wb in ("weight", "bias"):
+            o[f"{b}linear1.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"] + [f"{d}proj_mlp.{wb}"])
+            o.update({f"{b}{dst}.{wb}": sd[f"{d}{src}.{wb}"] for src, dst in names["single"].items()
+                      if f"{d}{src}.{wb}" in sd})
+        o.update({f"{b}{dst}.{suffix}": sd[f"{d}{src}.weight"] for src, dst in names["single_norms"].items()})
+    return o
 
 
 def flux_to_original(sd: dict) -> dict:
@@ -59,25 +86,7 @@ def flux_to_original(sd: dict) -> dict:
     if "norm_out.linear.weight" in sd:
         for wb in ("weight", "bias"):
             o[f"final_layer.adaLN_modulation.1.{wb}"] = swap_halves(sd[f"norm_out.linear.{wb}"])
-    for i in range(_count(sd, "transformer_blocks.")):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for wb in ("weight", "bias"):
-            o[f"{b}img_attn.qkv.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"])
-            o[f"{b}txt_attn.qkv.{wb}"] = _cat(sd, [f"{d}attn.add_{x}_proj.{wb}" for x in "qkv"])
-            for src, dst in _FLUX_DOUBLE.items():
-                if f"{d}{src}.{wb}" in sd:
-                    o[f"{b}{dst}.{wb}"] = sd[f"{d}{src}.{wb}"]
-        for src, dst in _FLUX_DOUBLE_NORMS.items():
-            o[f"{b}{dst}.scale"] = sd[f"{d}{src}.weight"]
-    for i in range(_count(sd, "single_transformer_blocks.")):
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for wb in ("weight", "bias"):
-            if f"{d}norm.linear.{wb}" in sd:
-                o[f"{b}modulation.lin.{wb}"] = sd[f"{d}norm.linear.{wb}"]
-            o[f"{b}linear1.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"] + [f"{d}proj_mlp.{wb}"])
-            o[f"{b}linear2.{wb}"] = sd[f"{d}proj_out.{wb}"]
-        o[f"{b}norm.query_norm.scale"] = sd[f"{d}attn.norm_q.weight"]
-        o[f"{b}norm.key_norm.scale"] = sd[f"{d}attn.norm_k.weight"]
+    o.update(_blocks(sd, FLUX_BLOCKS))
     return o
 
 
@@ -103,6 +112,9 @@ _HY_DOUBLE = {"norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod
               "ff_context.net.0.proj": "txt_mlp.fc1", "ff_context.net.2": "txt_mlp.fc2"}
 _HY_DOUBLE_NORMS = {"attn.norm_q": "img_attn_q_norm", "attn.norm_k": "img_attn_k_norm",
                     "attn.norm_added_q": "txt_attn_q_norm", "attn.norm_added_k": "txt_attn_k_norm"}
+HUNYUAN_BLOCKS = {"qkv": ("img_attn_qkv", "txt_attn_qkv"), "double": _HY_DOUBLE, "double_norms": _HY_DOUBLE_NORMS,
+                  "norm_suffix": "weight", "single": {"norm.linear": "modulation.linear", "proj_out": "linear2"},
+                  "single_norms": {"attn.norm_q": "q_norm", "attn.norm_k": "k_norm"}}
 
 
 def hunyuan_to_original(sd: dict) -> dict:
@@ -122,23 +134,7 @@ def hunyuan_to_original(sd: dict) -> dict:
             o[f"{b}self_attn_qkv.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"])
             for src, dst in _HY_REFINER.items():
                 o[f"{b}{dst}.{wb}"] = sd[f"{d}{src}.{wb}"]
-    for i in range(_count(sd, "transformer_blocks.")):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for wb in ("weight", "bias"):
-            o[f"{b}img_attn_qkv.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"])
-            o[f"{b}txt_attn_qkv.{wb}"] = _cat(sd, [f"{d}attn.add_{x}_proj.{wb}" for x in "qkv"])
-            for src, dst in _HY_DOUBLE.items():
-                o[f"{b}{dst}.{wb}"] = sd[f"{d}{src}.{wb}"]
-        for src, dst in _HY_DOUBLE_NORMS.items():
-            o[f"{b}{dst}.weight"] = sd[f"{d}{src}.weight"]
-    for i in range(_count(sd, "single_transformer_blocks.")):
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for wb in ("weight", "bias"):
-            o[f"{b}linear1.{wb}"] = _cat(sd, [f"{d}attn.to_{x}.{wb}" for x in "qkv"] + [f"{d}proj_mlp.{wb}"])
-            o[f"{b}linear2.{wb}"] = sd[f"{d}proj_out.{wb}"]
-            o[f"{b}modulation.linear.{wb}"] = sd[f"{d}norm.linear.{wb}"]
-        o[f"{b}q_norm.weight"] = sd[f"{d}attn.norm_q.weight"]
-        o[f"{b}k_norm.weight"] = sd[f"{d}attn.norm_k.weight"]
+    o.update(_blocks(sd, HUNYUAN_BLOCKS))
     return o
 
 
