@@ -107,6 +107,42 @@ def test_diffusers_folder_loads_with_from_pretrained(files):
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
 
 
+@pytest.mark.parametrize("arch,pipeline,encoders", [("flux_schnell", "FluxPipeline", {"clip_l", "t5xxl"}),
+                                                     ("chroma", "ChromaPipeline", {"t5xxl"})])
+def test_other_diffusers_folders(files, arch, pipeline, encoders):
+    folder = files(arch, "diffusers")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == pipeline
+    ckpt = detect(folder)
+    assert ckpt.architecture == ("chroma" if arch == "chroma" else "flux")
+    assert set(ckpt.components) == {"dit"} | encoders
+    assert {s.component for s in ckpt.sites} == {"dit"} | encoders
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_stored_dtypes_follow_the_arithmetic_rule(tmp_path, dtype):
+    """Every dtype: the v rows, linear2's attention columns and the norm weights come out as the float32
+    product rounded to nearest into the stored dtype; every other byte stays."""
+    src = write_checkpoint(tmp_path / "src.safetensors", "flux_dev", dtype=dtype)
+    out = bake_to(tmp_path, "[dit.joint]\nk = 1.25\nv = 1.5\nout = 0.75\n", src)
+    before, after = load_file(src), load_file(out)
+
+    def rule(t, f):
+        return (t.float() * f).to(t.dtype)
+    for k, b in before.items():
+        a = after[k]
+        if k.endswith(("linear1.weight", "linear1.bias", "qkv.weight", "qkv.bias")):
+            expect = torch.cat([b[:2 * H], rule(b[2 * H:3 * H], 1.5), b[3 * H:]])
+        elif k.endswith("linear2.weight"):
+            expect = torch.cat([rule(b[:, :H], 0.75), b[:, H:]], dim=1)
+        elif k.endswith(("attn.proj.weight", "attn.proj.bias")):
+            expect = rule(b, 0.75)
+        elif k.endswith("key_norm.scale"):
+            expect = rule(b, 1.25)
+        else:
+            expect = b
+        assert a.dtype == dtype and torch.equal(a.view(torch.uint8), expect.view(torch.uint8)), k
+
+
 def test_sites_follow_section_11(files):
     """Per block and stream: q/k on the norm weights, v on rows [2h,3h), out on proj (w+b) or linear2's
     attention columns [0,h) without the bias."""
