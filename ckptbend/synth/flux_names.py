@@ -139,7 +139,8 @@ def hunyuan_to_original(sd: dict) -> dict:
 
 
 # Tencent → the Flux-style names ComfyUI keeps HunyuanVideo in (and saves under `model.model.`), dit-layouts.md
-# §0/§6: applied in order to each key.
+# §0/§6: applied in order to each key. Not checked against a file ComfyUI saved (none is available here);
+# the attention names it yields are the Flux names of §1, which the layout reads.
 COMFY_HUNYUAN_RENAMES = (
     ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."), ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
     ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."), ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
