@@ -6,6 +6,7 @@ import re
 from collections import Counter
 
 from .layouts import Checkpoint, blocks_with_attention
+from .plan import FP8, SCALED_FP8_MARKER
 from .verify import recorded_recipe
 
 TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
@@ -18,13 +19,6 @@ def _dit_qk_targets(ckpt: Checkpoint) -> list[str]:
                    for s in ckpt.sites if s.component == "dit" and s.proj in ("q", "k")})
 
 
-def _quantisation(ckpt: Checkpoint) -> str | None:
-    names = [n for f in ckpt.files for n in f.header.names]
-    if not any(n == "scaled_fp8" or n.endswith(".scaled_fp8") for n in names):
-        return None
-    return f"scaled fp8 ({sum(n.endswith('.scale_weight') for n in names)} weights with scale_weight)"
-
-
 def describe(ckpt: Checkpoint) -> dict:
     dtypes = Counter()
     size = 0
@@ -35,6 +29,7 @@ def describe(ckpt: Checkpoint) -> dict:
             dtypes[t.dtype] += 1
             tensors[f.components.get(t.name, "other")] += 1
     model_sites = [s for s in ckpt.sites if s.component in ("unet", "dit")]
+    one_d = {(f.rel, t.name) for f in ckpt.files for t in f.header.tensors if len(t.shape) == 1}
     per_block = {}
     for label in blocks_with_attention(ckpt):
         here = [s for s in model_sites if s.block == label]
@@ -42,6 +37,8 @@ def describe(ckpt: Checkpoint) -> dict:
             "depth": max((s.depth for s in here if s.depth is not None), default=0) + 1,
             "attn": sorted({s.attn + ("-temporal" if s.temporal else "") for s in here}),
             "streams": sorted({s.stream for s in here if s.stream}),
+            # a DiT's q factor lands on a norm weight (1-D) exactly where the block normalises q and k
+            "qk_norm": any(s.proj == "q" and (s.file, s.key) in one_d for s in here if s.component == "dit"),
         }
     encoders = {}
     for s in ckpt.sites:
@@ -61,11 +58,21 @@ def describe(ckpt: Checkpoint) -> dict:
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
         "qk_norm": ckpt.qk_norm,
         "dit_qk_targets": _dit_qk_targets(ckpt),
-        "quantisation": _quantisation(ckpt),
+        "quantisation": _quantisation(ckpt, dtypes),
         "metadata": metadata,
         "recipe": recipe.canonical() if recipe else None,
         "recipe_sha256": recipe.sha256 if recipe else None,
     }
+
+
+def _quantisation(ckpt: Checkpoint, dtypes: Counter) -> str | None:
+    """ComfyUI scaled fp8 (marker tensor + per-Linear scale_weight), plain fp8, or None."""
+    names = [t.name for f in ckpt.files for t in f.header.tensors]
+    scales = sum(n.endswith(".scale_weight") for n in names)
+    if any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in names):
+        return f"scaled fp8 ({scales} layers with scale_weight)"
+    fp8 = sum(dtypes[d] for d in FP8)
+    return f"fp8 ({fp8} tensors)" if fp8 else None
 
 
 def _size(n: int) -> str:
@@ -90,7 +97,8 @@ def format_text(info: dict) -> str:
         for label, b in info["attention_blocks"].items():
             streams = f" (streams: {', '.join(b['streams'])})" if b["streams"] else ""
             depth = "" if dit else f"depth {b['depth']:<2} "
-            lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}")
+            qk = " qk-norm" if b.get("qk_norm") else ""
+            lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}{qk}")
     for c, n in info["text_encoder_attention_layers"].items():
         lines.append(f"  {c}: {n} attention layers")
     if info["quantisation"]:

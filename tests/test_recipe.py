@@ -664,7 +664,7 @@ def test_load_recipe_file_errors(tmp_path, make, fragment):
 
 def test_example_recipes_all_validate():
     paths = sorted(RECIPES.glob("*.toml"))
-    assert 5 <= len(paths) <= 9   # Flux and Wan recipes (issue 11) included
+    assert 5 <= len(paths) <= 9   # the SD examples, and one each for Flux and Wan (issue 11)
     for path in paths:
         recipe = load_recipe(path)
         assert recipe.name == path.stem

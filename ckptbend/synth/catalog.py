@@ -7,6 +7,8 @@ GENERATORS = {
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
     "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
+    "flux": (("flux_dev", "flux_schnell", "chroma", "hunyuan_video"),
+             ("single", "comfy", "transformer_diffusers", "diffusers", "scaled_fp8")),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))

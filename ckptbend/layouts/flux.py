@@ -1,0 +1,195 @@
+"""Flux.1 (dev, schnell), Chroma and HunyuanVideo: the double/single-stream diffusion transformers, as data.
+
+All three share one attention structure (dit-layouts.md §1, §6, §7, §11): *double* blocks, where the image
+and the text stream each project their own q/k/v (fused `qkv`, rows q | k | v) and normalise q and k per
+head (one RMSNorm weight shared by the heads), then attend jointly; and *single* blocks, one weight set for
+the joined sequence, whose `linear1` holds q | k | v | MLP-in rows and whose `linear2` reads the attention
+output (columns [0, h)) and the MLP (the rest) through one shared bias.
+
+What a factor scales (§11): q/k the qk-norm weight (scaling the projection is cancelled by the norm); v the
+v rows [2h, 3h) of the fused projection; out the output projection, weight and bias — except single
+blocks, where only `linear2`'s attention columns [0, h) are scaled and its bias, shared with the MLP, stays.
+
+Names come in three spellings: BFL's (Flux, Chroma; also HunyuanVideo as ComfyUI saves it), Tencent's
+(HunyuanVideo's own release) and diffusers' (all three, one table). HunyuanVideo's text token refiner
+(`txt_in.individual_token_refiner`, no qk-norm) is a pre-processing of the text embedding, not the joint
+attention: no section reaches it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .text_encoders import TEXT_ENCODERS
+from .types import CheckpointFile, Identified, Site
+
+COMPONENTS = ("dit",)
+
+# (pattern on the key after the model prefix, proj, stream, part); `group`/`i` name the block.
+# part: None = the whole tensor; ("rows", a, b) = rows [a·h, b·h) of a fused input projection (and its
+# bias); ("cols", a, b) = input columns [a·h, b·h) of a fused output projection (weight only).
+V_ROWS, ATTN_COLS = ("rows", 2, 3), ("cols", 0, 1)
+_D, _S = r"(?P<group>double)_blocks\.(?P<i>\d+)\.", r"(?P<group>single)_blocks\.(?P<i>\d+)\."
+_DD, _DS = r"(?P<group>)transformer_blocks\.(?P<i>\d+)\.attn\.", r"(?P<group>single)_transformer_blocks\.(?P<i>\d+)\."
+
+
+def _double(prefix_of_stream: dict, names: dict) -> list:
+    """The double-block rows of a naming: per stream, q/k/v/out names under the stream's prefix."""
+    return [(prefix_of_stream[stream] + names[proj], proj, stream, V_ROWS if proj == "v" and "qkv" in names[proj]
+             else None) for stream in ("image", "text") for proj in ("q", "k", "v", "out")]
+
+
+BFL = tuple(_double({"image": _D + "img_attn", "text": _D + "txt_attn"},
+                    {"q": r"\.norm\.query_norm\.scale", "k": r"\.norm\.key_norm\.scale",
+                     "v": r"\.qkv\.(?:weight|bias)", "out": r"\.proj\.(?:weight|bias)"})) + (
+    (_S + r"norm\.query_norm\.scale", "q", None, None),
+    (_S + r"norm\.key_norm\.scale", "k", None, None),
+    (_S + r"linear1\.(?:weight|bias)", "v", None, V_ROWS),
+    (_S + r"linear2\.weight", "out", None, ATTN_COLS),
+)
+TENCENT = tuple(_double({"image": _D + "img_attn_", "text": _D + "txt_attn_"},
+                        {"q": r"q_norm\.weight", "k": r"k_norm\.weight", "v": r"qkv\.(?:weight|bias)",
+                         "out": r"proj\.(?:weight|bias)"})) + (
+    (_S + r"q_norm\.weight", "q", None, None),
+    (_S + r"k_norm\.weight", "k", None, None),
+    (_S + r"linear1\.(?:weight|bias)", "v", None, V_ROWS),
+    (_S + r"linear2\.weight", "out", None, ATTN_COLS),
+)
+DIFFUSERS = (
+    (_DD + r"norm_q\.weight", "q", "image", None),
+    (_DD + r"norm_k\.weight", "k", "image", None),
+    (_DD + r"to_v\.(?:weight|bias)", "v", "image", None),
+    (_DD + r"to_out\.0\.(?:weight|bias)", "out", "image", None),
+    (_DD + r"norm_added_q\.weight", "q", "text", None),
+    (_DD + r"norm_added_k\.weight", "k", "text", None),
+    (_DD + r"add_v_proj\.(?:weight|bias)", "v", "text", None),
+    (_DD + r"to_add_out\.(?:weight|bias)", "out", "text", None),
+    (_DS + r"attn\.norm_q\.weight", "q", None, None),
+    (_DS + r"attn\.norm_k\.weight", "k", None, None),
+    (_DS + r"attn\.to_v\.(?:weight|bias)", "v", None, None),
+    (_DS + r"proj_out\.weight", "out", None, ATTN_COLS),
+)
+NAMINGS = {"bfl": BFL, "tencent": TENCENT, "diffusers": DIFFUSERS}
+COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, table in NAMINGS.items()}
+
+# Architectures: (name, naming, keys that must all be present, keys that must all be absent), after the
+# model prefix; first match wins. Flux.2 (model-level `single_stream_modulation`) is not this family.
+_BFL_DOUBLE, _DIFF_SINGLE = "double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"
+_REFINER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
+_FLUX2 = ("single_stream_modulation.lin.weight",)
+ARCHITECTURES = (
+    ("hunyuan-video", "tencent", ("double_blocks.0.img_attn_k_norm.weight", _REFINER), ()),
+    ("hunyuan-video", "bfl", (_BFL_DOUBLE, _REFINER), ()),          # as ComfyUI saves it (model.model.)
+    ("chroma", "bfl", (_BFL_DOUBLE, "distilled_guidance_layer.in_proj.weight"), _FLUX2),
+    ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "guidance_in.in_layer.weight"), _FLUX2),
+    ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight"), _FLUX2),
+    ("hunyuan-video", "diffusers", (_DIFF_SINGLE, "context_embedder.token_refiner.refiner_blocks.0.norm1.weight"), ()),
+    ("chroma", "diffusers", (_DIFF_SINGLE, "distilled_guidance_layer.in_proj.weight"), ()),
+    ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.guidance_embedder.linear_1.weight"), ()),
+    ("flux-schnell", "diffusers", (_DIFF_SINGLE, "x_embedder.weight"), ()),
+)
+# diffusers transformer class → architecture (a folder does not say dev or schnell: FluxPipeline serves both).
+FOLDER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
+                        "HunyuanVideoTransformer3DModel": "hunyuan-video"}
+
+# Where the model sits in a file: ComfyUI writes `model.diffusion_model.` (HunyuanVideo: `model.model.`);
+# released files have no prefix. Text encoders and VAE of ComfyUI all-in-one files (Chroma keeps the
+# default `cond_stage_model.` / `first_stage_model.`).
+MODEL_PREFIXES = ("model.diffusion_model.", "model.model.")
+ENCODER_PREFIX = re.compile(r"(?:text_encoders|cond_stage_model)\.(?P<name>" + "|".join(TEXT_ENCODERS) + r")\.")
+VAE_PREFIXES = ("vae.", "first_stage_model.")
+
+_PIPELINE_SUBS = {
+    "flux": {"transformer": "dit", "text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+    "chroma": {"transformer": "dit", "text_encoder": "t5xxl"},
+    "hunyuan": {"transformer": "dit", "text_encoder": "llama", "text_encoder_2": "clip_l"},
+}
+DIFFUSERS_PIPELINES = {
+    **{p: _PIPELINE_SUBS["flux"] for p in ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline",
+                                           "FluxFillPipeline", "FluxKontextPipeline", "FluxControlPipeline")},
+    **{p: _PIPELINE_SUBS["chroma"] for p in ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")},
+    **{p: _PIPELINE_SUBS["hunyuan"] for p in ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline",
+                                              "HunyuanSkyreelsImageToVideoPipeline")},
+}
+DIFFUSERS_FOLDERS = {}
+
+
+def _model_prefix(names) -> str:
+    return next((p for p in MODEL_PREFIXES if sum(n.startswith(p) for n in names) > 5), "")
+
+
+def _match(names: set, prefix: str):
+    """(architecture, naming) of the model under `prefix`, or None."""
+    for arch, naming, needed, absent in ARCHITECTURES:
+        if all(prefix + k in names for k in needed) and not any(prefix + k in names for k in absent):
+            return arch, naming
+    return None
+
+
+def _component(key: str, prefix: str) -> str | None:
+    if m := ENCODER_PREFIX.match(key):
+        return m["name"]
+    if key.startswith(VAE_PREFIXES):
+        return "vae"
+    return "dit" if key.startswith(prefix) else None
+
+
+def identify(header) -> Identified | None:
+    names = set(header.names)
+    prefix = _model_prefix(names)
+    found = _match(names, prefix)
+    if found is None:
+        return None
+    components = {n: c for n in header.names if (c := _component(n, prefix))}
+    only_model = set(components.values()) == {"dit"}
+    return Identified("dit" if only_model else "single-file", found[0], components)
+
+
+def _naming(files) -> tuple[str, str] | None:
+    """(naming, model prefix) of the checkpoint's transformer: told from all its files (shards split anywhere)."""
+    names = {n for f in files for n, c in f.components.items() if c == "dit"}
+    prefix = _model_prefix(names)
+    found = _match(names, prefix)
+    return (found[1], prefix) if found else None
+
+
+def _width(cf: CheckpointFile, key: str, part) -> int:
+    """h of a fused tensor: the input width of a fused input projection (its weight's columns), the output
+    width of a fused output projection (its rows)."""
+    weight = cf.header.tensor(key.removesuffix(".bias") + ".weight" if key.endswith(".bias") else key)
+    return weight.shape[1] if part[0] == "rows" else weight.shape[0]
+
+
+def sites(cf: CheckpointFile, files) -> list[Site]:
+    """The double and single blocks' attention tensors of one file."""
+    found_naming = _naming(files)
+    if found_naming is None:
+        return []
+    naming, prefix = found_naming
+    found = []
+    for t in cf.header.tensors:
+        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix):
+            continue
+        key = t.name[len(prefix):]
+        for pattern, proj, stream, part in COMPILED[naming]:
+            if m := pattern.match(key):
+                single = m["group"] == "single"
+                span = None
+                if part is not None:
+                    h = _width(cf, t.name, part)
+                    span = (part[1] * h, part[2] * h)
+                found.append(Site(cf.rel, t.name, "dit", "joint", proj,
+                                  rows=span if part and part[0] == "rows" else None,
+                                  cols=span if part and part[0] == "cols" else None,
+                                  group="single" if single else "double",
+                                  block=f"{'S' if single else 'D'}{int(m['i']):02d}", stream=stream))
+                break
+    return found
+
+
+def folder_architecture(model_class: str, present: set[str]) -> str | None:
+    return FOLDER_ARCHITECTURES.get(model_class)
+
+
+def has_qk_norm(files) -> bool:
+    return False   # no unet.* sites here: q/k factors of [dit.joint] scale the qk-norm weight itself
