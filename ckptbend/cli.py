@@ -303,7 +303,7 @@ def synth(arch, output, layout, dtype, seed, force):
     from .synth import write_checkpoint
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[dtype]
+                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "scaled_fp8": "scaled_fp8"}[dtype]
     if output.exists() and not force:
         raise CkptbendError(f"{output}: already exists (use --force to replace it)")
     if output.exists():

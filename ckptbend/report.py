@@ -6,9 +6,18 @@ import re
 from collections import Counter
 
 from .layouts import Checkpoint, blocks_with_attention
+from .plan import FP8, SCALED_FP8_MARKER
 from .verify import recorded_recipe
 
 TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
+
+
+def quantisation(ckpt: Checkpoint) -> str | None:
+    """"scaled fp8" (ComfyUI's marker and per-Linear scale_weight), "fp8", or None."""
+    names = [t.name for f in ckpt.files for t in f.header.tensors]
+    if any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in names):
+        return f"scaled fp8 ({sum(n.endswith('.scale_weight') for n in names)} scale_weight)"
+    return "fp8" if any(t.dtype in FP8 for f in ckpt.files for t in f.header.tensors) else None
 
 
 def describe(ckpt: Checkpoint) -> dict:
@@ -46,6 +55,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "attention_blocks": per_block,
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
         "qk_norm": ckpt.qk_norm,
+        "quantisation": quantisation(ckpt),
         "metadata": metadata,
         "recipe": recipe.canonical() if recipe else None,
         "recipe_sha256": recipe.sha256 if recipe else None,
@@ -77,7 +87,12 @@ def format_text(info: dict) -> str:
             lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}")
     for c, n in info["text_encoder_attention_layers"].items():
         lines.append(f"  {c}: {n} attention layers")
-    if info["qk_norm"]:
+    if info["quantisation"]:
+        lines.append(f"  quantisation: {info['quantisation']}")
+    if "dit" in info["components"]:
+        lines.append("  qk-norm:      " + ("yes: [dit.*] q/k factors scale the norm weights" if info["qk_norm"]
+                                           else "no: [dit.*] q/k factors scale the q/k projection rows"))
+    elif info["qk_norm"]:
         lines.append("  note: the model uses qk-norm; q/k multipliers of the UNet nodes cancel there")
     if info["metadata"]:
         lines.append("  metadata:")

@@ -10,7 +10,8 @@ module has:
     DIFFUSERS_FOLDERS     diffusers sub-folder → component (the default mapping, SD's)
     DIFFUSERS_PIPELINES   model_index.json `_class_name` → {sub-folder: component}
     sites(cf, files)      the attention Sites of one CheckpointFile (`files`: all of the checkpoint's)
-    folder_architecture(model_class, present)   a diffusers folder's architecture, or None
+    folder_architecture(model_class, present, config)   a diffusers folder's architecture, or None
+                          (config: the unet/transformer config.json, for a DiT's variant)
     has_qk_norm(files)    whether q/k multipliers on its unet.* sites are cancelled by a qk-norm
 
 Families are asked in order; the first that identifies a file wins (DiT families come before the SD
@@ -25,10 +26,10 @@ from pathlib import Path
 
 from ..errors import CkptbendError
 from ..safetensors_io import read_header
-from . import sd_unet, text_encoders
+from . import qwen_image, sd3, sd_unet, text_encoders
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 
-FAMILIES = (sd_unet, text_encoders)
+FAMILIES = (sd3, qwen_image, sd_unet, text_encoders)
 DIFFUSERS_FOLDERS = {sub: c for f in FAMILIES for sub, c in f.DIFFUSERS_FOLDERS.items()}
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 
@@ -88,9 +89,9 @@ def _diffusers_files(path: Path) -> list[CheckpointFile]:
 
 
 def _diffusers_architecture(path: Path, present: set[str]) -> str:
-    model_class = next((c for sub in ("unet", "transformer")
-                        if (c := _config(path / sub / "config.json").get("_class_name"))), "")
-    return next(a for f in FAMILIES if (a := f.folder_architecture(str(model_class), present)))
+    config = next((c for sub in ("unet", "transformer") if (c := _config(path / sub / "config.json"))), {})
+    model_class = str(config.get("_class_name", ""))
+    return next(a for f in FAMILIES if (a := f.folder_architecture(model_class, present, config)))
 
 
 def _sites(files) -> tuple[Site, ...]:

@@ -135,7 +135,7 @@ def has_qk_norm(files) -> bool:
     return any(QK_NORM.search(n) for f in files for n, c in f.components.items() if c == "unet")
 
 
-def folder_architecture(unet_class: str, present: set[str]) -> str | None:
+def folder_architecture(unet_class: str, present: set[str], config: dict | None = None) -> str | None:
     """A diffusers SD pipeline's architecture name, from the UNet class and the text encoders present."""
     if unet_class == "UNetSpatioTemporalConditionModel":
         return "svd"

@@ -110,7 +110,7 @@ def folder_component(default: str, config: dict) -> str:
     return default
 
 
-def folder_architecture(model_class: str, present: set[str]) -> str | None:
+def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:
     return None
 
 
