@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ckptbend.bake import bake
 from ckptbend.layouts import detect
+from ckptbend.layouts.qwen_image import TEXT_DROPPED
 from ckptbend.plan import make_plan
 from ckptbend.synth import write_checkpoint
 from ckptbend.synth.dit import MODEL_PREFIX, build, build_text_encoders
@@ -127,9 +128,12 @@ def test_projection_scaling_is_cancelled_and_last_block_text_q_out_are_dead(tmp_
         assert effect > 1e-2 and leak < 1e-3 * effect, (proj, effect, leak)
     for proj, dead in (("q", True), ("out", True), ("k", False), ("v", False)):
         out = tmp_path / f"{proj}.safetensors"
-        bake(recipe(f'[dit.joint]\nblocks = ["B01"]\nstream = "text"\n{proj} = 1.7\n'), src, out, progress=False)
+        result = bake(recipe(f'[dit.joint]\nblocks = ["B01"]\nstream = "text"\n{proj} = 1.7\n'), src, out,
+                      progress=False)
         change = (forward(to_diffusers(load_file(str(out)))) - plain).abs().max().item()
         assert (change == 0.0) if dead else change > 1e-3, (proj, change)
+        assert [w for w in result.plan.warnings if "has no effect" in w] == (
+            [f"[dit.joint]: {proj} = 1.7 has no effect: {TEXT_DROPPED}"] if dead else [])
 
 
 def test_inspect_shows_blocks_streams_and_the_text_encoder(tmp_path):

@@ -20,6 +20,7 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from ckptbend.bake import bake
 from ckptbend.layouts import detect
+from ckptbend.layouts.sd3 import PRE_ONLY
 from ckptbend.plan import make_plan
 from ckptbend.synth import write_checkpoint
 from ckptbend.synth.dit import MODEL_PREFIX, build, build_text_encoders
@@ -212,9 +213,14 @@ def test_last_context_block_q_is_structurally_dead(tmp_path):
     plain = forward(to_diffusers("sd35_large", load_file(str(src))))
     for proj, dead in (("q", True), ("k", False), ("v", False)):
         out = tmp_path / f"{proj}.safetensors"
-        bake(recipe(f'[dit.joint]\nblocks = ["J02"]\nstream = "text"\n{proj} = 1.7\n'), src, out, progress=False)
+        body = recipe(f'[dit.joint]\nblocks = ["J02"]\nstream = "text"\n{proj} = 1.7\n')
+        result = bake(body, src, out, progress=False)
         change = (forward(to_diffusers("sd35_large", load_file(str(out)))) - plain).abs().max().item()
         assert (change == 0.0) if dead else change > 1e-3, (proj, change)
+        warned = [w for w in result.plan.warnings if "has no effect" in w]
+        assert warned == ([f"[dit.joint]: q = 1.7 has no effect: {PRE_ONLY}"] if dead else []), warned
+    both = make_plan(recipe('[dit.joint]\nstream = "text"\nq = 1.7\n'), detect(src))
+    assert not both.warnings, "a factor that also acts elsewhere is not reported"
 
 
 # --- the plan: what §11 says ------------------------------------------------------------------------------------

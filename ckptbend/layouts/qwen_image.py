@@ -20,6 +20,7 @@ MARKS = ("txt_norm.weight", "img_in.weight", "transformer_blocks.0.attn.add_q_pr
 MODEL_STARTS = ("txt_norm.", "img_in.", "txt_in.", "transformer_blocks.", "time_text_embed.", "norm_out.",
                 "proj_out.")
 ARCHITECTURE = "qwen-image"
+TEXT_DROPPED = "the text tokens are dropped after the last block, so its text-stream q and out cannot act"
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
 
 DIFFUSERS_FOLDERS = {}
@@ -43,7 +44,11 @@ def identify(header) -> Identified | None:
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
     names = model_names(files)
-    return diffusers_joint_sites(cf, names, "B", self_attn2=False) if _is_qwen_image(names) else []
+    if not _is_qwen_image(names):
+        return []
+    last = max(int(n.split(".")[1]) for n in names if n.startswith("transformer_blocks."))
+    return diffusers_joint_sites(cf, names, "B", self_attn2=False, inert=lambda i, stream, proj: TEXT_DROPPED if (
+        i == last and stream == "text" and proj in ("q", "out")) else None)
 
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:

@@ -45,6 +45,8 @@ DIFFUSERS_MODULES = {
     "to_add_out": ("text", "out", False), "norm_added_q": ("text", "q", True), "norm_added_k": ("text", "k", True),
 }
 NORM_OF = {("image", "q"): "norm_q", ("image", "k"): "norm_k", ("text", "q"): "norm_added_q", ("text", "k"): "norm_added_k"}
+PRE_ONLY = ("the last joint block's text stream is pre-only: its attention output is dropped, so its q "
+            "cannot act (its k and v do)")
 
 DIFFUSERS_FOLDERS = {}
 _SD3_FOLDERS = {"transformer": "dit", "text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
@@ -113,20 +115,25 @@ def _original_sites(cf: CheckpointFile, names: set[str]) -> list[Site]:
         base = f"joint_blocks.{i}.{part}.{attn}."
         common = dict(attn="joint" if attn == "attn" else "self", block=f"J{i:02d}",
                       stream=STREAM_OF_PART[part] if attn == "attn" else None)
+        pre_only = part == "context_block" and base + "proj.weight" not in names
         if param in ORIGINAL_PARAM:
-            found.append(Site(cf.rel, t.name, "dit", proj=ORIGINAL_PARAM[param], **common))
+            proj = ORIGINAL_PARAM[param]
+            found.append(Site(cf.rel, t.name, "dit", proj=proj, inert=PRE_ONLY if pre_only and proj == "q" else None,
+                              **common))
             continue
         h = t.shape[0] // 3        # qkv: rows [0,h) q, [h,2h) k, [2h,3h) v
         normed = base + "ln_q.weight" in names
         for r, proj in enumerate(QKV):
             if proj == "v" or not normed:
-                found.append(Site(cf.rel, t.name, "dit", proj=proj, rows=(r * h, (r + 1) * h), **common))
+                found.append(Site(cf.rel, t.name, "dit", proj=proj, rows=(r * h, (r + 1) * h),
+                                  inert=PRE_ONLY if pre_only and proj == "q" else None, **common))
     return found
 
 
-def diffusers_joint_sites(cf: CheckpointFile, names: set[str], label: str, self_attn2: bool) -> list[Site]:
+def diffusers_joint_sites(cf: CheckpointFile, names: set[str], label: str, self_attn2: bool, inert) -> list[Site]:
     """Sites of diffusers' joint-attention names (`transformer_blocks.{i}.attn.…`): q/k on the norm weight
-    where the attention has one, else on the projection; attn2 (SD3.5-medium) is an image-only self-attention."""
+    where the attention has one, else on the projection; attn2 (SD3.5-medium) is an image-only self-attention.
+    `inert(i, stream, proj)`: why such a factor cannot act, or None."""
     found = []
     for t in cf.header.tensors:
         if cf.components.get(t.name) != "dit" or not (m := DIFFUSERS.match(t.name)):
@@ -141,7 +148,8 @@ def diffusers_joint_sites(cf: CheckpointFile, names: set[str], label: str, self_
                 continue
         joint = attn == "attn"
         found.append(Site(cf.rel, t.name, "dit", attn="joint" if joint else "self", proj=proj,
-                          block=f"{label}{i:02d}", stream=stream if joint else None))
+                          block=f"{label}{i:02d}", stream=stream if joint else None,
+                          inert=inert(i, stream, proj) if joint else None))
     return found
 
 
@@ -151,7 +159,8 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
         return []
     if ORIGINAL_MARK in names:
         return _original_sites(cf, names)
-    return diffusers_joint_sites(cf, names, "J", self_attn2=True)
+    return diffusers_joint_sites(cf, names, "J", self_attn2=True, inert=lambda i, stream, proj: PRE_ONLY if (
+        stream, proj) == ("text", "q") and f"transformer_blocks.{i}.attn.to_add_out.weight" not in names else None)
 
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:

@@ -205,20 +205,18 @@ def write_checkpoint(family: Family, path, arch: str, layout: str = "single", si
                      seed: int = 0, shard_size=None) -> Path:
     """Write a tiny checkpoint of `arch` in `layout` (see the module docstring) and return its path."""
     dtype = torch.float32 if dtype is None else dtype
-    if size != "tiny":
-        raise CkptbendError(f"synth: {arch} is generated tiny only")
-    if arch not in family.configs:
-        raise CkptbendError(f"unknown architecture {arch!r} (one of {', '.join(family.configs)})")
-    if layout not in LAYOUTS:
-        raise CkptbendError(f"synth: {arch} has no layout {layout!r} (one of {', '.join(LAYOUTS)})")
-    if dtype not in DTYPES:
-        raise CkptbendError(f"synth: unsupported dtype {dtype}")
-    if shard_size is not None and layout != "diffusers":
-        raise CkptbendError("synth: shard_size applies to the diffusers layout only")
-    path = Path(path)
+    problem = next((message for bad, message in (
+        (size != "tiny", f"synth: {arch} is generated tiny only"),
+        (arch not in family.configs, f"unknown architecture {arch!r} (one of {', '.join(family.configs)})"),
+        (layout not in LAYOUTS, f"synth: {arch} has no layout {layout!r} (one of {', '.join(LAYOUTS)})"),
+        (dtype not in DTYPES, f"synth: unsupported dtype {dtype}"),
+        (shard_size is not None and layout != "diffusers", "synth: shard_size applies to the diffusers layout only"),
+    ) if bad), None)
+    if problem:
+        raise CkptbendError(problem)
     model = build(family, arch, seed)
     if layout == "diffusers":
-        return _write_folder(path, family, arch, model, dtype, seed, shard_size)
+        return _write_folder(Path(path), family, arch, model, dtype, seed, shard_size)
     state = _model_state(family, arch, layout, model, dtype)
     if layout == "comfy":
         state.update(_comfy_extras(family, seed, dtype))
