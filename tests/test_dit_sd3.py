@@ -377,3 +377,19 @@ def test_synth_cli_writes_sd35_medium(tmp_path):
     assert detect(out).architecture == "sd35-medium"
     assert {t.dtype for t in detect(out).files[0].header.tensors} == {"F16"}
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_stored_dtype_is_scaled_by_the_one_rule(tmp_path, dtype):
+    """float32 product rounded to nearest in the stored dtype, for norm weights and fused row ranges alike."""
+    src = write_checkpoint(tmp_path / "m.safetensors", "sd35_large", "comfy", dtype=dtype)
+    out = tmp_path / "o.safetensors"
+    bake(recipe('[dit.joint]\nstream = "text"\nq = 1.25\nv = 0.75\n'), src, out, progress=False)
+    a, b = load_file(str(src)), load_file(str(out))
+    p = MODEL_PREFIX + "joint_blocks.1.context_block.attn."
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert bits(b[p + "ln_q.weight"]).equal(bits((a[p + "ln_q.weight"].float() * 1.25).to(dtype)))
+    assert bits(b[p + "qkv.weight"][2 * H:]).equal(bits((a[p + "qkv.weight"][2 * H:].float() * 0.75).to(dtype)))
+    assert bits(b[p + "qkv.weight"][:2 * H]).equal(bits(a[p + "qkv.weight"][:2 * H]))
+    x = p.replace("context_block", "x_block")
+    assert bits(b[x + "ln_q.weight"]).equal(bits(a[x + "ln_q.weight"]))
