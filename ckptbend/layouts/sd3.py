@@ -56,9 +56,8 @@ DIFFUSERS_PIPELINES = {cls: _SD3_FOLDERS for cls in (
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
 
 
-def split_prefix(name: str) -> tuple[str, str]:
-    """(`model.diffusion_model.` or "", the rest)."""
-    return (MODEL_PREFIX, name[len(MODEL_PREFIX):]) if name.startswith(MODEL_PREFIX) else ("", name)
+def bare_name(name: str) -> str:
+    return name.removeprefix(MODEL_PREFIX)
 
 
 def file_components(names, is_model_key) -> dict[str, str]:
@@ -78,7 +77,7 @@ def file_components(names, is_model_key) -> dict[str, str]:
 
 def dit_names(components: dict[str, str]) -> set[str]:
     """A file's DiT tensor names, without `model.diffusion_model.`."""
-    return {split_prefix(n)[1] for n, c in components.items() if c == "dit"}
+    return {bare_name(n) for n, c in components.items() if c == "dit"}
 
 
 def model_names(files) -> set[str]:
@@ -98,7 +97,7 @@ def variant(names: set[str]) -> str:
 
 
 def identify(header) -> Identified | None:
-    bare = {split_prefix(n)[1] for n in header.names}
+    bare = {bare_name(n) for n in header.names}
     if not _is_sd3(bare):
         return None
     components = file_components(header.names, lambda rest: rest.startswith(("joint_blocks.", "transformer_blocks.")))
