@@ -146,6 +146,8 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                 if not hits:
                     _unmatched(f"{name}: {recipe_key} = {factor:g} matches no tensor in {ckpt.path.name} "
                                f"(components: {', '.join(ckpt.components)})", allow_missing, warnings)
+                if hits and all(s.inert for s in hits):
+                    warnings.append(f"{name}: {recipe_key} = {factor:g} has no effect: {hits[0].inert}")
                 if ckpt.qk_norm and section in ("unet.self", "unet.cross") and recipe_key in ("q", "k") and hits:
                     _qk_norm_cancels(name, recipe_key, factor, section, ckpt, warnings)
                 for s in hits:

@@ -103,9 +103,12 @@ def format_text(info: dict) -> str:
         lines.append(f"  {c}: {n} attention layers")
     if info["quantisation"]:
         lines.append(f"  quantisation: {info['quantisation']}")
-    if info["dit_qk_targets"]:
-        lines.append("  [dit.*] q/k factors scale: " + ", ".join(info["dit_qk_targets"]))
-    if info["qk_norm"]:
+    if "dit" in info["components"]:
+        lines.append("  qk-norm:      " + ("yes: [dit.*] q/k factors scale the norm weights" if info["qk_norm"]
+                                           else "no: [dit.*] q/k factors scale the q/k projection rows"))
+        if info["dit_qk_targets"]:
+            lines.append("  [dit.*] q/k factors scale: " + ", ".join(info["dit_qk_targets"]))
+    elif info["qk_norm"]:
         lines.append("  note: the model uses qk-norm; q/k multipliers of the UNet nodes cancel there")
     if info["metadata"]:
         lines.append("  metadata:")

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from ..errors import CkptbendError
 from ..safetensors_io import read_header
-from . import flux, ltx_video, sd_unet, text_encoders, wan
+from . import flux, ltx_video, qwen_image, sd3, sd_unet, text_encoders, wan
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 
-FAMILIES = (flux, wan, ltx_video, sd_unet, text_encoders)
+FAMILIES = (flux, sd3, qwen_image, wan, ltx_video, sd_unet, text_encoders)
 DIFFUSERS_FOLDERS = {sub: c for f in FAMILIES for sub, c in f.DIFFUSERS_FOLDERS.items()}
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 

@@ -23,6 +23,7 @@ class Site:
     temporal: bool = False       # video temporal transformer (SVD time_stack)
     cols: tuple[int, int] | None = None   # column range of a fused input (Flux single blocks' linear2)
     stream: str | None = None    # image | text: the token stream of a joint attention; None: both
+    inert: str | None = None     # why a factor here cannot change the output (structurally dead), or None
 
 
 @dataclass(frozen=True)

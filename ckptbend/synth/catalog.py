@@ -2,6 +2,7 @@
 write. Plain data without torch, so the CLI can list choices without importing a model library."""
 
 # generator module (ckptbend/synth/<module>.py) → (its architectures, its layouts)
+_DIT_LAYOUTS = ("single", "single_prefixed", "comfy", "transformer_diffusers", "diffusers")
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
@@ -9,10 +10,12 @@ GENERATORS = {
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
     "flux": (("flux_dev", "flux_schnell", "chroma", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers", "scaled_fp8")),
+    "sd3": (("sd3_medium", "sd35_medium", "sd35_large"), _DIT_LAYOUTS),
+    "qwen_image": (("qwen_image",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
-SCALED_FP8 = "fp8_e4m3fn_scaled"   # ComfyUI's scaled fp8: not a torch dtype, passed to generators by name
+SCALED_FP8 = "scaled_fp8"   # ComfyUI's scaled fp8 (fp8 e4m3fn + scale_weight): not a torch dtype, passed by name
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", SCALED_FP8)
 
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import CkptbendError
-from .catalog import GENERATORS
+
+from .catalog import GENERATORS, SCALED_FP8
 from .files import write_safetensors, write_weights
 from .flux_names import comfy_hunyuan_name, flux_to_original, hunyuan_to_original
 from .text_encoders import hf_clip_state_dict
@@ -213,6 +214,10 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
     """Write a synthetic checkpoint of `arch` in `layout` and return its path."""
     if arch not in ARCHES:
         raise CkptbendError(f"unknown architecture {arch!r} (one of {', '.join(ARCHES)})")
+    if dtype == SCALED_FP8:   # `--dtype scaled_fp8`, as for the other DiTs: the scaled_fp8 layout (original names)
+        if layout != "single":
+            raise CkptbendError(f"synth: {arch} is written as scaled fp8 in the single layout only")
+        layout, dtype = "scaled_fp8", None
     if layout not in LAYOUTS:
         raise CkptbendError(f"synth: {arch} has no layout {layout!r} (one of {', '.join(LAYOUTS)})")
     if size not in SIZES or (size == "full" and layout != "single"):

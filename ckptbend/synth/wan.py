@@ -10,7 +10,7 @@ Layouts: ``single`` (original names, bare), ``comfy`` (ComfyUI all-in-one: the m
 ``model.diffusion_model.``, the text encoder under ``text_encoders.<umt5xxl|t5xxl>.transformer.``),
 ``transformer_diffusers`` (diffusers names, one file), ``diffusers`` (pipeline folder with
 ``model_index.json``, ``transformer/`` and ``text_encoder/``), ``text_encoder`` (the text encoder alone,
-transformers names). Dtypes: fp32, fp16, bf16, fp8 (e4m3fn, e5m2), and ``fp8_e4m3fn_scaled``: ComfyUI's
+transformers names). Dtypes: fp32, fp16, bf16, fp8 (e4m3fn, e5m2), and ``scaled_fp8``: ComfyUI's
 scaled fp8 (every Linear weight of the model in e4m3fn with a float32 ``scale_weight`` and
 ``scale_input``, a ``scaled_fp8`` marker; the rest in bf16).
 
