@@ -102,7 +102,7 @@ def test_diffusers_folder_loads_with_from_pretrained(files):
     loaded = FluxTransformer2DModel.from_pretrained(folder / "transformer").double()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in F.model("flux_dev").state_dict().items())
     ckpt = detect(folder)
-    assert ckpt.kind == "diffusers-folder" and ckpt.architecture == "flux"
+    assert ckpt.kind == "diffusers-folder" and ckpt.architecture == "flux-dev"
     assert set(ckpt.components) == {"dit", "clip_l", "t5xxl"}
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
 
@@ -113,7 +113,7 @@ def test_other_diffusers_folders(files, arch, pipeline, encoders):
     folder = files(arch, "diffusers")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == pipeline
     ckpt = detect(folder)
-    assert ckpt.architecture == ("chroma" if arch == "chroma" else "flux")
+    assert ckpt.architecture == {"chroma": "chroma", "flux_schnell": "flux-schnell"}.get(arch, "flux-dev")
     assert set(ckpt.components) == {"dit"} | encoders
     assert {s.component for s in ckpt.sites} == {"dit"} | encoders
 

@@ -187,8 +187,11 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
     return found
 
 
-def folder_architecture(model_class: str, present: set[str]) -> str | None:
-    return FOLDER_ARCHITECTURES.get(model_class)
+def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:
+    name = FOLDER_ARCHITECTURES.get(model_class)
+    if name == "flux" and config and "guidance_embeds" in config:   # the transformer config tells dev from schnell
+        return "flux-dev" if config["guidance_embeds"] else "flux-schnell"
+    return name
 
 
 def has_qk_norm(files) -> bool:

@@ -113,14 +113,18 @@ def build(family: Family, arch: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(diffusers, family.transformer_class)(**family.configs[arch]).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    randomise(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def randomise(model, g):
+    """Every parameter random, norm weights included and around 1 (so q/k factors on them are visible)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name and name.endswith("weight"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
-    return model
 
 
 def build_text_encoders(family: Family, seed: int = 0) -> dict:

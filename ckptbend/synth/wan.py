@@ -28,6 +28,7 @@ import torch
 
 from ..errors import CkptbendError
 from .catalog import SCALED_FP8
+from .dit import randomise
 from .files import write_safetensors
 
 MODEL_PREFIX = "model.diffusion_model."
@@ -94,16 +95,6 @@ def original_state_dict(arch: str, model) -> dict[str, torch.Tensor]:
     return {rename(k): v for k, v in model.state_dict().items()}
 
 
-def _randomise(model, g):
-    """Every parameter random, norm weights included (so q/k factors on them are visible), positive-ish."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
-
-
 def build_models(arch: str, seed: int = 0) -> dict[str, torch.nn.Module]:
     """{"dit": the diffusers transformer, <text encoder name>: the transformers encoder}, float32."""
     import diffusers
@@ -118,8 +109,8 @@ def build_models(arch: str, seed: int = 0) -> dict[str, torch.nn.Module]:
         dit = getattr(diffusers, cls)(**config).eval()
         encoder = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TEXT_CONFIG)).eval()
     g = torch.Generator().manual_seed(seed)
-    _randomise(dit, g)
-    _randomise(encoder, g)
+    randomise(dit, g)
+    randomise(encoder, g)
     return {"dit": dit, text: encoder}
 
 
