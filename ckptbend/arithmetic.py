@@ -60,7 +60,9 @@ def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
 
 def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
     """Scale rows of one stored tensor in place, in a writable buffer (bytearray or memoryview), and
-    return the buffer. Segments carry (rows, factors)."""
+    return the buffer. Segments carry (rows, factors). A zero-element tensor has nothing to scale."""
+    if 0 in shape:
+        return raw
     if dtype in TORCH_ONLY:
         return _scale_with_torch(raw, TORCH_ONLY[dtype], shape, segments)
     if dtype in ("F16", "BF16"):
