@@ -1,5 +1,5 @@
 """Where a command may write, and how: every rule about targets, temporaries beside the target, atomic
-replace, durability. Used by bake, emit, the sweep and maps; the one place that decides what may be
+replace, durability. Used by bake, the sweep, emit, maps and synth; the one place that decides what may be
 replaced.
 
 - `check_targets` checks every target of a command (outputs, companion folders) against the disk,
