@@ -1592,7 +1592,7 @@ RECIPE_EDITS = st.one_of(
     st.tuples(st.just("delete"), SLOT),
     st.tuples(st.just("wrap"), SLOT),                              # value → [value]: a table becomes an array
     st.tuples(st.just("unwrap"), SLOT),                            # [x, …] → x, {k: x, …} → x
-    st.tuples(st.just("deepen"), SLOT, st.integers(1, 400)),       # value → [[[…value…]]]
+    st.tuples(st.just("deepen"), SLOT, st.integers(1, 250)),       # value → [[[…value…]]]: up to 750 deep
     st.tuples(st.just("move"), SLOT, SLOT),                        # a key into another table
     st.tuples(st.just("replace"), SLOT, TOML_VALUES),
 )
@@ -1671,7 +1671,10 @@ def toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, list):
-        return "[" + ", ".join(map(toml_value, v)) + "]"
+        depth = 0         # [[[…x…]]] (a value nested hundreds deep) without recursing per level
+        while len(v) == 1 and isinstance(v[0], list):
+            v, depth = v[0], depth + 1
+        return "[" * depth + "[" + ", ".join(map(toml_value, v)) + "]" + "]" * depth
     if isinstance(v, dict):
         return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     return v.isoformat()
