@@ -67,7 +67,10 @@ def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
 
 def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
     """Scale rows (or columns) of one stored tensor in place, in a writable buffer (bytearray or
-    memoryview), and return the buffer. Segments carry rows, factors and optionally cols."""
+    memoryview), and return the buffer. Segments carry rows, factors and optionally cols. A zero-element
+    tensor has nothing to scale."""
+    if 0 in shape:
+        return raw
     if dtype in TORCH_ONLY:
         return _scale_with_torch(raw, TORCH_ONLY[dtype], shape, segments)
     if dtype in ("F16", "BF16"):

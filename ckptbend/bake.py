@@ -13,7 +13,7 @@ from pathlib import Path
 from .companion import emit, folder_for
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
-from .output import atomic_output, check_folder_target, check_output_path, fsync_path, remove_stale_temporaries
+from .output import Target, atomic_output, check_targets, fsync_path, permissions_of, remove_stale_temporaries
 from .plan import Plan, make_plan
 from .provenance import output_metadata
 from .writer import rewrite_file
@@ -35,16 +35,14 @@ class _Progress:
             self.bar.close()
 
 
-def check_companion_path(recipe, input_path: Path, output_path: Path, force: bool) -> Path | None:
-    """Where the companion of a recipe with sampling-time sections goes; refuses to replace one
-    without `force`, and never a folder that holds the input."""
-    if not recipe.has_dynamic:
-        return None
-    target = folder_for(output_path)
-    if input_path.resolve().is_relative_to(target.resolve()):
-        raise CkptbendError(f"{target}: the companion folder would replace the input; choose another output name")
-    check_folder_target(target, force)
-    return target
+def targets_of(jobs, input_is_dir: bool) -> list[Target]:
+    """Every path a bake of (recipe, output) jobs writes: each output, and each companion folder."""
+    found = []
+    for recipe, output in jobs:
+        found.append(Target(Path(output), input_is_dir))
+        if recipe.has_dynamic:
+            found.append(Target(folder_for(Path(output)), True, "companion folder"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,8 @@ class BakeResult:
     companion: Path | None = None   # the companion folder written beside the output, if any
 
 
-def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name, durable) -> dict[str, str]:
+def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source_name, source_sha256,
+               durable) -> dict[str, str]:
     digests = {}
     rewritten = {f.rel: f for f in ckpt.files}
     if ckpt.kind == "diffusers-folder":
@@ -67,6 +66,7 @@ def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source
             dst.parent.mkdir(parents=True, exist_ok=True)
             if rel not in rewritten:
                 shutil.copyfile(p, dst)
+                os.chmod(dst, permissions_of(p))
                 if durable:
                     fsync_path(dst)
                 progress.update(p.stat().st_size)
@@ -77,46 +77,59 @@ def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source
         meta = output_metadata(cf.header.metadata, recipe, name)
         # "r+b" on the empty temporary (never O_TRUNC): ext4 flushes files truncated then rewritten on close.
         dst.touch(exist_ok=True)
+        os.chmod(dst, permissions_of(src))
         with open(dst, "r+b") as out:
-            digests[rel], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress)
+            # keyed as recorded: a file of the folder, or the single file under the name the user gave
+            key = rel if ckpt.kind == "diffusers-folder" else source_name
+            digests[key], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress, source_sha256)
             if durable:
                 os.fsync(out.fileno())
     return digests
 
 
 def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, progress=None,
-         source_name: str | None = None, durable: bool = True) -> BakeResult:
+         source_name: str | None = None, source_sha256: str | None = None, durable: bool = True,
+         inputs=()) -> BakeResult:
     """Bake `recipe` into the checkpoint at `input_path`, writing `output_path` atomically.
 
     A recipe with sampling-time sections also gets its companion folder beside the output
-    (companion.folder_for), written just before the output is renamed into place.
+    (companion.folder_for), written just before the output is put in place.
 
-    `source_name` is the name recorded as the source (default: the input's file or folder name).
+    `source_name` / `source_sha256`: what is recorded as the source (default: the input's name, and
+    its SHA-256; a converted pickle passes the name and hash of the file the user gave).
+    `inputs`: the command's other inputs (recipe files), which no target may replace.
     `durable` flushes the output to disk before it is renamed into place (like `cp` followed by
     `sync`), so a power cut cannot leave a complete-looking file with missing data.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     ckpt = detect(input_path)
     plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
-    check_output_path(input_path, output_path, force)
-    companion_dir = check_companion_path(recipe, input_path, output_path, force)
-    stale = remove_stale_temporaries(output_path, keep=input_path)
+    targets = targets_of([(recipe, output_path)], ckpt.kind == "diffusers-folder")
+    check_targets(targets, [input_path, *inputs], force)
+    out, companion = targets[0], (targets[1] if len(targets) > 1 else None)
+    stale = remove_stale_temporaries(out.absolute.parent, keep=[input_path, *inputs])
     if ckpt.kind == "diffusers-folder":
         total = sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
     else:
         total = ckpt.path.stat().st_size
     bar = _Progress(total, sys.stderr.isatty() if progress is None else progress)
+    companion_new, companion_placed = companion is not None and not os.path.lexists(companion.path), False
     try:
-        with atomic_output(output_path, ckpt.kind == "diffusers-folder") as tmp:
+        with atomic_output(out, force, permissions_of(input_path)) as tmp:
             name = source_name or input_path.name
-            digests = _bake_into(plan, recipe, ckpt, tmp, bar, name, durable)
-            if companion_dir is not None:
-                emit(recipe, companion_dir, force=True, checkpoint={
+            digests = _bake_into(plan, recipe, ckpt, tmp, bar, name, source_sha256, durable)
+            if companion is not None:
+                emit(recipe, companion.path, force=force, checkpoint={
                     "file": output_path.name, "source": name, "source_sha256": digests})
+                companion_placed = companion_new
         if durable:
-            fsync_path(output_path.resolve().parent)
-    except OSError as e:
-        raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
+            fsync_path(out.absolute.parent)
+    except BaseException as e:
+        if companion_placed:     # the output could not be put in place: take back the new companion too
+            shutil.rmtree(companion.path, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CkptbendError(f"{output_path}: cannot write output: {e.strerror or e}") from None
+        raise
     finally:
         bar.close()
-    return BakeResult(output_path, plan, digests, tuple(stale), companion_dir)
+    return BakeResult(output_path, plan, digests, tuple(stale), companion.path if companion else None)

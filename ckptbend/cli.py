@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -59,9 +60,9 @@ def _load(recipe_path: Path, allow_out_of_range: bool):
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=EXISTING, metavar="RECIPE... INPUT")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Output file (a folder for a diffusers input). With several recipes or --grid: a folder "
-                   "that receives INPUT-STEM.RECIPE-NAME outputs.")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="Output file (a folder for a diffusers input). With several recipes, --grid, or a trailing "
+                   "slash (DIR/): a folder that receives INPUT-STEM.RECIPE-NAME outputs.")
 @click.option("--grid", multiple=True, metavar="SECTION.KEY=V1,V2,...",
               help="Sweep: bake every combination of these values into copies of the recipe "
                    "(repeatable, e.g. --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1).")
@@ -87,8 +88,9 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
       ckptbend bake a.toml b.toml model.safetensors -o variants/
       ckptbend bake base.toml model.safetensors -o grid/ --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1
     """
-    from .output import TMP_SUFFIX, temp_prefix
-    from .pickle_input import is_pickle, pickle_to_safetensors
+    from .bake import targets_of
+    from .output import check_targets
+    from .pickle_input import is_pickle, require_consent
     from .sweep import expand, parse_grid
 
     if len(paths) < 2:
@@ -96,40 +98,83 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
     *recipe_paths, input = paths
     recipes = [_load(p, allow_out_of_range) for p in recipe_paths]
     if grid:
-        grids = [parse_grid(g) for g in grid]
-        recipes = [v for r in recipes for v in expand(r, grids, allow_out_of_range=allow_out_of_range)]
+        recipes = [v for r in recipes for v in expand(r, [parse_grid(g) for g in grid],
+                                                       allow_out_of_range=allow_out_of_range)]
     many = len(recipes) > 1 or bool(grid)
     names = [r.name for r in recipes]
     if many and len(set(names)) != len(names):
         raise CkptbendError(f"two recipes share the name {next(n for n in names if names.count(n) > 1)!r}; "
                             "outputs are named after recipes")
-    if many:
+    # `-o DIR/` (a trailing slash) always names a folder: with a file input, the output goes inside it.
+    into_folder = many or (output.endswith(("/", os.sep)) and not input.is_dir())
+    output = Path(output)
+    if into_folder:
         stem, suffix = (input.stem, input.suffix) if input.is_file() else (input.name, "")
         suffix = ".safetensors" if is_pickle(input) else suffix
-        if not dry_run:
-            output.mkdir(parents=True, exist_ok=True)
         jobs = [(r, output / f"{stem}.{r.name}{suffix}") for r in recipes]
     else:
         jobs = [(recipes[0], output)]
-    options = dict(dry_run=dry_run, force=force, allow_missing=allow_missing, quiet=quiet, durable=not no_fsync)
-    if is_pickle(input):
-        if not allow_pickle:
-            raise CkptbendError(f"{input}: pickled checkpoints can run code when loaded; refusing. "
-                                "Convert it to .safetensors, or pass --allow-pickle to load it weights-only")
-        first = jobs[0][1].resolve()
-        # Named like the bake's own temporaries, so a killed run's conversion is swept up by the next.
-        with tempfile.TemporaryDirectory(dir=first.parent, prefix=temp_prefix(first), suffix=TMP_SUFFIX) as tmp:
-            converted = Path(tmp) / (input.stem + ".safetensors")
-            pickle_to_safetensors(input, converted)
-            _bake_all(jobs, converted, source_name=input.name, **options)
+    options = dict(force=force, allow_missing=allow_missing, quiet=quiet, durable=not no_fsync,
+                   inputs=recipe_paths)
+    require_consent(input, allow_pickle)
+    if dry_run:
+        with _readable(input, jobs[0][1] if jobs[0][1].parent.is_dir() else None) as (source, _, _):
+            _dry_run(jobs, source, allow_missing)
         return
-    _bake_all(jobs, input, source_name=None, **options)
+    check_targets(targets_of(jobs, input.is_dir()), [input, *recipe_paths], force, output if into_folder else None)
+    new_folder = output if into_folder and not output.exists() else None
+    if new_folder is not None:
+        output.mkdir(parents=True)
+    try:
+        with _readable(input, jobs[0][1]) as (source, source_name, source_sha256):
+            _bake_all(jobs, source, source_name=source_name, source_sha256=source_sha256, **options)
+    except BaseException:
+        if new_folder is not None and not any(output.iterdir()):
+            output.rmdir()
+        raise
 
 
-def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, source_name):
+@contextmanager
+def _readable(input: Path, beside: Path | None, cached: bool = True):
+    """(safetensors path, source name, source SHA-256) for an input: itself (None, None), or a pickle
+    converted weights-only into a temporary beside `beside` (the system's temporary folder if None),
+    recorded under the pickle's own name and hash (`cached`: the hash may come from the cache)."""
+    from .hash_cache import sha256_file
+    from .output import temporary_folder
+    from .pickle_input import is_pickle, pickle_to_safetensors
+
+    if not is_pickle(input):
+        yield input, None, None
+        return
+    scratch = temporary_folder(beside) if beside is not None else tempfile.TemporaryDirectory()
+    with scratch as tmp:
+        converted = Path(tmp) / (input.stem + ".safetensors")
+        pickle_to_safetensors(input, converted)
+        yield converted, input.name, sha256_file(input, cached=cached)
+
+
+def _dry_run(jobs, input, allow_missing):
+    from .companion import folder_for
+    from .layouts import detect
+    from .plan import labels_read_for, make_plan
+
+    ckpt = detect(input)
+    for r, out in jobs:
+        plan = make_plan(r, ckpt, allow_missing=allow_missing)
+        for w in plan.warnings:
+            click.echo(f"warning: {w}", err=True)
+        if len(jobs) > 1:
+            click.echo(f"# {r.name} → {out}")
+        click.echo(f"block labels read for {labels_read_for(r, ckpt)}", err=True)
+        for line in plan.describe():
+            click.echo(line)
+        if r.has_dynamic:
+            click.echo(f"# companion for the sampling-time sections: {folder_for(out)}/")
+        click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
+
+
+def _bake_all(jobs, input, *, force, allow_missing, quiet, durable, source_name, source_sha256, inputs):
     from .bake import bake as run_bake
-    from .bake import check_companion_path
-    from .output import check_output_path
     from .layouts import detect
     from .plan import make_plan
 
@@ -138,25 +183,12 @@ def _bake_all(jobs, input, *, dry_run, force, allow_missing, quiet, durable, sou
     for plan in plans:
         for w in plan.warnings:
             click.echo(f"warning: {w}", err=True)
-    if dry_run:
-        for (r, out), plan in zip(jobs, plans):
-            if len(jobs) > 1:
-                click.echo(f"# {r.name} → {out}")
-            for line in plan.describe():
-                click.echo(line)
-            if r.has_dynamic:
-                from .companion import folder_for
-                click.echo(f"# companion for the sampling-time sections: {folder_for(out)}/")
-            click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
-        return
-    for r, out in jobs:
-        check_output_path(input, out, force)
-        check_companion_path(r, input, out, force)
     for r, out in jobs:
         result = run_bake(r, input, out, force=force, allow_missing=allow_missing,
-                          progress=False if quiet else None, source_name=source_name, durable=durable)
+                          progress=False if quiet else None, source_name=source_name,
+                          source_sha256=source_sha256, durable=durable, inputs=inputs)
         for p in result.removed_stale:
-            click.echo(f"note: removed {p.name}, left by an interrupted bake", err=True)
+            click.echo(f"note: removed {p.name}, left by an interrupted run of ckptbend", err=True)
         if not quiet:
             click.echo(f"baked {r.name} ({r.sha256[:12]}) into {out}: "
                        f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
@@ -246,11 +278,16 @@ def recipe_import(source, output, name, sampler, ignore_other_patches, companion
 @cli.command()
 @click.argument("output", type=EXISTING)
 @click.option("--source", type=EXISTING, required=True, help="The checkpoint OUTPUT was baked from.")
-def verify(output, source):
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pickled .ckpt source, loaded with torch.load(weights_only=True) only.")
+def verify(output, source, allow_pickle):
     """Recompute the bake recorded in OUTPUT from SOURCE and confirm OUTPUT matches byte for byte."""
+    from .pickle_input import require_consent
     from .verify import verify as run_verify
 
-    problems = run_verify(output, source)
+    require_consent(source, allow_pickle)
+    with _readable(source, None, cached=False) as (readable, _, pickle_sha256):
+        problems = run_verify(output, readable, pickle_sha256)
     for p in problems:
         click.echo(f"mismatch: {p}", err=True)
     if problems:
@@ -309,14 +346,15 @@ def emit(recipe_path, output, checkpoint, force, allow_out_of_range):
     if not output.name.isidentifier():
         click.echo(f"warning: {output.name!r} is not a Python identifier: ComfyUI loads it, "
                    "but `import` needs importlib", err=True)
-    write(r, output, force=force, checkpoint=record)
+    write(r, output, force=force, checkpoint=record, inputs=[recipe_path, *([checkpoint] if checkpoint else [])])
     click.echo(f"wrote the companion of {r.name} ({r.sha256[:12]}) to {output}/")
 
 
 @cli.command()
 @click.argument("maps_file", metavar="MAPS", type=EXISTING)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder for the PNG files.")
-def maps(maps_file, output):
+@click.option("--force", is_flag=True, help="Replace PNG files that exist.")
+def maps(maps_file, output, force):
     """Render attention-bending maps saved by a companion (`companion.save_maps(session, MAPS)`) as
     PNG heatmaps: one grid per token, a row per step, a column per layer, original beside bent.
 
@@ -325,7 +363,7 @@ def maps(maps_file, output):
     """
     from .maps_render import render_file
 
-    for path in render_file(maps_file, output):
+    for path in render_file(maps_file, output, force):
         click.echo(f"wrote {path}")
 
 
@@ -341,16 +379,16 @@ def synth(arch, output, layout, dtype, seed, force):
     """Write a tiny random checkpoint with real key names (for trying ckptbend offline)."""
     import torch
 
+    from .output import Target, atomic_output, check_targets
     from .synth import write_checkpoint
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(dtype, dtype)
-    if output.exists() and not force:
-        raise CkptbendError(f"{output}: already exists (use --force to replace it)")
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    path = write_checkpoint(output, arch, layout=layout, size="tiny", dtype=torch_dtype, seed=seed)
-    click.echo(f"wrote {path} ({arch}, {layout}, {dtype})")
+    target = Target(output, layout == "diffusers")
+    check_targets([target], [], force)
+    with atomic_output(target, force) as tmp:
+        write_checkpoint(tmp, arch, layout=layout, size="tiny", dtype=torch_dtype, seed=seed)
+    click.echo(f"wrote {output} ({arch}, {layout}, {dtype})")
 
 
 def _terminate(signum, frame):

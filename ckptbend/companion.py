@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CkptbendError
-from .output import atomic_output, check_folder_target
+from .output import Target, atomic_output, check_targets
 
 FORMAT = 1
 RUNTIME_DIR = Path(__file__).parent / "runtime"
@@ -169,6 +169,7 @@ ComfyUI: copy this folder into ComfyUI/custom_nodes/; the node is "ckptbend: {na
 """
 
 import json as _json
+import os as _os
 import pathlib as _pathlib
 import struct as _struct
 
@@ -195,21 +196,32 @@ def remove(pipe):
 
 
 def matches(checkpoint_path):
-    """Whether a .safetensors file was baked from this recipe (its ckptbend.recipe_sha256 metadata)."""
-    with open(checkpoint_path, "rb") as f:
-        (size,) = _struct.unpack("<Q", f.read(8))
-        header = _json.loads(f.read(size))
-    return header.get("__metadata__", {{}}).get("ckptbend.recipe_sha256") == RECIPE_SHA256
+    """Whether a .safetensors file was baked from this recipe (its ckptbend.recipe_sha256 metadata).
+    False for anything else: a missing, unreadable or foreign file, or a damaged header."""
+    try:
+        with open(checkpoint_path, "rb") as f:
+            (size,) = _struct.unpack("<Q", f.read(8))
+            if size > min(100_000_000, _os.fstat(f.fileno()).st_size - 8):   # never trust the length
+                return False
+            header = _json.loads(f.read(size))
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        return isinstance(meta, dict) and meta.get("ckptbend.recipe_sha256") == RECIPE_SHA256
+    except (OSError, ValueError, RecursionError, _struct.error):
+        return False
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _comfy_host.node_class_mappings(DYNAMIC, RECIPE_NAME, RECIPE_SHA256)
 '''
 
 
-def emit(recipe, target: Path, *, force: bool = False, checkpoint: dict | None = None) -> Path:
+def emit(recipe, target: Path, *, force: bool = False, checkpoint: dict | None = None, inputs=()) -> Path:
     """Write the companion of `recipe` as the folder `target`, atomically (a temporary folder beside
-    it, renamed into place when complete)."""
-    check_folder_target(target, force)
-    with atomic_output(target, is_dir=True) as tmp:
-        write_companion(recipe, tmp, checkpoint)
-    return target
+    it, renamed into place when complete). `inputs`: files the command reads, never replaced."""
+    place = Target(Path(target), True, "companion folder")
+    check_targets([place], inputs, force)
+    try:
+        with atomic_output(place, force) as tmp:
+            write_companion(recipe, tmp, checkpoint)
+    except OSError as e:
+        raise CkptbendError(f"{target}: cannot write the companion folder: {e.strerror or e}") from None
+    return Path(target)

@@ -10,6 +10,7 @@ Set CKPTBEND_HASH_CACHE=0 to disable; CKPTBEND_CACHE_DIR moves it (default: $XDG
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,6 +57,7 @@ def remember(st: os.stat_result, digest: str) -> None:
     entries.pop(_identity(st), None)
     entries[_identity(st)] = digest
     entries = dict(list(entries.items())[-MAX_ENTRIES:])
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256.", suffix=".tmp")
@@ -63,4 +65,19 @@ def remember(st: os.stat_result, digest: str) -> None:
             json.dump(entries, f)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:          # e.g. a full disk: leave nothing behind
+            Path(tmp).unlink(missing_ok=True)
+
+
+def sha256_file(path, *, cached: bool = True) -> str:
+    """SHA-256 of a whole file; remembered (unless `cached` is False, as verify wants)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if cached and (digest := lookup(st)):
+            return digest
+        h = hashlib.sha256()
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    if cached:
+        remember(st, h.hexdigest())
+    return h.hexdigest()

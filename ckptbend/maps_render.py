@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import CkptbendError
+from .output import Target, atomic_output, check_targets
 from .runtime.maps import load_maps
 
 # Anchors of a dark-to-bright colour ramp (close to matplotlib's "inferno"), interpolated linearly.
@@ -37,7 +38,7 @@ def _frame(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tile(original: torch.Tensor, bent: torch.Tensor) -> Image.Image:
-    a, b = _frame(original).float(), _frame(bent).float()
+    a, b = (torch.nan_to_num(_frame(m).float(), 0.0, 0.0, 0.0) for m in (original, bent))
     lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
     span = float(hi - lo) or 1.0
     pair = Image.new("RGB", (2 * CELL + GAP, CELL), "white")
@@ -48,11 +49,28 @@ def _tile(original: torch.Tensor, bent: torch.Tensor) -> Image.Image:
     return pair
 
 
-def render(records: list[dict], out_dir: Path) -> list[Path]:
-    """Write one PNG per token into out_dir (created); returns the paths."""
+def image_names(tokens) -> dict[str, str]:
+    """token → its PNG's file name: filename-safe, short, and different for different tokens."""
+    names: dict[str, str] = {}
+    for token in tokens:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", token)[:80] or "token"
+        name, n = f"{stem}.png", 1
+        while name in names.values():
+            n += 1
+            name = f"{stem}-{n}.png"
+        names[token] = name
+    return names
+
+
+def render(records: list[dict], out_dir: Path, *, force: bool = False, inputs=()) -> list[Path]:
+    """Write one PNG per token into out_dir (created); returns the paths. Every image is checked
+    first and written through a temporary (output.py); an existing one needs `force`."""
+    names = image_names(dict.fromkeys(r["token"] for r in records))
+    targets = {token: Target(out_dir / name, False, "map image") for token, name in names.items()}
+    check_targets(list(targets.values()), inputs, force, out_dir if not out_dir.exists() else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for token in dict.fromkeys(r["token"] for r in records):
+    for token, target in targets.items():
         mine = [r for r in records if r["token"] == token]
         steps = sorted({r["step"] for r in mine}, key=lambda s: (s is None, s or 0))   # None: outside the schedule
         layers = sorted({r["layer"] for r in mine})
@@ -69,19 +87,21 @@ def render(records: list[dict], out_dir: Path) -> list[Path]:
             x = LABEL * 4 + layers.index(layer) * (cell_w + GAP)
             y = LABEL + steps.index(step) * (cell_h + GAP)
             sheet.paste(_tile(r["original"], r["bent"]), (x, y))
-        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_-]+', '_', token) or 'token'}.png"
-        sheet.save(path)
-        written.append(path)
+        with atomic_output(target, force) as tmp:
+            sheet.save(tmp, format="PNG")
+        written.append(target.path)
     return written
 
 
-def render_file(maps_path: Path, out_dir: Path) -> list[Path]:
+def render_file(maps_path: Path, out_dir: Path, force: bool = False) -> list[Path]:
     try:
         records = load_maps(maps_path)
     except FileNotFoundError:
         raise CkptbendError(f"{maps_path}: no such file") from None
+    except IsADirectoryError:
+        raise CkptbendError(f"{maps_path}: is a folder, not a maps file") from None
     except ValueError as e:
         raise CkptbendError(str(e)) from None
     if not records:
         raise CkptbendError(f"{maps_path}: holds no maps")
-    return render(records, out_dir)
+    return render(records, out_dir, force=force, inputs=[maps_path])

@@ -6,6 +6,8 @@ on an allow-list; ckptbend adds only the few harmless names old SD checkpoints r
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 from .errors import CkptbendError
@@ -16,6 +18,12 @@ MIN_TORCH = (2, 10)   # CVE-2025-32434 (weights_only bypass) and CVE-2026-24747 
 
 def is_pickle(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def require_consent(path: Path, allow_pickle: bool) -> None:
+    if is_pickle(path) and not allow_pickle:
+        raise CkptbendError(f"{path}: pickled checkpoints can run code when loaded; refusing. "
+                            "Convert it to .safetensors, or pass --allow-pickle to load it weights-only")
 
 
 class _LightningModelCheckpoint:
@@ -38,6 +46,17 @@ def _allowed_globals():
     ]
 
 
+def _why(e: Exception) -> str:
+    """The useful line of torch's refusal, without its advice to load with weights_only=False."""
+    text = str(e)
+    if m := re.search(r"unsupported (?:global: )?GLOBAL ([^\s]+)", text, re.IGNORECASE):
+        return f"it references {m.group(1)}, which is not an allowed global (loading it could run code)"
+    if m := re.search(r"WeightsUnpickler error: ([^\n]+)", text):
+        return m.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else type(e).__name__
+
+
 def pickle_to_safetensors(src: Path, dst: Path) -> None:
     """Load `src` weights-only and write its tensors as safetensors to `dst`."""
     import torch
@@ -48,11 +67,11 @@ def pickle_to_safetensors(src: Path, dst: Path) -> None:
         raise CkptbendError(f"loading pickles needs torch >= {'.'.join(map(str, MIN_TORCH))} "
                             f"(weights-only loader fixes); this is {torch.__version__}")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch's UserWarnings are not for ckptbend's users
             obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError… for hostile/broken files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CkptbendError(f"{src}: refused to load this pickle weights-only: {first}") from None
+        raise CkptbendError(f"{src}: refused to load this pickle weights-only: {_why(e)}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CkptbendError(f"{src}: no state dict inside this pickle")

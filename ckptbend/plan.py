@@ -14,6 +14,7 @@ from .errors import CkptbendError
 from .layouts import Checkpoint, Site, blocks_with_attention
 from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from .arithmetic import SCALABLE
+from .recipe.schema import ARCHITECTURES, QK_WARN_PRODUCT
 
 
 def _temporal_key(site: Site) -> str:
@@ -129,9 +130,41 @@ def _through_scale_weights(ckpt: Checkpoint, by_tensor: dict) -> dict:
     return out
 
 
+def labels_read_for(recipe, ckpt: Checkpoint) -> str:
+    """Which architecture the recipe's block labels are read for (what `--dry-run` says); refuses a
+    checkpoint of another architecture than the recipe's `architecture`."""
+    if not recipe.architecture:
+        return f"{ckpt.architecture} (detected; the recipe names no architecture)"
+    covered = {a for name in recipe.architecture for a in ARCHITECTURES[name]}
+    if ckpt.architecture in covered:
+        return f"{ckpt.architecture} (detected; the recipe is for {', '.join(recipe.architecture)})"
+    if ckpt.architecture in {a for names in ARCHITECTURES.values() for a in names}:
+        raise CkptbendError(f"recipe {recipe.name!r} is written for {', '.join(recipe.architecture)}, but "
+                            f"{ckpt.path.name} is {ckpt.architecture}: its block labels number differently")
+    return f"{', '.join(recipe.architecture)} (the recipe's; {ckpt.path.name} is {ckpt.architecture}, which cannot tell)"
+
+
+def _qk_warnings(products: dict, recipe) -> list[str]:
+    """Overlapping entries multiply: warn where a site's effective q·k exceeds what any one entry
+    (already warned about by the recipe reader) gives."""
+    warnings = []
+    for section in ("unet.self", "unet.cross", "clip", "dit.joint", "dit.self", "dit.cross", "text"):
+        here = {where: qk["q"] * qk["k"] for where, qk in products.items() if where[0] == section}
+        single = max((e.factor("q") * e.factor("k") for e in recipe.multipliers.get(section, ())), default=1.0)
+        worst = max(here.values(), default=1.0)
+        if worst > QK_WARN_PRODUCT and worst > single * (1 + 1e-9):
+            n = sum(1 for v in here.values() if v > QK_WARN_PRODUCT)
+            warnings.append(f"[{section}]: overlapping entries give q x k up to {worst:g} (> {QK_WARN_PRODUCT:g}) at "
+                            f"{n} attention site(s); UIs that run attention in fp16 without upcasting may "
+                            "overflow (NaN/black images)")
+    return warnings
+
+
 def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
+    labels_read_for(recipe, ckpt)
     warnings: list[str] = []
     found: dict[tuple, list] = {}   # (file, key, rows, cols) → [factors, reasons]
+    products: dict[tuple, dict[str, float]] = {}   # (section, file, attention module) → q and k factors
     for section, entries in recipe.multipliers.items():
         key_of = SECTION_KEY[section]
         for index, entry in enumerate(entries):
@@ -154,6 +187,10 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                     slot = found.setdefault((s.file, s.key, s.rows, s.cols), [[], []])
                     slot[0].append(factor)
                     slot[1].append(f"{section}.{recipe_key}")
+                    if recipe_key in ("q", "k") and "bias" not in s.key.rsplit(".", 1)[-1]:
+                        qk = products.setdefault((section, s.file, s.key.rsplit(".", 2)[0]), {"q": 1.0, "k": 1.0})
+                        qk[recipe_key] *= factor
+    warnings += _qk_warnings(products, recipe)
 
     # Group segments per tensor, keeping file order (the order tensors will be written in).
     by_tensor: dict[tuple[str, str], list[Segment]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from .errors import CkptbendError
 from .layouts import Checkpoint, blocks_with_attention
 from .plan import FP8, SCALED_FP8_MARKER
 from .verify import recorded_recipe
@@ -42,9 +43,13 @@ def describe(ckpt: Checkpoint) -> dict:
         }
     encoders = {}
     for s in ckpt.sites:
-        if s.component not in ("unet", "dit") and (m := TEXT_LAYER.search(s.key)):
-            encoders.setdefault(s.component, set()).add(m.group(1))
-    recipe = recorded_recipe(ckpt)
+        if s.component not in ("unet", "dit"):   # a layer: its index, or (no index in the key) the key's attention module
+            m = TEXT_LAYER.search(s.key)
+            encoders.setdefault(s.component, set()).add(m.group(1) if m else s.key.rpartition("_proj")[0])
+    try:
+        recipe, recipe_error = recorded_recipe(ckpt), None
+    except CkptbendError as e:
+        recipe, recipe_error = None, e.message
     metadata = {k: v for f in ckpt.files for k, v in f.header.metadata.items() if k != "ckptbend.recipe"}
     return {
         "path": str(ckpt.path),
@@ -62,6 +67,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "metadata": metadata,
         "recipe": recipe.canonical() if recipe else None,
         "recipe_sha256": recipe.sha256 if recipe else None,
+        "recipe_error": recipe_error,
     }
 
 
@@ -82,9 +88,15 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escape sequences among them) shown as escapes."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] if ord(c) > 0xFF or c in "\t\n\r"
+                   else f"\\x{ord(c):02x}" for c in text)
+
+
 def format_text(info: dict) -> str:
     lines = [
-        f"{info['path']}",
+        f"{printable(info['path'])}",
         f"  architecture: {info['architecture']}",
         f"  layout:       {info['layout']} ({len(info['files'])} file{'s' * (len(info['files']) != 1)})",
         f"  size:         {_size(info['size_bytes'])}",
@@ -113,9 +125,11 @@ def format_text(info: dict) -> str:
     if info["metadata"]:
         lines.append("  metadata:")
         for k, v in info["metadata"].items():
-            shown = v if len(v) <= 100 else v[:97] + "..."
-            lines.append(f"    {k}: {shown}")
+            shown = printable(v if len(v) <= 100 else v[:97] + "...")
+            lines.append(f"    {printable(k)}: {shown}")
     if info["recipe"]:
         lines.append(f"  baked by ckptbend with recipe {info['recipe_sha256'][:16]}:")
-        lines.extend(("    " + line).rstrip() for line in info["recipe"].splitlines())
+        lines.extend(("    " + printable(line)).rstrip() for line in info["recipe"].splitlines())
+    if info["recipe_error"]:
+        lines.append(f"  baked by ckptbend, but the recorded recipe is unreadable: {printable(info['recipe_error'])}")
     return "\n".join(lines)

@@ -7,15 +7,17 @@ from dataclasses import replace
 
 from .errors import CkptbendError
 from .recipe import MULTIPLIER_SECTIONS, MultiplyEntry, Recipe, multiply_params, parse_recipe
+from .recipe.schema import MULTIPLY_KEYS
 
 
 def parse_grid(spec: str) -> tuple[str, str, list[float]]:
     """'unet.self.q=1.0,1.1' → ('unet.self', 'q', [1.0, 1.1])."""
     target, _, values = spec.partition("=")
     section, _, key = target.rpartition(".")
-    if section not in MULTIPLIER_SECTIONS or key not in multiply_params(section):
+    if section not in MULTIPLIER_SECTIONS or key not in MULTIPLY_KEYS[section]:
         raise CkptbendError(f"--grid {spec!r}: expected SECTION.KEY=V1,V2,… with SECTION one of "
-                            f"{', '.join(MULTIPLIER_SECTIONS)} and KEY one of its multipliers")
+                            f"{', '.join(MULTIPLIER_SECTIONS)} and KEY one of its multipliers "
+                            "(selectors such as blocks cannot be swept)")
     try:
         numbers = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
@@ -38,6 +40,10 @@ def _set_factor(recipe: Recipe, section: str, key: str, value: float) -> Recipe:
 
 def expand(recipe: Recipe, grids: list[tuple[str, str, list[float]]], *, allow_out_of_range=False) -> list[Recipe]:
     """Every combination of the grid values, each a validated recipe named after its values."""
+    keys = [f"{section}.{key}" for section, key, _ in grids]
+    if len(set(keys)) != len(keys):
+        raise CkptbendError(f"--grid {next(k for k in keys if keys.count(k) > 1)} is given twice; "
+                            "give each key once, with all its values")
     variants = []
     for combo in itertools.product(*(values for _, _, values in grids)):
         variant = recipe

@@ -38,8 +38,9 @@ def _compare_data(src_file, out_file, header, edits, source_hash) -> str | None:
     return None
 
 
-def verify(output_path, source_path) -> list[str]:
-    """Return the list of problems found (empty: the output is exactly the recorded bake of the source)."""
+def verify(output_path, source_path, source_sha256: str | None = None) -> list[str]:
+    """Return the list of problems found (empty: the output is exactly the recorded bake of the source).
+    `source_sha256`: the hash the source is recorded under, if not its own (a converted pickle's)."""
     out_ckpt, src_ckpt = detect(output_path), detect(source_path)
     recipe = recorded_recipe(out_ckpt)
     if recipe is None:
@@ -70,24 +71,31 @@ def verify(output_path, source_path) -> list[str]:
             if mismatch:
                 problems.append(f"{cf.rel}: {mismatch}")
                 continue
-            if source_hash.hexdigest() != recorded.get("ckptbend.source_sha256"):
+            source_digest = source_sha256 or source_hash.hexdigest()
+            if source_digest != recorded.get("ckptbend.source_sha256"):
                 problems.append(f"{cf.rel}: the source's SHA-256 is not the one recorded in the output "
                                 "(a different source file?)")
             out.seek(0)
             data_sha256 = data_hash.hexdigest() if "modelspec.hash_sha256" in meta else None
-            expected = header_bytes(final_metadata(meta, source_hash.hexdigest(), data_sha256),
+            expected = header_bytes(final_metadata(meta, source_digest, data_sha256),
                                     cf.header.tensors)
             if out.read(len(expected)) != expected:
                 problems.append(f"{cf.rel}: header or metadata differs from the recomputed bake")
     if src_ckpt.kind == "diffusers-folder":
         rewritten = {f.rel for f in src_ckpt.files}
-        for p in sorted(src_ckpt.path.rglob("*")):
-            rel = p.relative_to(src_ckpt.path).as_posix()
-            if p.is_file() and rel not in rewritten:
-                q = Path(output_path) / rel
-                if not q.is_file() or not filecmp.cmp(p, q, shallow=False):
-                    problems.append(f"{rel}: not copied unchanged")
+        source_files = _files(src_ckpt.path)
+        for rel in sorted(source_files - rewritten):
+            q = Path(output_path) / rel
+            if not q.is_file() or not filecmp.cmp(src_ckpt.path / rel, q, shallow=False):
+                problems.append(f"{rel}: not copied unchanged")
+        for rel in sorted(_files(Path(output_path)) - source_files):
+            problems.append(f"{rel}: only in the output (the source has no such file)")
     return problems
+
+
+def _files(folder: Path) -> set[str]:
+    """Every entry under a folder that is not a folder (files, links, anything else), relative."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
 
 
 class _Tee:

@@ -148,8 +148,10 @@ def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited,
         progress.update(t.nbytes)
 
 
-def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress):
+def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress,
+                 source_sha256: str | None = None):
     """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
+    `source_sha256`: record this as the source's hash instead of hashing `src_path` (a converted pickle).
 
     Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
     the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
@@ -165,7 +167,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         before = os.fstat(src_fd)
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
-        cached = hash_cache.lookup(before)
+        cached = source_sha256 or hash_cache.lookup(before)
         hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
         # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
         # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
@@ -185,7 +187,9 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             if hasher:
                 hasher.cancel()
         after = os.fstat(src_fd)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        # ctime too: an edit whose mtime was set back still moves ctime (which no user can set).
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
+                                                                     before.st_ctime_ns):
             raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
         if not cached:
             hash_cache.remember(after, source_sha256)

@@ -25,6 +25,7 @@ import pickle
 import resource
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def snapshot(root: Path, memo=None) -> dict[str, str]:
                 state[rel] = "symlink → " + os.readlink(p)
             elif p.is_dir():
                 state[rel] = "folder"
+            elif not p.is_file():   # a FIFO, socket or device: never opened (a FIFO would block)
+                state[rel] = f"special file, mode {oct(p.lstat().st_mode)}"
             else:
                 state[rel] = sha256_file(p, memo)
     return state
@@ -153,6 +156,26 @@ class Assets:
             from ckptbend.synth import write_checkpoint
             return write_checkpoint(self.root / "diffusers", "sd1", layout="diffusers", dtype=torch.float16)
         return self._once("diffusers", make)
+
+    def sharded(self) -> Path:
+        """The diffusers folder with its UNet split into two shards and an index, as large models ship."""
+        def make():
+            from safetensors.torch import load_file, save_file
+            root = self.root / "sharded"
+            shutil.copytree(self.diffusers(), root)
+            unet = root / "unet"
+            tensors = load_file(unet / "diffusion_pytorch_model.safetensors")
+            (unet / "diffusion_pytorch_model.safetensors").unlink()
+            names = list(tensors)
+            weight_map = {}
+            for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:]), 1):
+                shard = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+                save_file({n: tensors[n] for n in part}, unet / shard)
+                weight_map.update(dict.fromkeys(part, shard))
+            (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+            return root
+        return self._once("sharded", make)
 
     def big(self) -> tuple[Path, str]:
         """A ~135 MB SD 1.x file (real key names; 16 large attn1.to_q to scale, 16 large to_v to copy):
@@ -237,7 +260,7 @@ class Sandbox:
     # running
     def cli(self, *args, cwd=None, preexec_fn=None, timeout=120) -> Result:
         r = subprocess.run(cli_args(*args), capture_output=True, text=True, cwd=cwd, preexec_fn=preexec_fn,
-                           timeout=timeout)
+                           timeout=timeout, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
         return Result(list(args), r.returncode, r.stdout, r.stderr)
 
     def cli_together(self, *commands) -> list[Result]:
@@ -411,16 +434,21 @@ def malformed_row(name, maker, fragment):
     return Case(f"safetensors/{name} (inspect, bake)", run, Fails(fragment))
 
 
-def metadata_row(name, meta: dict, expect, command="bake"):
+def metadata_row(name, meta: dict, expect, command="bake", shows=None):
     """A real SD file whose (string-valued, well-formed) metadata is hostile to what reads it next.
-    A bake that goes on must give an output that `ckptbend verify` (which rebuilds the metadata) accepts."""
+    A bake that goes on must give an output that `ckptbend verify` (which rebuilds the metadata) accepts;
+    an inspect that goes on prints `shows` and no control character."""
     def run(sb: Sandbox):
         doc, data = split(sb.assets.sd1())
         doc["__metadata__"] = meta
         src, recipe, out = sb.put("in/m.safetensors", st_file(doc, data)), sb.recipe(), sb.out / "o.safetensors"
         sb.start(src)
         if command == "inspect":
-            return [sb.cli("inspect", src)]
+            r = sb.cli("inspect", src)
+            if r.code == 0:
+                assert shows in r.stdout and not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) < 0xa0
+                                                     for c in r.stdout), r.stdout
+            return [r]
         r = sb.cli("bake", recipe, src, "-o", out)
         if r.code == 0:
             v = sb.cli("verify", out, "--source", src)
@@ -482,7 +510,9 @@ MALFORMED_ROWS = [malformed_row(*m) for m in MALFORMED] + [
                                                           "ckptbend.history": "{}"},
                  Either(Fails("ckptbend.history"), Succeeds(("out/o.safetensors",)))),
     metadata_row("ckptbend.recipe not TOML", {"ckptbend.recipe": "[unet.self", "ckptbend.recipe_sha256": "0" * 64},
-                 Fails("invalid TOML"), command="inspect"),
+                 Succeeds(), command="inspect", shows="the recorded recipe is unreadable: "),
+    metadata_row("terminal escape sequences", {"note\x1b[1m": "\x1b[2J\x1b]0;pwned\x07\x9b31m\r"}, Succeeds(),
+                 command="inspect", shows="\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\r"),
     int_attention_row(),
     zero_d_norm_row(),
     diffusers_row("unet weights cut short", _truncate_weights, Fails("truncated")),
@@ -543,6 +573,8 @@ def pickle_row(name, filename, make, args, fragment, commands=("bake",)):
         argv = {"bake": ["bake", recipe, src, "-o", sb.out / "o.safetensors", *args], "inspect": ["inspect", src]}
         results = sb.cli_together(*(argv[c] for c in commands))
         assert not marker.exists(), "the pickle's payload ran"
+        for r in results:   # one line: no torch warnings, no advice to load with weights_only=False
+            assert len(r.stderr.strip().splitlines()) == 1 and "weights_only" not in r.stderr, r.stderr
         return results
     label = " ".join(args) or "no --allow-pickle"
     return Case(f"pickle/{name} ({', '.join(commands)}; {label})", run, Fails(fragment))
@@ -551,11 +583,11 @@ def pickle_row(name, filename, make, args, fragment, commands=("bake",)):
 PICKLE_ROWS = [
     pickle_row("exec payload .ckpt", "evil.ckpt", lambda m: _legacy_pickle(_Exec(str(m))), [], "--allow-pickle"),
     pickle_row("exec payload .ckpt (legacy torch.save)", "evil.ckpt", lambda m: _torch_legacy(_Exec(str(m))),
-               ["--allow-pickle"], "refused to load this pickle weights-only"),
+               ["--allow-pickle"], "weights-only: it references exec, which is not an allowed global"),
     pickle_row("os.system payload .pt (torch.save zip)", "evil.pt", lambda m: _torch_zip(_System(str(m))),
-               ["--allow-pickle"], "refused to load this pickle weights-only"),
+               ["--allow-pickle"], "weights-only: it references posix.system, which is not an allowed global"),
     pickle_row("os.system payload .bin", "evil.bin", lambda m: _legacy_pickle(_System(str(m))),
-               ["--allow-pickle"], "refused to load this pickle weights-only"),
+               ["--allow-pickle"], "weights-only: it references posix.system, which is not an allowed global"),
     pickle_row("exec payload pickle renamed .safetensors", "evil.safetensors",
                lambda m: _legacy_pickle(_Exec(str(m))), ["--allow-pickle"], INVALID, ("inspect", "bake")),
     pickle_row("os.system payload torch.save zip renamed .safetensors", "evil.safetensors",
@@ -714,7 +746,7 @@ def _sigkill_then_rebake(sb: Sandbox):
     assert killed["tmp"].stat().st_blocks * 512 < src.stat().st_size, "killed after the data was written"
     assert sha256_file(src) == sb.input_sha
     again = sb.cli("bake", recipe, src, "-o", out, "--no-fsync")   # durability is not under test here
-    assert f"note: removed {killed['tmp'].name}, left by an interrupted bake" in again.stderr, again.stderr
+    assert f"note: removed {killed['tmp'].name}, left by an interrupted run" in again.stderr, again.stderr
     assert not killed["tmp"].exists()
     v = sb.cli("verify", out, "--source", src)
     assert v.code == 0 and "ok" in v.stdout, v.stderr
@@ -813,7 +845,7 @@ def _simple_bake(make_output):
     return run
 
 
-def _input_deleted(sb: Sandbox):
+def _input_deleted(sb: Sandbox):   # unlinking changes the inode's ctime: refusing is right too
     src, recipe, out = _big_input(sb), sb.recipe(), sb.out / "o.safetensors"
     sb.start(src)
     sb.removed.add(sb.rel(src))
@@ -870,13 +902,426 @@ FAULT_ROWS = [
     Case("fault/output exists and is a folder",
          _simple_bake(lambda sb: (sb.out / "o.safetensors").mkdir() or sb.out / "o.safetensors"),
          Fails("exists and is a folder")),
-    Case("fault/input deleted mid-read", _input_deleted, Succeeds(("out/o.safetensors",)),
-         notes="an unlinked open file stays readable: the output is complete and verifies"),
+    Case("fault/input deleted mid-read", _input_deleted,
+         Either(Fails("changed while being read"), Succeeds(("out/o.safetensors",))),
+         notes="an unlinked open file stays readable: the output is complete and verifies, or the bake "
+               "refuses because the input's ctime moved"),
     Case("fault/input truncated mid-read", _input_truncated, Fails("while being read")),
     Case("fault/input appended to mid-read", _input_appended, Fails("changed while being read")),
 ]
 
-CASES = MALFORMED_ROWS + PICKLE_ROWS + PATH_ROWS + RECIPE_ROWS + FAULT_ROWS
+# --- rows, round 2 (issue 13): --force, races, verify, provenance, companions, shards, tracebacks -------
+SAG_RECIPE = RECIPE + "[sag]\nscale = 0.6\n"
+NOT_REPLACEABLE = "not a model folder (model_index.json), a ckptbend companion or a ckptbend output"
+
+
+def _precious(sb: Sandbox, rel="out/precious") -> Path:
+    """A folder of the user's that is no model and no ckptbend output."""
+    sb.put(f"{rel}/thesis.txt", b"four years of work")
+    return sb.root / rel
+
+
+def _bake_file_to(make_target, recipe=RECIPE, force=True, cwd=None):
+    def run(sb: Sandbox):
+        src, r = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe(recipe)
+        target = make_target(sb)
+        sb.start(src)
+        return [sb.cli("bake", r, src, "-o", target, *(["--force"] if force else []), cwd=cwd)]
+    return run
+
+
+def _bake_folder_to(make_target):
+    def run(sb: Sandbox):
+        model = sb.inp / "model"
+        shutil.copytree(sb.assets.diffusers(), model)
+        recipe, target = sb.recipe(), make_target(sb)
+        sb.start(model)
+        return [sb.cli("bake", recipe, model, "-o", target, "--force")]
+    return run
+
+
+def _emit_to(make_target, cwd_out=False):
+    def run(sb: Sandbox):
+        recipe, target = sb.recipe(SAG_RECIPE), make_target(sb)
+        sb.start(recipe)
+        return [sb.cli("emit", recipe, "-o", target, "--force", cwd=sb.out if cwd_out else None)]
+    return run
+
+
+def _synth_over_precious(sb: Sandbox):
+    folder = _precious(sb)
+    sb.start(folder / "thesis.txt")
+    return [sb.cli("synth", "sd1", folder, "--layout", "diffusers", "--force")]
+
+
+def _fifo(sb: Sandbox) -> Path:
+    os.mkfifo(sb.out / "o.safetensors")
+    return sb.out / "o.safetensors"
+
+
+def _output_appears_mid_write(sb: Sandbox):
+    src, recipe, out = _big_input(sb), sb.recipe(), sb.out / "o.safetensors"
+    sb.start(src)
+    theirs = b"another run's output, written while this bake ran"
+    sb.changed[sb.rel(out)] = hashlib.sha256(theirs).hexdigest()
+    return [sb.bake_with_fault(["bake", recipe, src, "-o", out, "--no-fsync"],
+                               lambda proc, tmp: out.write_bytes(theirs))]
+
+
+def _two_bakes_at_once(sb: Sandbox):
+    src, recipe, out = _big_input(sb), sb.recipe(), sb.out / "o.safetensors"
+    sb.start(src)
+    results = sb.cli_together(*[["bake", recipe, src, "-o", out, "--no-fsync"]] * 2)
+    ok, failed = [r for r in results if r.code == 0], [r for r in results if r.code != 0]
+    assert len(ok) == 1 and len(failed) == 1, [(r.code, r.stderr) for r in results]
+    check_result(failed[0], Fails(("appeared while this command was writing", "already exists")))
+    v = sb.cli("verify", out, "--source", src)
+    assert v.code == 0 and "ok" in v.stdout, v.stderr
+    return ok
+
+
+def _verify_with_extra(rel: str):
+    def run(sb: Sandbox):
+        model, recipe, out = sb.inp / "model", sb.recipe(), sb.out / "o"
+        shutil.copytree(sb.assets.diffusers(), model)
+        assert sb.cli("bake", recipe, model, "-o", out).code == 0
+        sb.put(f"out/o/{rel}", b"import os  # not part of the bake\n")
+        sb.start(model)
+        r = sb.cli("verify", out, "--source", model)
+        assert f"mismatch: {rel}: only in the output" in r.stderr, r.stderr
+        return [r]
+    return run
+
+
+def _pickle_source_recorded(sb: Sandbox):
+    from safetensors.torch import load_file
+
+    from ckptbend.safetensors_io import read_header
+    sb.assets.sd1()
+    src = sb.put("in/good.ckpt", _torch_save({"state_dict": load_file(sb.assets.root / "sd1.safetensors")}))
+    recipe, out = sb.recipe(SAG_RECIPE), sb.out / "o.safetensors"
+    sb.start(src)
+    r = sb.cli("bake", recipe, src, "-o", out, "--allow-pickle")
+    assert r.code == 0, r.stderr
+    meta = read_header(out).metadata
+    assert (meta["ckptbend.source"], meta["ckptbend.source_sha256"]) == ("good.ckpt", sb.input_sha)
+    manifest = json.loads((sb.out / "o_ckptbend" / "companion.json").read_text())
+    assert manifest["checkpoint"]["source"] == "good.ckpt"
+    assert manifest["checkpoint"]["source_sha256"] == {"good.ckpt": sb.input_sha}
+    shutil.rmtree(sb.out / "o_ckptbend")      # checked; the row's expected outcome is the output alone
+    refused = sb.cli("verify", out, "--source", src)
+    assert refused.code == 2 and "--allow-pickle" in refused.last_line, refused.stderr
+    return [r, sb.cli("verify", out, "--source", src, "--allow-pickle")]
+
+
+def _named(name: str, body: str = "[sag]\nscale = 0.6\n") -> str:
+    return f'schema = 1\nname = "{name}"\n{body}'
+
+
+def _colliding_companions(sb: Sandbox):
+    src = sb.put("in/m.safetensors", sb.assets.sd1())
+    a, b = sb.put("in/a.toml", _named("sag.strong").encode()), sb.put("in/b.toml", _named("sag_strong").encode())
+    sb.start(src)
+    return [sb.cli("bake", a, b, src, "-o", sb.out, "--force")]
+
+
+def _second_companion_exists(sb: Sandbox):
+    src = sb.put("in/m.safetensors", sb.assets.sd1())
+    a, b = sb.put("in/a.toml", _named("first").encode()), sb.put("in/b.toml", _named("second").encode())
+    sb.put("out/m_second_ckptbend/companion.json", b'{"ckptbend_version": "0", "recipe_sha256": "0"}')
+    sb.start(src)
+    return [sb.cli("bake", a, b, src, "-o", sb.out)]
+
+
+def sharded_row(name, damage, fragment):
+    def run(sb: Sandbox):
+        model = sb.inp / "model"
+        shutil.copytree(sb.assets.sharded(), model)
+        damage(model)
+        recipe = sb.recipe()
+        sb.start(model)
+        return sb.cli_together(["inspect", model], ["bake", recipe, model, "-o", sb.out / "o"])
+    return Case(f"shards/{name} (inspect, bake)", run, Fails(fragment))
+
+
+SHARD_INDEX = "unet/diffusion_pytorch_model.safetensors.index.json"
+
+
+def _edit_index(edit):
+    def damage(model: Path):
+        doc = json.loads((model / SHARD_INDEX).read_text())
+        edit(doc["weight_map"])
+        (model / SHARD_INDEX).write_text(json.dumps(doc))
+    return damage
+
+
+def _move_first_tensor(weight_map):
+    first = next(iter(weight_map))
+    weight_map[first] = next(v for v in weight_map.values() if v != weight_map[first])
+
+
+def _link_outside(model: Path):
+    (model.parent / "secret.txt").write_bytes(b"not part of the model")
+    (model / "text_encoder" / "notes.txt").symlink_to(model.parent / "secret.txt")
+
+
+def _intact_shards(sb: Sandbox):
+    model = sb.inp / "model"
+    shutil.copytree(sb.assets.sharded(), model)
+    recipe = sb.recipe()
+    sb.start(model)
+    r = sb.cli("bake", recipe, model, "-o", sb.out / "o", "--dry-run")
+    assert r.stdout.count("attn1.to_q.weight") == 16, r.stdout   # every shard's attention, none lost
+    return [r]
+
+
+def _zero_element_attention(sb: Sandbox):
+    import torch
+    from safetensors.torch import load_file, save
+    sb.assets.sd1()
+    tensors = load_file(sb.assets.root / "sd1.safetensors")
+    tensors[next(k for k in tensors if k.endswith("attn1.to_q.weight"))] = torch.zeros((0, 4), dtype=torch.float16)
+    src, recipe, out = sb.put("in/m.safetensors", save(tensors)), sb.recipe(), sb.out / "o.safetensors"
+    sb.start(src)
+    r = sb.cli("bake", recipe, src, "-o", out)
+    v = sb.cli("verify", out, "--source", src)
+    assert v.code == 0 and "ok" in v.stdout, v.stderr
+    return [r]
+
+
+def _inspect_content(content: bytes):
+    def run(sb: Sandbox):
+        src = sb.put("in/m.safetensors", content)
+        sb.start(src)
+        return [sb.cli("inspect", src)]
+    return run
+
+
+def _maps_file(records="[{\"token\": \"sun\", \"layer\": 0, \"step\": 0}]", edit=lambda doc: None,
+               data=struct.pack("<8f", *range(8))) -> bytes:
+    doc = {"__metadata__": {"format": "ckptbend.maps/1", "records": records},
+           "0.original": entry(shape=(2, 2), offsets=(0, 16)), "0.bent": entry(shape=(2, 2), offsets=(16, 32))}
+    edit(doc)
+    return st_file(doc, data)
+
+
+def maps_row(name, content: bytes, expect=Fails("maps.safetensors: not a ckptbend maps file")):
+    def run(sb: Sandbox):
+        src = sb.put("in/maps.safetensors", content)
+        sb.start(src)
+        return [sb.cli("maps", src, "-o", sb.out / "png")]
+    return Case(f"maps/{name}", run, expect)
+
+
+def _maps_image_exists(sb: Sandbox):
+    src = sb.put("in/maps.safetensors", _maps_file())
+    sb.put("out/png/sun.png", b"an image rendered before")
+    sb.start(src)
+    return [sb.cli("maps", src, "-o", sb.out / "png")]
+
+
+def _matches_on_foreign_files(sb: Sandbox):
+    recipe = sb.recipe(SAG_RECIPE)
+    assert sb.cli("emit", recipe, "-o", sb.out / "comp").code == 0
+    files = {"random.bin": os.urandom(64), "huge-length.safetensors": struct.pack("<Q", 2**62) + b"{}" * 4,
+             "short": b"abc", "a-json-list.safetensors": st_file(b"[1, 2]  "),
+             "metadata-a-list.safetensors": st_file({"__metadata__": [1]}),
+             "deep.safetensors": st_file(_deep_json())}
+    paths = [sb.put(f"in/{name}", data) for name, data in files.items()] + [sb.inp / "missing", sb.inp]
+    sb.start(recipe)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import comp; print([comp.matches(p) for p in sys.argv[2:]])"
+    p = subprocess.run([sys.executable, "-B", "-c", code, str(sb.out), *map(str, paths)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.strip() == str([False] * len(paths)), p.stdout + p.stderr
+    return [Result(["companion.matches"], p.returncode, p.stdout, p.stderr)]
+
+
+def _qk_overlap_warning(sb: Sandbox):
+    entries = '[[unet.self]]\nq = 2.0\nk = 1.9\n[[unet.self]]\nblocks = ["IN01"]\nq = 2.0\nk = 1.9\n'
+    src, recipe = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe(_head(entries))
+    sb.start(src)
+    r = sb.cli("bake", recipe, src, "-o", sb.out / "o.safetensors", "--dry-run")
+    assert "overlapping entries give q x k up to 14.44 (> 4) at 1 attention site(s)" in r.stderr, r.stderr
+    return [r]
+
+
+def _labels_read_for(sb: Sandbox):
+    body = 'schema = 1\nname = "r"\narchitecture = "sd1"\n[[unet.self]]\nblocks = ["IN04"]\nq = 1.1\n'
+    src, recipe = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe(body)
+    sb.start(src)
+    r = sb.cli("bake", recipe, src, "-o", sb.out / "o.safetensors", "--dry-run")
+    assert "block labels read for sd1 (detected; the recipe is for sd1)" in r.stderr, r.stderr
+    return [r]
+
+
+def _stale_temporaries_of_other_outputs(sb: Sandbox):
+    src, recipe = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe()
+    dead_file = sb.put(f"out/.other.safetensors.{DEAD_PID}.abc123{TMP_SUFFIX}", b"left by a killed bake")
+    dead_dir = sb.put(f"out/.model.{DEAD_PID}.xyz789{TMP_SUFFIX}/unet/w.safetensors", b"killed") .parent.parent
+    sb.put(f"out/.other.safetensors.{os.getpid()}.abc123{TMP_SUFFIX}", b"a live run's, kept")
+    sb.start(src)
+    sb.removed |= {sb.rel(dead_file), sb.rel(dead_dir), sb.rel(dead_dir / "unet"), sb.rel(dead_dir / "unet/w.safetensors")}
+    r = sb.cli("bake", recipe, src, "-o", sb.out / "o.safetensors")
+    assert f"note: removed {dead_file.name}" in r.stderr and f"note: removed {dead_dir.name}" in r.stderr, r.stderr
+    return [r]
+
+
+LONG_NAME = "m" * 243 + ".safetensors"   # 255 bytes: the longest name ext4 takes
+
+
+def _mode_follows_input(sb: Sandbox):
+    src, recipe, out = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe(), sb.out / "o.safetensors"
+    src.chmod(0o640)
+    sb.start(src)
+    r = sb.cli("bake", recipe, src, "-o", out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 & ~umask, oct(out.stat().st_mode)
+    return [r]
+
+
+def _emit_disk_full(sb: Sandbox):
+    recipe = sb.recipe(SAG_RECIPE)
+    sb.start(recipe)
+    r = _in_private_mount_namespace(sb, 'mount -t tmpfs -o size=32k ckptbend-test "$d"', sb.out,
+                                    ["emit", recipe, "-o", sb.out / "comp"], after_script='ls -A "$d";')
+    assert r.stdout == "", f"left in the full folder: {r.stdout}"
+    return [r]
+
+
+def _hash_cache_disk_full(sb: Sandbox):
+    src, recipe = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe()
+    cache = sb.root / "cache"
+    cache.mkdir()
+    sb.start(src)
+    r = _in_private_mount_namespace(
+        sb, 'mount -t tmpfs -o size=64k ckptbend-test "$d" && { cat /dev/zero > "$d/fill" 2>/dev/null; '
+            'export CKPTBEND_CACHE_DIR="$d" CKPTBEND_HASH_CACHE=1; }', cache,
+        ["bake", recipe, src, "-o", sb.out / "o.safetensors", "-q"], after_script='ls -A "$d";')
+    assert r.stdout == "fill\n", f"left in the cache folder: {r.stdout!r}"
+    return [r]
+
+
+def _input_edited_mtime_restored(sb: Sandbox):
+    src, recipe = _big_input(sb, copy=True), sb.recipe()
+    sb.start(src)
+    st_ = src.stat()
+    pos = st_.st_size - 4096      # inside the last tensor: read at the very end
+    data = bytearray(src.read_bytes())
+    data[pos] ^= 0xFF
+    sb.changed[sb.rel(src)] = hashlib.sha256(data).hexdigest()
+    del data
+
+    def edit(proc, tmp):
+        with open(src, "r+b") as f:
+            f.seek(pos)
+            byte = f.read(1)
+            f.seek(pos)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(src, ns=(st_.st_atime_ns, st_.st_mtime_ns))   # size and mtime as before
+    return [sb.bake_with_fault(["bake", recipe, src, "-o", sb.out / "o.safetensors"], edit)]
+
+
+def _arch(body: str, arch: str) -> str:
+    return f'schema = 1\nname = "r"\narchitecture = {arch}\n{body}'
+
+
+ROUND2_ROWS = [
+    # 1. --force replaces only what ckptbend may replace
+    Case("force/--force over a FIFO", _bake_file_to(_fifo), Fails("is a FIFO, not a regular file or folder")),
+    Case("force/--force over a symlink to /dev/null",
+         _bake_file_to(lambda sb: _symlink(sb.out / "o.safetensors", Path("/dev/null"))),
+         Fails("is a character device, not a regular file or folder")),
+    Case("force/diffusers bake --force over an unrelated folder", _bake_folder_to(_precious), Fails(NOT_REPLACEABLE)),
+    Case("force/emit --force over an unrelated folder", _emit_to(_precious), Fails(NOT_REPLACEABLE)),
+    Case("force/emit -o . --force in an unrelated folder",
+         _emit_to(lambda sb: _precious(sb, "out") and ".", cwd_out=True), Fails(NOT_REPLACEABLE)),
+    Case("force/synth --force over an unrelated folder", _synth_over_precious, Fails(NOT_REPLACEABLE)),
+    Case("force/-o RECIPE --force (an input of the same command)", _bake_file_to(lambda sb: sb.inp / "r.toml"),
+         Fails("output would overwrite the input r.toml")),
+    Case("force/-o DIR/ (trailing slash) with a file input", _bake_file_to(lambda sb: f"{sb.out / 'dir'}/", force=False),
+         Succeeds(("out/dir", "out/dir/m.r.safetensors")),
+         notes="a trailing slash names a folder: the output goes inside it, never a file named 'dir'"),
+    Case("force/-o DIR/ where DIR is a file", _bake_file_to(lambda sb: f"{sb.put('out/dir', b'x')}/"),
+         Fails("exists and is not a folder")),
+    # 2. no race between runs
+    Case("race/output created by someone else mid-write", _output_appears_mid_write,
+         Fails("appeared while this command was writing")),
+    Case("race/two bakes to one output at once", _two_bakes_at_once, Succeeds(("out/o.safetensors",)),
+         notes="exactly one wins; the other fails and replaces nothing"),
+    # 3. verify sees every file
+    Case("verify/extra pipeline.py only in a diffusers output", _verify_with_extra("pipeline.py"),
+         Fails("does not match the recorded bake", code=1)),
+    Case("verify/extra config only in a diffusers output", _verify_with_extra("unet/extra_config.json"),
+         Fails("does not match the recorded bake", code=1)),
+    # 4. provenance of a pickle source
+    Case("provenance/pickle source: recorded name and hash, verify --allow-pickle", _pickle_source_recorded,
+         Succeeds(("out/o.safetensors",))),
+    # 5. every target checked against the disk and each other first
+    Case("companion/two recipes whose companions share a folder name", _colliding_companions,
+         Fails("would write two things here")),
+    Case("companion/the second recipe's companion exists (no --force)", _second_companion_exists,
+         Fails("companion folder already exists")),
+    # 6. sharded weights
+    sharded_row("a shard deleted", lambda m: (m / "unet/diffusion_pytorch_model-00002-of-00002.safetensors").unlink(),
+                "which is missing from"),
+    sharded_row("index puts a tensor in the wrong shard", _edit_index(_move_first_tensor), "disagree"),
+    sharded_row("index leaves a tensor out", _edit_index(lambda wm: wm.pop(next(iter(wm)))), "disagree"),
+    sharded_row("index names a shard outside the folder",
+                _edit_index(lambda wm: wm.update(dict.fromkeys(wm, "../../secret.safetensors"))),
+                "outside its folder"),
+    sharded_row("index not JSON", lambda m: (m / SHARD_INDEX).write_text("{"), "not a readable JSON file"),
+    sharded_row("a symlink out of the model folder", _link_outside, "outside the model folder"),
+    Case("shards/intact sharded UNet (dry run)", _intact_shards, Succeeds()),
+    # tracebacks that are one line now
+    recipe_row("TOML nested 600 deep", "x = " + "[" * 600 + "]" * 600, "invalid TOML"),
+    recipe_row("a value nested 300 deep", _head("[unet.self]\nq = " + "[" * 300 + "]" * 300 + "\n"),
+               "must be a number, not an array"),
+    Case("semantics/zero-element attention tensor [0, 4] (bake, verify)", _zero_element_attention,
+         Succeeds(("out/o.safetensors",))),
+    Case("semantics/text encoder key without layers.N (inspect)", _inspect_content(st_file(
+        {"text_model.final_layer_norm.weight": entry(), "self_attn.q_proj.weight": entry(offsets=(8, 16))},
+        b"\0" * 16)), Succeeds()),
+    maps_row("records not a list", _maps_file(records="{}")),
+    maps_row("records not JSON", _maps_file(records="[")),
+    maps_row("a record not an object", _maps_file(records="[1]")),
+    maps_row("a record without token", _maps_file(records='[{"layer": 0, "step": 0}]')),
+    maps_row("step a string", _maps_file(records='[{"token": "sun", "layer": 0, "step": "1"}]')),
+    maps_row("layer a boolean", _maps_file(records='[{"token": "sun", "layer": true, "step": 1}]')),
+    maps_row("map without data_offsets", _maps_file(edit=lambda d: d["0.bent"].pop("data_offsets"))),
+    maps_row("zero-element map", _maps_file(edit=lambda d: d["0.bent"].update(shape=[0, 2], data_offsets=[16, 16]),
+                                            data=b"\0" * 16)),
+    maps_row("shape far larger than the data", _maps_file(edit=lambda d: d["0.bent"].update(shape=[2**40, 2**40]))),
+    maps_row("data_offsets beyond the file", _maps_file(edit=lambda d: d["0.bent"].update(data_offsets=[16, 4096]))),
+    maps_row("header length beyond the file", with_length(_maps_file(), lambda n, size: size)),
+    maps_row("a model checkpoint, not maps", st_file({"w": entry()}, b"\0" * 8)),
+    maps_row("NaN and inf values (rendered)", _maps_file(data=struct.pack("<8f", *[float("nan"), float("inf")] * 4)),
+             Succeeds(("out/png", "out/png/sun.png"))),
+    Case("maps/the image exists (no --force)", _maps_image_exists, Fails("already exists (use --force")),
+    Case("companion/matches() on foreign, damaged and missing files", _matches_on_foreign_files, Succeeds()),
+    # wrong results without an error
+    recipe_row("--grid key given twice", RECIPE, "is given twice",
+               extra=("--grid", "unet.self.q=1.1,1.2", "--grid", "unet.self.q=1.3")),
+    recipe_row("--grid on a selector", RECIPE, "selectors such as blocks cannot be swept",
+               extra=("--grid", "unet.self.blocks=1,2")),
+    Case("plan/overlapping entries: q x k warned per site", _qk_overlap_warning, Succeeds()),
+    recipe_row("architecture = sdxl on an SD 1.x file", _arch('[[unet.self]]\nblocks = ["IN04"]\nq = 1.1\n', '"sdxl"'),
+               "is written for sdxl, but m.safetensors is sd1"),
+    recipe_row("architecture unknown", _arch("", '"sdxl-turbo"'), 'architecture = "sdxl-turbo" is not valid'),
+    Case("plan/--dry-run says which architecture block labels are read for", _labels_read_for, Succeeds()),
+    Case("output/stale temporaries of other outputs swept", _stale_temporaries_of_other_outputs,
+         Succeeds(("out/o.safetensors",))),
+    # smaller
+    Case("output/a 255-byte output name", _bake_file_to(lambda sb: sb.out / LONG_NAME, force=False),
+         Succeeds((f"out/{LONG_NAME}",))),
+    Case("output/permission bits follow the input's", _mode_follows_input, Succeeds(("out/o.safetensors",))),
+    Case("fault/disk full during emit", _emit_disk_full, Fails("comp: cannot write the companion folder")),
+    Case("fault/hash cache on a full disk", _hash_cache_disk_full, Succeeds(("out/o.safetensors",))),
+    Case("fault/input edited mid-read, mtime restored", _input_edited_mtime_restored,
+         Fails("changed while being read")),
+]
+
+CASES = MALFORMED_ROWS + PICKLE_ROWS + PATH_ROWS + RECIPE_ROWS + FAULT_ROWS + ROUND2_ROWS
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -924,7 +1369,8 @@ def test_the_table_is_large_enough():
     assert len({c.id for c in CASES}) == len(CASES), "row ids must be unique"
     assert len(MALFORMED) >= 20
     groups = {c.id.split("/")[0] for c in CASES}
-    assert {"safetensors", "pickle", "paths", "recipe", "fault"} <= groups
+    assert {"safetensors", "pickle", "paths", "recipe", "fault", "force", "race", "verify", "provenance",
+            "companion", "shards", "maps", "plan", "output"} <= groups
 
 
 # --- property: the header reader on mutated headers ---------------------------------------------------------
@@ -1097,3 +1543,294 @@ def fuzz_file():
 def test_read_header_accepts_exact_tilings_and_rejects_everything_else_cleanly(blob, fuzz_file):
     fuzz_file.write_bytes(blob)
     check_read_header(fuzz_file)
+
+
+# --- the final rename: never over a target that appeared meanwhile ------------------------------------------
+@pytest.mark.parametrize("how", ["renameat2", "portable"])
+@pytest.mark.parametrize("is_dir", [False, True])
+def test_rename_noreplace_refuses_an_existing_target_and_moves_otherwise(tmp_path, how, is_dir):
+    from ckptbend import output
+    rename = output.rename_noreplace if how == "renameat2" else output.rename_noreplace_portable
+    if how == "renameat2" and output._renameat2 is None:
+        pytest.skip("this C library has no renameat2")
+
+    def make(p: Path, text: str) -> Path:
+        if is_dir:
+            p.mkdir()
+            (p / "f").write_text(text)
+        else:
+            p.write_text(text)
+        return p
+
+    def text(p: Path) -> str:
+        return (p / "f" if is_dir else p).read_text()
+
+    theirs, mine = make(tmp_path / "target", "theirs"), make(tmp_path / "mine", "mine")
+    with pytest.raises(FileExistsError):
+        rename(mine, theirs)
+    assert text(theirs) == "theirs" and text(mine) == "mine"
+    rename(mine, tmp_path / "free")
+    assert text(tmp_path / "free") == "mine" and not mine.exists()
+
+
+# --- property: the recipe reader on recipes mutated in their TOML structure -----------------------------------
+BASE_RECIPES = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "recipes").glob("*.toml"))]
+RECIPE_WORDS = ["schema", "name", "description", "architecture", "unet", "self", "cross", "temporal", "clip",
+                "sag", "slothful", "bending", "q", "k", "v", "out", "blocks", "depth", "encoders", "token", "mode",
+                "strength", "scale", "blur_sigma", "simple", "region", "renormalize", "apply_to_layers",
+                "apply_to_timesteps", "self_temporal", "kernel_size", "filter", "cutoff", "in_mode"]
+RECIPE_KEYS = st.sampled_from(RECIPE_WORDS) | TEXT
+TOML_SCALARS = (st.booleans() | st.integers(-2**70, 2**70) | st.floats() | TEXT | st.datetimes() | st.dates()
+                | st.sampled_from(["IN04", "M00", "OUT11", "input", "sdxl", "sd1", "clip_g", "all", "row", "2D_AVG",
+                                   "translate", "regional_mask", "lowpass", "sunset", "r", 1.1, 0.0, 10.5, -1]))
+TOML_VALUES = st.recursive(TOML_SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(RECIPE_KEYS, kids,
+                                                                                                    max_size=3),
+                           max_leaves=8)
+SLOT = st.integers(0, 63)
+RECIPE_EDITS = st.one_of(
+    st.tuples(st.just("set"), SLOT, RECIPE_KEYS, TOML_VALUES),     # a key (new or not) of some table
+    st.tuples(st.just("delete"), SLOT),
+    st.tuples(st.just("wrap"), SLOT),                              # value → [value]: a table becomes an array
+    st.tuples(st.just("unwrap"), SLOT),                            # [x, …] → x, {k: x, …} → x
+    st.tuples(st.just("deepen"), SLOT, st.integers(1, 250)),       # value → [[[…value…]]]: up to 750 deep
+    st.tuples(st.just("move"), SLOT, SLOT),                        # a key into another table
+    st.tuples(st.just("replace"), SLOT, TOML_VALUES),
+)
+TEXT_EDITS = st.one_of(
+    st.tuples(st.just("drop_line"), SLOT),
+    st.tuples(st.just("dup_line"), SLOT),
+    st.tuples(st.just("swap_lines"), SLOT, SLOT),
+    st.tuples(st.just("insert"), st.integers(0, 4096), st.sampled_from(
+        ["[", "]", "=", '"', "\n", "'''", "\\", "#", ",", "[[unet.self]]\n", "[unet]\n", "[unet.self]\n", "[sag]\n",
+         "q = 1.1\n", "x.y = 1\n", "unet.self.q = 2\n", "[[bending]]\n", "{", "}"])),
+    st.tuples(st.just("truncate"), st.integers(0, 4096)),
+)
+
+
+def _slots(doc) -> list[tuple]:
+    """(container, key) of every value in a parsed TOML document, depth first."""
+    found = []
+
+    def walk(container):
+        keys = range(len(container)) if isinstance(container, list) else list(container)
+        for k in keys:
+            found.append((container, k))
+            if isinstance(container[k], (dict, list)):
+                walk(container[k])
+    walk(doc)
+    return found
+
+
+def _apply_recipe_edit(doc: dict, edit) -> None:
+    slots = _slots(doc)
+    tables = [doc] + [c[k] for c, k in slots if isinstance(c[k], dict)]
+    kind = edit[0]
+    if kind == "set":
+        tables[edit[1] % len(tables)][edit[2]] = edit[3]
+        return
+    if not slots:
+        return
+    container, key = slots[edit[1] % len(slots)]
+    value = container[key]
+    if kind == "delete":
+        del container[key]
+    elif kind == "wrap":
+        container[key] = [value]
+    elif kind == "unwrap" and isinstance(value, (list, dict)) and value:
+        container[key] = value[0] if isinstance(value, list) else next(iter(value.values()))
+    elif kind == "deepen":
+        for _ in range(edit[2]):
+            value = [value]
+        container[key] = value
+    elif kind == "move" and isinstance(container, dict):
+        target = tables[edit[2] % len(tables)]
+        if target is not container and not any(t is target for t in _descendants(value)):
+            target[key] = container.pop(key)
+    elif kind == "replace":
+        container[key] = edit[2]
+
+
+def _descendants(value):
+    yield value
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _descendants(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _descendants(v)
+
+
+def toml_value(v) -> str:
+    """Any parsed TOML value as an inline TOML literal (nested tables inline)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if v != v else ("inf" if v == float("inf") else "-inf" if v == float("-inf") else repr(v))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        depth = 0         # [[[…x…]]] (a value nested hundreds deep) without recursing per level
+        while len(v) == 1 and isinstance(v[0], list):
+            v, depth = v[0], depth + 1
+        return "[" * depth + "[" + ", ".join(map(toml_value, v)) + "]" + "]" * depth
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return v.isoformat()
+
+
+def toml_text(doc: dict, headers: bool) -> str:
+    """A document as TOML: every table inline, or (headers) top-level tables as [table] / [[table]] sections."""
+    lines, sections = [], []
+    for k, v in doc.items():
+        if headers and isinstance(v, dict):
+            sections += [f"[{json.dumps(k)}]"] + [f"{json.dumps(kk)} = {toml_value(vv)}" for kk, vv in v.items()]
+        elif headers and isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            for e in v:
+                sections += [f"[[{json.dumps(k)}]]"] + [f"{json.dumps(kk)} = {toml_value(vv)}" for kk, vv in e.items()]
+        else:
+            lines.append(f"{json.dumps(k)} = {toml_value(v)}")
+    return "\n".join(lines + sections) + "\n"
+
+
+def _apply_text_edit(text: str, edit) -> str:
+    lines = text.split("\n")
+    kind = edit[0]
+    if kind == "drop_line":
+        del lines[edit[1] % len(lines)]
+    elif kind == "dup_line":
+        i = edit[1] % len(lines)
+        lines.insert(i, lines[i])
+    elif kind == "swap_lines":
+        i, j = edit[1] % len(lines), edit[2] % len(lines)
+        lines[i], lines[j] = lines[j], lines[i]
+    elif kind == "insert":
+        pos = edit[1] % (len(text) + 1)
+        return text[:pos] + edit[2] + text[pos:]
+    elif kind == "truncate":
+        return text[:edit[1] % (len(text) + 1)]
+    return "\n".join(lines)
+
+
+@st.composite
+def mutated_recipes(draw) -> str:
+    """A shipped recipe, as written or parsed and re-serialised (inline or with section headers), after
+    0-3 structural edits of its TOML tree and 0-2 edits of its text; about one in five untouched."""
+    import tomllib
+    text = draw(st.sampled_from(BASE_RECIPES))
+    if draw(st.integers(0, 4)) == 0:
+        return text
+    doc = tomllib.loads(text)
+    for edit in draw(st.lists(RECIPE_EDITS, max_size=3)):
+        _apply_recipe_edit(doc, edit)
+    text = toml_text(doc, headers=draw(st.booleans()))
+    for edit in draw(st.lists(TEXT_EDITS, max_size=2)):
+        text = _apply_text_edit(text, edit)
+    return text
+
+
+def check_parse_recipe(text: str) -> str:
+    """The property: parse_recipe rejects the text with one CkptbendError line naming the file
+    ("rejected"), or returns a Recipe whose canonical text reads back to the same recipe and the same
+    text ("accepted"). Anything else raises."""
+    from ckptbend.recipe import parse_recipe
+    try:
+        r = parse_recipe(text, "fuzz.toml", allow_out_of_range=True)
+    except CkptbendError as e:
+        assert e.message.startswith("fuzz.toml: ") and "\n" not in e.message and len(e.message) < 1000, e.message
+        return "rejected"
+    again = parse_recipe(r.canonical(), "canonical", allow_out_of_range=True)
+    assert again == r and again.canonical() == r.canonical() and again.sha256 == r.sha256
+    return "accepted"
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=mutated_recipes())
+def test_parse_recipe_accepts_canonical_recipes_and_rejects_everything_else_cleanly(text):
+    check_parse_recipe(text)
+
+
+# --- property: the maps reader and renderer on mutated maps files ---------------------------------------------
+MAP_EDITS = st.one_of(
+    st.tuples(st.just("records"), JSON),                               # the whole records value
+    st.tuples(st.just("record"), INDEX, JSON),                         # one record
+    st.tuples(st.just("field"), INDEX, st.sampled_from(["token", "layer", "step", "x"]), JSON),
+    st.tuples(st.just("drop_field"), INDEX, st.sampled_from(["token", "layer", "step"])),
+    st.tuples(st.just("format"), JSON),
+)
+
+
+def _maps_tensors(maps) -> tuple[list, bytes]:
+    """A maps file as runtime/maps.py writes it (its layout: tensors <i>.original / <i>.bent)."""
+    pairs, data, offset = [], b"", 0
+    for i, m in enumerate(maps):
+        for kind in ("original", "bent"):
+            raw = struct.pack(f"<{prod(m)}f", *[(i + j) % 7 / 7 for j in range(prod(m))])
+            pairs.append([f"{i}.{kind}", {"dtype": "F32", "shape": list(m), "data_offsets": [offset, offset + len(raw)]}])
+            data, offset = data + raw, offset + len(raw)
+    return pairs, data
+
+
+@st.composite
+def mutated_maps(draw) -> bytes:
+    """A valid maps file (1-3 records, [h, w] or [frames, h, w] maps), then 0-3 edits of its records,
+    0-3 edits of its tensor table and 0-2 byte edits; about one in five untouched."""
+    n = draw(st.integers(1, 3))
+    records = [{"token": draw(st.sampled_from(["sun", "a lake", "é", "x/y"])), "layer": draw(st.integers(0, 4)),
+                "step": draw(st.none() | st.integers(0, 9))} for _ in range(n)]
+    shapes = [tuple(draw(st.lists(st.integers(1, 4), min_size=2, max_size=3))) for _ in range(n)]
+    pairs, data = _maps_tensors(shapes)
+    meta = {"format": "ckptbend.maps/1"}
+    untouched = draw(st.integers(0, 4)) == 0
+    for edit in ([] if untouched else draw(st.lists(MAP_EDITS, max_size=3))):
+        kind = edit[0]
+        if kind == "records":
+            records = edit[1]
+        elif isinstance(records, list) and records and kind != "format":
+            i = edit[1] % len(records)
+            if kind == "record":
+                records[i] = edit[2]
+            elif isinstance(records[i], dict) and kind == "field":
+                records[i][edit[2]] = edit[3]
+            elif isinstance(records[i], dict) and kind == "drop_field":
+                records[i].pop(edit[2], None)
+        elif kind == "format":
+            meta["format"] = edit[1]
+    meta["records"] = json.dumps(records)
+    pairs.insert(0, ["__metadata__", meta])
+    for edit in ([] if untouched else draw(st.lists(JSON_EDITS, max_size=3))):
+        _apply_json_edit(pairs, edit)
+    body = ("{" + ",".join(json.dumps(k) + ":" + json.dumps(v) for k, v in pairs) + "}").encode("utf-8", "surrogatepass")
+    blob = bytearray(struct.pack("<Q", len(body)) + body + data)
+    for edit in ([] if untouched else draw(st.lists(BYTE_EDITS, max_size=2))):
+        blob = _apply_byte_edit(blob, edit)
+    return bytes(blob)
+
+
+def check_render_maps(path: Path, out_dir: Path) -> str:
+    """The property: `ckptbend maps`' library call either rejects the file with one CkptbendError line
+    naming it ("rejected"), or renders one PNG per token ("accepted"). Anything else raises."""
+    from ckptbend.maps_render import render_file
+    try:
+        written = render_file(path, out_dir, force=True)
+    except CkptbendError as e:
+        assert e.message.startswith(str(path)) and "\n" not in e.message, e.message
+        return "rejected"
+    assert written and all(p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    return "accepted"
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir():
+    with tempfile.TemporaryDirectory(prefix="ckptbend-fuzz-", dir=scratch_dir()) as tmp:
+        yield Path(tmp)
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(blob=mutated_maps())
+def test_maps_render_or_reject_cleanly(blob, fuzz_dir):
+    (fuzz_dir / "maps.safetensors").write_bytes(blob)
+    check_render_maps(fuzz_dir / "maps.safetensors", fuzz_dir / "png")

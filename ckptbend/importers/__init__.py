@@ -87,18 +87,13 @@ def _checkpoint_draft(path: Path, name: str | None) -> Draft:
 
 
 def write_output(text: str, output: Path, source: Path, force: bool) -> None:
-    """Write the recipe atomically; an existing file needs `force`, the source is never replaced."""
-    from ckptbend.output import atomic_output
+    """Write the recipe atomically, by output.py's one rule for where a command may write (an existing
+    file needs `force`; the source is never replaced)."""
+    from ckptbend.output import Target, atomic_output, check_targets
 
-    if output.exists() and not output.is_file():
-        raise CkptbendError(f"{output}: exists and is not a file")
-    if output.exists() and os.path.samefile(output, source):
-        raise CkptbendError(f"{output}: output would overwrite the source; choose another path")
-    if output.exists() and not force:
-        raise CkptbendError(f"{output}: already exists (use --force to replace it)")
-    if not output.parent.is_dir():
-        raise CkptbendError(f"{output.parent}: no such folder")
-    with atomic_output(output, is_dir=False) as tmp:
+    target = Target(output, is_dir=False, what="recipe")
+    check_targets([target], [source], force)
+    with atomic_output(target, force) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -22,10 +22,11 @@ its entry in `FAMILIES`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import CkptbendError
-from ..safetensors_io import read_header
+from ..safetensors_io import Header, read_header
 from . import flux, ltx_video, qwen_image, sd3, sd_unet, text_encoders, wan
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 
@@ -80,9 +81,11 @@ def _diffusers_files(path: Path) -> list[CheckpointFile]:
         weights = sorted((path / sub).glob("*.safetensors"))
         if not weights and any((path / sub).glob("*.bin")):
             raise CkptbendError(f"{path / sub}: only pickle .bin weights; convert them to safetensors first")
-        for w in weights:
-            h = read_header(w)
-            files.append(CheckpointFile(f"{sub}/{w.name}", h, {n: component for n in h.names}))
+        headers = {w.name: read_header(w) for w in weights}
+        for index in sorted((path / sub).glob("*.safetensors.index.json")):
+            _check_index(index, headers)
+        for name, h in headers.items():
+            files.append(CheckpointFile(f"{sub}/{name}", h, {n: component for n in h.names}))
     if not files:
         raise CkptbendError(f"{path}: a folder, but no unet/, transformer/ or text_encoder*/ "
                             "with .safetensors weights (expected a diffusers model folder)")
@@ -94,6 +97,35 @@ def _diffusers_architecture(path: Path, present: set[str]) -> str:
                    if (c := _config(path / sub / "config.json")).get("_class_name")), {})
     model_class = str(config.get("_class_name", ""))
     return next(a for f in FAMILIES if (a := f.folder_architecture(model_class, present, config)))
+
+
+def _check_index(index: Path, headers: dict[str, Header]) -> None:
+    """A sharded model's index must describe its shards exactly: every shard it names is a file of
+    this folder, and each tensor is in the shard it names (and nowhere else)."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CkptbendError(f"{index}: no weight_map of tensor names to shard files")
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise CkptbendError(f"{index}: names the shard {shard!r} outside its folder; refusing")
+        if shard not in headers:
+            raise CkptbendError(f"{index}: names the shard {shard!r}, which is missing from {index.parent}")
+    stem = index.name.removesuffix(".index.json").removesuffix(".safetensors")
+    listed = {(name, shard) for name, shard in weight_map.items()}
+    present = {(n, shard) for shard, h in headers.items() if shard in set(weight_map.values()) or
+               shard.startswith(stem + "-") for n in h.names}
+    if listed != present:
+        name, shard = min(listed ^ present)
+        where = "lists" if (name, shard) in listed else "does not list"
+        raise CkptbendError(f"{index}: {where} tensor {name!r} in {shard}; the index and its shards disagree")
+
+
+def _refuse_links_outside(folder: Path) -> None:
+    """A model folder's symlinks must stay inside it: a bake copies what they point to."""
+    root = folder.resolve()
+    for p in folder.rglob("*"):
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            raise CkptbendError(f"{p}: a symlink to {os.readlink(p)}, outside the model folder; refusing")
 
 
 def _sites(files) -> tuple[Site, ...]:
@@ -112,6 +144,7 @@ def detect(path) -> Checkpoint:
     """Open a checkpoint (a .safetensors file or a diffusers folder) and find its attention sites."""
     path = Path(path)
     if path.is_dir():
+        _refuse_links_outside(path)
         files = _diffusers_files(path)
         present = {c for f in files for c in f.components.values()}
         kind, arch = "diffusers-folder", _diffusers_architecture(path, present)

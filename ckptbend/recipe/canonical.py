@@ -50,9 +50,11 @@ def _table_text(header: str, params: dict[str, Param], values: Mapping[str, Any]
 
 def recipe_text(recipe) -> str:
     """Deterministic TOML text that `parse_recipe` reads back to an equal Recipe."""
+    architecture = recipe.architecture[0] if len(recipe.architecture) == 1 else recipe.architecture
     parts = ["\n".join(f"{key} = {_toml(value)}"
                        for key, value in (("schema", recipe.schema), ("name", recipe.name),
-                                          ("description", recipe.description)) if value != "")]
+                                          ("description", recipe.description), ("architecture", architecture))
+                       if value not in ("", ()))]
     for section in MULTIPLIER_SECTIONS:
         entries = [e for e in recipe.multipliers.get(section, ()) if e.factors or e.has_selector]
         # [[section]] when there are several entries or one selects blocks/depth; a lone [clip] keeps

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from ..errors import CkptbendError
 from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from .canonical import _toml
-from .schema import (BEND_COMMON, BEND_MODE_PARAMS, BEND_PARAMS, BLOCK_GROUPS, BLOCK_LABEL, DIT_BLOCK_GROUPS,
+from .schema import (ARCHITECTURE, BEND_COMMON, BEND_MODE_PARAMS, BEND_PARAMS, BLOCK_GROUPS, BLOCK_LABEL, DIT_BLOCK_GROUPS,
                      DIT_BLOCK_LABEL, MULTIPLIER_SECTIONS,
                      MULTIPLY_KEYS, NAME_SLUG, QK_WARN_PRODUCT, RENORMALIZE, SAG_PARAMS, SCHEMA_VERSION, SECTION_SELECTORS,
                      SECTIONS, SELECTORS, SIMPLE_EXPANDS, SIMPLE_FIXED, SLOTHFUL_PARAMS, SLOTHFUL_SIMPLE,
@@ -45,9 +45,10 @@ def _show(value) -> str:
     if isinstance(value, dict):
         return "{...}"
     try:
-        return _toml(value)
-    except TypeError:
-        return str(value)
+        text = _toml(value)
+    except (TypeError, RecursionError):
+        text = "[...]" if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _closest(word: str, candidates) -> str | None:
@@ -217,6 +218,13 @@ def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
     return tuple(e for e in p.choices if e in encoders)
 
 
+def _check_architectures(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+    def item(x):
+        _check_choice(r, where, p, x)
+    names = _check_list(r, where, p, [value] if isinstance(value, str) else value, item, "architecture names")
+    return tuple(a for a in p.choices if a in names)
+
+
 def _check_step_range(r: _Reader, where: str, p: Param, value) -> tuple[int, int]:
     ints = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
     if not ints or len(value) != 2 or not 0 <= value[0] <= value[1]:
@@ -253,6 +261,7 @@ _CHECKS: dict[str, Callable[[_Reader, str, Param, Any], Any]] = {
     "step_range": _check_step_range,
     "region": _check_region,
     "renormalize": _check_renormalize,
+    "architectures": _check_architectures,
 }
 
 
@@ -373,7 +382,7 @@ def _read_bending(r: _Reader, value) -> tuple[BendEntry, ...]:
     return tuple(_read_bend(r, where, raw) for where, raw in _entries(r, "bending", value))
 
 
-def _read_header(r: _Reader, data: dict) -> tuple[int, str, str]:
+def _read_header(r: _Reader, data: dict) -> tuple[int, str, str, tuple[str, ...]]:
     if "schema" not in data:
         r.fail("", f"missing 'schema = {SCHEMA_VERSION}' (the recipe format version) at the top")
     schema = data["schema"]
@@ -392,7 +401,7 @@ def _read_header(r: _Reader, data: dict) -> tuple[int, str, str]:
     description = data.get("description", "")
     if not isinstance(description, str):
         r.fail("", f"description must be a string, not {_type_name(description)} ({_show(description)})")
-    return schema, name, description
+    return schema, name, description, _read_value(r, "", ARCHITECTURE, data)
 
 
 NESTED = ("unet", "dit")   # [unet.self], [dit.joint]: TOML reads them as tables inside "unet" / "dit"
@@ -434,15 +443,24 @@ def parse_recipe(text: str, source: str = "<recipe>", *, allow_out_of_range: boo
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CkptbendError(f"{source}: invalid TOML: {' '.join(str(e).split())}") from None
+    except (RecursionError, MemoryError, ValueError):   # what the parser chokes on is a recipe error too
+        raise CkptbendError(f"{source}: invalid TOML: nested too deeply or too large to read") from None
+    try:
+        return _parse(data, source, allow_out_of_range)
+    except RecursionError:
+        raise CkptbendError(f"{source}: a value is nested too deeply") from None
+
+
+def _parse(data: dict, source: str, allow_out_of_range: bool) -> Recipe:
     r = _Reader(source, allow_out_of_range)
-    schema, name, description = _read_header(r, data)
+    schema, name, description, architecture = _read_header(r, data)
     found = _find_sections(r, data)
     multipliers = {}
     for section in MULTIPLIER_SECTIONS:
         if section in found and (entries := _read_multiply(r, section, found[section])):
             multipliers[section] = entries
     return Recipe(
-        schema=schema, name=name, description=description,
+        schema=schema, name=name, description=description, architecture=architecture,
         multipliers=FrozenDict(multipliers),
         sag=_read_sag(r, found["sag"]) if "sag" in found else None,
         slothful=_read_slothful(r, found["slothful"]) if "slothful" in found else None,

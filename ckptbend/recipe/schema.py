@@ -15,7 +15,18 @@ SCHEMA_VERSION = 1
 MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip", "dit.joint", "dit.self", "dit.cross", "text")
 DYNAMIC_SECTIONS = ("sag", "slothful", "bending")
 SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
-TOP_LEVEL_KEYS = ("schema", "name", "description")
+TOP_LEVEL_KEYS = ("schema", "name", "description", "architecture")
+
+# `architecture = "sdxl"` (or a list): the models a recipe's block labels are written for, and the
+# detected architectures (layouts/) each name covers. Optional: a recipe without it applies anywhere.
+ARCHITECTURES = {
+    "sd1": ("sd1",),
+    "sd2": ("sd2",),
+    "sdxl": ("sdxl-base", "sdxl-refiner"),
+    "sdxl-base": ("sdxl-base",),
+    "sdxl-refiner": ("sdxl-refiner",),
+    "svd": ("svd",),
+}
 
 BLOCK_GROUPS = ("input", "middle", "output")
 # Only the shape of a block label is checked: which labels exist depends on the checkpoint
@@ -52,6 +63,8 @@ class Param:
 def _table(*params: Param) -> dict[str, Param]:
     return {p.name: p for p in params}
 
+
+ARCHITECTURE = Param("architecture", "architectures", default=(), choices=tuple(ARCHITECTURES))
 
 # Multiplier sections: one factor per key (ComfyUI: default 1.0, range 0.0-10.0), plus selectors.
 MULTIPLY_KEYS = {

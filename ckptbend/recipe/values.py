@@ -129,6 +129,7 @@ class Recipe:
     schema: int
     name: str
     description: str = ""
+    architecture: tuple[str, ...] = ()      # the architectures its block labels are written for; () = any
     multipliers: Mapping[str, tuple[MultiplyEntry, ...]] = field(default_factory=FrozenDict)
     sag: SAGParams | None = None
     slothful: SlothfulParams | None = None
@@ -139,6 +140,7 @@ class Recipe:
         if not isinstance(self.multipliers, FrozenDict):
             object.__setattr__(self, "multipliers", FrozenDict(self.multipliers))
         object.__setattr__(self, "bending", tuple(self.bending))
+        object.__setattr__(self, "architecture", tuple(self.architecture))
         object.__setattr__(self, "warnings", tuple(self.warnings))
 
     @property

@@ -56,36 +56,67 @@ def save_maps(source, path) -> int:
     return len(records)
 
 
+class MapsFileError(ValueError):
+    """A file that is not a readable maps file; the message names the file and the problem."""
+
+
 def load_maps(path) -> list[dict]:
-    """The records saved by save_maps, tensors as float32 CPU tensors."""
+    """The records saved by save_maps, tensors as float32 CPU tensors. Anything else in the file
+    (a damaged or foreign file) raises MapsFileError naming the file and what is wrong."""
+    def bad(why):
+        raise MapsFileError(f"{path}: not a ckptbend maps file: {why}")
+
     with open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 8:
-        raise ValueError(f"{path}: not a maps file (too short)")
+        bad("shorter than its 8-byte header length")
     (size,) = struct.unpack("<Q", raw[:8])
+    if size > len(raw) - 8:
+        bad("header length larger than the file")
     try:
         header = json.loads(raw[8:8 + size])
-        meta = header.pop("__metadata__")
-        if meta.get("format") != FORMAT:
-            raise ValueError
-        index = json.loads(meta["records"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"{path}: not a ckptbend maps file") from None
+        meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            bad(f"no {FORMAT!r} format marker")
+        index = json.loads(meta["records"]) if isinstance(meta.get("records"), str) else None
+    except (ValueError, RecursionError):
+        bad("header or records are not valid JSON")
+    if not isinstance(index, list):
+        bad("its records are not a list")
     base = 8 + size
-    records = []
-    for i, item in enumerate(index):
-        record = dict(item)
-        for kind in ("original", "bent"):
-            e = header.get(f"{i}.{kind}")
-            if e is None or e.get("dtype") != "F32":
-                raise ValueError(f"{path}: record {i} has no float32 '{kind}' map")
-            start, stop = e["data_offsets"]
-            data = bytearray(raw[base + start:base + stop])
-            if len(data) != 4 * _count(e["shape"]):
-                raise ValueError(f"{path}: record {i} '{kind}' is truncated")
-            record[kind] = torch.frombuffer(data, dtype=torch.float32).reshape(e["shape"]) if data else torch.zeros(e["shape"])
-        records.append(record)
-    return records
+    return [_record(i, item, header, raw, base, bad) for i, item in enumerate(index)]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _record(i, item, header, raw, base, bad) -> dict:
+    if not isinstance(item, dict):
+        bad(f"record {i} is not an object")
+    token, layer, step = item.get("token"), item.get("layer"), item.get("step", None)
+    if not isinstance(token, str) or not token:
+        bad(f"record {i} has no token (a non-empty string)")
+    if not _is_int(layer) or layer < 0:
+        bad(f"record {i}'s layer must be an integer >= 0")
+    if step is not None and (not _is_int(step) or step < 0):
+        bad(f"record {i}'s step must be an integer >= 0 or null")
+    record = {"token": token, "layer": layer, "step": step}
+    for kind in ("original", "bent"):
+        e = header.get(f"{i}.{kind}")
+        if not isinstance(e, dict) or e.get("dtype") != "F32":
+            bad(f"record {i} has no float32 '{kind}' map")
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) in (2, 3) and all(_is_int(d) and d > 0 for d in shape)):
+            bad(f"record {i} '{kind}' must be a [h, w] or [frames, h, w] map with no empty side, not {shape!r}"[:200])
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= len(raw) - base):
+            bad(f"record {i} '{kind}' has data_offsets outside the file")
+        data = bytearray(raw[base + offsets[0]:base + offsets[1]])
+        if len(data) != 4 * _count(shape):
+            bad(f"record {i} '{kind}' holds {len(data)} bytes, its shape needs {4 * _count(shape)}")
+        record[kind] = torch.frombuffer(data, dtype=torch.float32).reshape(shape)
+    return record
 
 
 def _count(shape) -> int:
