@@ -287,7 +287,7 @@ def test_inspect_shows_model_labels_streams_qk_norm_encoders_and_quantisation(tm
     assert info["architecture"] == "sd35-medium" and info["qk_norm"] is True
     assert list(info["attention_blocks"]) == ["J00", "J01", "J02"]
     assert info["attention_blocks"]["J00"]["attn"] == ["joint", "self"]
-    assert info["attention_blocks"]["J02"] == {"depth": 1, "attn": ["joint"], "streams": ["image", "text"]}
+    assert info["attention_blocks"]["J02"] == {"depth": 1, "attn": ["joint"], "streams": ["image", "text"], "qk_norm": True}
     assert info["text_encoder_attention_layers"] == {"clip_g": 2, "clip_l": 2, "t5xxl": 2}
     assert info["quantisation"].startswith("scaled fp8")
     text = run("inspect", str(write_checkpoint(tmp_path / "m.safetensors", "sd3_medium"))).stdout
