@@ -30,7 +30,8 @@ def describe(ckpt: Checkpoint) -> dict:
             dtypes[t.dtype] += 1
             tensors[f.components.get(t.name, "other")] += 1
     model_sites = [s for s in ckpt.sites if s.component in ("unet", "dit")]
-    one_d = {(f.rel, t.name) for f in ckpt.files for t in f.header.tensors if len(t.shape) == 1}
+    norms = {(f.rel, t.name) for f in ckpt.files for t in f.header.tensors
+             if len(t.shape) == 1 and not t.name.endswith("bias")}   # a q site on a norm weight: qk-norm
     per_block = {}
     for label in blocks_with_attention(ckpt):
         here = [s for s in model_sites if s.block == label]
@@ -39,7 +40,7 @@ def describe(ckpt: Checkpoint) -> dict:
             "attn": sorted({s.attn + ("-temporal" if s.temporal else "") for s in here}),
             "streams": sorted({s.stream for s in here if s.stream}),
             # a DiT's q factor lands on a norm weight (1-D) exactly where the block normalises q and k
-            "qk_norm": any(s.proj == "q" and (s.file, s.key) in one_d for s in here if s.component == "dit"),
+            "qk_norm": any(s.proj == "q" and (s.file, s.key) in norms for s in here if s.component == "dit"),
         }
     encoders = {}
     for s in ckpt.sites:
@@ -62,6 +63,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "attention_blocks": per_block,
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
         "qk_norm": ckpt.qk_norm,
+        "attention_components": sorted({s.component for s in ckpt.sites}),
         "dit_qk_targets": _dit_qk_targets(ckpt),
         "quantisation": _quantisation(ckpt, dtypes),
         "metadata": metadata,
@@ -120,7 +122,7 @@ def format_text(info: dict) -> str:
                                            else "no: [dit.*] q/k factors scale the q/k projection rows"))
         if info["dit_qk_targets"]:
             lines.append("  [dit.*] q/k factors scale: " + ", ".join(info["dit_qk_targets"]))
-    elif info["qk_norm"]:
+    if info["qk_norm"] and "unet" in info["attention_components"]:
         lines.append("  note: the model uses qk-norm; q/k multipliers of the UNet nodes cancel there")
     if info["metadata"]:
         lines.append("  metadata:")

@@ -141,7 +141,7 @@ def test_inspect_shows_blocks_streams_and_the_text_encoder(tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["architecture"] == "qwen-image" and info["qk_norm"] is True
-    assert info["attention_blocks"] == {f"B0{i}": {"depth": 1, "attn": ["joint"], "streams": ["image", "text"]}
+    assert info["attention_blocks"] == {f"B0{i}": {"depth": 1, "attn": ["joint"], "streams": ["image", "text"], "qk_norm": True}
                                         for i in range(N_BLOCKS)}
     assert info["text_encoder_attention_layers"] == {"qwen25_7b": 2}
     assert info["quantisation"].startswith("scaled fp8")

@@ -615,7 +615,7 @@ def test_output_file_force_and_source_protection(tmp_path):
     assert_clean_error(run("recipe", "import", source, "-o", out), "already exists (use --force")
     assert run("recipe", "import", source, "-o", out, "--force", "--name", "again").returncode == 0
     assert load_recipe(out).name == "again"
-    assert_clean_error(run("recipe", "import", source, "-o", source, "--force"), "would overwrite the source")
+    assert_clean_error(run("recipe", "import", source, "-o", source, "--force"), "would overwrite the input")
     assert json.loads(source.read_text()) == API
     assert_clean_error(run("recipe", "import", source, "--name", "no spaces"), "must be a filename-safe slug")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml", "w.json"]

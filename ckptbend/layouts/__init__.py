@@ -140,6 +140,10 @@ def _sites(files) -> tuple[Site, ...]:
     return tuple(found)
 
 
+def _shape(files, site: Site) -> tuple[int, ...]:
+    return next(f.header.tensor(site.key).shape for f in files if f.rel == site.file)
+
+
 def detect(path) -> Checkpoint:
     """Open a checkpoint (a .safetensors file or a diffusers folder) and find its attention sites."""
     path = Path(path)
@@ -156,7 +160,10 @@ def detect(path) -> Checkpoint:
         kind, arch = found.kind, found.architecture
         files = [CheckpointFile(path.name, header, found.components)]
     sites = _sites(files)
-    qk_norm = any(f.has_qk_norm(files) for f in FAMILIES)
+    # A qk-norm in the UNet (or behind a DiT's UNet-node sites), or DiT q/k sites that are norm weights.
+    qk_norm = any(f.has_qk_norm(files) for f in FAMILIES) or any(
+        s.component == "dit" and s.proj in ("q", "k") and len(_shape(files, s)) == 1 and not s.key.endswith("bias")
+        for s in sites)
     return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm)
 
 

@@ -48,7 +48,7 @@ class Checkpoint:
     architecture: str
     files: tuple[CheckpointFile, ...]
     sites: tuple[Site, ...]
-    qk_norm: bool                # the UNet (or the DiT behind unet.* sites) normalises q and k after projection
+    qk_norm: bool                # the model normalises q and k after projection (UNet, or DiT qk-norm weights)
 
     @property
     def components(self) -> list[str]:
