@@ -173,15 +173,21 @@ def _block_order(label: str) -> tuple[int, int]:
     return group[prefix], int(label[len(prefix):] or -1)
 
 
-def _check_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+def _check_labels(r: _Reader, where: str, p: Param, value, label, groups, what: str, order) -> tuple[str, ...]:
+    """A list of block labels (matching `label`) or group names, sorted in model order by `order`."""
     def item(x):
         if not isinstance(x, str):
             r.fail(where, f"{p.name} must hold block labels (strings), not {_show(x)}")
-        if not (BLOCK_LABEL.fullmatch(x) or x in BLOCK_GROUPS):
-            guess = x.upper() if BLOCK_LABEL.fullmatch(x.upper()) else _closest(x, BLOCK_GROUPS)
-            r.fail(where, f"{p.name}: {_show(x)} is not a block label (IN00, M00, OUT03, ...) or group "
-                          f"(input, middle, output)" + (f" (did you mean '{guess}'?)" if guess else ""))
-    return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=_block_order))
+        if not (label.fullmatch(x) or x in groups):
+            guess = x.upper() if label.fullmatch(x.upper()) else _closest(x, groups)
+            r.fail(where, f"{p.name}: {_show(x)} is not a {what} or group ({', '.join(groups)})"
+                          + (f" (did you mean '{guess}'?)" if guess else ""))
+    return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=order))
+
+
+def _check_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
+    return _check_labels(r, where, p, value, BLOCK_LABEL, BLOCK_GROUPS, "block label (IN00, M00, OUT03, ...)",
+                         _block_order)
 
 
 def _dit_block_order(label: str) -> tuple[int, int]:
@@ -191,14 +197,8 @@ def _dit_block_order(label: str) -> tuple[int, int]:
 
 
 def _check_dit_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
-    def item(x):
-        if not isinstance(x, str):
-            r.fail(where, f"{p.name} must hold block labels (strings), not {_show(x)}")
-        if not (DIT_BLOCK_LABEL.fullmatch(x) or x in DIT_BLOCK_GROUPS):
-            guess = x.upper() if DIT_BLOCK_LABEL.fullmatch(x.upper()) else _closest(x, DIT_BLOCK_GROUPS)
-            r.fail(where, f"{p.name}: {_show(x)} is not a transformer block label (D00, S12, J05, B07, ...) or "
-                          f"group (double, single)" + (f" (did you mean '{guess}'?)" if guess else ""))
-    return tuple(sorted(_check_list(r, where, p, value, item, "block labels"), key=_dit_block_order))
+    return _check_labels(r, where, p, value, DIT_BLOCK_LABEL, DIT_BLOCK_GROUPS,
+                         "transformer block label (D00, S12, J05, B07, ...)", _dit_block_order)
 
 
 def _check_encoders(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
