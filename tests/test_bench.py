@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +38,12 @@ def test_wan_attention_bench_smoke_run():
                         "--height", "64", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "16 video tokens" in r.stdout and "extra memory of bending" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [["--path", "diffusers"], ["--path", "diffusers-explicit"], ["--compare"]])
+def test_wan_attention_bench_diffusers_paths(extra):
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench-wan-attention", "--frames", "1", "--width", "64",
+                        "--height", "64", "--runs", "1", "--device", "cpu", *extra], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("max |lean − explicit|" if extra == ["--compare"] else "bent attention call") in r.stdout

@@ -745,3 +745,69 @@ def test_wan_bending(wan):
 
 def test_wan_remove_restores(wan):
     check_remove_restores(wan, {"bending": [BEND]})
+
+
+# --- the lean path: SDPA + bent_output's correction equals the explicit probabilities -------------------------
+
+LEAN_ENTRIES = [
+    {**BEND, "renormalize": "row"},
+    {"token": "kiss", "mode": "scale", "scale_factor": 30.0, "renormalize": "column"},
+    {"token": "kiss, sunset", "mode": "flip", "flip_horizontal": True, "strength": 0.7, "renormalize": "none"},
+    {"token": "ALL", "mode": "blur", "sigma": 1.5, "strength": 0.5},
+]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n_entries", [1, 4])
+def test_bent_attention_equals_the_explicit_probability_path(masked, n_entries):
+    """dh.bent_attention (SDPA + exact correction, no [S, T] matrix) = bending.attention_with_bending
+    (explicit float32 softmax, bent, renormalised, times V) on the conditional rows, to float32 rounding;
+    the unconditional rows are SDPA's output bit for bit. With PixArt's padding mask as a bias."""
+    g = torch.Generator().manual_seed(11)
+    heads, n_q, n_text, d = 3, 2 * 4 * 6, 7, 8
+    q, k, v = (torch.randn(2, n, heads * d, generator=g) * 2 for n in (n_q, n_text, n_text))
+    bias = None
+    if masked:
+        bias = torch.tensor([0.0] * 5 + [-10000.0] * 2).expand(2 * heads, 1, n_text)
+    columns = {"sunset": [4], "kiss": [2, 3], "kiss, sunset": [2, 3, 4]}
+    entries = LEAN_ENTRIES[:n_entries]
+    bend = dict(entries=entries, token_indices=columns, grid_hw=(4, 6), step_index=2, layer_index=1, frames=2)
+    lean = dh.bent_attention(q, k, v, heads, bias, [1], **bend)
+    explicit = bending.attention_with_bending(q, k, v, heads, entries, columns, (4, 6), 2, 1, 2, bend_batch=[1],
+                                              bias=bias)
+    torch.testing.assert_close(lean[1], explicit[1], rtol=1e-5, atol=1e-5)    # outputs of size ~5
+    assert torch.equal(lean[0], dh._sdpa(q, k, v, heads, bias)[0])
+    assert not torch.allclose(lean[1], dh._sdpa(q, k, v, heads, bias)[1], atol=1e-3)      # it bends
+
+
+def test_wan_run_bends_as_the_explicit_path(wan):
+    """In a Wan pipeline run, every bent text cross-attention's output equals the old explicit-probability
+    route recomputed from the same inputs (dh.attention with attention_with_bending)."""
+    entries = [BEND, {"token": "kiss", "mode": "scale", "scale_factor": 30.0, "renormalize": "column"}]
+    calls = []
+
+    def record(module, args, kwargs, out):
+        calls.append((module, args[0] if args else kwargs["hidden_states"],
+                      kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None), out))
+
+    handles = [b.attn2.register_forward_hook(record, with_kwargs=True) for b in wan.transformer.blocks]
+    try:
+        with applied(wan, {"bending": entries}) as session:
+            latents(wan, MARKED)
+            steps = []
+            for module, h, text, out in calls:
+                layer = [b.attn2 for b in wan.transformer.blocks].index(module)
+                step = len(steps) // 4                 # per step: cond (2 blocks), then uncond (2 blocks)
+                steps.append(step)
+                if len(steps) % 4 in (1, 2):           # the conditional call
+                    def explicit(q, k, v, heads, bias, layer=layer, step=step):
+                        return bending.attention_with_bending(q, k, v, heads, entries, session.token_indices,
+                                                              (WAN_GRID), step, layer, WAN_FRAMES)
+                    with torch.no_grad():
+                        expected = dh.attention(module, h, text, text, None, explicit)
+                    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+                    assert not torch.allclose(out, dh.attention(module, h, text, text), atol=1e-4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 4 * STEPS

@@ -337,7 +337,8 @@ def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                 step_index: int | None = None, layer_index: int | None = None, frames: int | None = None,
                 text: slice = slice(None), queries: slice = slice(None), scale: float | None = None,
                 chunk_elements: int = CHUNK_ELEMENTS,
-                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """Bend the host's attention output `out` in place, computing only what bending changes; returns out.
 
     out, q: [b, heads, Lq, d]; k, v: [b, heads, Lk, d] (per head; a host's [b, L, heads·d] viewed so).
@@ -352,7 +353,8 @@ def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     which is what bend_probs followed by P'·v gives, without the [Lq, Lk] matrix. Extra memory: the
     columns (2·b·heads·Lq·n float32) and one chunk's logits and temporaries (about 2·chunk_elements
     floats plus the chunk's float32 queries and output rows). observe(P_J, P'_J) ([b·heads, S, n])
-    sees the columns (maps). Nothing active: out untouched.
+    sees the columns (maps), in increasing column order. bias: an additive mask on the logits, broadcastable
+    to [b, heads, Lq, Lk] (the query rows counted before `queries`). Nothing active: out untouched.
     """
     active = active_entries(entries, step_index, layer_index)
     if not active:
@@ -372,8 +374,12 @@ def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     step = max(1, chunk_elements // max(1, b * heads * k.shape[2]))
     chunks = [slice(i, i + step) for i in range(0, n_q, step)]
     p = torch.empty(b, heads, n_q, len(keys), dtype=torch.float32, device=q.device)
+    if bias is not None and bias.ndim == 4 and bias.shape[2] > 1:
+        bias = bias[:, :, queries]
     for c in chunks:
         logits = torch.matmul(qs[:, :, c].float(), kf.transpose(-1, -2)).mul_(scale)
+        if bias is not None:
+            logits += (bias[:, :, c] if bias.ndim == 4 and bias.shape[2] > 1 else bias).float()
         p[:, :, c] = torch.exp(logits[..., keys] - torch.logsumexp(logits, dim=-1, keepdim=True))
         del logits
     bent = p.clone()

@@ -44,10 +44,14 @@ Conventions:
 - Prompt lists: each prompt is searched; the words must sit at the same columns in all of them
   (else ValueError). Words are located with pipe.tokenizer (SDXL's two CLIP tokenizers agree);
   marks are also removed from prompt_2, but the columns come from prompt.
-- Explicit attention (Slothful's reduced case, Bending) follows diffusers' AttnProcessor2_0 (and
-  WanAttnProcessor) for a transformer block's attention: 3-D input, no spatial / group norm, no
-  image key/values (Wan I2V), softmax scale d^−½. Other attentions are left to their processor.
-  Slothful leaves calls with an attention mask alone.
+- Recomputed attention (Slothful's reduced case, Bending) follows diffusers' AttnProcessor2_0 (and
+  WanAttnProcessor) for a transformer block's attention: 3-D input, no spatial / group norm, softmax
+  scale d^−½; image key/values only for Wan I2V's text cross-attention (its image attention is left
+  as the processor computes it). Other attentions are left to their processor. Slothful leaves calls
+  with an attention mask alone.
+- Bending never forms the [S, T] probabilities: SDPA's output plus bending.bent_output's exact
+  float32 correction of the bent columns, per chunk of queries, on the conditional rows
+  (bent_attention); the maps come from those columns.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_si
 BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}   # ComfyUI's names
 EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
 SAG_SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
+WAN_TEXT_LENGTH = 512          # diffusers' WanAttnProcessor: I2V's text is the context's last 512 tokens
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -217,10 +222,13 @@ def _prediction(output):
 
 # --- explicit attention (diffusers' AttnProcessor2_0, with two seams) ---------------------------
 
-def _plain(attn, hidden_states) -> bool:
-    """A transformer block's attention: what attention() reproduces."""
+def _plain(attn, hidden_states, image_kv: bool = False) -> bool:
+    """A transformer block's attention: what attention() reproduces. image_kv: also Wan I2V's text
+    cross-attention with its added image key/values (WanAttention: add_k_proj, norm_added_k)."""
+    added = getattr(attn, "add_k_proj", None) is not None
     return (hidden_states.ndim == 3 and getattr(attn, "spatial_norm", None) is None
-            and getattr(attn, "group_norm", None) is None and getattr(attn, "add_k_proj", None) is None)
+            and getattr(attn, "group_norm", None) is None and not getattr(attn, "fused_projections", False)
+            and (not added or image_kv and hasattr(attn, "norm_added_k")))
 
 
 def _qk_norm(norm, x, heads):
@@ -244,10 +252,11 @@ def _sdpa(q, k, v, heads, bias=None):
     return out.transpose(1, 2).flatten(2)
 
 
-def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=_sdpa):
+def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=_sdpa, image=None):
     """AttnProcessor2_0 (WanAttnProcessor) for a transformer block's attention (_plain), with the
     key/value inputs given separately (Slothful passes reduced ones; the query keeps every token)
-    and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending)."""
+    and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending). image: Wan
+    I2V's CLIP-image tokens, attended through add_k_proj / add_v_proj and added to the text's result."""
     residual = hidden_states
     bias = None
     if attention_mask is not None:
@@ -256,16 +265,42 @@ def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=_sdpa
     k = _qk_norm(getattr(attn, "norm_k", None), attn.to_k(k_in), attn.heads)
     v = attn.to_v(v_in)
     out = attend(q, k, v, attn.heads, bias).to(q.dtype)
+    if image is not None:
+        k_img, v_img = attn.norm_added_k(attn.add_k_proj(image)), attn.add_v_proj(image)
+        out = out + _sdpa(q, k_img, v_img, attn.heads).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))            # linear, dropout
     if getattr(attn, "residual_connection", False):
         out = out + residual
     return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
-def _word_map(probs, heads, rows, columns, shape):
-    """A word's map: its columns of probs [b·heads, S, T] averaged over sub-tokens, heads and `rows`."""
-    per_item = probs.unflatten(0, (-1, heads))[rows]               # [rows, heads, S, T]
-    return per_item[..., columns].mean(dim=(0, 1, 3)).reshape(shape).float().cpu()
+def bent_attention(q, k, v, heads, bias, rows, apply=True, observe=None, **bend):
+    """SDPA (the processor's own attention) for every batch item, plus bending.bent_output's exact
+    float32 correction of the bent text columns on the consecutive batch rows `rows`: no [S, T]
+    probability matrix. q [b, S, heads·d], k, v [b, T, heads·d]; bias: prepare_attention_mask's
+    [b·heads, 1, T]; bend: bent_output's entries, token_indices, grid_hw, step_index, layer_index,
+    frames. apply=False (phase 1): observe sees the columns, the output stays unbent."""
+    out = _sdpa(q, k, v, heads, bias)
+    if not rows:
+        return out
+    r = slice(rows[0], rows[-1] + 1)
+    if list(range(q.shape[0])[r]) != list(rows):
+        raise ValueError(f"bent rows must be consecutive, got {rows}")
+    target = out if apply else out.clone()
+
+    def per_head(x):
+        return x[r].unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    if bias is not None:
+        bias = bias.view(q.shape[0], heads, -1, bias.shape[-1])[r]
+    bending.bent_output(per_head(target), per_head(q), per_head(k), per_head(v), bias=bias, observe=observe, **bend)
+    return out
+
+
+def _word_map(columns, heads, local, shape):
+    """A word's map: its columns (local positions in bent_output's columns [rows·heads, S, n]) averaged
+    over sub-tokens, heads and the bent rows."""
+    return columns[..., local].mean(dim=(0, 2)).reshape(shape).float().cpu()
 
 
 # --- the session -------------------------------------------------------------------------------------
@@ -485,39 +520,49 @@ class Session:
     def cross_attention(self, site, attn, hidden_states, encoder_hidden_states, attention_mask, original):
         call = self.call
         active = [e for e in self.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-        if not active or not call.cond_rows or encoder_hidden_states is None or not _plain(attn, hidden_states):
+        if (not active or not call.cond_rows or encoder_hidden_states is None
+                or not _plain(attn, hidden_states, image_kv=True) or self.phase == 1 and not self.record_maps):
             return original()
         if self.token_indices is None:
             raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
-        n_text = encoder_hidden_states.shape[1]
+        context, image = encoder_hidden_states, None
+        if getattr(attn, "add_k_proj", None) is not None:          # Wan I2V: [image; text]
+            split = context.shape[1] - WAN_TEXT_LENGTH
+            image, context = context[:, :split], context[:, split:]
+        n_text = context.shape[1]
         for e in active:
             if max(bending.columns_for(e.token, self.token_indices, n_text)) >= n_text:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
-        context = encoder_hidden_states
         if getattr(attn, "norm_cross", None):
             context = attn.norm_encoder_hidden_states(context)
         grid = bending.grid_for(hidden_states.shape[1], call.token_hw, call.frames)
-        observe = self._recorder(site, active, attn.heads, grid) if self.record_maps else None
+        observe = self._recorder(site, active, attn.heads, grid, n_text) if self.record_maps else None
 
         def attend(q, k, v, heads, bias):
-            return bending.attention_with_bending(
-                q, k, v, heads, active, self.token_indices, grid, call.step, site.layer, call.frames,
-                bend_batch=call.cond_rows, apply=self.phase == 2, observe=observe, bias=bias)
+            return bent_attention(q, k, v, heads, bias, call.cond_rows, apply=self.phase == 2, observe=observe,
+                                  entries=active, token_indices=self.token_indices, grid_hw=grid,
+                                  step_index=call.step, layer_index=site.layer, frames=call.frames)
 
-        out = attention(attn, hidden_states, context, context, attention_mask, attend)
+        out = attention(attn, hidden_states, context, context, attention_mask, attend, image)
         return out if self.phase == 2 else original()       # phase 1: the maps only
 
-    def _recorder(self, site, active, heads, grid):
+    def _recorder(self, site, active, heads, grid, n_text):
         call = self.call
         shape = grid if call.frames is None else (call.frames, *grid)
         words = list(dict.fromkeys(e.token for e in active))
+        keys = sorted({j for e in active for j in bending.columns_for(e.token, self.token_indices, n_text)})
 
-        def observe(probs, bent):
+        rows = any(e.renormalize == "row" for e in active)
+
+        def observe(columns, bent):                  # bent_output's columns, in `keys` order
+            if rows:                                 # as the output sees them: each row renormalised
+                total = 1 - columns.sum(-1, keepdim=True) + bent.sum(-1, keepdim=True)
+                bent = bent / torch.where(total > bending.EPS, total, torch.ones_like(total))
             for word in words:
-                columns = bending.columns_for(word, self.token_indices, probs.shape[-1])
+                local = [keys.index(j) for j in bending.columns_for(word, self.token_indices, n_text)]
                 self.maps.append({"token": word, "layer": site.layer, "step": call.step,
-                                  "original": _word_map(probs, heads, call.cond_rows, columns, shape),
-                                  "bent": _word_map(bent, heads, call.cond_rows, columns, shape)})
+                                  "original": _word_map(columns, heads, local, shape),
+                                  "bent": _word_map(bent, heads, local, shape)})
         return observe
 
 
