@@ -462,6 +462,22 @@ def tiny_wan(seed: int = 5):
     return wan_pipeline(seed).transformer
 
 
+WAN_I2V = dict(image_dim=20, added_kv_proj_dim=24)     # CLIP-image features → the blocks' width (2 × 12)
+CLIP_IMAGE_TOKENS = 257                                   # ComfyUI's clip_vision_output tokens for Wan I2V
+WAN_TEXT_TOKENS = 512                                     # UMT5 padding; diffusers' I2V split assumes it
+
+
+def tiny_wan_i2v(seed: int = 6):
+    """A tiny Wan 2.1 I2V transformer: tests/_pipelines.py's config plus image_dim / added_kv_proj_dim
+    (add_k_proj, add_v_proj, norm_added_k in each text cross-attention). Its context is [257 image; 512 text]."""
+    from diffusers import WanTransformer3DModel
+    from _pipelines import WAN_CONFIG
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**WAN_CONFIG, **WAN_I2V).eval()
+
+
 def _rotate(x, heads, rotary_emb):
     """RoPE as diffusers' Wan applies it: each head's interleaved pairs (x[2i], x[2i+1]) turned by the
     angle whose cosine / sine the rotary embedding holds at 2i / 2i+1; x [b, L, heads·d]."""
@@ -475,19 +491,31 @@ def _rotate(x, heads, rotary_emb):
 class WanHookedAttention:
     """diffusers' WanAttention run as ComfyUI's Wan attention runs it: q, k RMS-normed across heads (RoPE
     applied on self-attention), [b, L, heads·d], then comfy's optimized_attention(q, k, v, heads=…,
-    transformer_options=…) with the block's transformer_options, then the output projection. T2V only
-    (ComfyUI's I2V adds a call to the CLIP-image keys before the text)."""
+    transformer_options=…) with the block's transformer_options, then the output projection. I2V
+    (WanI2VCrossAttention): the context is [image; text]; first a call to the CLIP-image keys
+    (add_k_proj, norm_added_k, add_v_proj), then the text call, summed text + image."""
 
     def __init__(self, model: "FlowModel"):
         self.model = model
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        image = None
+        if encoder_hidden_states is not None and attn.add_k_proj is not None:
+            image, context = context[:, :-WAN_TEXT_TOKENS], context[:, -WAN_TEXT_TOKENS:]
         q, k, v = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(context)), attn.to_v(context)
         if encoder_hidden_states is None and rotary_emb is not None:
             q, k = _rotate(q, attn.heads, rotary_emb), _rotate(k, attn.heads, rotary_emb)
+        options = self.model.block_options
+        image_out = None
+        if image is not None:
+            k_img, v_img = attn.norm_added_k(attn.add_k_proj(image)), attn.add_v_proj(image)
+            self.model.log.append(("image", q.shape, k_img.shape))
+            image_out = BACKEND.optimized_attention(q, k_img, v_img, heads=attn.heads, transformer_options=options)
         self.model.log.append(("self" if encoder_hidden_states is None else "cross", q.shape, k.shape))
-        out = BACKEND.optimized_attention(q, k, v, heads=attn.heads, transformer_options=self.model.block_options)
+        out = BACKEND.optimized_attention(q, k, v, heads=attn.heads, transformer_options=options)
+        if image_out is not None:
+            out = out + image_out
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -497,10 +525,12 @@ class FlowModel:
     face: `blocks` (each with `cross_attn`), `patch_size`. Each block runs behind ComfyUI's DiT loop
     hook: a patches_replace["dit"][("double_block", i)] function gets {"img", "txt", "vec", "pe",
     "transformer_options"} and {"original_block": f} and returns {"img": …}; the attention calls of the
-    block see the transformer_options that reached f."""
+    block see the transformer_options that reached f. I2V: clip_fea [1, 257, image_dim], the CLIP-vision
+    output that ComfyUI's WanImageToVideo puts on both conditionings, goes with every item (the image
+    latent ComfyUI concatenates to x is left out: it does not touch attention)."""
 
-    def __init__(self, transformer, shift: float = 7.0):
-        self.transformer, self.shift = transformer, shift
+    def __init__(self, transformer, shift: float = 7.0, clip_fea=None):
+        self.transformer, self.shift, self.clip_fea = transformer, shift, clip_fea
         self.attn_precision = None
         self.max_chunks = 8
         self.log = []
@@ -510,6 +540,8 @@ class FlowModel:
         self.diffusion_model.blocks = transformer.blocks
         for i, block in enumerate(transformer.blocks):
             block.cross_attn = block.attn2
+            if block.attn2.add_k_proj is not None:
+                block.attn2.k_img = block.attn2.add_k_proj        # WanI2VCrossAttention's name
             block.attn1.set_processor(WanHookedAttention(self))
             block.attn2.set_processor(WanHookedAttention(self))
             block.forward = self._dit_block(block.forward, i)
@@ -539,7 +571,9 @@ class FlowModel:
     def _apply_model(self, x, sigma, c_crossattn, transformer_options):
         self.options = dict(transformer_options)
         try:
-            v = self.transformer(x, sigma * 1000, encoder_hidden_states=c_crossattn).sample
+            image = None if self.clip_fea is None else self.clip_fea.expand(x.shape[0], -1, -1)
+            v = self.transformer(x, sigma * 1000, encoder_hidden_states=c_crossattn,
+                                 encoder_hidden_states_image=image).sample
         finally:
             self.options = self.block_options = None
         return x - v * sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)

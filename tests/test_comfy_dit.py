@@ -150,6 +150,99 @@ def test_wan_bending_matches_the_diffusers_host(model, clip):
     assert_close(c_cond, x - v * sigma, rtol=1e-5, atol=1e-5)
 
 
+# --- Wan I2V: [257 CLIP-image; 512 text] context, the text call is the block's third ---------------------------
+
+def image_features(seed=4):
+    return torch.randn(1, cs.CLIP_IMAGE_TOKENS, cs.WAN_I2V["image_dim"], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def clip512():
+    return cs.T5CLIP(t5_like_tokenizer(), min_length=cs.WAN_TEXT_TOKENS)
+
+
+@pytest.fixture
+def i2v():
+    return cs.FlowModel(cs.tiny_wan_i2v(), clip_fea=image_features())
+
+
+class Recording(cs.Backend):
+    """The backend, keeping each call's (q, k, v) and what the model got back (after any override)."""
+
+    def __init__(self):
+        super().__init__(cs.attention_chunked)
+        self.calls = []
+
+    def optimized_attention(self, q, k, v, heads, *args, **kwargs):
+        out = super().optimized_attention(q, k, v, heads, *args, **kwargs)
+        self.calls.append((q, k, v, heads, out.clone()))
+        return out
+
+
+def test_stand_in_wan_i2v_runs_the_diffusers_model_as_comfyui_does(i2v, monkeypatch):
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    reference = cs.tiny_wan_i2v()
+    cond, _ = contexts(length=cs.WAN_TEXT_TOKENS)
+    x, sigma = latent(), torch.tensor([0.7])
+    expected = x - reference(x, sigma * 1000, encoder_hidden_states=cond,
+                             encoder_hidden_states_image=image_features()).sample * sigma
+    assert_close(i2v.apply_model(x, sigma, cond, {"wrappers": {}}), expected, rtol=1e-5, atol=1e-5)
+    tokens = FRAMES * (HEIGHT // 2) * (WIDTH // 2)
+    assert [(kind, tuple(q), tuple(k)) for kind, q, k in i2v.log] == [
+        ("self", (1, tokens, 24), (1, tokens, 24)), ("image", (1, tokens, 24), (1, 257, 24)),
+        ("cross", (1, tokens, 24), (1, 512, 24))] * 2
+    assert comfy_host.dit_layout(i2v.diffusion_model).text_call == 2
+
+
+def test_wan_i2v_bends_the_text_call_only(i2v, clip512, monkeypatch):
+    """Per block: self-attention and the CLIP-image call return the backend's output bit for bit; the
+    text call is changed in the positive chunk only."""
+    backend = Recording()
+    cs.install_comfy(monkeypatch, backend)
+    cond, uncond = contexts(length=cs.WAN_TEXT_TOKENS)
+    sigmas = i2v.schedule(3)
+    cs.calc_cond_batch(i2v, [cs.cond(cond), cs.cond(uncond)], latent(), sigmas[:1],
+                       patched(i2v, clip512, [ENTRY, GAIN]).sampling_options(sigmas))
+    kinds = [kind for kind, _, _ in i2v.log]
+    assert kinds == ["self", "image", "cross"] * 2 and len(backend.calls) == 6
+    for kind, (q, k, v, heads, out) in zip(kinds, backend.calls):
+        plain = cs.attention_chunked(q, k, v, heads)
+        if kind == "cross":
+            assert torch.equal(out[0], plain[0])                       # negative chunk (batched first)
+            assert (out[1] - plain[1]).abs().max() > 1e-4
+        else:
+            assert torch.equal(out, plain), kind
+
+
+def test_wan_i2v_bending_matches_the_diffusers_host(i2v, clip512):
+    """Wan I2V in both hosts: the bent text cross-attention (plus the untouched image part) agree."""
+    pipe = wan_pipeline()
+    pipe = type(pipe)(**{**pipe.components, "transformer": cs.tiny_wan_i2v()})
+    entries = [ENTRY, GAIN]
+    x, step = latent(), 1
+    text = PROMPT.replace("{", "").replace("}", "")
+    cond = pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=cs.WAN_TEXT_TOKENS)[0]
+    pipe.scheduler.set_timesteps(3)
+    t, sigma = pipe.scheduler.timesteps[step], pipe.scheduler.sigmas[step:step + 1]
+    dh.apply(pipe, {"bending": entries})
+    try:
+        pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=cs.WAN_TEXT_TOKENS)
+        with cross_attention_outputs(pipe.transformer) as d_out:
+            v = pipe.transformer(x, t.expand(1), encoder_hidden_states=cond,
+                                 encoder_hidden_states_image=image_features()).sample
+    finally:
+        dh.remove(pipe)
+    m = patched(i2v, clip512, entries)
+    with cross_attention_outputs(i2v.transformer) as c_out:
+        (c_cond,) = cs.calc_cond_batch(i2v, [cs.cond(cond)], x, sigma, m.sampling_options(pipe.scheduler.sigmas))
+    with cross_attention_outputs(i2v.transformer) as plain:
+        cs.calc_cond_batch(i2v, [cs.cond(cond)], x, sigma, cs.ModelPatcher(i2v).sampling_options())
+    for i in (0, 1):
+        assert_close(c_out[i][0], d_out[i][0], rtol=1e-5, atol=1e-6, msg=f"block {i}")
+        assert not torch.allclose(c_out[i][0], plain[i][0], atol=1e-5), i
+    assert_close(c_cond, x - v * sigma, rtol=1e-5, atol=1e-5)
+
+
 def test_older_comfyui_gets_one_clear_error(model, clip, monkeypatch):
     cs.install_comfy(monkeypatch, cs.Backend(override_mechanism=False))
     with pytest.raises(ValueError, match=r"needs ComfyUI 0\.3\.60 or newer"):
