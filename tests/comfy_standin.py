@@ -579,6 +579,20 @@ class FlowModel:
         return x - v * sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
 
 
+def sample_advanced(patcher: ModelPatcher, x, positive, negative, sigmas, cfg: float = 5.0) -> torch.Tensor:
+    """KSamplerAdvanced over its slice of a schedule (start_at_step / end_at_step, no noise added, leftover
+    noise returned): Euler from x along `sigmas`, which the model sees as sample_sigmas, as ComfyUI
+    passes the sliced schedule (comfy.samplers.KSampler.sample). Wan 2.2 A14B runs one per expert."""
+    model = patcher.model
+    model_options = patcher.sampling_options(sigmas)
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            s = sigmas[i] * x.new_ones(x.shape[0])
+            denoised = sampling_function(model, x, s, cond(negative), cond(positive), cfg, model_options)
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
 class T5CLIP:
     """ComfyUI's CLIP object for a T5-family encoder (Wan's UMT5: key "umt5xxl"), only tokenize(): no start
     token, the weighted segments' tokens, the end token, padding with 0 up to min_length; no chunks."""

@@ -46,7 +46,7 @@ def latent(seed=2):
 def patched(model, clip, entries, **values):
     (cls,) = comfy_host.node_class_mappings({"bending": entries}, "wan bend", "ab" * 32)[0].values()
     values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    (m,) = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)
+    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]   # bending: (model, model_2)
     return m
 
 
@@ -241,6 +241,56 @@ def test_wan_i2v_bending_matches_the_diffusers_host(i2v, clip512):
         assert_close(c_out[i][0], d_out[i][0], rtol=1e-5, atol=1e-6, msg=f"block {i}")
         assert not torch.allclose(c_out[i][0], plain[i][0], atol=1e-5), i
     assert_close(c_cond, x - v * sigma, rtol=1e-5, atol=1e-5)
+
+
+# --- Wan 2.2 A14B: two experts, one node ------------------------------------------------------------------
+
+def two_experts(high, low, clip, entries, **values):
+    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "wan bend", "ab" * 32)[0].values()
+    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
+    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(high), model_2=cs.ModelPatcher(low), **values)
+
+
+def run_experts(high_patcher, low_patcher, switch=2, steps=4):
+    """The two KSamplerAdvanced of a Wan 2.2 A14B workflow: high-noise steps [0, switch), low-noise the rest."""
+    cond, uncond = contexts()
+    sigmas = high_patcher.model.schedule(steps)
+    x = cs.sample_advanced(high_patcher, latent() * sigmas[0], cond, uncond, sigmas[:switch + 1])
+    return cs.sample_advanced(low_patcher, x, cond, uncond, sigmas[switch:])
+
+
+def test_node_takes_an_optional_second_model(model, clip):
+    (cls,) = comfy_host.node_class_mappings({"bending": [ENTRY]}, "wan bend", "ab" * 32)[0].values()
+    assert cls.RETURN_TYPES == ("MODEL", "MODEL") and cls.RETURN_NAMES == ("model", "model_2")
+    assert cls.INPUT_TYPES()["optional"] == {"model_2": ("MODEL", {"tooltip": comfy_host.SECOND_MODEL})}
+    patched_1, patched_2 = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip,
+                                                          bending_prompt=PROMPT)
+    assert patched_2 is None and "optimized_attention_override" in patched_1.model_options["transformer_options"]
+    (sag_node,) = comfy_host.node_class_mappings({"sag": {"scale": 0.5}}, "sag", "cd" * 32)[0].values()
+    assert sag_node.RETURN_TYPES == ("MODEL",) and "optional" not in sag_node.INPUT_TYPES()
+
+
+def test_wan22_two_experts_one_step_window(clip):
+    """apply_to_timesteps [1, 2] over a 4-step run split high [0, 1] / low [2, 3]: the node bends step 1
+    on the high-noise expert and step 2 (its first) on the low-noise one, although each sampler passes
+    only its slice of the schedule; the same as patching each expert alone with its own local window."""
+    high, low = cs.FlowModel(cs.tiny_wan(5)), cs.FlowModel(cs.tiny_wan(7))
+    window = [{**ENTRY, "apply_to_timesteps": [1, 2]}, {**GAIN, "apply_to_timesteps": [1, 2]}]
+    patched_high, patched_low = two_experts(high, low, clip, window)
+    got = run_experts(patched_high, patched_low)
+
+    def local(model, start, end):
+        return patched(model, clip, [{**e, "apply_to_timesteps": [start, end]} for e in window])
+
+    expected = run_experts(local(high, 1, 1), local(low, 0, 0))
+    naive = run_experts(local(high, 1, 2), local(low, 1, 2))        # each slice counted from 0
+    plain = run_experts(cs.ModelPatcher(high), cs.ModelPatcher(low))
+    assert torch.equal(got, expected)
+    assert (got - naive).abs().max() > 1e-4 and (got - plain).abs().max() > 1e-4
+    # a window inside the high-noise slice leaves the low-noise expert's steps alone
+    early_high, early_low = two_experts(high, low, clip, [{**e, "apply_to_timesteps": [0, 1]} for e in window])
+    assert torch.equal(run_experts(early_high, early_low),
+                       run_experts(local(high, 0, 1), cs.ModelPatcher(low)))
 
 
 def test_older_comfyui_gets_one_clear_error(model, clip, monkeypatch):

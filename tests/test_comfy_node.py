@@ -72,7 +72,7 @@ def patched(model, dynamic, clip=None, **values):
     (cls,) = comfy_host.node_class_mappings(dynamic, RECIPE_NAME, RECIPE_SHA)[0].values()
     if dynamic.get("bending"):
         values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    (m,) = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)
+    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]   # bending: (model, model_2)
     return m
 
 
@@ -140,7 +140,8 @@ def test_companion_copy_imports_without_diffusers_ckptbend_or_comfy(tmp_path):
     node = "ckptbend_Kiss_at_sunset_0123abcd"
     assert result["ids"] == [node]
     assert result["names"] == {node: "ckptbend: Kiss at sunset"}
-    assert (result["function"], result["returns"], result["category"]) == ("patch", ["MODEL"], "ckptbend")
+    assert (result["function"], result["returns"], result["category"]) == ("patch", ["MODEL", "MODEL"], "ckptbend")
+    assert result["inputs"]["optional"] == {"model_2": ["MODEL", {"tooltip": comfy_host.SECOND_MODEL}]}
     assert result["loaded"] == []
     required = result["inputs"]["required"]
     assert required["model"] == ["MODEL"]
@@ -187,8 +188,8 @@ def test_node_returns_a_clone_and_leaves_the_input_model_alone(model, clip):
     source = cs.ModelPatcher(model)
     source.set_model_attn2_output_patch(lambda out, extra: out)       # something already there
     before = copy.deepcopy(source.model_options)
-    (m,) = cls().patch(model=source, bending_clip=clip, bending_prompt=PROMPT)
-    (m2,) = cls().patch(model=source, bending_clip=clip, bending_prompt=PROMPT)
+    m, _ = cls().patch(model=source, bending_clip=clip, bending_prompt=PROMPT)
+    m2, _ = cls().patch(model=source, bending_clip=clip, bending_prompt=PROMPT)
     assert m is not source and m.model is source.model
     assert repr(source.model_options) == repr(before)
     to = m.model_options["transformer_options"]
@@ -658,7 +659,8 @@ def test_emitted_example_workflow_runs_the_node(model, clip):
     loader = {"MODEL": cs.ModelPatcher(model), "CLIP": clip}
     links = {0: loader["MODEL"], 1: loader["CLIP"]}
     values = {k: links[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
-    (m,) = getattr(cls(), cls.FUNCTION)(**values)
+    m, model_2 = getattr(cls(), cls.FUNCTION)(**values)           # model_2: not wired
+    assert model_2 is None
     cond, uncond = contexts()
     noise = latent()
     out = cs.sample(m, noise, cond, uncond, steps=2)

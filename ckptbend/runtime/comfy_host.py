@@ -24,6 +24,7 @@ and, for scripts and tests, patch_model(model, dynamic, **inputs) -> patched clo
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 
@@ -37,6 +38,9 @@ CATEGORY = "ckptbend"
 # conditional (cond_or_uncond == [0]); the flag keeps Bending (conditional only) and SAG's recorder
 # out of it.
 SAG_PASS = "ckptbend_sag_pass"
+SECOND_MODEL = ("Optional: a second model sampled after the first over the rest of the same schedule (Wan 2.2 "
+                "A14B: high-noise expert in model, low-noise expert in model_2); apply_to_timesteps counts the "
+                "steps of both as one schedule.")
 BEND_STRENGTH_RANGE = (-10.0, 10.0)   # bending.md gives none; 0 = off, 1 = the transform, beyond extrapolates
 
 
@@ -52,17 +56,27 @@ def node_class_mappings(dynamic: Mapping, recipe_name: str, recipe_sha256: str) 
     """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) with one node for the recipe."""
     input_specs(dynamic)                    # a malformed recipe fails here, at load time
 
+    two = bool(dynamic.get("bending"))      # bending: an optional second model (Wan 2.2 A14B's low-noise expert)
+
     class Node:
-        RETURN_TYPES = ("MODEL",)
+        RETURN_TYPES = ("MODEL", "MODEL") if two else ("MODEL",)
+        RETURN_NAMES = ("model", "model_2") if two else ("model",)
         FUNCTION = "patch"
         DESCRIPTION = (f"The sampling-time part of the ckptbend recipe {recipe_name!r} "
-                       f"(sha256 {recipe_sha256}). Returns a patched copy of the model.")
+                       f"(sha256 {recipe_sha256}). Returns a patched copy of the model"
+                       + (" (and of model_2, patched alike, when one is wired: Wan 2.2 A14B's two experts, "
+                          "their steps counted as one schedule)." if two else "."))
 
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",), **input_specs(dynamic)}}   # fresh: callers may edit it
+            types = {"required": {"model": ("MODEL",), **input_specs(dynamic)}}   # fresh: callers may edit it
+            if two:
+                types["optional"] = {"model_2": ("MODEL", {"tooltip": SECOND_MODEL})}
+            return types
 
-        def patch(self, model, **values):
+        def patch(self, model, model_2=None, **values):
+            if two:
+                return patch_models(model, model_2, dynamic, **values)
             return (patch_model(model, dynamic, **values),)
 
     Node.CATEGORY = CATEGORY
@@ -134,7 +148,42 @@ def patch_model(model, dynamic: Mapping, **values):
     SAG with scale 0 and Bending whose entries all have strength 0 register nothing, so sampling
     stays bit-identical to the unpatched model.
     """
+    return patch_models(model, None, dynamic, **values)[0]
+
+
+def patch_models(model, model_2, dynamic: Mapping, **values) -> tuple:
+    """(patched model, patched model_2 or None): both with the same values. For two models sampled one
+    after the other over slices of one schedule (Wan 2.2 A14B: KSamplerAdvanced per expert, each seeing
+    only its slice as sample_sigmas), bending's step index continues across them (_step_counter)."""
     values = {**{k: _default(s) for k, s in input_specs(dynamic).items()}, **values}
+    shared: dict = {}
+    return tuple(None if m is None else _patch_one(m, dynamic, values, _step_counter(shared, slot))
+                 for slot, m in enumerate((model, model_2)))
+
+
+def _step_counter(shared: dict, slot: int):
+    """steps(options) → this call's scheduler step index. The models of one node share `shared`: when
+    this model's schedule slice begins at the sigma where the other's last slice ended, its steps
+    follow the other's (offset = the other's offset + its step count). A closure, not an object:
+    ComfyUI deep-copies objects in model_options on clone."""
+    def steps(options):
+        schedule = options.get("sample_sigmas")
+        local = step_index(options["sigmas"][0], schedule)
+        if local is None:
+            return None
+        sigmas = [float(s) for s in torch.as_tensor(schedule).detach().flatten().cpu()]
+        offset = 0
+        for other, (their, their_offset) in shared.items():
+            if other != slot and len(their) > 1 and sigmas and math.isclose(their[-1], sigmas[0], rel_tol=1e-4):
+                offset = their_offset + len(their) - 1
+        shared[slot] = (sigmas, offset)
+        return offset + local
+
+    return steps
+
+
+def _patch_one(model, dynamic: Mapping, values: Mapping, steps):
+    """patch_model's clone of one model; steps: its _step_counter."""
     if (dynamic.get("sag") is not None or dynamic.get("slothful") is not None) \
             and not _is_unet(model.model.diffusion_model):
         raise ValueError("SAG and Slothful Attention need a UNet model (SD 1.x/2.x, SDXL); this model's "
@@ -157,7 +206,7 @@ def patch_model(model, dynamic: Mapping, **values):
             dit = None if _is_unet(m.model.diffusion_model) else dit_layout(m.model.diffusion_model)
             columns = token_columns(values["bending_clip"], values["bending_prompt"], [s.token for s in specs],
                                     None if dit is None else dit.text_key)
-            (_patch_bending if dit is None else _patch_bending_dit)(m, specs, columns, *([dit] if dit else []))
+            (_patch_bending if dit is None else _patch_bending_dit)(m, specs, columns, steps, *([dit] if dit else []))
     return m
 
 
@@ -333,18 +382,18 @@ def token_columns(clip, prompt: str, words, key: str | None = None) -> dict[str,
                          "node's bending_prompt, or change the entry's token") from None
 
 
-def _patch_bending(m, specs: list, columns: Mapping) -> None:
+def _patch_bending(m, specs: list, columns: Mapping, steps) -> None:
     """UNet: an attn2 replace at every cross-attention site an entry may act on."""
     sites = cross_attention_sites(m.model.diffusion_model)
     for layer, (name, number, index) in enumerate(sites):
         if any(s.apply_to_layers is None or layer in s.apply_to_layers for s in specs):
-            m.set_model_attn2_replace(_bend_site(specs, columns, layer), name, number, index)
+            m.set_model_attn2_replace(_bend_site(specs, columns, layer, steps), name, number, index)
 
 
-def _bend_site(specs: list, columns: Mapping, layer: int):
+def _bend_site(specs: list, columns: Mapping, layer: int, steps):
     def bend(q, k, v, extra):
         heads = extra["n_heads"]
-        step = step_index(extra["sigmas"][0], extra.get("sample_sigmas"))
+        step = steps(extra)
         active = bending.active_entries(specs, step, layer)
         out = host_attention(q, k, v, heads, extra)
         rows = _chunk_rows(extra["cond_or_uncond"], 0, q.shape[0])
@@ -418,7 +467,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
                      f"and SD3/SD3.5; this model's diffusion_model is a {name}")
 
 
-def _patch_bending_dit(m, specs: list, columns: Mapping, layout: DiTLayout) -> None:
+def _patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout) -> None:
     import importlib
 
     attention = importlib.import_module("comfy.ldm.modules.attention")
@@ -433,7 +482,7 @@ def _patch_bending_dit(m, specs: list, columns: Mapping, layout: DiTLayout) -> N
         m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout.patch))
     options["optimized_attention_override"] = _dit_override(specs, columns, layout,
-                                                            options.get("optimized_attention_override"))
+                                                            options.get("optimized_attention_override"), steps)
 
 
 def _tag_block(layer: int, previous):
@@ -459,7 +508,7 @@ def _record_call(patch):
     return wrapper
 
 
-def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous):
+def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, steps=None):
     def override(func, q, k, v, *args, **kwargs):
         out = previous(func, q, k, v, *args, **kwargs) if previous is not None else func(q, k, v, *args, **kwargs)
         options = kwargs.get("transformer_options") or {}
@@ -470,7 +519,7 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous):
         tag["calls"][0] += 1
         if index != layout.text_call or options.get(SAG_PASS):
             return out
-        step = step_index(options["sigmas"][0], options.get("sample_sigmas"))
+        step = (steps or _step_counter({}, 0))(options)
         active = bending.active_entries(specs, step, tag["layer"])
         rows = _chunk_rows(options["cond_or_uncond"], 0, q.shape[0])
         if not active or not rows:
