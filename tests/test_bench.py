@@ -47,3 +47,12 @@ def test_wan_attention_bench_diffusers_paths(extra):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert ("max |lean − explicit|" if extra == ["--compare"] else "bent attention call") in r.stdout
+
+
+@pytest.mark.parametrize("model", ["sdxl", "wan-1.3b"])
+def test_runtime_bench_gpu_models_run_tiny_on_cpu(model):
+    """The GPU timing models (SDXL, Wan 1.3B) at --size tiny: the script runs end to end on CPU."""
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench-runtime", "--model", model, "--size", "tiny", "--steps",
+                        "2", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "(tiny stand-in)" in r.stdout and "peak GiB" in r.stdout and "bending (translate 'sunset')" in r.stdout
