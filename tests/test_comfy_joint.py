@@ -1,0 +1,158 @@
+"""Attention Bending on joint-attention DiTs in ComfyUI (comfy_host's optimized_attention_override path),
+driven through the stand-in host's Flux.1 (a real tiny diffusers FluxTransformer2DModel run as ComfyUI
+runs Flux: shared/docs/comfyui-dit-hooks.md), and compared with the diffusers host on the same weights."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import comfy_standin as cs
+import comfy_standin_joint as cj
+from _pipelines import t5_like_tokenizer
+from ckptbend.runtime import bending, comfy_host
+
+PROMPT = "a romantic kiss at {sunset}"
+HEIGHT, WIDTH, TEXT = 8, 12, 16               # latent 8×12 → grid 4×6 of 2×2 patches; 16 T5 tokens
+ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
+         "apply_to_timesteps": None, "apply_to_layers": [1, 2], "renormalize": "row"}
+GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
+        "apply_to_layers": [3], "renormalize": "column"}
+
+pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    cs.write_tokenizer(folder)
+    return cj.FluxCLIP(cs.CLIP(folder), cs.T5CLIP(t5_like_tokenizer(), key="t5xxl", min_length=TEXT))
+
+
+@pytest.fixture
+def flux():
+    return cj.FluxModel(cj.tiny_flux())
+
+
+def contexts(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, TEXT, 32, generator=g) for _ in range(n)]
+
+
+def latent(seed=2):
+    return torch.randn(1, cj.LATENT_CHANNELS, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def patched(model, clip, entries, **values):
+    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "joint bend", "cd" * 32)[0].values()
+    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
+    (m,) = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)
+    return m
+
+
+def explicit(call, rows, entries, columns, n_text, grid, step):
+    """The node's result for one joint call, computed independently: ComfyUI's backend output, except the
+    image-query rows of the batch items `rows`, which come from the explicit fp32 softmax with the
+    image×text block bent by bending.bend_probs and each row renormalised over all keys."""
+    q, k, v = call["q"], call["k"], call["v"]
+    heads, d = q.shape[1], q.shape[-1]
+    out = cs.attention_chunked(q, k, v, heads, skip_reshape=True).clone()
+    probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * d ** -0.5, dim=-1)[rows]
+    block = probs[:, :, n_text:, :n_text].reshape(-1, probs.shape[2] - n_text, n_text)
+    row_norm = any(e["renormalize"] == "row" for e in entries)
+    unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
+    bent = bending.bend_probs(block, columns, grid, unrowed, step, call["layer"])
+    probs[:, :, n_text:, :n_text] = bent.view(len(rows), heads, -1, n_text)
+    if row_norm:
+        probs[:, :, n_text:] /= probs[:, :, n_text:].sum(-1, keepdim=True)
+    image = (probs[:, :, n_text:] @ v[rows].float()).transpose(1, 2).flatten(2)
+    for i, r in enumerate(rows):
+        out[r, n_text:] = image[i]
+    return out
+
+
+def check_calls(record, entries, columns, n_text, grid, step):
+    """Every recorded call: bit-identical to the selected backend where nothing acts (other blocks, text
+    queries, negative chunks), the explicit bent result at the image queries of the positive chunks.
+    Returns the largest change bending made."""
+    changed = 0.0
+    for call in record:
+        active = [e for e in entries if bending.entry_active(e, step, call["layer"])]
+        plain = cs.attention_chunked(call["q"], call["k"], call["v"], call["q"].shape[1], skip_reshape=True)
+        rows = comfy_host._chunk_rows(call["cond_or_uncond"], 0, call["q"].shape[0])
+        if not active or not rows:
+            assert torch.equal(call["out"], plain), call["layer"]
+            continue
+        expected = explicit(call, rows, active, columns, n_text, grid, step)
+        assert_close(call["out"], expected, rtol=1e-4, atol=1e-5, msg=f"layer {call['layer']}")
+        others = [r for r in range(call["q"].shape[0]) if r not in rows]
+        assert torch.equal(call["out"][others], plain[others])                   # negative chunks
+        assert torch.equal(call["out"][:, :n_text], plain[:, :n_text])           # text queries
+        changed = max(changed, float((call["out"] - plain).abs().max()))
+    return changed
+
+
+def test_stand_in_flux_runs_the_diffusers_model_as_comfyui_does(flux, monkeypatch):
+    """With PyTorch's SDPA as the backend the stand-in's Flux equals diffusers' own forward; every call
+    is joint ([B, heads, text + image, d], skip_reshape) as the doc observed."""
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    (cond,) = contexts(1)
+    x, sigma = latent(), torch.tensor([0.7])
+    expected = cj.diffusers_flux_prediction(cj.tiny_flux(), x, sigma, cond)
+    got = flux.apply_model(x, sigma, cond, {"wrappers": {}})
+    assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    tokens = TEXT + (HEIGHT // 2) * (WIDTH // 2)
+    assert flux.log == [(layer, (1, 2, tokens, 16), (1, 2, tokens, 16)) for layer in range(4)]
+
+
+def test_token_columns_come_from_the_t5_tokens(clip):
+    """Flux's joint attention sees the T5 tokens (no start token), not CLIP-L's."""
+    layout = comfy_host.dit_layout(cj.FluxModel(cj.tiny_flux()).diffusion_model)
+    assert comfy_host.token_columns(clip, "a (romantic:1.3) kiss at {sunset}", ["sunset", "kiss"],
+                                    layout.text_key) == {"sunset": [4], "kiss": [2]}
+    assert comfy_host.token_columns(clip, PROMPT, ["sunset"], "l") == {"sunset": [5, 6]}
+
+
+def test_node_hooks_flux_through_the_override(flux, clip):
+    m = patched(flux, clip, [ENTRY])
+    options = m.model_options["transformer_options"]
+    assert callable(options["optimized_attention_override"])
+    assert sorted(options["patches_replace"]["dit"]) == [("double_block", 0), ("double_block", 1),
+                                                          ("single_block", 0), ("single_block", 1)]
+    assert list(m.wrappers[cs.APPLY_MODEL]) == ["ckptbend_bending"]
+
+
+@pytest.mark.parametrize("batching", ["cfg", "one chunk", "positive chunks"])
+def test_flux_bends_image_queries_against_the_words_text_keys(flux, clip, batching):
+    """Layers 1, 2 (double block 1, single block 0) bend "sunset", layer 3 (single block 1) "kiss"; layer 0
+    and everything outside the image × text block of positive chunks is the backend's, bit for bit."""
+    cond, other, uncond = contexts(3)
+    conds = [cs.cond(cond), cs.cond(uncond)]
+    if batching == "one chunk":
+        flux.max_chunks = 1
+    elif batching == "positive chunks":
+        conds[0] = cs.cond(cond) + cs.cond(other)
+    sigmas, step = flux.schedule(3), 1
+    entries = [ENTRY, GAIN]
+    flux.record = []
+    cs.calc_cond_batch(flux, conds, latent(), sigmas[step:step + 1], patched(flux, clip, entries).sampling_options(sigmas))
+    layouts = {tuple(c["cond_or_uncond"]) for c in flux.record}
+    assert layouts == {"cfg": {(1, 0)}, "one chunk": {(0,), (1,)}, "positive chunks": {(1, 0, 0)}}[batching]
+    assert len(flux.record) == 4 * (2 if batching == "one chunk" else 1)
+    changed = check_calls(flux.record, entries, {"sunset": [4], "kiss": [2]}, TEXT, (HEIGHT // 2, WIDTH // 2), step)
+    assert changed > 1e-3
+
+
+def test_flux_unbent_steps_and_zero_strength_sample_bit_identically(flux, clip, monkeypatch):
+    """Outside the step window and at strength 0 the node leaves the user's backend alone: bit-identical
+    samples (the stand-in's default backend differs from PyTorch's SDPA, so a node computing its own
+    attention would show)."""
+    cond, uncond = contexts()
+    noise = latent()
+    plain = cs.sample(cs.ModelPatcher(flux), noise, cond, uncond, steps=3)
+    late = [{**ENTRY, "apply_to_timesteps": [5, 9]}, {**GAIN, "apply_to_timesteps": [3, 3]}]
+    assert torch.equal(cs.sample(patched(flux, clip, late), noise, cond, uncond, steps=3), plain)
+    zero = patched(flux, clip, [ENTRY], bend1_strength=0.0)
+    assert "optimized_attention_override" not in zero.model_options["transformer_options"]
+    assert not torch.equal(cs.sample(patched(flux, clip, [ENTRY, GAIN]), noise, cond, uncond, steps=3), plain)
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    assert not torch.equal(cs.sample(cs.ModelPatcher(flux), noise, cond, uncond, steps=3), plain)
