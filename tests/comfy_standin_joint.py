@@ -87,18 +87,16 @@ class FluxHookedAttention:
         options = self.model.block_options
         out = cs.BACKEND.optimized_attention(q, k, v, attn.heads, skip_reshape=True, mask=None,
                                              transformer_options=options)
-        self.model.log.append((self.layer, tuple(q.shape), tuple(k.shape)))
-        if self.model.record is not None:
-            self.model.record.append({"layer": self.layer, "q": q, "k": k, "v": v, "out": out,
-                                      "cond_or_uncond": options.get("cond_or_uncond")})
+        self.model._note(self.layer, "joint", q, k, v, out, options)
         if encoder_hidden_states is None:                                    # single block: no projection
             return out
         text, image = out[:, :n_text], out[:, n_text:]
         return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
 
 
-class FluxModel:
-    """ComfyUI's BaseModel for Flux around a diffusers FluxTransformer2DModel (module docstring)."""
+class JointFlowModel:
+    """What the Flux and SD3 stand-ins share: ComfyUI's flow-matching BaseModel (shifted schedule, CONST
+    prediction) and the DiT loop's block-replace hook."""
 
     def __init__(self, transformer, shift: float = 3.0):
         self.transformer, self.shift = transformer, shift
@@ -107,9 +105,41 @@ class FluxModel:
         self.log, self.record = [], None
         self.options = self.block_options = None
         self.diffusion_model = nn.Module()
+        self.diffusion_model.patch_size = 2
+
+    def _run_block(self, key, args, original):
+        replace = self.options.get("patches_replace", {}).get("dit", {}).get(key)
+        return original(args) if replace is None else replace(args, {"original_block": original})
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        t = torch.linspace(1, 0, steps + 1)[:-1]
+        return torch.cat([self.shift * t / (1 + (self.shift - 1) * t), torch.zeros(1)])
+
+    def apply_model(self, x, sigma, c_crossattn, transformer_options):
+        return cs.apply_model(self, x, sigma, c_crossattn, transformer_options)
+
+    def _apply_model(self, x, sigma, c_crossattn, transformer_options):
+        self.options = dict(transformer_options)
+        try:
+            v = self._velocity(x, sigma, c_crossattn)
+        finally:
+            self.options = self.block_options = None
+        return x - v * sigma.view(-1, 1, 1, 1).to(x.dtype)
+
+    def _note(self, layer, kind, q, k, v, out, options):
+        self.log.append((layer, kind, tuple(q.shape), tuple(k.shape)))
+        if self.record is not None:
+            self.record.append({"layer": layer, "kind": kind, "q": q, "k": k, "v": v, "out": out,
+                                "cond_or_uncond": options.get("cond_or_uncond")})
+
+
+class FluxModel(JointFlowModel):
+    """ComfyUI's BaseModel for Flux around a diffusers FluxTransformer2DModel (module docstring)."""
+
+    def __init__(self, transformer, shift: float = 3.0):
+        super().__init__(transformer, shift)
         self.diffusion_model.double_blocks = transformer.transformer_blocks
         self.diffusion_model.single_blocks = transformer.single_transformer_blocks
-        self.diffusion_model.patch_size = 2
         n = len(transformer.transformer_blocks)
         for i, block in enumerate(transformer.transformer_blocks):
             block.attn.set_processor(FluxHookedAttention(self, i))
@@ -117,10 +147,6 @@ class FluxModel:
         for i, block in enumerate(transformer.single_transformer_blocks):
             block.attn.set_processor(FluxHookedAttention(self, n + i))
             block.forward = self._single_block(block.forward, i)
-
-    def _run_block(self, key, args, original):
-        replace = self.options.get("patches_replace", {}).get("dit", {}).get(key)
-        return original(args) if replace is None else replace(args, {"original_block": original})
 
     def _double_block(self, inner, index):
         def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -154,23 +180,11 @@ class FluxModel:
 
         return forward
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        t = torch.linspace(1, 0, steps + 1)[:-1]
-        return torch.cat([self.shift * t / (1 + (self.shift - 1) * t), torch.zeros(1)])
-
-    def apply_model(self, x, sigma, c_crossattn, transformer_options):
-        return cs.apply_model(self, x, sigma, c_crossattn, transformer_options)
-
-    def _apply_model(self, x, sigma, c_crossattn, transformer_options):
+    def _velocity(self, x, sigma, context):
         b, _, h, w = x.shape
-        config = self.transformer.config
-        self.options = dict(transformer_options)
-        try:
-            v = self.transformer(pack(x), c_crossattn, x.new_zeros(b, config.pooled_projection_dim), sigma,
-                                 image_ids(h // 2, w // 2), x.new_zeros(c_crossattn.shape[1], 3)).sample
-        finally:
-            self.options = self.block_options = None
-        return x - unpack(v, h, w) * sigma.view(-1, 1, 1, 1).to(x.dtype)
+        v = self.transformer(pack(x), context, x.new_zeros(b, self.transformer.config.pooled_projection_dim), sigma,
+                             image_ids(h // 2, w // 2), x.new_zeros(context.shape[1], 3)).sample
+        return unpack(v, h, w)
 
 
 def diffusers_flux_prediction(transformer, x, sigma, context):
@@ -190,3 +204,101 @@ class FluxCLIP:
 
     def tokenize(self, text: str) -> dict:
         return {**self.clip.tokenize(text), **self.t5.tokenize(text)}
+
+
+# --- SD3.5 ---------------------------------------------------------------------------------------------
+
+SD3_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+                  joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                  pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def tiny_sd3(seed: int = 13):
+    """A tiny SD3.5-medium-like SD3Transformer2DModel (3 joint blocks, block 0 dual, RMS qk-norm; the last
+    block's context stream pre-only) with seeded random weights."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**SD3_CONFIG)
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.data.uniform_(1.5, 3.0)
+    return model.eval()
+
+
+class SD3HookedAttention:
+    """diffusers' SD3 attention run as ComfyUI's MMDiT block_mixing runs it: per-head qk norms, [B, L, heads·d],
+    the joint call over [context; image] (no RoPE, no mask), then comfy's optimized_attention(q, k, v,
+    heads=…, transformer_options=…); a dual block's attn2 (image self-attention) is a second call."""
+
+    def __init__(self, model: "SD3Model", layer: int):
+        self.model, self.layer = model, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        def proj(x, linear, norm):
+            y = linear(x).unflatten(-1, (attn.heads, -1))
+            return (y if norm is None else norm(y)).flatten(-2)
+
+        q, k, v = (proj(hidden_states, attn.to_q, attn.norm_q), proj(hidden_states, attn.to_k, attn.norm_k),
+                   attn.to_v(hidden_states))
+        n_ctx = 0
+        if encoder_hidden_states is not None:
+            c = encoder_hidden_states
+            n_ctx = c.shape[1]
+            q = torch.cat([proj(c, attn.add_q_proj, attn.norm_added_q), q], 1)
+            k = torch.cat([proj(c, attn.add_k_proj, attn.norm_added_k), k], 1)
+            v = torch.cat([attn.add_v_proj(c), v], 1)
+        options = self.model.block_options
+        out = cs.BACKEND.optimized_attention(q, k, v, heads=attn.heads, transformer_options=options)
+        self.model._note(self.layer, "joint" if n_ctx else "self", q, k, v, out, options)
+        image = attn.to_out[1](attn.to_out[0](out[:, n_ctx:]))
+        if encoder_hidden_states is None:
+            return image
+        context = out[:, :n_ctx]
+        return image, context if attn.context_pre_only else attn.to_add_out(context)
+
+
+class SD3Model(JointFlowModel):
+    """ComfyUI's BaseModel for SD3 (ModelSamplingDiscreteFlow: timestep 1000·σ) around a diffusers
+    SD3Transformer2DModel; `.diffusion_model` has MMDiT's face: `joint_blocks`, `patch_size`. Each block runs
+    behind patches_replace["dit"][("double_block", i)] with {"img", "txt", "vec", "transformer_options"}."""
+
+    def __init__(self, transformer, shift: float = 3.0):
+        super().__init__(transformer, shift)
+        self.diffusion_model.joint_blocks = transformer.transformer_blocks
+        for i, block in enumerate(transformer.transformer_blocks):
+            block.attn.set_processor(SD3HookedAttention(self, i))
+            if getattr(block, "attn2", None) is not None:
+                block.attn2.set_processor(SD3HookedAttention(self, i))
+            block.forward = self._joint_block(block.forward, i)
+
+    def _joint_block(self, inner, index):
+        def forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+            def original(args):
+                self.block_options = args["transformer_options"]
+                txt, img = inner(args["img"], args["txt"], args["vec"])
+                return {"img": img, "txt": txt}
+
+            args = {"img": hidden_states, "txt": encoder_hidden_states, "vec": temb,
+                    "transformer_options": self.options}
+            out = self._run_block(("double_block", index), args, original)
+            return out["txt"], out["img"]
+
+        return forward
+
+    def _velocity(self, x, sigma, context):
+        pooled = x.new_zeros(x.shape[0], self.transformer.config.pooled_projection_dim)
+        return self.transformer(x, context, pooled, sigma * 1000).sample
+
+
+class SD3CLIP:
+    """SD3's CLIP object, only tokenize(): CLIP-L and CLIP-G tokens ("l", "g": the same positions, 77 per
+    chunk) and T5 tokens ("t5xxl"), whose embeddings follow the CLIP ones in the model's context."""
+
+    def __init__(self, clip: cs.CLIP, t5: cs.T5CLIP):
+        self.clip, self.t5 = clip, t5
+
+    def tokenize(self, text: str) -> dict:
+        clip = self.clip.tokenize(text)["l"]
+        return {"l": clip, "g": clip, **self.t5.tokenize(text)}

@@ -2,6 +2,8 @@
 driven through the stand-in host's Flux.1 (a real tiny diffusers FluxTransformer2DModel run as ComfyUI
 runs Flux: shared/docs/comfyui-dit-hooks.md), and compared with the diffusers host on the same weights."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -9,7 +11,9 @@ from torch.testing import assert_close
 import comfy_standin as cs
 import comfy_standin_joint as cj
 from _pipelines import t5_like_tokenizer
+from _pipelines_joint import flux_pipeline
 from ckptbend.runtime import bending, comfy_host
+from ckptbend.runtime import diffusers_host as dh
 
 PROMPT = "a romantic kiss at {sunset}"
 HEIGHT, WIDTH, TEXT = 8, 12, 16               # latent 8×12 → grid 4×6 of 2×2 patches; 16 T5 tokens
@@ -101,7 +105,7 @@ def test_stand_in_flux_runs_the_diffusers_model_as_comfyui_does(flux, monkeypatc
     got = flux.apply_model(x, sigma, cond, {"wrappers": {}})
     assert_close(got, expected, rtol=1e-6, atol=1e-6)
     tokens = TEXT + (HEIGHT // 2) * (WIDTH // 2)
-    assert flux.log == [(layer, (1, 2, tokens, 16), (1, 2, tokens, 16)) for layer in range(4)]
+    assert flux.log == [(layer, "joint", (1, 2, tokens, 16), (1, 2, tokens, 16)) for layer in range(4)]
 
 
 def test_token_columns_come_from_the_t5_tokens(clip):
@@ -156,3 +160,91 @@ def test_flux_unbent_steps_and_zero_strength_sample_bit_identically(flux, clip, 
     assert not torch.equal(cs.sample(patched(flux, clip, [ENTRY, GAIN]), noise, cond, uncond, steps=3), plain)
     cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
     assert not torch.equal(cs.sample(cs.ModelPatcher(flux), noise, cond, uncond, steps=3), plain)
+
+
+# --- the diffusers host on the same weights ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def attention_outputs(transformer):
+    """{layer: [output per call]} of the joint attentions (Flux: double blocks, then single blocks)."""
+    modules = [b.attn for b in transformer.transformer_blocks] + [
+        b.attn for b in getattr(transformer, "single_transformer_blocks", ())]
+    records = {}
+    handles = [m.register_forward_hook(lambda m, args, out, i=i: records.setdefault(i, []).append(out))
+               for i, m in enumerate(modules)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def flux_call(pipe, x, timestep, context):
+    """FluxPipeline's transformer call (packed latent, position ids, timestep / 1000; no pooled vector, as
+    the stand-in's ComfyUI)."""
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    return pipe.transformer(hidden_states=cj.pack(x), encoder_hidden_states=context,
+                            pooled_projections=x.new_zeros(1, 32), timestep=timestep / 1000,
+                            img_ids=cj.image_ids(h, w), txt_ids=x.new_zeros(context.shape[1], 3)).sample
+
+
+def unmarked(prompt):
+    return prompt.replace("{", "").replace("}", "")
+
+
+def test_flux_bending_matches_the_diffusers_host(flux, clip, tmp_path):
+    """The same tiny Flux in both hosts: every joint attention's output of a conditional call at a scheduler
+    step agrees (diffusers: SDPA + correction; ComfyUI: the selected backend + correction), and so does the
+    prediction."""
+    pipe = flux_pipeline(tmp_path)
+    entries = [ENTRY, GAIN, {**ENTRY, "token": "kiss, sunset", "mode": "flip", "flip_horizontal": True,
+                             "apply_to_timesteps": [1, 1], "apply_to_layers": None, "renormalize": "none"}]
+    x, step = latent(), 1
+    cond = pipe.encode_prompt(unmarked(PROMPT), None, max_sequence_length=TEXT)[0]
+    pipe.scheduler.set_timesteps(3)
+    t, sigma = pipe.scheduler.timesteps[step:step + 1], pipe.scheduler.sigmas[step:step + 1]
+    dh.apply(pipe, {"bending": entries})
+    try:
+        pipe.encode_prompt(PROMPT, None, max_sequence_length=TEXT)                # locates the words
+        with attention_outputs(pipe.transformer) as d_out:
+            v = flux_call(pipe, x, t, cond)
+    finally:
+        dh.remove(pipe)
+    m = patched(flux, clip, entries)
+    with attention_outputs(flux.transformer) as c_out:
+        (c_cond,) = cs.calc_cond_batch(flux, [cs.cond(cond)], x, sigma, m.sampling_options(pipe.scheduler.sigmas))
+    with attention_outputs(flux.transformer) as plain:
+        cs.calc_cond_batch(flux, [cs.cond(cond)], x, sigma, cs.ModelPatcher(flux).sampling_options())
+    for layer in range(4):
+        assert_close(c_out[layer][0], d_out[layer][0], rtol=1e-5, atol=1e-5, msg=f"layer {layer}")
+    for layer in (1, 2, 3):                                   # bent: ENTRY at 1, 2; GAIN at 3; the flip at all
+        bent, unbent = (torch.cat(o[layer][0], 1) if layer < 2 else o[layer][0] for o in (c_out, plain))
+        assert not torch.allclose(bent, unbent, atol=1e-4), layer
+    assert_close(c_cond, x - cj.unpack(v, *x.shape[-2:]) * sigma, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_flux_bends_only_the_positive_call_and_identity_is_plain(tmp_path):
+    """FluxPipeline's true CFG runs the negative prompt as a call of its own: left to diffusers' processor;
+    an identity bend (scale 1, no renormalisation) reproduces the plain output; maps are recorded."""
+    pipe = flux_pipeline(tmp_path)
+    negative = pipe.encode_prompt("a red car", None, max_sequence_length=TEXT)[0]
+    cond = pipe.encode_prompt(unmarked(PROMPT), None, max_sequence_length=TEXT)[0]
+    pipe.scheduler.set_timesteps(3)
+    x, t = latent(), pipe.scheduler.timesteps[1:2]
+    plain_cond, plain_neg = flux_call(pipe, x, t, cond), flux_call(pipe, x, t, negative)
+    identity = {"token": "sunset", "mode": "scale", "scale_factor": 1.0, "renormalize": "none"}
+    for entries, changes in (([ENTRY, GAIN], True), ([identity], False)):
+        session = dh.apply(pipe, {"bending": entries}, record_maps=True)
+        try:
+            pipe.encode_prompt(PROMPT, None, max_sequence_length=TEXT)
+            bent_cond, bent_neg = flux_call(pipe, x, t, cond), flux_call(pipe, x, t, negative)
+        finally:
+            dh.remove(pipe)
+        assert torch.equal(bent_neg, plain_neg)
+        if changes:
+            assert (bent_cond - plain_cond).abs().max() > 1e-3
+            assert [(r["token"], r["layer"], r["step"]) for r in session.maps] == [
+                ("sunset", 1, 1), ("sunset", 2, 1), ("kiss", 3, 1)]
+            assert session.maps[0]["original"].shape == (HEIGHT // 2, WIDTH // 2)
+        else:
+            assert_close(bent_cond, plain_cond, rtol=1e-5, atol=1e-6)
