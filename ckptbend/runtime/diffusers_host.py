@@ -380,12 +380,24 @@ class Session:
     def _locate(self, arguments) -> dict[str, list[int]]:
         """word → its token columns, the same in every prompt of a list (else ValueError), in the text
         the model attends to: pipe.tokenizer's encoding of prompt; on Flux the T5 tokens (tokenizer_2, of
-        prompt_2 when given, as FluxPipeline encodes them)."""
+        prompt_2 when given, as FluxPipeline encodes them); on SD3 the CLIP-L tokens (tokenizer: CLIP-G's
+        share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
+        given), which follow the tokenizer_max_length CLIP tokens in the context."""
+        pipe = self.pipe
         if self.joint == "flux":
-            return self._columns(self.pipe.tokenizer_2, arguments.get("prompt_2") or arguments["prompt"])
-        return self._columns(self.pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
+            return self._columns(pipe.tokenizer_2, arguments.get("prompt_2") or arguments["prompt"])
+        found = self._columns(pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
+        if self.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+            t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
+            for word in found:
+                try:
+                    more = self._columns(pipe.tokenizer_3, t5_prompt, words=[word])[word]
+                except ValueError:
+                    continue                   # the word is not among the T5 tokens
+                found[word] = found[word] + [pipe.tokenizer_max_length + j for j in more]
+        return found
 
-    def _columns(self, tokenizer, prompt, clean_caption=False) -> dict[str, list[int]]:
+    def _columns(self, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:
         # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.
         prepare = getattr(self.pipe, "_text_preprocessing", None)
 
@@ -395,7 +407,7 @@ class Session:
             return tokenizer(text, add_special_tokens=special, truncation=True,
                              max_length=tokenizer.model_max_length)["input_ids"]
 
-        words = list(dict.fromkeys(e.token for e in self.entries))
+        words = words or list(dict.fromkeys(e.token for e in self.entries))
         found = [bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
                  for text in ([prompt] if isinstance(prompt, str) else prompt)]
         if any(f != found[0] for f in found):
