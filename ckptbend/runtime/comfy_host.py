@@ -359,7 +359,7 @@ def _token_ids(tokens: Mapping, key: str | None = None) -> list:
     return [t[0] if isinstance(t[0], int) else None for chunk in tokens[key] for t in chunk]
 
 
-def token_columns(clip, prompt: str, words, key: str | None = None) -> dict[str, list[int]]:
+def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> dict[str, list[int]]:
     """token → its text-token columns in the cross-attention context of `prompt` as `clip` encodes it.
 
     The prompt goes to the wired CLIP's own tokenize() exactly as the user encodes it, after removing
@@ -367,19 +367,39 @@ def token_columns(clip, prompt: str, words, key: str | None = None) -> dict[str,
     "\\(" escapes) and chunking itself, so a weighted word keeps its place and a target may carry a
     weight. A word's ids are clip.tokenize(word) less the ids an empty prompt has (start, end,
     padding); all of its sub-tokens are bent. Wildcards and comma groups: bending.token_columns.
+    key: a tuple names encoders whose tokens follow one another in the context (SD3: ("l", "t5xxl"),
+    77 CLIP tokens per chunk, then T5's): a word must be in the first; its columns in the others, shifted
+    by the tokens before them, are bent too where it is found there.
     """
     text, _marked = bending.parse_marked_prompt(prompt)
-    prompt_ids = _token_ids(clip.tokenize(text), key)
-    special = set(_token_ids(clip.tokenize(""), key))
+    tokens, empty = clip.tokenize(text), clip.tokenize("")
+    keys = key if isinstance(key, tuple) else (key,)
+    try:
+        found = _columns_of(clip, words, tokens, empty, keys[0])
+    except ValueError as e:
+        raise ValueError(f"{e} in the bending prompt {text!r}; put the prompt you encode into the "
+                         "node's bending_prompt, or change the entry's token") from None
+    offset = len(_token_ids(tokens, keys[0]))
+    for later in keys[1:]:
+        if later not in tokens:
+            break
+        for word in words:
+            try:
+                more = _columns_of(clip, [word], tokens, empty, later).get(word, [])
+            except ValueError:
+                continue                       # not among this encoder's tokens (or a wildcard)
+            found[word] = found.get(word, []) + [offset + j for j in more]
+        offset += len(_token_ids(tokens, later))
+    return found
+
+
+def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
+    special = set(_token_ids(empty, key))
 
     def word_ids(word):
         return [i for i in _token_ids(clip.tokenize(word), key) if i not in special]
 
-    try:
-        return bending.token_columns(words, prompt_ids, word_ids)
-    except ValueError as e:
-        raise ValueError(f"{e} in the bending prompt {text!r}; put the prompt you encode into the "
-                         "node's bending_prompt, or change the entry's token") from None
+    return bending.token_columns(words, _token_ids(tokens, key), word_ids)
 
 
 def _patch_bending(m, specs: list, columns: Mapping, steps) -> None:
@@ -443,7 +463,9 @@ class DiTLayout:
 def dit_layout(diffusion_model) -> DiTLayout:
     """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
     CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
-    blocks; the dual blocks' second call is image self-attention). Layers count the blocks in order."""
+    blocks; the dual blocks' second call is image self-attention). Layers count the blocks in order.
+    SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
+    bent (token_columns)."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -462,7 +484,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
         return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
     if hasattr(dm, "joint_blocks"):                                                 # SD3, SD3.5
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
-        return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "l")
+        return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma "
                      f"and SD3/SD3.5; this model's diffusion_model is a {name}")
 
@@ -539,11 +561,14 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             text, queries = slice(None), slice(None)
             if qh.shape[2] != n_image:
                 raise ValueError(f"Attention Bending: {qh.shape[2]} image tokens do not fit the grid {call['grid']}")
-        last = max(j for s in active for j in bending.columns_for(s.token, columns, len(range(kh.shape[2])[text])))
+        here = columns
+        if layout.kind == "sd3":         # the T5 columns are absent when SD3 samples without T5
+            here = {w: [j for j in js if j < n_text] for w, js in columns.items()}
+        last = max(j for s in active for j in bending.columns_for(s.token, here, len(range(kh.shape[2])[text])))
         if last >= len(range(kh.shape[2])[text]):
             raise ValueError(f"Attention Bending: token column {last} lies beyond the text tokens the model sees; "
                              "is bending_prompt the prompt you encode?")
-        _bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=columns, grid_hw=(h, w), step_index=step,
+        _bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=here, grid_hw=(h, w), step_index=step,
                    layer_index=tag["layer"], frames=frames if frames > 1 else None, text=text, queries=queries)
         return out
 

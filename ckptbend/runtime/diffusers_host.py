@@ -72,6 +72,9 @@ BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "outp
 EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
 SAG_SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
 WAN_TEXT_LENGTH = 512          # diffusers' WanAttnProcessor: I2V's text is the context's last 512 tokens
+# Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux) or [image;
+# text] (SD3) tokens at once.
+JOINT_MODELS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -169,6 +172,7 @@ class _Call:
     mid_hw: tuple[int, int] | None = None      # SAG: the UNet's middle-block grid
     sag_probs: torch.Tensor | None = None      # SAG: unconditional probabilities at SAG_SITE
     sag_heads: int | None = None
+    n_text: int | None = None                  # joint models: the text tokens (encoder_hidden_states)
 
 
 def _position(scheduler, t: float) -> int | None:
@@ -199,6 +203,17 @@ def _patch_size(model) -> tuple[int, int, int]:
     if not isinstance(size, (tuple, list)):
         return 1, size, size
     return (1, *size) if len(size) == 2 else tuple(size)
+
+
+def _packed_grid(kwargs) -> tuple[int, int] | None:
+    """(rows, cols) of a packed [b, L, c] image input (Flux) from its position ids (index, row, col): the
+    main image's, whose index is the first id's (Kontext reference images follow with another)."""
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        return None
+    ids = ids[0] if ids.ndim == 3 else ids
+    main = ids[ids[:, 0] == ids[0, 0]]
+    return int(main[:, 1].max()) + 1, int(main[:, 2].max()) + 1
 
 
 def _first_rows(value, batch: int, keep: int):
@@ -312,10 +327,16 @@ class _Site:
     cross: bool                 # attn2: text cross-attention
     block_kind: str | None      # UNet: "input" | "middle" | "output"
     layer: int | None           # cross-attention sites: position in the model's order
+    joint: bool = False         # a joint attention over text and image tokens (its layer counts blocks)
 
 
 def _sites(model) -> list[_Site]:
-    """Every attn1 / attn2 of the model's transformer blocks, in execution order (UNet: down, mid, up)."""
+    """Every attn1 / attn2 of the model's transformer blocks, in execution order (UNet: down, mid, up);
+    on a joint model (JOINT_MODELS) its blocks' joint attentions `attn` instead, in order (Flux: double
+    then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
+    if type(model).__name__ in JOINT_MODELS:
+        found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "attn" and hasattr(m, "processor")]
+        return [_Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(found)]
     found = [(n, m) for n, m in model.named_modules()
              if n.rsplit(".", 1)[-1] in ("attn1", "attn2") and hasattr(m, "processor")]
     found.sort(key=lambda nm: EXECUTION_ORDER.get(nm[0].split(".")[0], 0))      # stable
@@ -339,6 +360,7 @@ class Session:
         self.token_indices: dict[str, list[int]] | None = None   # the last encoded prompt's word columns
         self.prompt_embeds: torch.Tensor | None = None           # the last encoded prompt (conditional)
         self.call: _Call | None = None
+        self.joint = JOINT_MODELS.get(type(model).__name__)     # None: cross-attention models
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -381,8 +403,7 @@ class Session:
                 for name in ("prompt", "prompt_2"):
                     if bound.arguments.get(name) is not None:
                         bound.arguments[name] = _unmark(bound.arguments[name])
-                self.token_indices = self._locate(bound.arguments["prompt"],
-                                                  bound.arguments.get("clean_caption", False))
+                self.token_indices = self._locate(bound.arguments)
                 args, kwargs = bound.args, bound.kwargs
             result = inner(*args, **kwargs)
             self.prompt_embeds = result[0]            # prompt_embeds first, in every diffusers pipeline
@@ -391,9 +412,27 @@ class Session:
         pipe.encode_prompt = encode_prompt
         self._undo.append(lambda: setattr(pipe, "encode_prompt", before) if had else delattr(pipe, "encode_prompt"))
 
-    def _locate(self, prompt, clean_caption=False) -> dict[str, list[int]]:
-        """word → its token columns, the same in every prompt of a list (else ValueError)."""
-        tokenizer = self.pipe.tokenizer
+    def _locate(self, arguments) -> dict[str, list[int]]:
+        """word → its token columns, the same in every prompt of a list (else ValueError), in the text
+        the model attends to: pipe.tokenizer's encoding of prompt; on Flux the T5 tokens (tokenizer_2, of
+        prompt_2 when given, as FluxPipeline encodes them); on SD3 the CLIP-L tokens (tokenizer: CLIP-G's
+        share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
+        given), which follow the tokenizer_max_length CLIP tokens in the context."""
+        pipe = self.pipe
+        if self.joint == "flux":
+            return self._columns(pipe.tokenizer_2, arguments.get("prompt_2") or arguments["prompt"])
+        found = self._columns(pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
+        if self.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+            t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
+            for word in found:
+                try:
+                    more = self._columns(pipe.tokenizer_3, t5_prompt, words=[word])[word]
+                except ValueError:
+                    continue                   # the word is not among the T5 tokens
+                found[word] = found[word] + [pipe.tokenizer_max_length + j for j in more]
+        return found
+
+    def _columns(self, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:
         # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.
         prepare = getattr(self.pipe, "_text_preprocessing", None)
 
@@ -403,7 +442,7 @@ class Session:
             return tokenizer(text, add_special_tokens=special, truncation=True,
                              max_length=tokenizer.model_max_length)["input_ids"]
 
-        words = list(dict.fromkeys(e.token for e in self.entries))
+        words = words or list(dict.fromkeys(e.token for e in self.entries))
         found = [bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
                  for text in ([prompt] if isinstance(prompt, str) else prompt)]
         if any(f != found[0] for f in found):
@@ -423,13 +462,20 @@ class Session:
         cfg, cond_rows = self._layout(x.shape[0], text)
         scheduler = self.pipe.scheduler
         position = _position(scheduler, t)
+        if position is None and t <= 1:       # Flux-style models take the scheduler's timestep / 1000
+            position = _position(scheduler, t * 1000)
         frame_patch, row_patch, column_patch = _patch_size(self.model)
         height, width = x.shape[-2:]
+        token_hw = (height // row_patch, width // column_patch)
+        packed = _packed_grid(kwargs) if x.ndim == 3 else None
+        if packed is not None:
+            height, width = token_hw = packed
         self.call = _Call(
-            latent_hw=(height, width), token_hw=(height // row_patch, width // column_patch),
+            latent_hw=(height, width), token_hw=token_hw,
             frames=x.shape[2] // frame_patch if x.ndim == 5 else None, cfg=cfg, cond_rows=cond_rows,
             step=None if position is None else position // getattr(scheduler, "order", 1),
-            alpha_cumprod=_alpha_cumprod(scheduler, t, position) if self.sag or self.slothful else None)
+            alpha_cumprod=_alpha_cumprod(scheduler, t, position) if self.sag or self.slothful else None,
+            n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
@@ -439,7 +485,8 @@ class Session:
         n = None if prompt is None else prompt.shape[0]
         if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
             return True, list(range(batch // 2, batch))
-        if flag is True and batch == n and torch.is_tensor(text):     # CFG in two calls (WanPipeline)
+        # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
+        if (flag is True or flag is None and self.joint) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
         return False, list(range(batch))
@@ -546,6 +593,32 @@ class Session:
         out = attention(attn, hidden_states, context, context, attention_mask, attend, image)
         return out if self.phase == 2 else original()       # phase 1: the maps only
 
+    def joint_attention(self, site, attn, given, original):
+        """A joint attention where an entry acts: q, k, v as the model's processor forms them, PyTorch's
+        attention, and for the conditional items the bent text columns' correction of the image-query
+        rows (bending.bent_output: no [L, L] matrix; the text-query rows and the rest stay SDPA's)."""
+        call = self.call
+        active = [e for e in self.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
+        if not active or not call.cond_rows or given.get("attention_mask") is not None:
+            return original()
+        if self.token_indices is None:
+            raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+        hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
+        q, k, v, text = _joint_qkv(self.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text)
+        n_text = text.stop - text.start
+        for e in active:
+            if max(bending.columns_for(e.token, self.token_indices, n_text)) >= n_text:
+                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
+        first = 0 if self.joint == "sd3" else text.stop if context is not None else n_text
+        out = F.scaled_dot_product_attention(q, k, v)
+        observe = self._recorder(site, active, attn.heads, call.token_hw, n_text) if self.record_maps else None
+        _bend_rows(out if self.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
+                   token_indices=self.token_indices, grid_hw=call.token_hw, step_index=call.step,
+                   layer_index=site.layer, frames=call.frames, text=text, queries=slice(first, first + n_image),
+                   observe=observe)
+        return _joint_output(self.joint, attn, out.to(q.dtype), hidden.shape[1], context)
+
     def _recorder(self, site, active, heads, grid, n_text):
         call = self.call
         shape = grid if call.frames is None else (call.frames, *grid)
@@ -564,6 +637,70 @@ class Session:
                                   "original": _word_map(columns, heads, local, shape),
                                   "bent": _word_map(bent, heads, local, shape)})
         return observe
+
+
+def _heads(x, proj, norm, heads):
+    """proj(x) split into heads, [b, n, heads, d], then the per-head norm if any."""
+    x = proj(x).unflatten(-1, (heads, -1))
+    return x if norm is None else norm(x)
+
+
+def _rope(x, rotary):
+    """Flux's RoPE on [b, n, heads, d] (diffusers' apply_rotary_emb, real form): each interleaved pair
+    (x[2i], x[2i+1]) turned by the angle whose cosine / sine rotary's [n, d] tables hold, in float32."""
+    cos, sin = (t[None, :, None, :].to(x.device) for t in rotary)
+    pairs = x.unflatten(-1, (-1, 2))
+    turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+
+def _joint_qkv(family, attn, hidden, context, rotary, n_text):
+    """q, k, v [b, heads, L, d] of a joint attention as its diffusers processor forms them (Flux:
+    FluxAttnProcessor, [text; image] then RoPE; SD3: JointAttnProcessor2_0, [image; text], no RoPE), and
+    the text keys' slice of L. A Flux single block's hidden states are already [text; image] (n_text)."""
+    def stream(x, names):
+        return [_heads(x, getattr(attn, p), getattr(attn, n, None) if n else None, attn.heads) for p, n in names]
+
+    q, k, v = stream(hidden, (("to_q", "norm_q"), ("to_k", "norm_k"), ("to_v", None)))
+    text = slice(0, n_text)
+    if context is not None:
+        cq, ck, cv = stream(context, (("add_q_proj", "norm_added_q"), ("add_k_proj", "norm_added_k"),
+                                      ("add_v_proj", None)))
+        if family == "sd3":
+            q, k, v = (torch.cat(p, 1) for p in ((q, cq), (k, ck), (v, cv)))
+            text = slice(hidden.shape[1], hidden.shape[1] + context.shape[1])
+        else:
+            q, k, v = (torch.cat(p, 1) for p in ((cq, q), (ck, k), (cv, v)))
+            text = slice(0, context.shape[1])
+    if rotary is not None:
+        q, k = _rope(q, rotary), _rope(k, rotary)
+    return (*(t.transpose(1, 2) for t in (q, k, v)), text)
+
+
+def _joint_output(family, attn, out, n_hidden, context):
+    """The processor's return from the joint attention output [b, heads, L, d]: the image part through
+    to_out, the text part through to_add_out (unless the block is context_pre_only); a Flux single
+    block returns the whole, unprojected."""
+    out = out.transpose(1, 2).flatten(2)
+    if context is None:
+        return out
+    if family == "sd3":
+        image, text = out[:, :n_hidden], out[:, n_hidden:]
+    else:
+        text, image = out[:, :-n_hidden], out[:, -n_hidden:]
+    image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+    if not getattr(attn, "context_pre_only", False):
+        text = attn.to_add_out(text.contiguous())
+    return image, text
+
+
+def _bend_rows(out, q, k, v, rows, **bend) -> None:
+    """bending.bent_output on the batch items `rows` of per-head out/q/k/v, written into out."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        index = slice(rows[0], rows[-1] + 1)
+        bending.bent_output(out[index], q[index], k[index], v[index], **bend)
+    else:
+        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], **bend)
 
 
 def _unmark(prompt):
@@ -600,6 +737,8 @@ class _Processor:
         if session.call is None:              # called outside a model forward
             return original()
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        if self.site.joint:
+            return session.joint_attention(self.site, attn, given, original)
         run = session.cross_attention if self.site.cross else session.self_attention
         return run(self.site, attn, hidden_states, given.get("encoder_hidden_states"),
                    given.get("attention_mask"), original)
