@@ -124,7 +124,7 @@ class JointFlowModel:
             v = self._velocity(x, sigma, c_crossattn)
         finally:
             self.options = self.block_options = None
-        return x - v * sigma.view(-1, 1, 1, 1).to(x.dtype)
+        return x - v * sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)     # 4-D, or Qwen's 5-D
 
     def _note(self, layer, kind, q, k, v, out, options):
         self.log.append((layer, kind, tuple(q.shape), tuple(k.shape)))

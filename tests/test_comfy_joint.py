@@ -49,7 +49,7 @@ def latent(seed=2):
 def patched(model, clip, entries, **values):
     (cls,) = comfy_host.node_class_mappings({"bending": entries}, "joint bend", "cd" * 32)[0].values()
     values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    (m,) = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)
+    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]   # bending: (model, model_2)
     return m
 
 

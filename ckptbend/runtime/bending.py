@@ -503,17 +503,30 @@ def token_indices_for(word: str, prompt_tokens: Sequence[Hashable],
 
     prompt_tokens: the encoded prompt as the text encoder sees it (BOS at 0), token strings or ids;
     tokenize_word: one word (or phrase) → its sub-tokens of the same kind, without BOS/EOS, e.g.
-    `tokenizer.tokenize` of a CLIP tokenizer or a ComfyUI tokenizer's ids. first_only=True bends only
+    `tokenizer.tokenize` of a CLIP tokenizer or a ComfyUI tokenizer's ids, or Alternatives of such
+    sequences (the earliest match wins). first_only=True bends only
     the first sub-token, as the original does; the default bends them all.
     """
-    pieces = list(tokenize_word(word))
+    pieces = tokenize_word(word)
+    tokens = list(prompt_tokens)
+    hits = [(i, len(option)) for option in (pieces if isinstance(pieces, Alternatives) else [pieces])
+            for i in _first_run(tokens, list(option))]
+    if not hits:
+        raise ValueError(f"Token not found: '{word}'")
+    i, m = min(hits)
+    return [i] if first_only else list(range(i, i + m))
+
+
+class Alternatives(tuple):
+    """What tokenize_word may return instead of one piece sequence: several spellings of the word, the
+    earliest in the prompt wins. Byte-level BPE (Qwen2) spells a word after a space ("Ġkiss") unlike one
+    at the prompt's start or after punctuation ("kiss")."""
+
+
+def _first_run(tokens: list, pieces: list) -> list[int]:
+    """[the first i where pieces appear in a row in tokens], or [] (also for no pieces)."""
     m = len(pieces)
-    if m:
-        tokens = list(prompt_tokens)
-        for i in range(len(tokens) - m + 1):
-            if tokens[i:i + m] == pieces:
-                return [i] if first_only else list(range(i, i + m))
-    raise ValueError(f"Token not found: '{word}'")
+    return next(([i] for i in range(len(tokens) - m + 1) if m and tokens[i:i + m] == pieces), [])
 
 
 def token_columns(words: Iterable[str], prompt_tokens: Sequence[Hashable],

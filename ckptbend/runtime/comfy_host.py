@@ -394,12 +394,50 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
 
 
 def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
+    if key == QWEN_KEY:
+        return _qwen_columns(clip, words, tokens, empty)
     special = set(_token_ids(empty, key))
 
     def word_ids(word):
         return [i for i in _token_ids(clip.tokenize(word), key) if i not in special]
 
     return bending.token_columns(words, _token_ids(tokens, key), word_ids)
+
+
+# Qwen-Image: ComfyUI's QwenImageTokenizer puts the prompt into the chat template (system prompt, then
+# "<|im_start|>user\n", the prompt, "<|im_end|>\n<|im_start|>assistant\n"; a prompt that starts with
+# "<|im_start|>" is its own template) and tokenises it whole with weights disabled: "(word:1.2)" stays literal
+# text, only the "\(" escapes are resolved. Its encoder (QwenImageTEModel.encode_token_weights) drops the
+# embeddings before the second "<|im_start|>" and that token's "user\n": the joint attention's text key 0 is
+# the prompt's first token, and the template's tail follows the prompt. These are Qwen2.5's token ids.
+QWEN_KEY = "qwen25_7b"
+QWEN_IM_START, QWEN_USER, QWEN_NEWLINE = 151644, 872, 198
+
+
+def _qwen_text(ids: list) -> list:
+    """The ids whose embeddings ComfyUI's Qwen-Image encoder keeps (its template_end rule)."""
+    starts = [i for i, t in enumerate(ids) if t == QWEN_IM_START][:2]
+    if not starts:
+        raise ValueError("the Qwen-Image prompt has no <|im_start|> (ComfyUI then keeps only its last token)")
+    end = starts[-1]
+    if len(ids) > end + 3 and ids[end + 1] == QWEN_USER and ids[end + 2] == QWEN_NEWLINE:
+        end += 3
+    return ids[end:]
+
+
+def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, list[int]]:
+    """Qwen-Image: word → its columns among the kept text tokens. A word is found spelled after a space
+    (" kiss") or bare (at the prompt's start, after "(" …): byte-level BPE gives them different ids; the
+    earlier one in the prompt wins. Its spellings are tokenised inside the template, as the prompt is, and
+    cut out of the kept tokens (less the template's tail)."""
+    tail = len(_qwen_text(_token_ids(empty, QWEN_KEY)))
+
+    def spell(text):
+        kept = _qwen_text(_token_ids(clip.tokenize(text), QWEN_KEY))
+        return kept[:len(kept) - tail]
+
+    return bending.token_columns(words, _qwen_text(_token_ids(tokens, QWEN_KEY)),
+                                 lambda word: bending.Alternatives((spell(" " + word), spell(word))))
 
 
 def _patch_bending(m, specs: list, columns: Mapping, steps) -> None:
@@ -463,7 +501,8 @@ class DiTLayout:
 def dit_layout(diffusion_model) -> DiTLayout:
     """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
     CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
-    blocks; the dual blocks' second call is image self-attention). Layers count the blocks in order.
+    blocks; the dual blocks' second call is image self-attention) and Qwen-Image (transformer_blocks, joint
+    [text; image], mask passed positionally: None). Layers count the blocks in order.
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
     bent (token_columns)."""
     dm = diffusion_model
@@ -482,11 +521,14 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
         return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+    if hasattr(dm, "transformer_blocks") and hasattr(dm, "txt_norm"):              # Qwen-Image
+        blocks = [("double_block", i, i) for i in range(len(dm.transformer_blocks))]
+        return DiTLayout("qwen", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), QWEN_KEY)
     if hasattr(dm, "joint_blocks"):                                                 # SD3, SD3.5
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
-    raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma "
-                     f"and SD3/SD3.5; this model's diffusion_model is a {name}")
+    raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
+                     f"SD3/SD3.5 and Qwen-Image; this model's diffusion_model is a {name}")
 
 
 def _patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout) -> None:
