@@ -2,10 +2,12 @@
 here, nothing downloaded); their transformers are the stand-in host's (comfy_standin_joint), so both
 hosts run the same weights."""
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 import comfy_standin_joint as cj
+import comfy_standin_qwen as cq
 from _pipelines import clip_text_config, t5_encoder, t5_like_tokenizer, tiny_vae, write_clip_tokenizer
 
 
@@ -34,5 +36,28 @@ def sd3_pipeline(tmp_path, seed: int = 13):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(), text_encoder=encoders[0],
         tokenizer=clip_tokenizer, text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5,
         tokenizer_3=t5_tokenizer, transformer=cj.tiny_sd3(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_pipeline(seed: int = 17):
+    """QwenImagePipeline: a tiny Qwen2.5-VL text encoder (32 wide, Qwen2.5's vocabulary size so its special ids
+    exist) with comfy_standin_qwen's tokenizer, a tiny Qwen-Image VAE, and the stand-in host's transformer."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=cq.VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[0])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, vocab_size=cq.VOCAB_SIZE, hidden_size=32)).eval()
+        vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.15), vae=vae, text_encoder=encoder,
+                             tokenizer=cq.qwen_tokenizer(), transformer=cq.tiny_qwen(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe

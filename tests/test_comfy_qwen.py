@@ -7,9 +7,11 @@ import torch
 from torch.testing import assert_close
 
 import comfy_standin as cs
+import comfy_standin_joint as cj
 import comfy_standin_qwen as cq
 from ckptbend.runtime import comfy_host
-from test_comfy_joint import check_calls
+from ckptbend.runtime import diffusers_host as dh
+from test_comfy_joint import attention_outputs, check_calls
 
 PROMPT = "a romantic kiss at {sunset} on a lake"
 HEIGHT, WIDTH = 8, 12                     # latent 8×12 → grid 4×6 of 2×2 patches
@@ -142,3 +144,101 @@ def test_qwen_word_beyond_the_text_is_an_error(qwen, clip):
     cond, uncond = contexts(length=4)
     with pytest.raises(ValueError, match="beyond the text tokens"):
         cs.sample(patched(qwen, clip, [ENTRY]), latent(), cond, uncond, steps=2)
+
+
+# --- the diffusers host on the same weights ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    from _pipelines_joint import qwen_pipeline
+
+    return qwen_pipeline()
+
+
+def qwen_call(pipe, x, timestep, context, mask=None):
+    """QwenImagePipeline's transformer call: packed latent, img_shapes, timestep / 1000, the text mask."""
+    b, _, _, h, w = x.shape
+    return pipe.transformer(hidden_states=cj.pack(x[:, :, 0]), timestep=timestep.expand(b) / 1000,
+                            encoder_hidden_states=context, encoder_hidden_states_mask=mask,
+                            img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+
+
+def unmarked(prompt):
+    return prompt.replace("{", "").replace("}", "")
+
+
+def test_qwen_bending_matches_the_diffusers_host(qwen, clip, pipe):
+    """The same tiny Qwen-Image in both hosts (diffusers: per-stream complex RoPE, SDPA + correction; ComfyUI:
+    joint RoPE, the selected backend + correction): the words' columns agree, and so does every joint
+    attention's output of a conditional call at a scheduler step, and the prediction."""
+    entries = [ENTRY, GAIN, {**ENTRY, "token": "kiss, sunset", "mode": "flip", "flip_horizontal": True,
+                             "apply_to_timesteps": [1, 1], "apply_to_layers": None, "renormalize": "none"}]
+    x, step = latent(), 1
+    cond = pipe.encode_prompt(unmarked(PROMPT))[0]
+    assert cond.shape == (1, TEXT, 32)
+    pipe.scheduler.set_timesteps(3)
+    t, sigma = pipe.scheduler.timesteps[step:step + 1], pipe.scheduler.sigmas[step:step + 1]
+    session = dh.apply(pipe, {"bending": entries})
+    try:
+        pipe.encode_prompt(PROMPT)                                              # locates the words
+        assert session.token_indices == {**COLUMNS, "kiss, sunset": [2, 4, 5]}
+        with attention_outputs(pipe.transformer) as d_out:
+            v = qwen_call(pipe, x, t, cond)
+    finally:
+        dh.remove(pipe)
+    m = patched(qwen, clip, entries)
+    with attention_outputs(qwen.transformer) as c_out:
+        (c_cond,) = cs.calc_cond_batch(qwen, [cs.cond(cond)], x, sigma, m.sampling_options(pipe.scheduler.sigmas))
+    with attention_outputs(qwen.transformer) as plain:
+        cs.calc_cond_batch(qwen, [cs.cond(cond)], x, sigma, cs.ModelPatcher(qwen).sampling_options())
+    for layer in range(3):
+        assert_close(c_out[layer][0], d_out[layer][0], rtol=1e-5, atol=1e-5, msg=f"layer {layer}")
+        assert not torch.allclose(c_out[layer][0][0], plain[layer][0][0], atol=1e-4), layer
+    assert_close(c_cond, x - cj.unpack(v, HEIGHT, WIDTH)[:, :, None] * sigma, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_qwen_bends_only_the_positive_call_and_identity_is_plain(pipe):
+    """QwenImagePipeline's true CFG runs the negative prompt as a call of its own: left to diffusers' processor;
+    an identity bend (scale 1, no renormalisation) reproduces the plain output; maps are recorded."""
+    negative = pipe.encode_prompt("a red car on a lake")[0]
+    cond = pipe.encode_prompt(unmarked(PROMPT))[0]
+    pipe.scheduler.set_timesteps(3)
+    x, t = latent(), pipe.scheduler.timesteps[1:2]
+    plain_cond, plain_neg = qwen_call(pipe, x, t, cond), qwen_call(pipe, x, t, negative)
+    identity = {"token": "sunset", "mode": "scale", "scale_factor": 1.0, "renormalize": "none"}
+    for entries, changes in (([ENTRY, GAIN], True), ([identity], False)):
+        session = dh.apply(pipe, {"bending": entries}, record_maps=True)
+        try:
+            pipe.encode_prompt(PROMPT)
+            bent_cond, bent_neg = qwen_call(pipe, x, t, cond), qwen_call(pipe, x, t, negative)
+        finally:
+            dh.remove(pipe)
+        assert torch.equal(bent_neg, plain_neg)
+        if changes:
+            assert (bent_cond - plain_cond).abs().max() > 1e-3
+            assert [(r["token"], r["layer"], r["step"]) for r in session.maps] == [
+                ("kiss", 0, 1), ("sunset", 1, 1), ("sunset", 2, 1)]
+            assert session.maps[0]["original"].shape == (HEIGHT // 2, WIDTH // 2)
+        else:
+            assert_close(bent_cond, plain_cond, rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_qwen_masked_prompt_batch_bends_as_each_prompt_alone(pipe):
+    """A prompt list of unequal lengths: diffusers pads the shorter and passes encoder_hidden_states_mask; the
+    correction gets the mask as its bias, so the padded item's prediction is the one of its prompt alone."""
+    prompts = ["a romantic kiss at {sunset} on a lake", "a romantic kiss at {sunset}"]
+    pipe.scheduler.set_timesteps(3)
+    x, t = torch.cat([latent(), latent()]), pipe.scheduler.timesteps[1:2]
+    session = dh.apply(pipe, {"bending": [ENTRY, GAIN]})
+    try:
+        both, mask = pipe.encode_prompt(prompts)
+        assert mask is not None and not mask.all()
+        assert session.token_indices == COLUMNS
+        batched = qwen_call(pipe, x, t, both, mask)
+        alone = [qwen_call(pipe, x[:1], t, pipe.encode_prompt(p)[0]) for p in prompts]
+    finally:
+        dh.remove(pipe)
+    plain = qwen_call(pipe, x, t, both, mask)
+    for i in range(2):
+        assert_close(batched[i:i + 1], alone[i], rtol=1e-5, atol=1e-5)
+        assert (batched[i] - plain[i]).abs().max() > 1e-3

@@ -72,9 +72,9 @@ BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "outp
 EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
 SAG_SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
 WAN_TEXT_LENGTH = 512          # diffusers' WanAttnProcessor: I2V's text is the context's last 512 tokens
-# Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux) or [image;
-# text] (SD3) tokens at once.
-JOINT_MODELS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+# Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
+# [image; text] (SD3) tokens at once.
+JOINT_MODELS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "QwenImageTransformer2DModel": "qwen"}
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -206,8 +206,13 @@ def _patch_size(model) -> tuple[int, int, int]:
 
 
 def _packed_grid(kwargs) -> tuple[int, int] | None:
-    """(rows, cols) of a packed [b, L, c] image input (Flux) from its position ids (index, row, col): the
-    main image's, whose index is the first id's (Kontext reference images follow with another)."""
+    """(rows, cols) of a packed [b, L, c] image input: Flux's from its position ids (index, row, col), the
+    main image's, whose index is the first id's (Kontext reference images follow with another); Qwen-Image's
+    from img_shapes, [[(frames, rows, cols), …reference images]] per item (or one list for all)."""
+    shapes = kwargs.get("img_shapes")
+    if shapes:
+        shape = shapes[0][0] if isinstance(shapes[0], list) else shapes[0]
+        return int(shape[1]), int(shape[2])
     ids = kwargs.get("img_ids")
     if ids is None:
         return None
@@ -421,6 +426,8 @@ class Session:
         pipe = self.pipe
         if self.joint == "flux":
             return self._columns(pipe.tokenizer_2, arguments.get("prompt_2") or arguments["prompt"])
+        if self.joint == "qwen":
+            return self._qwen_columns(arguments["prompt"])
         found = self._columns(pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
         if self.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
             t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -431,6 +438,27 @@ class Session:
                     continue                   # the word is not among the T5 tokens
                 found[word] = found[word] + [pipe.tokenizer_max_length + j for j in more]
         return found
+
+    def _qwen_columns(self, prompt) -> dict[str, list[int]]:
+        """QwenImagePipeline: the prompt in its chat template (prompt_template_encode), the first
+        prompt_template_encode_start_idx tokens dropped (diffusers' rule; ComfyUI's template_end rule drops
+        the same 34 with Qwen2.5's tokenizer), the template's tail after the prompt. A word is found spelled
+        after a space or bare (byte-level BPE: the first word, one after "("), the earlier wins."""
+        pipe = self.pipe
+        template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+
+        def kept(text):
+            return pipe.tokenizer(template.format(text))["input_ids"][drop:]
+
+        tail = len(kept(""))
+
+        def spell(text):
+            ids = kept(text)
+            return ids[:len(ids) - tail]
+
+        words = list(dict.fromkeys(e.token for e in self.entries))
+        return _same_columns([bending.token_columns(words, kept(text), lambda w: bending.Alternatives(
+            (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
 
     def _columns(self, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:
         # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.
@@ -443,12 +471,8 @@ class Session:
                              max_length=tokenizer.model_max_length)["input_ids"]
 
         words = words or list(dict.fromkeys(e.token for e in self.entries))
-        found = [bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
-                 for text in ([prompt] if isinstance(prompt, str) else prompt)]
-        if any(f != found[0] for f in found):
-            raise ValueError("Attention Bending needs its words at the same token positions in every prompt "
-                             f"of a batch; got {found}")
-        return found[0]
+        return _same_columns([bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
+                              for text in ([prompt] if isinstance(prompt, str) else prompt)])
 
     # hooks --------------------------------------------------------------------------------------
 
@@ -600,7 +624,7 @@ class Session:
         call = self.call
         active = [e for e in self.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
         if not active or not call.cond_rows or given.get("attention_mask") is not None:
-            return original()
+            return original()                   # (Qwen-Image's processor refuses attention_mask itself)
         if self.token_indices is None:
             raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
         hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
@@ -611,12 +635,14 @@ class Session:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
         n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
         first = 0 if self.joint == "sd3" else text.stop if context is not None else n_text
-        out = F.scaled_dot_product_attention(q, k, v)
+        keep = _joint_mask(given.get("encoder_hidden_states_mask"), hidden.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         observe = self._recorder(site, active, attn.heads, call.token_hw, n_text) if self.record_maps else None
+        bias = None if keep is None else torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
         _bend_rows(out if self.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
                    token_indices=self.token_indices, grid_hw=call.token_hw, step_index=call.step,
                    layer_index=site.layer, frames=call.frames, text=text, queries=slice(first, first + n_image),
-                   observe=observe)
+                   observe=observe, bias=bias)
         return _joint_output(self.joint, attn, out.to(q.dtype), hidden.shape[1], context)
 
     def _recorder(self, site, active, heads, grid, n_text):
@@ -645,6 +671,22 @@ def _heads(x, proj, norm, heads):
     return x if norm is None else norm(x)
 
 
+def _joint_mask(text_mask, n_image):
+    """Qwen-Image's joint key mask [b, 1, 1, text + image] (bool, True = attend) from its text mask, as its
+    processor builds it; None without one."""
+    if text_mask is None:
+        return None
+    keep = text_mask.bool()
+    return torch.cat([keep, keep.new_ones(keep.shape[0], n_image)], 1)[:, None, None, :]
+
+
+def _rope_complex(x, freqs):
+    """Qwen-Image's RoPE on [b, n, heads, d]: each interleaved pair (x[2i], x[2i+1]) as a complex number
+    times freqs [n, d/2] (complex), in float32 (diffusers' apply_rotary_emb_qwen, use_real=False)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[:, None, :].to(x.device)).flatten(3).type_as(x)
+
+
 def _rope(x, rotary):
     """Flux's RoPE on [b, n, heads, d] (diffusers' apply_rotary_emb, real form): each interleaved pair
     (x[2i], x[2i+1]) turned by the angle whose cosine / sine rotary's [n, d] tables hold, in float32."""
@@ -657,7 +699,9 @@ def _rope(x, rotary):
 def _joint_qkv(family, attn, hidden, context, rotary, n_text):
     """q, k, v [b, heads, L, d] of a joint attention as its diffusers processor forms them (Flux:
     FluxAttnProcessor, [text; image] then RoPE; SD3: JointAttnProcessor2_0, [image; text], no RoPE), and
-    the text keys' slice of L. A Flux single block's hidden states are already [text; image] (n_text)."""
+    the text keys' slice of L. A Flux single block's hidden states are already [text; image] (n_text).
+    Qwen-Image (QwenDoubleStreamAttnProcessor2_0): RoPE per stream (rotary = image, text complex
+    frequencies), then [text; image]."""
     def stream(x, names):
         return [_heads(x, getattr(attn, p), getattr(attn, n, None) if n else None, attn.heads) for p, n in names]
 
@@ -666,6 +710,11 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
     if context is not None:
         cq, ck, cv = stream(context, (("add_q_proj", "norm_added_q"), ("add_k_proj", "norm_added_k"),
                                       ("add_v_proj", None)))
+        if family == "qwen" and rotary is not None:
+            image_freqs, text_freqs = rotary
+            q, k = _rope_complex(q, image_freqs), _rope_complex(k, image_freqs)
+            cq, ck = _rope_complex(cq, text_freqs), _rope_complex(ck, text_freqs)
+            rotary = None
         if family == "sd3":
             q, k, v = (torch.cat(p, 1) for p in ((q, cq), (k, ck), (v, cv)))
             text = slice(hidden.shape[1], hidden.shape[1] + context.shape[1])
@@ -694,13 +743,24 @@ def _joint_output(family, attn, out, n_hidden, context):
     return image, text
 
 
-def _bend_rows(out, q, k, v, rows, **bend) -> None:
-    """bending.bent_output on the batch items `rows` of per-head out/q/k/v, written into out."""
-    if rows == list(range(rows[0], rows[-1] + 1)):
-        index = slice(rows[0], rows[-1] + 1)
-        bending.bent_output(out[index], q[index], k[index], v[index], **bend)
+def _bend_rows(out, q, k, v, rows, bias=None, **bend) -> None:
+    """bending.bent_output on the batch items `rows` of per-head out/q/k/v (and of a per-item bias), written
+    into out."""
+    index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+    if bias is not None and bias.shape[0] > 1:
+        bias = bias[index]
+    if isinstance(index, slice):
+        bending.bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
     else:
-        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], **bend)
+        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], bias=bias, **bend)
+
+
+def _same_columns(found: list) -> dict[str, list[int]]:
+    """The one column map of a prompt list's prompts (else ValueError)."""
+    if any(f != found[0] for f in found):
+        raise ValueError("Attention Bending needs its words at the same token positions in every prompt "
+                         f"of a batch; got {found}")
+    return found[0]
 
 
 def _unmark(prompt):
