@@ -13,6 +13,8 @@ run the way ComfyUI runs Flux.1 (and, below, SD3.5), per shared/docs/comfyui-dit
   skip_reshape=True, mask=None, transformer_options=…) with [B, heads, L, d] inputs → [B, L, heads·d].
   With `record` set (a list), every call appends {"layer", "q", "k", "v", "out", "cond_or_uncond"}.
 - FluxCLIP: Flux's CLIP object, tokenize() → {"l": CLIP-L tokens, "t5xxl": T5 tokens}.
+- ChromaModel: the same around a diffusers ChromaTransformer2DModel (ComfyUI's Chroma differs from Flux in
+  modulation only; its single blocks' joint tokens are diffusers' Chroma single blocks' input as they are).
 """
 
 from __future__ import annotations
@@ -149,14 +151,16 @@ class FluxModel(JointFlowModel):
             block.forward = self._single_block(block.forward, i)
 
     def _double_block(self, inner, index):
-        def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None,
+                    attention_mask=None):                                  # Chroma's blocks take a mask
             def original(args):
                 self.block_options = args["transformer_options"]
-                txt, img = inner(args["img"], args["txt"], args["vec"], args["pe"])
+                mask = {} if args["attn_mask"] is None else {"attention_mask": args["attn_mask"]}
+                txt, img = inner(args["img"], args["txt"], args["vec"], args["pe"], **mask)
                 return {"img": img, "txt": txt}
 
             args = {"img": hidden_states, "txt": encoder_hidden_states, "vec": temb, "pe": image_rotary_emb,
-                    "attn_mask": None, "transformer_options": self.options}
+                    "attn_mask": attention_mask, "transformer_options": self.options}
             out = self._run_block(("double_block", index), args, original)
             return out["txt"], out["img"]
 
@@ -185,6 +189,53 @@ class FluxModel(JointFlowModel):
         v = self.transformer(pack(x), context, x.new_zeros(b, self.transformer.config.pooled_projection_dim), sigma,
                              image_ids(h // 2, w // 2), x.new_zeros(context.shape[1], 3)).sample
         return unpack(v, h, w)
+
+
+CHROMA_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+                     approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
+
+
+def tiny_chroma(seed: int = 19):
+    """A tiny ChromaTransformer2DModel (Flux's attention, Chroma's pruned modulation) with seeded random weights."""
+    from diffusers import ChromaTransformer2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ChromaTransformer2DModel(**CHROMA_CONFIG)
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.data.uniform_(1.5, 3.0)
+    return model.eval()
+
+
+class ChromaModel(FluxModel):
+    """ComfyUI's BaseModel for Chroma (model_base.Chroma is Flux's, its diffusion model comfy.ldm.chroma's: the
+    same double / single blocks and flux.math.attention, only the modulation differs) around a diffusers
+    ChromaTransformer2DModel, whose single blocks take the joint [text; image] tokens as ComfyUI's do. ComfyUI's
+    Chroma T5 tokenizer does not pad, so no attention mask reaches the blocks."""
+
+    def _single_block(self, inner, index):
+        def forward(hidden_states, temb, image_rotary_emb=None, attention_mask=None, joint_attention_kwargs=None):
+            def original(args):
+                self.block_options = args["transformer_options"]
+                return {"img": inner(args["img"], args["vec"], args["pe"], args.get("attn_mask"))}
+
+            args = {"img": hidden_states, "vec": temb, "pe": image_rotary_emb, "attn_mask": attention_mask,
+                    "transformer_options": self.options}
+            return self._run_block(("single_block", index), args, original)["img"]
+
+        return forward
+
+    def _velocity(self, x, sigma, context):
+        return chroma_velocity(self.transformer, x, sigma, context)
+
+
+def chroma_velocity(transformer, x, sigma, context, mask=None):
+    b, _, h, w = x.shape
+    v = transformer(hidden_states=pack(x), encoder_hidden_states=context, timestep=sigma, img_ids=image_ids(h // 2, w // 2),
+                    txt_ids=x.new_zeros(context.shape[1], 3), attention_mask=mask).sample
+    return unpack(v, h, w)
 
 
 def diffusers_flux_prediction(transformer, x, sigma, context):

@@ -375,3 +375,40 @@ def test_sd3_bending_matches_the_diffusers_host(sd3, sd3_clip, sd3_folder):
         assert_close(image, d_out[layer][0][0], rtol=1e-5, atol=1e-5, msg=f"layer {layer}")
         assert not torch.allclose(image, plain[layer][0][0], atol=1e-4), layer
     assert_close(c_cond, x - v * sigma, rtol=1e-5, atol=1e-5)
+
+
+# --- Chroma: Flux's attention path in ComfyUI (only the modulation differs) ----------------------------------
+
+@pytest.fixture
+def chroma():
+    return cj.ChromaModel(cj.tiny_chroma())
+
+
+def test_stand_in_chroma_runs_the_diffusers_model_as_comfyui_does(chroma, monkeypatch):
+    cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
+    (cond,) = contexts(1)
+    x, sigma = latent(), torch.tensor([0.7])
+    expected = x - cj.chroma_velocity(cj.tiny_chroma(), x, sigma, cond) * sigma
+    assert_close(chroma.apply_model(x, sigma, cond, {"wrappers": {}}), expected, rtol=1e-6, atol=1e-6)
+    tokens = TEXT + (HEIGHT // 2) * (WIDTH // 2)
+    assert chroma.log == [(layer, "joint", (1, 2, tokens, 16), (1, 2, tokens, 16)) for layer in range(4)]
+
+
+@pytest.mark.parametrize("batching", ["cfg", "positive chunks"])
+def test_chroma_bends_image_queries_against_the_words_text_keys(chroma, clip, batching):
+    """The node reads a Chroma as a Flux (double then single blocks, T5 keys): bent only where it should be."""
+    assert comfy_host.dit_layout(chroma.diffusion_model).kind == "flux"
+    cond, other, uncond = contexts(3)
+    conds = [cs.cond(cond) + (cs.cond(other) if batching == "positive chunks" else []), cs.cond(uncond)]
+    sigmas, step = chroma.schedule(3), 1
+    entries = [ENTRY, GAIN]
+    chroma.record = []
+    cs.calc_cond_batch(chroma, conds, latent(), sigmas[step:step + 1],
+                       patched(chroma, clip, entries).sampling_options(sigmas))
+    changed = check_calls(chroma.record, 2, entries, {"sunset": [4], "kiss": [2]}, TEXT, (HEIGHT // 2, WIDTH // 2),
+                          step)
+    assert changed > 1e-3
+    noise = latent()
+    plain = cs.sample(cs.ModelPatcher(chroma), noise, cond, uncond, steps=3)
+    late = [{**ENTRY, "apply_to_timesteps": [5, 9]}]
+    assert torch.equal(cs.sample(patched(chroma, clip, late), noise, cond, uncond, steps=3), plain)
