@@ -61,3 +61,15 @@ def qwen_pipeline(seed: int = 17):
                              tokenizer=cq.qwen_tokenizer(), transformer=cq.tiny_qwen(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def chroma_pipeline(seed: int = 19):
+    """ChromaPipeline: T5 only (its tokens are the joint attention's text); the pipeline pads the prompt and
+    masks all padding but the first pad token."""
+    from diffusers import ChromaPipeline
+
+    t5_tokenizer = t5_like_tokenizer()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=t5_encoder(t5_tokenizer),
+                          tokenizer=t5_tokenizer, transformer=cj.tiny_chroma(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

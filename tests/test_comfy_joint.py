@@ -412,3 +412,40 @@ def test_chroma_bends_image_queries_against_the_words_text_keys(chroma, clip, ba
     plain = cs.sample(cs.ModelPatcher(chroma), noise, cond, uncond, steps=3)
     late = [{**ENTRY, "apply_to_timesteps": [5, 9]}]
     assert torch.equal(cs.sample(patched(chroma, clip, late), noise, cond, uncond, steps=3), plain)
+
+
+def test_diffusers_chroma_bends_with_the_pipelines_mask(tmp_path):
+    """ChromaPipeline masks the T5 padding (all but the first pad): its blocks pass [b, 1, L, L] to SDPA, which
+    the adapter's SDPA and bent_output's bias take as given. The words' columns come from the T5 tokens; the
+    negative call is diffusers' own; an identity bend reproduces the plain output under the mask."""
+    from _pipelines_joint import chroma_pipeline
+
+    pipe = chroma_pipeline()
+    cond, mask = pipe._get_t5_prompt_embeds(unmarked(PROMPT), max_sequence_length=TEXT)
+    negative = pipe._get_t5_prompt_embeds("a red car", max_sequence_length=TEXT)
+    assert not mask.all()
+    pipe.scheduler.set_timesteps(3)
+    x, t = latent(), pipe.scheduler.timesteps[1:2]
+    h, w = HEIGHT // 2, WIDTH // 2
+
+    def call(context, text_mask):
+        joint = torch.cat([text_mask, text_mask.new_ones(1, h * w)], 1)
+        return pipe.transformer(hidden_states=cj.pack(x), encoder_hidden_states=context, timestep=t / 1000,
+                                img_ids=cj.image_ids(h, w), txt_ids=x.new_zeros(context.shape[1], 3),
+                                attention_mask=joint).sample
+
+    plain_cond, plain_neg = call(cond, mask), call(*negative)
+    identity = {"token": "sunset", "mode": "scale", "scale_factor": 1.0, "renormalize": "none"}
+    for entries, changes in (([ENTRY, GAIN], True), ([identity], False)):
+        session = dh.apply(pipe, {"bending": entries})
+        try:
+            pipe.encode_prompt(PROMPT, None, max_sequence_length=TEXT)
+            assert session.token_indices["sunset"] == [4]
+            bent_cond, bent_neg = call(cond, mask), call(*negative)
+        finally:
+            dh.remove(pipe)
+        assert torch.equal(bent_neg, plain_neg)
+        if changes:
+            assert (bent_cond - plain_cond).abs().max() > 1e-3
+        else:
+            assert_close(bent_cond, plain_cond, rtol=1e-5, atol=1e-6)

@@ -74,7 +74,8 @@ SAG_SITE = "mid_block.attentions.0.transformer_blocks.0.attn1"
 WAN_TEXT_LENGTH = 512          # diffusers' WanAttnProcessor: I2V's text is the context's last 512 tokens
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
-JOINT_MODELS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "QwenImageTransformer2DModel": "qwen"}
+JOINT_MODELS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+                "QwenImageTransformer2DModel": "qwen"}
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -424,8 +425,9 @@ class Session:
         share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
         given), which follow the tokenizer_max_length CLIP tokens in the context."""
         pipe = self.pipe
-        if self.joint == "flux":
-            return self._columns(pipe.tokenizer_2, arguments.get("prompt_2") or arguments["prompt"])
+        if self.joint == "flux":                       # Chroma: T5 is its only tokenizer
+            t5 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
+            return self._columns(t5, arguments.get("prompt_2") or arguments["prompt"])
         if self.joint == "qwen":
             return self._qwen_columns(arguments["prompt"])
         found = self._columns(pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
@@ -623,8 +625,8 @@ class Session:
         rows (bending.bent_output: no [L, L] matrix; the text-query rows and the rest stay SDPA's)."""
         call = self.call
         active = [e for e in self.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-        if not active or not call.cond_rows or given.get("attention_mask") is not None:
-            return original()                   # (Qwen-Image's processor refuses attention_mask itself)
+        if not active or not call.cond_rows:
+            return original()
         if self.token_indices is None:
             raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
         hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
@@ -635,10 +637,12 @@ class Session:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
         n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
         first = 0 if self.joint == "sd3" else text.stop if context is not None else n_text
-        keep = _joint_mask(given.get("encoder_hidden_states_mask"), hidden.shape[1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        mask = _joint_mask(given.get("attention_mask"), given.get("encoder_hidden_states_mask"), hidden.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         observe = self._recorder(site, active, attn.heads, call.token_hw, n_text) if self.record_maps else None
-        bias = None if keep is None else torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+        bias = mask
+        if mask is not None and mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
         _bend_rows(out if self.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
                    token_indices=self.token_indices, grid_hw=call.token_hw, step_index=call.step,
                    layer_index=site.layer, frames=call.frames, text=text, queries=slice(first, first + n_image),
@@ -671,9 +675,13 @@ def _heads(x, proj, norm, heads):
     return x if norm is None else norm(x)
 
 
-def _joint_mask(text_mask, n_image):
-    """Qwen-Image's joint key mask [b, 1, 1, text + image] (bool, True = attend) from its text mask, as its
-    processor builds it; None without one."""
+def _joint_mask(mask, text_mask, n_image):
+    """The mask the joint attention's processor hands SDPA, [b, 1, 1 or L, L]: `mask` as given (Chroma's
+    blocks pass [b, 1, L, L], float 0/1 as its pipeline makes it, which SDPA adds to the logits: bent_output
+    adds it alike; a 2-D one is widened as diffusers' dispatch does), or Qwen-Image's bool key mask
+    (True = attend) from its text mask and the image tokens; None without either."""
+    if mask is not None:
+        return mask[:, None, None, :] if mask.ndim == 2 else mask
     if text_mask is None:
         return None
     keep = text_mask.bool()
