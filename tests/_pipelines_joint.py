@@ -15,10 +15,12 @@ def flux_pipeline(tmp_path, seed: int = 11):
     """FluxPipeline: CLIP-L (pooled vector only) and T5 (the joint attention's text) encoders."""
     clip_tokenizer = write_clip_tokenizer(tmp_path / "clip")
     t5_tokenizer = t5_like_tokenizer()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
-                        text_encoder=CLIPTextModel(clip_text_config(clip_tokenizer)).eval(), tokenizer=clip_tokenizer,
-                        text_encoder_2=t5_encoder(t5_tokenizer), tokenizer_2=t5_tokenizer,
-                        transformer=cj.tiny_flux(seed))
+    with torch.random.fork_rng():            # seeded encoders: the same prompt embeddings in every run
+        torch.manual_seed(seed)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+                            text_encoder=CLIPTextModel(clip_text_config(clip_tokenizer)).eval(),
+                            tokenizer=clip_tokenizer, text_encoder_2=t5_encoder(t5_tokenizer), tokenizer_2=t5_tokenizer,
+                            transformer=cj.tiny_flux(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -69,7 +71,10 @@ def chroma_pipeline(seed: int = 19):
     from diffusers import ChromaPipeline
 
     t5_tokenizer = t5_like_tokenizer()
-    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=t5_encoder(t5_tokenizer),
-                          tokenizer=t5_tokenizer, transformer=cj.tiny_chroma(seed))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+                              text_encoder=t5_encoder(t5_tokenizer), tokenizer=t5_tokenizer,
+                              transformer=cj.tiny_chroma(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
