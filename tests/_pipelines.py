@@ -114,3 +114,15 @@ def wan_pipeline(seed: int = 5):
     return pipe
 
 
+
+
+def wan22_pipeline(seeds=(5, 7), boundary_ratio=0.875):
+    """Wan 2.2 T2V A14B's layout: wan_pipeline with a second expert of the same config, `transformer`
+    (high noise) for timesteps ≥ boundary_ratio · 1000 and `transformer_2` (low noise) below (0.875:
+    A14B T2V's ratio; at shift 7, 4 steps run 1000, 934 high and 781, 47 low)."""
+    base = wan_pipeline(seeds[0])
+    torch.manual_seed(seeds[1])
+    low = WanTransformer3DModel(**WAN_CONFIG).eval()
+    pipe = WanPipeline(**{**base.components, "transformer_2": low}, boundary_ratio=boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

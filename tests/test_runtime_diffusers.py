@@ -1,9 +1,10 @@
 """The diffusers host (ckptbend/runtime/diffusers_host.py) on real, tiny diffusers pipelines.
 
 Every component is a real diffusers / transformers class with random (seeded) weights and a
-tokenizer written here; nothing is downloaded. SD 1.x-like, SDXL-like, PixArt-α and Wan 2.1
-pipelines; latents 16×16 (VAE scale factor 1; Wan: 2 frames of 8×8), the UNets have two levels
-(middle block 8×8), 3 sampling steps, output_type="latent". Pipelines are module fixtures: every
+tokenizer written here; nothing is downloaded. SD 1.x-like, SDXL-like, PixArt-α, Wan 2.1 and
+Wan 2.2 A14B (two experts) pipelines; latents 16×16 (VAE scale factor 1; Wan: 2 frames of 8×8), the
+UNets have two levels (middle block 8×8), 3 sampling steps (Wan 2.2's window test: 4),
+output_type="latent". Pipelines are module fixtures: every
 test removes what it applies.
 """
 
@@ -23,7 +24,7 @@ from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
 from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
-                        tiny_vae, wan_pipeline, write_clip_tokenizer)
+                        tiny_vae, wan22_pipeline, wan_pipeline, write_clip_tokenizer)
 
 PROMPT = "a romantic kiss at sunset"
 MARKED = "a romantic {kiss} at {sunset}"
@@ -181,19 +182,28 @@ def processors(model):
     return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
 
 
+def denoisers(pipe):
+    """The UNet, or the transformer and (Wan 2.2 A14B) transformer_2."""
+    names = ("unet",) if hasattr(pipe, "unet") else ("transformer", "transformer_2")
+    return [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
+
+
 def check_remove_restores(pipe, dynamic, prompt=MARKED):
-    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    models = denoisers(pipe)
     before = latents(pipe)
-    procs, hooks, attrs = processors(model), hook_state(model), dict(vars(pipe))
+    procs, hooks, attrs = [processors(m) for m in models], [hook_state(m) for m in models], dict(vars(pipe))
     session = dh.apply(pipe, dynamic)
     assert sd_session_is_stored(pipe, session)
-    assert all(p is not procs[n] for n, p in processors(model).items() if n.endswith(("attn1", "attn2")))
-    assert hook_state(model) != hooks and "encode_prompt" in vars(pipe)
+    for model, old, old_hooks in zip(models, procs, hooks):
+        assert all(p is not old[n] for n, p in processors(model).items() if n.endswith(("attn1", "attn2")))
+        assert hook_state(model) != old_hooks
+    assert "encode_prompt" in vars(pipe)
     changed = latents(pipe, prompt)
     dh.remove(pipe)
-    now = processors(model)
-    assert now.keys() == procs.keys() and all(now[n] is procs[n] for n in procs)
-    assert hook_state(model) == hooks
+    for model, old, old_hooks in zip(models, procs, hooks):
+        now = processors(model)
+        assert now.keys() == old.keys() and all(now[n] is old[n] for n in old)
+        assert hook_state(model) == old_hooks
     assert vars(pipe).keys() == attrs.keys() and all(vars(pipe)[k] is attrs[k] for k in attrs)
     after = latents(pipe)
     assert torch.equal(after, before)
@@ -745,6 +755,63 @@ def test_wan_bending(wan):
 
 def test_wan_remove_restores(wan):
     check_remove_restores(wan, {"bending": [BEND]})
+
+
+# --- Wan 2.2 A14B: two experts, one step count --------------------------------------------------------------
+
+WAN22_STEPS = 4              # timesteps 1000, 934 (high-noise expert), 781, 47 (low-noise expert)
+SCALE_KISS = {"token": "kiss", "mode": "scale", "scale_factor": 30.0, "renormalize": "column"}
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return wan22_pipeline()
+
+
+def expert_calls(pipe, steps=WAN22_STEPS):
+    """A run's model calls in order: (expert 0 = transformer | 1 = transformer_2, keyword inputs, output)."""
+    calls = []
+    experts = [pipe.transformer, pipe.transformer_2]
+
+    def record(module, args, kwargs, out):
+        assert not args                              # WanPipeline passes keywords
+        calls.append((experts.index(module), dict(kwargs), out[0].clone()))
+
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in experts]
+    try:
+        latents(pipe, MARKED, num_inference_steps=steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("window", [[1, 2], [2, 3]])
+def test_wan22_both_experts_bend_one_step_window(wan22, window):
+    """apply_to_timesteps counts the pipeline's steps whichever expert runs them: [1, 2] spans the switch
+    (step 1 on the high-noise expert, step 2 on the low-noise one), [2, 3] is the low-noise expert's two.
+    Each call's output against the same expert, unpatched, on the same inputs: bit-identical outside the
+    window and for the unconditional calls; different for the conditional calls inside it."""
+    entries = [{**e, "apply_to_timesteps": window} for e in (BEND, SCALE_KISS)]
+    with applied(wan22, {"bending": entries}, record_maps=True) as session:
+        calls = expert_calls(wan22)
+    assert [expert for expert, _, _ in calls] == [0] * 4 + [1] * 4       # per step: cond, then uncond
+    experts = [wan22.transformer, wan22.transformer_2]
+    for i, (expert, inputs, out) in enumerate(calls):
+        step, conditional = i // 2, i % 2 == 0
+        with torch.no_grad():
+            plain = experts[expert](**inputs)[0]
+        if conditional and window[0] <= step <= window[1]:
+            assert (out - plain).abs().max() > 1e-4, (step, expert)
+        else:
+            assert torch.equal(out, plain), (step, expert)
+    steps = range(window[0], window[1] + 1)
+    assert sorted((r["step"], r["layer"], r["token"]) for r in session.maps) == \
+        [(s, layer, w) for s in steps for layer in range(2) for w in ("kiss", "sunset")]
+
+
+def test_wan22_remove_restores_both_experts(wan22):
+    check_remove_restores(wan22, {"bending": [BEND]})
 
 
 # --- the lean path: SDPA + bent_output's correction equals the explicit probabilities -------------------------

@@ -14,9 +14,10 @@ bending.py; this file only wires it in.
 
 Wiring. Every attn1 / attn2 of the model's transformer blocks gets a processor that holds the
 original processor object and calls it whenever it has nothing to do (output bit-identical). A
-forward pre-hook on the model (pipe.unet or pipe.transformer) describes each call: latent size,
-batch layout, scheduler step and ᾱ. SAG adds a pre-hook on the UNet's mid_block (its real grid)
-and a forward hook on the UNet (the correction). Bending wraps pipe.encode_prompt (an instance
+forward pre-hook on the model (pipe.unet or pipe.transformer; Wan 2.2 A14B's low-noise expert
+pipe.transformer_2 is wired alike) describes each call: latent size, batch layout, scheduler step
+and ᾱ. SAG adds a pre-hook on the UNet's mid_block (its real grid) and a forward hook on the UNet
+(the correction). Bending wraps pipe.encode_prompt (an instance
 attribute) to strip the prompt's "{word}" marks (bending.py; nothing else of the prompt is touched,
 so compel-style weights stay the user's encoder's business) and find the words' token columns.
 
@@ -30,6 +31,8 @@ Conventions:
   scheduler.timesteps (the scheduler's own step_index when it keeps one, else the first matching
   timestep), divided by scheduler.order. Second-order schedulers (Heun: order 2, timesteps
   [t0, t1, t1, t2, t2, …]) call the model twice per step; both calls get that step's index.
+  Wan 2.2 A14B's two experts share the pipeline's scheduler, so a step keeps its index whichever
+  expert runs it (an apply_to_timesteps window counts the whole run); layers count within an expert.
 - ᾱ of a call: from the scheduler's own sigma for it when the scheduler keeps one (Euler, DPM++,
   Heun: ᾱ = 1/(1+σ²), the value the scheduler itself turns the prediction into x0 with, Karras
   sigmas included), else scheduler.alphas_cumprod[t] (DDIM, DDPM). The UNet's input is variance-
@@ -90,11 +93,12 @@ def apply(pipe, dynamic: Mapping, *, phase: int = 2, record_maps: bool | None = 
         raise ValueError("ckptbend is already applied; call remove first")
     if phase not in (1, 2):
         raise ValueError(f"phase must be 1 (visualise only) or 2 (bend), got {phase!r}")
-    model = _denoiser(pipe)
+    models = _denoisers(pipe)
     sag_params, slothful_params, entries = _parse(dynamic)
-    if (sag_params or slothful_params) and not hasattr(model, "mid_block"):
-        raise ValueError(f"SAG and Slothful Attention need a UNet; this pipeline's model is a {type(model).__name__}")
-    session = Session(pipe, model, sag_params, slothful_params, entries, phase,
+    if (sag_params or slothful_params) and not hasattr(models[0], "mid_block"):
+        raise ValueError("SAG and Slothful Attention need a UNet; this pipeline's model is a "
+                         f"{type(models[0]).__name__}")
+    session = Session(pipe, models, sag_params, slothful_params, entries, phase,
                       phase == 1 if record_maps is None else bool(record_maps))
     try:
         session._install()
@@ -150,12 +154,15 @@ def _parse(dynamic: Mapping):
     return sag_params, slothful_params, specs
 
 
-def _denoiser(pipe):
-    for name in ("unet", "transformer"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            return model
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+def _denoisers(pipe) -> list:
+    """The models apply() wires: the UNet, else the transformer and, when present, transformer_2 (Wan 2.2
+    A14B: high-noise and low-noise experts; either may be absent), each model once."""
+    unet = getattr(pipe, "unet", None)
+    found = [unet] if unet is not None else [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    models = list({id(m): m for m in found if m is not None}.values())
+    if not models:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return models
 
 
 # --- one model call --------------------------------------------------------------------------------
@@ -358,15 +365,15 @@ class Session:
     """What apply() installed on one pipeline, and what it records: `maps` (see the module docstring;
     records accumulate over pipeline calls, clear the list between runs if needed)."""
 
-    def __init__(self, pipe, model, sag_params, slothful_params, entries, phase, record_maps):
-        self.pipe, self.model = pipe, model
+    def __init__(self, pipe, models, sag_params, slothful_params, entries, phase, record_maps):
+        self.pipe, self.models = pipe, list(models)     # one model, or Wan 2.2's two experts
         self.sag, self.slothful, self.entries = sag_params, slothful_params, entries
         self.phase, self.record_maps = phase, record_maps
         self.maps: list[dict] = []
         self.token_indices: dict[str, list[int]] | None = None   # the last encoded prompt's word columns
         self.prompt_embeds: torch.Tensor | None = None           # the last encoded prompt (conditional)
         self.call: _Call | None = None
-        self.joint = JOINT_MODELS.get(type(model).__name__)     # None: cross-attention models
+        self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -374,17 +381,23 @@ class Session:
     # installing -------------------------------------------------------------------------------
 
     def _install(self):
-        for site in _sites(self.model):
+        for model in self.models:
+            self._install_model(model)
+        if self.sag:                          # a UNet: the only model
+            self._undo.append(self.models[0].mid_block.register_forward_pre_hook(
+                self._before_mid, with_kwargs=True).remove)
+        if hasattr(self.pipe, "encode_prompt"):
+            self._wrap_encode_prompt()
+
+    def _install_model(self, model):
+        """One model's processors and its pre / post hooks (every model shares this session's state)."""
+        for site in _sites(model):
             original = site.module.processor
             site.module.set_processor(_Processor(self, site, original))
             self._undo.append(lambda m=site.module, p=original: m.set_processor(p))
-        hooks = [self.model.register_forward_pre_hook(self._before_model, with_kwargs=True),
-                 self.model.register_forward_hook(self._after_model, with_kwargs=True)]
-        if self.sag:
-            hooks.append(self.model.mid_block.register_forward_pre_hook(self._before_mid, with_kwargs=True))
+        hooks = [model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+                 model.register_forward_hook(self._after_model, with_kwargs=True)]
         self._undo += [h.remove for h in hooks]
-        if hasattr(self.pipe, "encode_prompt"):
-            self._wrap_encode_prompt()
 
     def _uninstall(self):
         while self._undo:
@@ -490,7 +503,7 @@ class Session:
         position = _position(scheduler, t)
         if position is None and t <= 1:       # Flux-style models take the scheduler's timestep / 1000
             position = _position(scheduler, t * 1000)
-        frame_patch, row_patch, column_patch = _patch_size(self.model)
+        frame_patch, row_patch, column_patch = _patch_size(module)
         height, width = x.shape[-2:]
         token_hw = (height // row_patch, width // column_patch)
         packed = _packed_grid(kwargs) if x.ndim == 3 else None
