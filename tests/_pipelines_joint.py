@@ -31,13 +31,15 @@ def sd3_pipeline(tmp_path, seed: int = 13):
     reads the same one)."""
     clip_tokenizer = write_clip_tokenizer(tmp_path / "clip", max_length=77)
     t5_tokenizer = t5_like_tokenizer()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=37, num_layers=2,
-                                 num_heads=4, relative_attention_num_buckets=8)).eval()
-    encoders = [CLIPTextModelWithProjection(clip_text_config(clip_tokenizer)).eval() for _ in range(2)]
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(), text_encoder=encoders[0],
-        tokenizer=clip_tokenizer, text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5,
-        tokenizer_3=t5_tokenizer, transformer=cj.tiny_sd3(seed))
+    with torch.random.fork_rng():            # seeded encoders: the same prompt embeddings in every run
+        torch.manual_seed(seed)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=37, num_layers=2,
+                                     num_heads=4, relative_attention_num_buckets=8)).eval()
+        encoders = [CLIPTextModelWithProjection(clip_text_config(clip_tokenizer)).eval() for _ in range(2)]
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(), text_encoder=encoders[0],
+            tokenizer=clip_tokenizer, text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5,
+            tokenizer_3=t5_tokenizer, transformer=cj.tiny_sd3(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
