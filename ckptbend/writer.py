@@ -1,10 +1,11 @@
 """The byte engine: write one output safetensors file from its input in one pass.
 
-The output header equals the input's tensor table (dtype and shape never change), so it is written
-first, with fixed-width placeholders for the hashes it records: the source file's SHA-256 (computed
-beside the copy, or remembered from an earlier bake) and, only when the input carries ModelSpec
-metadata, the output data section's SHA-256 (read back once written). Untouched runs of tensors are
-copied by the kernel; edited tensors are read, scaled (arithmetic.scale_bytes) and written by a worker.
+The output header equals the input's tensor table (dtype and shape never change), so its length is
+known first; it is written last, once it can record the source file's SHA-256 (computed beside the copy,
+or remembered from an earlier bake) and, only when the input carries ModelSpec metadata, the output data
+section's SHA-256 (read back once written). Untouched runs of tensors are copied by the kernel; edited
+tensors are read, scaled (arithmetic.scale_bytes) and written by a worker. A durable bake starts each
+written range's writeback at once, so the disk works while the copy goes on.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import os
 import threading
 from pathlib import Path
 
-from . import hash_cache
+from . import hash_cache, profile
 from .arithmetic import scale_bytes
 from .errors import CkptbendError
+from .hash_cache import HASH_CHUNK
+from .output import start_writeback
 from .plan import Edit
 from .provenance import final_metadata
 from .safetensors_io import Header, header_bytes
 
 CHUNK = 16 * 1024 * 1024
-COPY_STEP = 256 * 1024 * 1024   # bytes per copy_file_range call: large, but progress still moves
+COPY_STEP = 64 * 1024 * 1024    # bytes per copy_file_range call: large, but progress and writeback move
 
 
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
@@ -56,11 +59,11 @@ class ShrankError(OSError):
 def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
     """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
     h = hashlib.sha256()
-    buf = memoryview(bytearray(CHUNK))
+    buf = memoryview(bytearray(HASH_CHUNK))
     while start < stop:
         if cancelled is not None and cancelled.is_set():
             return None
-        n = os.preadv(fd, [buf[:min(CHUNK, stop - start)]], start)
+        n = os.preadv(fd, [buf[:min(HASH_CHUNK, stop - start)]], start)
         if not n:
             raise ShrankError()
         h.update(buf[:n])   # hashlib releases the GIL here, so this runs beside the copy
@@ -109,7 +112,7 @@ def _runs(header: Header, edits: dict[str, Edit]):
         yield None, start, header.tensors[-1].end
 
 
-def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress):
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress, durable: bool):
     """Copy bytes between files inside the kernel (no decoding, no user-space buffer) where possible."""
     while count:
         step = min(count, COPY_STEP)
@@ -123,6 +126,8 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             _pwrite_all(dst_fd, data, dst_off)
         if not n:
             raise ShrankError()
+        if durable:
+            start_writeback(dst_fd, dst_off, n)
         src_off, dst_off, count = src_off + n, dst_off + n, count - n
         progress.update(n)
 
@@ -134,7 +139,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
         view, offset = view[n:], offset + n
 
 
-def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress):
+def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress, durable: bool):
     """Read, scale and write each (tensor, segments, source offset, output offset) of `edited`."""
     # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
     scratch = memoryview(bytearray(max((t.nbytes for t, *_ in edited), default=0)))
@@ -142,25 +147,35 @@ def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited,
         if cancelled.is_set():
             return
         raw = scratch[:t.nbytes]
-        if os.preadv(src_fd, [raw], src_off) != t.nbytes:
-            raise ShrankError()
-        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, segments), dst_off)
+        with profile.phase("edited tensors: read (worker)"):
+            if os.preadv(src_fd, [raw], src_off) != t.nbytes:
+                raise ShrankError()
+        with profile.phase("edited tensors: scale (worker)"):
+            scaled = scale_bytes(raw, t.dtype, t.shape, segments)
+        with profile.phase("edited tensors: write (worker)"):
+            _pwrite_all(dst_fd, scaled, dst_off)
+            if durable:
+                start_writeback(dst_fd, dst_off, t.nbytes)
         progress.update(t.nbytes)
 
 
+def _timed_sha256(cancelled, fd: int, start: int, stop: int):
+    with profile.phase("source hash (worker)"):
+        return _sha256_of(cancelled, fd, start, stop)
+
+
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress,
-                 source_sha256: str | None = None):
-    """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
+                 source_sha256: str | None = None, durable: bool = False):
+    """Write one output file to `out` (readable and writable, empty). Returns (source_sha256, data_sha256 or None).
     `source_sha256`: record this as the source's hash instead of hashing `src_path` (a converted pickle).
+    `durable`: start writing each range to disk as soon as it is written (the caller still fsyncs).
 
     Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
     the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
-    placeholder = header_bytes(meta, header.tensors)
-    out.write(placeholder)
-    out.flush()
-    dst_fd, base = out.fileno(), len(placeholder)
+    header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
+    dst_fd, base = out.fileno(), header_size
     runs = list(_runs(header, edits))
     with open(src_path, "rb") as src:
         src_fd = src.fileno()
@@ -168,18 +183,22 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = source_sha256 or hash_cache.lookup(before)
-        hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
+        hasher = None if cached else _Background(_timed_sha256, src_fd, 0, before.st_size)
         # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
         # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
         edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
                   for t, begin, _ in runs if t is not None]
-        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress)
+        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress, durable)
         try:
-            for t, begin, end in runs:
-                if t is None:
-                    _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
-            scaler.result()
-            source_sha256 = cached or hasher.result()
+            with profile.phase("kernel copy of untouched tensors"):
+                for t, begin, end in runs:
+                    if t is None:
+                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress,
+                                    durable)
+            with profile.phase("waiting for the edited tensors"):
+                scaler.result()
+            with profile.phase("waiting for the source hash"):
+                source_sha256 = cached or hasher.result()
         except ShrankError:
             raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
@@ -195,9 +214,13 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             hash_cache.remember(after, source_sha256)
     progress.update(header.data_start)
     # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
-    data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0)) \
-        if "modelspec.hash_sha256" in meta else None
-    final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
-    assert len(final) == len(placeholder)
-    _pwrite_all(dst_fd, final, 0)
+    data_sha256 = None
+    if "modelspec.hash_sha256" in meta:
+        with profile.phase("output data hash (read back)"):
+            data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0))
+    with profile.phase("final header"):
+        # Written once, last: no page is dirtied twice, and a torn file has no valid-looking header.
+        final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
+        assert len(final) == header_size
+        _pwrite_all(dst_fd, final, 0)
     return source_sha256, data_sha256
