@@ -4,8 +4,8 @@ The output header equals the input's tensor table (dtype and shape never change)
 known first; it is written last, once it can record the source file's SHA-256 (computed beside the copy,
 or remembered from an earlier bake) and, only when the input carries ModelSpec metadata, the output data
 section's SHA-256 (read back once written). Untouched runs of tensors are copied by the kernel; edited
-tensors are read, scaled (arithmetic.scale_bytes) and written by a worker. A durable bake starts each
-written range's writeback at once, so the disk works while the copy goes on.
+tensors are read and scaled (arithmetic.scale_bytes) ahead by a worker, and written in turn. A durable
+bake starts each written range's writeback at once, so the disk works while the copy goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -139,24 +140,59 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
         view, offset = view[n:], offset + n
 
 
-def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress, durable: bool):
-    """Read, scale and write each (tensor, segments, source offset, output offset) of `edited`."""
-    # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
-    scratch = memoryview(bytearray(max((t.nbytes for t, *_ in edited), default=0)))
-    for t, segments, src_off, dst_off in edited:
-        if cancelled.is_set():
-            return
-        raw = scratch[:t.nbytes]
-        with profile.phase("edited tensors: read (worker)"):
-            if os.preadv(src_fd, [raw], src_off) != t.nbytes:
-                raise ShrankError()
-        with profile.phase("edited tensors: scale (worker)"):
-            scaled = scale_bytes(raw, t.dtype, t.shape, segments)
-        with profile.phase("edited tensors: write (worker)"):
+class _ScaledAhead:
+    """Reads and scales the edited tensors in data order on a worker thread, at most DEPTH tensors ahead;
+    the main thread takes and writes them. One writer per file: two threads writing the same file
+    contend for its lock, which cost more than the scaling saved (bin/bench --profile)."""
+
+    DEPTH = 2
+
+    def __init__(self, src_fd: int, edited):
+        size = max((t.nbytes for t, *_ in edited), default=0)
+        # Reused buffers: fresh gigabytes of allocations cost page faults.
+        self._free = queue.Queue()
+        for _ in range(min(self.DEPTH, len(edited))):
+            self._free.put(bytearray(size))
+        self._ready = queue.Queue()
+        self._worker = _Background(self._run, src_fd, edited)
+
+    def _run(self, cancelled: threading.Event, src_fd: int, edited):
+        try:
+            for t, segments, src_off, _ in edited:
+                while True:
+                    if cancelled.is_set():
+                        return
+                    try:
+                        buf = self._free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        continue
+                raw = memoryview(buf)[:t.nbytes]
+                with profile.phase("edited tensors: read (worker)"):
+                    if os.preadv(src_fd, [raw], src_off) != t.nbytes:
+                        raise ShrankError()
+                with profile.phase("edited tensors: scale (worker)"):
+                    self._ready.put((buf, scale_bytes(raw, t.dtype, t.shape, segments)))
+        except BaseException as e:
+            self._ready.put(e)      # the main thread waits on _ready: hand it the failure
+            raise
+
+    def write_next(self, dst_fd: int, dst_off: int, durable: bool) -> int:
+        """Write the next scaled tensor at dst_off; returns its size."""
+        with profile.phase("waiting for the edited tensors"):
+            item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        buf, scaled = item
+        with profile.phase("edited tensors: write"):
             _pwrite_all(dst_fd, scaled, dst_off)
             if durable:
-                start_writeback(dst_fd, dst_off, t.nbytes)
-        progress.update(t.nbytes)
+                start_writeback(dst_fd, dst_off, len(scaled))
+        self._free.put(buf)
+        return len(scaled)
+
+    def cancel(self):
+        self._worker.cancel()
 
 
 def _timed_sha256(cancelled, fd: int, start: int, stop: int):
@@ -170,8 +206,9 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     `source_sha256`: record this as the source's hash instead of hashing `src_path` (a converted pickle).
     `durable`: start writing each range to disk as soon as it is written (the caller still fsyncs).
 
-    Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
-    the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
+    The main thread writes every byte: untouched runs of tensors copied by the kernel, and the edited
+    tensors that a worker thread reads and scales ahead; another worker hashes the source (unless its
+    hash is cached). `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
     header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
@@ -184,19 +221,18 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = source_sha256 or hash_cache.lookup(before)
         hasher = None if cached else _Background(_timed_sha256, src_fd, 0, before.st_size)
-        # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
-        # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
+        # The scaling (numpy and pread release the GIL) hides behind the kernel copy on a second core.
         edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
                   for t, begin, _ in runs if t is not None]
-        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress, durable)
+        scaler = _ScaledAhead(src_fd, edited)
         try:
-            with profile.phase("kernel copy of untouched tensors"):
-                for t, begin, end in runs:
-                    if t is None:
+            for t, begin, end in runs:
+                if t is None:
+                    with profile.phase("kernel copy of untouched tensors"):
                         _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress,
                                     durable)
-            with profile.phase("waiting for the edited tensors"):
-                scaler.result()
+                else:
+                    progress.update(scaler.write_next(dst_fd, base + begin, durable))
             with profile.phase("waiting for the source hash"):
                 source_sha256 = cached or hasher.result()
         except ShrankError:
