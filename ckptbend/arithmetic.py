@@ -65,6 +65,22 @@ def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
     return np.frombuffer(every, dtype=np.uint16)
 
 
+# Elements per table look-up: the indices (widened to intp by numpy) and results stay in the CPU cache,
+# ~2.5× faster than one look-up over a whole tensor (bin/bench --profile, "edited tensors: scale").
+LOOKUP_STEP = 1 << 17
+
+
+def _look_up(part: np.ndarray, table: np.ndarray) -> None:
+    """Replace each 16-bit pattern of `part` by table[pattern], in place."""
+    if not part.flags.c_contiguous:        # a column range: rare and small
+        part[...] = table[part]
+        return
+    flat = part.reshape(-1)
+    for start in range(0, flat.size, LOOKUP_STEP):
+        chunk = flat[start:start + LOOKUP_STEP]
+        np.take(table, chunk, out=chunk, mode="wrap")   # every uint16 is a valid index: no bounds check
+
+
 def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
     """Scale rows (or columns) of one stored tensor in place, in a writable buffer (bytearray or
     memoryview), and return the buffer. Segments carry rows, factors and optionally cols. A zero-element
@@ -76,8 +92,7 @@ def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
     if dtype in ("F16", "BF16"):
         rows = _rows_view(np.frombuffer(raw, dtype=np.uint16), shape)
         for seg in segments:
-            part = _part(rows, seg)
-            part[...] = _table(dtype, tuple(seg.factors))[part]
+            _look_up(_part(rows, seg), _table(dtype, tuple(seg.factors)))
         return raw
     with np.errstate(over="ignore", invalid="ignore"):   # inf and NaN follow IEEE, as in torch
         return _scale_with_numpy(raw, dtype, shape, segments)

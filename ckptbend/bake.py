@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import profile
 from .companion import emit, folder_for
 from .errors import CkptbendError
 from .layouts import Checkpoint, detect
@@ -81,9 +82,11 @@ def _bake_into(plan: Plan, recipe, ckpt: Checkpoint, tmp: Path, progress, source
         with open(dst, "r+b") as out:
             # keyed as recorded: a file of the folder, or the single file under the name the user gave
             key = rel if ckpt.kind == "diffusers-folder" else source_name
-            digests[key], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress, source_sha256)
+            digests[key], _ = rewrite_file(src, cf.header, plan.edits_for(rel), meta, out, progress, source_sha256,
+                                           durable)
             if durable:
-                os.fsync(out.fileno())
+                with profile.phase("fsync of the output"):
+                    os.fsync(out.fileno())
     return digests
 
 
@@ -102,10 +105,11 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
     `sync`), so a power cut cannot leave a complete-looking file with missing data.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    ckpt = detect(input_path)
-    plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
-    targets = targets_of([(recipe, output_path)], ckpt.kind == "diffusers-folder")
-    check_targets(targets, [input_path, *inputs], force)
+    with profile.phase("header, plan and target checks"):
+        ckpt = detect(input_path)
+        plan = make_plan(recipe, ckpt, allow_missing=allow_missing)
+        targets = targets_of([(recipe, output_path)], ckpt.kind == "diffusers-folder")
+        check_targets(targets, [input_path, *inputs], force)
     out, companion = targets[0], (targets[1] if len(targets) > 1 else None)
     stale = remove_stale_temporaries(out.absolute.parent, keep=[input_path, *inputs])
     if ckpt.kind == "diffusers-folder":
@@ -123,7 +127,8 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
                     "file": output_path.name, "source": name, "source_sha256": digests})
                 companion_placed = companion_new
         if durable:
-            fsync_path(out.absolute.parent)
+            with profile.phase("fsync of the folder"):
+                fsync_path(out.absolute.parent)
     except BaseException as e:
         if companion_placed:     # the output could not be put in place: take back the new companion too
             shutil.rmtree(companion.path, ignore_errors=True)

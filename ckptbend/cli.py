@@ -6,12 +6,13 @@ import json
 import os
 import signal
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, profile
 from .errors import CkptbendError
 from .synth import catalog as synth_catalog
 
@@ -398,7 +399,11 @@ def _terminate(signum, frame):
 
 def main():
     signal.signal(signal.SIGTERM, _terminate)
-    cli(prog_name="ckptbend")
+    started = time.perf_counter()
+    try:
+        cli(prog_name="ckptbend")
+    finally:
+        profile.report(time.perf_counter() - started)   # CKPTBEND_PROFILE=1 only
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 MAX_ENTRIES = 1000
+# Hash through a buffer that stays in the core's own cache: SHA-256 then costs ~1.5× less CPU than through
+# 1 MiB or 16 MiB buffers, above all while the other core copies (bin/bench --profile, "source hash").
+HASH_CHUNK = 256 * 1024
 
 
 def _enabled() -> bool:
@@ -76,8 +79,9 @@ def sha256_file(path, *, cached: bool = True) -> str:
         if cached and (digest := lookup(st)):
             return digest
         h = hashlib.sha256()
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
+        buf = memoryview(bytearray(HASH_CHUNK))
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     if cached:
         remember(st, h.hexdigest())
     return h.hexdigest()

@@ -1,10 +1,11 @@
 """The byte engine: write one output safetensors file from its input in one pass.
 
-The output header equals the input's tensor table (dtype and shape never change), so it is written
-first, with fixed-width placeholders for the hashes it records: the source file's SHA-256 (computed
-beside the copy, or remembered from an earlier bake) and, only when the input carries ModelSpec
-metadata, the output data section's SHA-256 (read back once written). Untouched runs of tensors are
-copied by the kernel; edited tensors are read, scaled (arithmetic.scale_bytes) and written by a worker.
+The output header equals the input's tensor table (dtype and shape never change), so its length is
+known first; it is written last, once it can record the source file's SHA-256 (computed beside the copy,
+or remembered from an earlier bake) and, only when the input carries ModelSpec metadata, the output data
+section's SHA-256 (read back once written). Untouched runs of tensors are copied by the kernel; edited
+tensors are read and scaled (arithmetic.scale_bytes) ahead by a worker, and written in turn. A durable
+bake starts each written range's writeback at once, so the disk works while the copy goes on.
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import threading
 from pathlib import Path
 
-from . import hash_cache
+from . import hash_cache, profile
 from .arithmetic import scale_bytes
 from .errors import CkptbendError
+from .hash_cache import HASH_CHUNK
+from .output import start_writeback
 from .plan import Edit
 from .provenance import final_metadata
 from .safetensors_io import Header, header_bytes
 
 CHUNK = 16 * 1024 * 1024
-COPY_STEP = 256 * 1024 * 1024   # bytes per copy_file_range call: large, but progress still moves
+COPY_STEP = 64 * 1024 * 1024    # bytes per copy_file_range call: large, but progress and writeback move
 
 
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
@@ -56,11 +60,11 @@ class ShrankError(OSError):
 def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
     """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
     h = hashlib.sha256()
-    buf = memoryview(bytearray(CHUNK))
+    buf = memoryview(bytearray(HASH_CHUNK))
     while start < stop:
         if cancelled is not None and cancelled.is_set():
             return None
-        n = os.preadv(fd, [buf[:min(CHUNK, stop - start)]], start)
+        n = os.preadv(fd, [buf[:min(HASH_CHUNK, stop - start)]], start)
         if not n:
             raise ShrankError()
         h.update(buf[:n])   # hashlib releases the GIL here, so this runs beside the copy
@@ -109,7 +113,7 @@ def _runs(header: Header, edits: dict[str, Edit]):
         yield None, start, header.tensors[-1].end
 
 
-def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress):
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress, durable: bool):
     """Copy bytes between files inside the kernel (no decoding, no user-space buffer) where possible."""
     while count:
         step = min(count, COPY_STEP)
@@ -123,6 +127,8 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             _pwrite_all(dst_fd, data, dst_off)
         if not n:
             raise ShrankError()
+        if durable:
+            start_writeback(dst_fd, dst_off, n)
         src_off, dst_off, count = src_off + n, dst_off + n, count - n
         progress.update(n)
 
@@ -134,33 +140,79 @@ def _pwrite_all(fd: int, data: bytes, offset: int):
         view, offset = view[n:], offset + n
 
 
-def _scale_tensors(cancelled: threading.Event, src_fd: int, dst_fd: int, edited, progress):
-    """Read, scale and write each (tensor, segments, source offset, output offset) of `edited`."""
-    # One buffer for every edited tensor: fresh gigabytes of allocations cost page faults.
-    scratch = memoryview(bytearray(max((t.nbytes for t, *_ in edited), default=0)))
-    for t, segments, src_off, dst_off in edited:
-        if cancelled.is_set():
-            return
-        raw = scratch[:t.nbytes]
-        if os.preadv(src_fd, [raw], src_off) != t.nbytes:
-            raise ShrankError()
-        _pwrite_all(dst_fd, scale_bytes(raw, t.dtype, t.shape, segments), dst_off)
-        progress.update(t.nbytes)
+class _ScaledAhead:
+    """Reads and scales the edited tensors in data order on a worker thread, at most DEPTH tensors ahead;
+    the main thread takes and writes them. One writer per file: two threads writing the same file
+    contend for its lock, which cost more than the scaling saved (bin/bench --profile)."""
+
+    DEPTH = 2
+
+    def __init__(self, src_fd: int, edited):
+        size = max((t.nbytes for t, *_ in edited), default=0)
+        # Reused buffers: fresh gigabytes of allocations cost page faults.
+        self._free = queue.Queue()
+        for _ in range(min(self.DEPTH, len(edited))):
+            self._free.put(bytearray(size))
+        self._ready = queue.Queue()
+        self._worker = _Background(self._run, src_fd, edited)
+
+    def _run(self, cancelled: threading.Event, src_fd: int, edited):
+        try:
+            for t, segments, src_off, _ in edited:
+                while True:
+                    if cancelled.is_set():
+                        return
+                    try:
+                        buf = self._free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        continue
+                raw = memoryview(buf)[:t.nbytes]
+                with profile.phase("edited tensors: read (worker)"):
+                    if os.preadv(src_fd, [raw], src_off) != t.nbytes:
+                        raise ShrankError()
+                with profile.phase("edited tensors: scale (worker)"):
+                    self._ready.put((buf, scale_bytes(raw, t.dtype, t.shape, segments)))
+        except BaseException as e:
+            self._ready.put(e)      # the main thread waits on _ready: hand it the failure
+            raise
+
+    def write_next(self, dst_fd: int, dst_off: int, durable: bool) -> int:
+        """Write the next scaled tensor at dst_off; returns its size."""
+        with profile.phase("waiting for the edited tensors"):
+            item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        buf, scaled = item
+        with profile.phase("edited tensors: write"):
+            _pwrite_all(dst_fd, scaled, dst_off)
+            if durable:
+                start_writeback(dst_fd, dst_off, len(scaled))
+        self._free.put(buf)
+        return len(scaled)
+
+    def cancel(self):
+        self._worker.cancel()
+
+
+def _timed_sha256(cancelled, fd: int, start: int, stop: int):
+    with profile.phase("source hash (worker)"):
+        return _sha256_of(cancelled, fd, start, stop)
 
 
 def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: dict[str, str], out, progress,
-                 source_sha256: str | None = None):
-    """Write one output file to `out` (readable and writable). Returns (source_sha256, data_sha256 or None).
+                 source_sha256: str | None = None, durable: bool = False):
+    """Write one output file to `out` (readable and writable, empty). Returns (source_sha256, data_sha256 or None).
     `source_sha256`: record this as the source's hash instead of hashing `src_path` (a converted pickle).
+    `durable`: start writing each range to disk as soon as it is written (the caller still fsyncs).
 
-    Untouched runs of tensors are copied by the kernel while a worker thread reads, scales and writes
-    the edited tensors, and another hashes the source (unless its hash is cached). `data_chunks` is the
+    The main thread writes every byte: untouched runs of tensors copied by the kernel, and the edited
+    tensors that a worker thread reads and scales ahead; another worker hashes the source (unless its
+    hash is cached). `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
-    placeholder = header_bytes(meta, header.tensors)
-    out.write(placeholder)
-    out.flush()
-    dst_fd, base = out.fileno(), len(placeholder)
+    header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
+    dst_fd, base = out.fileno(), header_size
     runs = list(_runs(header, edits))
     with open(src_path, "rb") as src:
         src_fd = src.fileno()
@@ -168,18 +220,21 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         if before.st_size != header.file_size:
             raise CkptbendError(f"{src_path}: file changed since its header was read")
         cached = source_sha256 or hash_cache.lookup(before)
-        hasher = None if cached else _Background(_sha256_of, src_fd, 0, before.st_size)
-        # The kernel copies the untouched runs while a worker scales the edited tensors (numpy and
-        # pread/pwrite release the GIL): the scaling hides behind the copy on a second core.
+        hasher = None if cached else _Background(_timed_sha256, src_fd, 0, before.st_size)
+        # The scaling (numpy and pread release the GIL) hides behind the kernel copy on a second core.
         edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
                   for t, begin, _ in runs if t is not None]
-        scaler = _Background(_scale_tensors, src_fd, dst_fd, edited, progress)
+        scaler = _ScaledAhead(src_fd, edited)
         try:
             for t, begin, end in runs:
                 if t is None:
-                    _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress)
-            scaler.result()
-            source_sha256 = cached or hasher.result()
+                    with profile.phase("kernel copy of untouched tensors"):
+                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress,
+                                    durable)
+                else:
+                    progress.update(scaler.write_next(dst_fd, base + begin, durable))
+            with profile.phase("waiting for the source hash"):
+                source_sha256 = cached or hasher.result()
         except ShrankError:
             raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
@@ -195,9 +250,13 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             hash_cache.remember(after, source_sha256)
     progress.update(header.data_start)
     # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
-    data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0)) \
-        if "modelspec.hash_sha256" in meta else None
-    final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
-    assert len(final) == len(placeholder)
-    _pwrite_all(dst_fd, final, 0)
+    data_sha256 = None
+    if "modelspec.hash_sha256" in meta:
+        with profile.phase("output data hash (read back)"):
+            data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0))
+    with profile.phase("final header"):
+        # Written once, last: no page is dirtied twice, and a torn file has no valid-looking header.
+        final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
+        assert len(final) == header_size
+        _pwrite_all(dst_fd, final, 0)
     return source_sha256, data_sha256

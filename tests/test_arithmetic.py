@@ -78,3 +78,18 @@ def test_column_segments_scale_only_their_columns(name):
     expected = torch_reference(t.t().contiguous(), (1.7,), (0, 4)).t()
     assert torch.equal(got.view(torch.uint8), expected.contiguous().view(torch.uint8))
     assert torch.equal(got[:, 4:].view(torch.uint8), t[:, 4:].view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16"])
+def test_table_look_up_in_steps_covers_every_element(name):
+    """16-bit tensors are looked up LOOKUP_STEP elements at a time: a tensor of several steps plus a
+    remainder, cut by a row range that starts and ends inside steps, still equals torch everywhere."""
+    from ckptbend.arithmetic import LOOKUP_STEP
+
+    rows, cols = 7, LOOKUP_STEP // 3 + 5
+    g = torch.Generator().manual_seed(2)
+    t = (torch.randn(rows, cols, generator=g) * 3).to(DTYPES[name])
+    raw = bytearray(t.view(torch.uint8).numpy().tobytes())
+    got = torch.frombuffer(scale_bytes(raw, name, (rows, cols), [Segment((1, 6), (1.7,), ())]), dtype=t.dtype)
+    expected = torch_reference(t, (1.7,), (1, 6))
+    assert torch.equal(got.view(torch.uint8), expected.reshape(-1).view(torch.uint8))

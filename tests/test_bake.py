@@ -207,3 +207,29 @@ def test_output_gets_the_usual_file_mode(sd1, tmp_path):
     finally:
         os.umask(mask)
     assert (os.stat(tmp_path / "out.safetensors").st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_source_that_shrinks_mid_bake_gives_one_error_and_no_output(tmp_path, monkeypatch, cached):
+    """The source is truncated after the first bytes are written (from the progress callback, i.e. while
+    the kernel copy, the scaling worker and the hash run): the writer stops with one CkptbendError, with
+    or without a hash thread to notice (bake then discards the temporary)."""
+    from ckptbend import writer
+    from ckptbend.plan import make_plan
+
+    monkeypatch.setenv("CKPTBEND_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "in.safetensors"
+    write_checkpoint(src, "sd1", size="tiny", dtype=torch.float16)
+    if cached:
+        writer.hash_cache.remember(os.stat(src), "0" * 64)    # no hash thread: the copy must notice alone
+    ckpt = detect(src)
+    header = ckpt.files[0].header
+    edits = make_plan(RECIPE, ckpt).edits_for(ckpt.files[0].rel)
+
+    class Truncating:
+        def update(self, n):
+            if os.path.getsize(src) > header.data_start:
+                os.truncate(src, header.data_start + (os.path.getsize(src) - header.data_start) // 3)
+
+    with open(tmp_path / "out", "w+b") as out, pytest.raises(CkptbendError, match="shrank|changed"):
+        writer.rewrite_file(src, header, edits, dict(header.metadata), out, Truncating())
