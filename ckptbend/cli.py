@@ -81,13 +81,20 @@ def _load(recipe_path: Path, allow_out_of_range: bool):
 def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range, allow_pickle, no_fsync, quiet):
     """Bake each RECIPE into the checkpoint INPUT.
 
-    INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, UNet-only or text-encoder-only)
-    or a diffusers model folder. The input is never modified; an output appears only when complete.
+    INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, Flux, SD3/3.5, Wan, Qwen-Image,
+    HunyuanVideo or LTX-Video; UNet-, transformer- or text-encoder-only) or a diffusers model folder.
+    The input is never modified; an output appears only when complete.
 
     \b
       ckptbend bake recipes/sharper-details.toml model.safetensors -o sharp.safetensors
       ckptbend bake a.toml b.toml model.safetensors -o variants/
       ckptbend bake base.toml model.safetensors -o grid/ --grid unet.self.q=1.0,1.1 --grid unet.self.k=1.0,1.1
+
+    \b
+    Environment:
+      CKPTBEND_HASH_CACHE=0   hash the source again (its SHA-256 is otherwise remembered per file)
+      CKPTBEND_CACHE_DIR      where that memory lives (default ~/.cache/ckptbend)
+      CKPTBEND_PROFILE=1      print the time of each phase to stderr (bin/bench --profile)
     """
     from .bake import targets_of
     from .output import check_targets
