@@ -159,14 +159,9 @@ class _ScaledAhead:
     def _run(self, cancelled: threading.Event, src_fd: int, edited):
         try:
             for t, segments, src_off, _ in edited:
-                while True:
-                    if cancelled.is_set():
-                        return
-                    try:
-                        buf = self._free.get(timeout=0.1)
-                        break
-                    except queue.Empty:
-                        continue
+                buf = self._free.get()          # None: cancelled
+                if buf is None or cancelled.is_set():
+                    return
                 raw = memoryview(buf)[:t.nbytes]
                 with profile.phase("edited tensors: read (worker)"):
                     if os.preadv(src_fd, [raw], src_off) != t.nbytes:
@@ -192,6 +187,7 @@ class _ScaledAhead:
         return len(scaled)
 
     def cancel(self):
+        self._free.put(None)                # wakes a worker waiting for a free buffer
         self._worker.cancel()
 
 
