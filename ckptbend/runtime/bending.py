@@ -396,6 +396,19 @@ def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out
 
 
+def bend_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Sequence[int],
+              bias: torch.Tensor | None = None, **bend) -> None:
+    """bent_output on the batch items `rows` of per-head out/q/k/v (and of a per-item bias), written into
+    out: consecutive rows as views (no copies), others gathered and written back. Both hosts use it."""
+    index = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else list(rows)
+    if bias is not None and bias.shape[0] > 1:
+        bias = bias[index]
+    if isinstance(index, slice):
+        bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
+    else:
+        out[index] = bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
+
+
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[b, n, heads·d] → [b·heads, n, d], batch-major (row i·heads + h is item i, head h)."""
     b, n, inner = x.shape

@@ -244,16 +244,6 @@ def _chunk_rows(cond_or_uncond, kind: int, batch: int) -> list[int]:
     return [c * size + i for c, k in enumerate(cond_or_uncond) if k == kind for i in range(size)]
 
 
-def _bend_rows(out, q, k, v, rows: list, **bend) -> None:
-    """bending.bent_output on the batch rows `rows` of per-head out/q/k/v, writing into out: consecutive
-    rows as views (no copies), others gathered and written back."""
-    if rows == list(range(rows[0], rows[-1] + 1)):
-        index = slice(rows[0], rows[-1] + 1)
-        bending.bent_output(out[index], q[index], k[index], v[index], **bend)
-    else:
-        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], **bend)
-
-
 def _grid_hw(extra: Mapping):
     """(h, w) of this transformer's token grid from its input shape, when the host says it."""
     shape = extra.get("activations_shape")
@@ -463,8 +453,8 @@ def _bend_site(specs: list, columns: Mapping, layer: int, steps):
                              "the model sees; is bending_prompt the prompt you encode?")
         # Only the conditional chunks are bent: the host's output plus the bent columns' correction.
         grid = _grid_hw(extra) or bending.grid_for(q.shape[1], tuple(extra["original_shape"][-2:]))
-        _bend_rows(*(_per_head(t, heads) for t in (out, q, k, v)), rows, entries=active, token_indices=columns,
-                   grid_hw=grid, step_index=step, layer_index=layer)
+        bending.bend_rows(*(_per_head(t, heads) for t in (out, q, k, v)), rows, entries=active,
+                          token_indices=columns, grid_hw=grid, step_index=step, layer_index=layer)
         return out
 
     return bend
@@ -610,8 +600,9 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         if last >= len(range(kh.shape[2])[text]):
             raise ValueError(f"Attention Bending: token column {last} lies beyond the text tokens the model sees; "
                              "is bending_prompt the prompt you encode?")
-        _bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=here, grid_hw=(h, w), step_index=step,
-                   layer_index=tag["layer"], frames=frames if frames > 1 else None, text=text, queries=queries)
+        bending.bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=here, grid_hw=(h, w),
+                          step_index=step, layer_index=tag["layer"], frames=frames if frames > 1 else None,
+                          text=text, queries=queries)
         return out
 
     return override

@@ -656,10 +656,10 @@ class Session:
         bias = mask
         if mask is not None and mask.dtype == torch.bool:
             bias = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
-        _bend_rows(out if self.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
-                   token_indices=self.token_indices, grid_hw=call.token_hw, step_index=call.step,
-                   layer_index=site.layer, frames=call.frames, text=text, queries=slice(first, first + n_image),
-                   observe=observe, bias=bias)
+        bending.bend_rows(out if self.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
+                          token_indices=self.token_indices, grid_hw=call.token_hw, step_index=call.step,
+                          layer_index=site.layer, frames=call.frames, text=text,
+                          queries=slice(first, first + n_image), observe=observe, bias=bias)
         return _joint_output(self.joint, attn, out.to(q.dtype), hidden.shape[1], context)
 
     def _recorder(self, site, active, heads, grid, n_text):
@@ -762,18 +762,6 @@ def _joint_output(family, attn, out, n_hidden, context):
     if not getattr(attn, "context_pre_only", False):
         text = attn.to_add_out(text.contiguous())
     return image, text
-
-
-def _bend_rows(out, q, k, v, rows, bias=None, **bend) -> None:
-    """bending.bent_output on the batch items `rows` of per-head out/q/k/v (and of a per-item bias), written
-    into out."""
-    index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
-    if bias is not None and bias.shape[0] > 1:
-        bias = bias[index]
-    if isinstance(index, slice):
-        bending.bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
-    else:
-        out[rows] = bending.bent_output(out[rows], q[rows], k[rows], v[rows], bias=bias, **bend)
 
 
 def _same_columns(found: list) -> dict[str, list[int]]:
