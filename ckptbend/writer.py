@@ -17,7 +17,7 @@ import queue
 import threading
 from pathlib import Path
 
-from . import hash_cache, profile
+from . import hash_cache, interrupts, profile
 from .arithmetic import scale_bytes
 from .errors import CkptbendError
 from .hash_cache import HASH_CHUNK
@@ -88,7 +88,9 @@ class _Background:
             self._outcome = e
 
     def result(self):
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(interrupts.POLL)
+            interrupts.check()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         return self._outcome
@@ -131,6 +133,7 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             start_writeback(dst_fd, dst_off, n)
         src_off, dst_off, count = src_off + n, dst_off + n, count - n
         progress.update(n)
+        interrupts.check()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int):
@@ -175,7 +178,7 @@ class _ScaledAhead:
     def write_next(self, dst_fd: int, dst_off: int, durable: bool) -> int:
         """Write the next scaled tensor at dst_off; returns its size."""
         with profile.phase("waiting for the edited tensors"):
-            item = self._ready.get()
+            item = _get_interruptibly(self._ready)
         if isinstance(item, BaseException):
             raise item
         buf, scaled = item
@@ -189,6 +192,14 @@ class _ScaledAhead:
     def cancel(self):
         self._free.put(None)                # wakes a worker waiting for a free buffer
         self._worker.cancel()
+
+
+def _get_interruptibly(q: queue.Queue):
+    while True:
+        try:
+            return q.get(timeout=interrupts.POLL)
+        except queue.Empty:
+            interrupts.check()
 
 
 def _timed_sha256(cancelled, fd: int, start: int, stop: int):
@@ -210,7 +221,8 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
     dst_fd, base = out.fileno(), header_size
     runs = list(_runs(header, edits))
-    with open(src_path, "rb") as src:
+    # Worker threads and queues from here on: Ctrl-C is handled only between steps (interrupts.py).
+    with open(src_path, "rb") as src, interrupts.deferred():
         src_fd = src.fileno()
         before = os.fstat(src_fd)
         if before.st_size != header.file_size:
@@ -223,6 +235,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         scaler = _ScaledAhead(src_fd, edited)
         try:
             for t, begin, end in runs:
+                interrupts.check()
                 if t is None:
                     with profile.phase("kernel copy of untouched tensors"):
                         _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress,
@@ -244,7 +257,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             raise CkptbendError(f"{src_path}: file changed while being read; output discarded")
         if not cached:
             hash_cache.remember(after, source_sha256)
-    progress.update(header.data_start)
+        progress.update(header.data_start)
     # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
     data_sha256 = None
     if "modelspec.hash_sha256" in meta:
