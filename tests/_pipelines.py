@@ -5,7 +5,8 @@ import json
 
 import torch
 from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
-                       StableDiffusionPipeline, UNet2DConditionModel, WanPipeline, WanTransformer3DModel)
+                       StableDiffusionPipeline, UNet2DConditionModel, WanImageToVideoPipeline, WanPipeline,
+                       WanTransformer3DModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast, T5Config,
                           T5EncoderModel)
 
@@ -114,6 +115,17 @@ def wan_pipeline(seed: int = 5):
     return pipe
 
 
+
+
+def wan22_ti2v_pipeline(seed: int = 5):
+    """Wan 2.2 TI2V-5B's image-to-video mode: diffusers' WanImageToVideoPipeline with expand_timesteps
+    (no CLIP image encoder; the first latent frame is the encoded image, and the model gets a timestep per
+    token, 0 for the first frame's tokens and t for the rest)."""
+    base = wan_pipeline(seed)
+    pipe = WanImageToVideoPipeline(**{k: v for k, v in base.components.items() if k != "transformer_2"},
+                                   image_encoder=None, image_processor=None, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def wan22_pipeline(seeds=(5, 7), boundary_ratio=0.875):

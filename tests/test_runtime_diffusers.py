@@ -10,13 +10,16 @@ test removes what it applies.
 
 import contextlib
 import math
+import types
 
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                        PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
-                       StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline)
+                       StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanImageToVideoPipeline,
+                       WanPipeline)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -24,7 +27,7 @@ from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
 from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
-                        tiny_vae, wan22_pipeline, wan_pipeline, write_clip_tokenizer)
+                        tiny_vae, wan22_pipeline, wan22_ti2v_pipeline, wan_pipeline, write_clip_tokenizer)
 
 PROMPT = "a romantic kiss at sunset"
 MARKED = "a romantic {kiss} at {sunset}"
@@ -96,8 +99,10 @@ def latents(pipe, prompt=PROMPT, **kw):
           "generator": torch.Generator().manual_seed(0), **kw}
     if isinstance(pipe, PixArtAlphaPipeline):
         kw = {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16, **kw}
-    if isinstance(pipe, WanPipeline):
+    if isinstance(pipe, (WanPipeline, WanImageToVideoPipeline)):
         kw = {**kw, "height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 16}
+        if isinstance(pipe, WanImageToVideoPipeline):
+            kw = {"image": PIL.Image.new("RGB", (64, 64), (200, 120, 40)), **kw}
         with torch.no_grad():
             return pipe(prompt=prompt, **kw).frames
     with torch.no_grad():
@@ -812,6 +817,46 @@ def test_wan22_both_experts_bend_one_step_window(wan22, window):
 
 def test_wan22_remove_restores_both_experts(wan22):
     check_remove_restores(wan22, {"bending": [BEND]})
+
+
+# --- Wan 2.2 TI2V-5B, image to video: a timestep per token --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan_ti2v():
+    # diffusers' WanImageToVideoPipeline calls ftfy.fix_text without checking that the optional ftfy is
+    # installed (WanPipeline checks, and leaves the text as it is): do as WanPipeline does without ftfy.
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+    with pytest.MonkeyPatch.context() as mp:
+        if not hasattr(i2v, "ftfy"):
+            mp.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+        yield wan22_ti2v_pipeline()
+
+
+@pytest.mark.parametrize("window", [[0, 0], [1, 2]])
+def test_wan22_ti2v_step_is_the_noised_tokens_timestep(wan_ti2v, window):
+    """With expand_timesteps the model gets a timestep per token: 0 for the image's latent frame, t for the
+    others. The step is found from t (the first token's 0 matches no step): a window bends the conditional
+    call of exactly its steps; every other call is the unpatched model's output bit for bit."""
+    calls = []
+
+    def record(module, args, kwargs, out):
+        calls.append((dict(kwargs), out[0].clone()))
+
+    entries = [{**BEND, "apply_to_timesteps": window}]
+    with applied(wan_ti2v, {"bending": entries}, record_maps=True) as session, \
+            hooked(wan_ti2v.transformer, record):
+        latents(wan_ti2v, MARKED, num_inference_steps=4)
+    assert len(calls) == 8                                   # 4 steps × (cond, uncond)
+    assert calls[0][0]["timestep"].ndim == 2 and calls[0][0]["timestep"][0, 0] == 0     # per token, image first
+    for i, (inputs, out) in enumerate(calls):
+        step, conditional = i // 2, i % 2 == 0
+        with torch.no_grad():
+            plain = wan_ti2v.transformer(**inputs)[0]
+        if conditional and window[0] <= step <= window[1]:
+            assert (out - plain).abs().max() > 1e-4, step
+        else:
+            assert torch.equal(out, plain), step
+    assert sorted({r["step"] for r in session.maps}) == list(range(window[0], window[1] + 1))
 
 
 # --- the lean path: SDPA + bent_output's correction equals the explicit probabilities -------------------------

@@ -496,7 +496,9 @@ class Session:
             return None
         x = _model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        t = float(torch.as_tensor(t).flatten()[0])
+        # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
+        # tokens' t is the largest (every other model passes one t for the whole call).
+        t = float(torch.as_tensor(t).flatten().max())
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         cfg, cond_rows = self._layout(x.shape[0], text)
         scheduler = self.pipe.scheduler
