@@ -128,6 +128,22 @@ def wan22_ti2v_pipeline(seed: int = 5):
     return pipe
 
 
+def wan22_i2v_pipeline(seeds=(5, 7), boundary_ratio=0.9):
+    """Wan 2.2 I2V A14B's layout: WanImageToVideoPipeline with two experts whose input is the noisy latents,
+    a 4-channel frame mask and the encoded image (16 + 4 + 16 = 36 channels), no CLIP image encoder
+    (0.9: A14B I2V's boundary ratio)."""
+    experts = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(**{**WAN_CONFIG, "in_channels": 36}).eval())
+    base = wan_pipeline(seeds[0])
+    parts = {k: v for k, v in base.components.items() if k not in ("transformer", "transformer_2")}
+    pipe = WanImageToVideoPipeline(**parts, transformer=experts[0], transformer_2=experts[1], image_encoder=None,
+                                   image_processor=None, boundary_ratio=boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def wan22_pipeline(seeds=(5, 7), boundary_ratio=0.875):
     """Wan 2.2 T2V A14B's layout: wan_pipeline with a second expert of the same config, `transformer`
     (high noise) for timesteps ≥ boundary_ratio · 1000 and `transformer_2` (low noise) below (0.875:

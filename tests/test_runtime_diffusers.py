@@ -27,7 +27,8 @@ from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
 from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
-                        tiny_vae, wan22_pipeline, wan22_ti2v_pipeline, wan_pipeline, write_clip_tokenizer)
+                        tiny_vae, wan22_i2v_pipeline, wan22_pipeline, wan22_ti2v_pipeline, wan_pipeline,
+                        write_clip_tokenizer)
 
 PROMPT = "a romantic kiss at sunset"
 MARKED = "a romantic {kiss} at {sunset}"
@@ -107,6 +108,17 @@ def latents(pipe, prompt=PROMPT, **kw):
             return pipe(prompt=prompt, **kw).frames
     with torch.no_grad():
         return pipe(prompt=prompt, **kw).images
+
+
+@contextlib.contextmanager
+def i2v_prompts_cleaned_as_wan_does():
+    """diffusers' WanImageToVideoPipeline calls ftfy.fix_text without checking that the optional ftfy is
+    installed (WanPipeline checks, and leaves the text as it is): do as WanPipeline does without ftfy."""
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+    with pytest.MonkeyPatch.context() as mp:
+        if not hasattr(i2v, "ftfy"):
+            mp.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+        yield
 
 
 @contextlib.contextmanager
@@ -768,9 +780,14 @@ WAN22_STEPS = 4              # timesteps 1000, 934 (high-noise expert), 781, 47 
 SCALE_KISS = {"token": "kiss", "mode": "scale", "scale_factor": 30.0, "renormalize": "column"}
 
 
-@pytest.fixture(scope="module")
-def wan22():
-    return wan22_pipeline()
+@pytest.fixture(scope="module", params=["t2v", "i2v"])
+def wan22(request):
+    """Wan 2.2 A14B, text to video or (the image encoded into the experts' input) image to video."""
+    if request.param == "t2v":
+        yield wan22_pipeline()
+    else:
+        with i2v_prompts_cleaned_as_wan_does():
+            yield wan22_i2v_pipeline()
 
 
 def expert_calls(pipe, steps=WAN22_STEPS):
@@ -823,12 +840,7 @@ def test_wan22_remove_restores_both_experts(wan22):
 
 @pytest.fixture(scope="module")
 def wan_ti2v():
-    # diffusers' WanImageToVideoPipeline calls ftfy.fix_text without checking that the optional ftfy is
-    # installed (WanPipeline checks, and leaves the text as it is): do as WanPipeline does without ftfy.
-    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
-    with pytest.MonkeyPatch.context() as mp:
-        if not hasattr(i2v, "ftfy"):
-            mp.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    with i2v_prompts_cleaned_as_wan_does():
         yield wan22_ti2v_pipeline()
 
 
