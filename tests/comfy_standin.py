@@ -123,11 +123,21 @@ def comfy_layout(unet) -> tuple[nn.Module, list[tuple[Site, nn.Module]]]:
     return view, sites
 
 
+def _per_head_mask(mask):
+    """ComfyUI's backends take a mask [q, k], [b, q, k] or [b, heads, q, k]: the first two gain the missing
+    batch and head dimensions (attention_pytorch's unsqueezes)."""
+    if mask is not None and mask.ndim == 2:
+        mask = mask[None]
+    return mask[:, None] if mask is not None and mask.ndim == 3 else mask
+
+
 def attention_sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
                    **kwargs):
-    """ComfyUI's attention_pytorch: scaled_dot_product_attention over heads."""
+    """ComfyUI's attention_pytorch: scaled_dot_product_attention over heads (a float mask is added to
+    the logits, a boolean one keeps True keys)."""
     if not skip_reshape:
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    mask = _per_head_mask(mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
 
@@ -144,6 +154,9 @@ def attention_chunked(q, k, v, heads, mask=None, attn_precision=None, skip_resha
     if attn_precision == torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     q = q * q.shape[-1] ** -0.5
+    mask = _per_head_mask(mask)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
     peak = total = acc = None
     for i in range(0, k.shape[2], key_chunk):
         s = q @ k[:, :, i:i + key_chunk].transpose(-1, -2)
@@ -288,19 +301,19 @@ class Executor:
         return self.run(*args, **kwargs)
 
 
-def apply_model(model, x, sigma, c_crossattn, transformer_options):
+def apply_model(model, x, sigma, c_crossattn, transformer_options, **extra_conds):
     """BaseModel.apply_model: the APPLY_MODEL wrappers of transformer_options["wrappers"], outermost
-    first, each called as w(executor, x, t, c_concat, c_crossattn, control, transformer_options),
-    around model._apply_model."""
+    first, each called as w(executor, x, t, c_concat, c_crossattn, control, transformer_options,
+    **extra_conds), around model._apply_model (which gets the extra conds, e.g. attention_mask)."""
     wrappers = [w for fs in transformer_options.get("wrappers", {}).get(APPLY_MODEL, {}).values() for w in fs]
 
     def run(i, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         if i == len(wrappers):
-            return model._apply_model(x, t, c_crossattn, transformer_options)
+            return model._apply_model(x, t, c_crossattn, transformer_options, **kwargs)
         executor = Executor(lambda *a, **k: run(i + 1, *a, **k), model)
         return wrappers[i](executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    return run(0, x, sigma, None, c_crossattn, None, transformer_options)
+    return run(0, x, sigma, None, c_crossattn, None, transformer_options, **extra_conds)
 
 
 class ModelPatcher:
@@ -365,9 +378,16 @@ class ModelPatcher:
 
 # --- comfy.samplers --------------------------------------------------------------------------------
 
-def cond(context: torch.Tensor) -> list[dict]:
-    """A conditioning as the sampler holds it: one entry with its cross-attention context."""
-    return [{"c_crossattn": context}]
+def cond(context) -> list[dict]:
+    """A conditioning as the sampler holds it: one entry with its cross-attention context (a context
+    tensor), or the entries given (dicts: "c_crossattn" and extra conds such as "attention_mask")."""
+    return context if isinstance(context, list) else [{"c_crossattn": context}]
+
+
+def _can_concat(a: dict, b: dict) -> bool:
+    """ComfyUI batches two conditioning entries into one model call only if they have the same conds, each
+    of the same shape apart from the context's length (CONDCrossAttn pads contexts; tests use one length)."""
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a if k != "c_crossattn")
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options):
@@ -377,7 +397,9 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
     out = [None] * len(conds)
     b = x_in.shape[0]
     while to_run:
-        batch, to_run = to_run[:model.max_chunks], to_run[model.max_chunks:]
+        first = to_run[0][1]
+        batch = [e for e in to_run if _can_concat(first, e[1])][:model.max_chunks]
+        to_run = [e for e in to_run if all(e is not b for b in batch)]
         options = dict(model_options.get("transformer_options", {}))
         options["cond_or_uncond"] = [i for i, _ in batch]
         options["uuids"] = [uuid.uuid4() for _ in batch]
@@ -385,8 +407,9 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
         options.setdefault("callbacks", {})
         options.setdefault("wrappers", {})
         context = torch.cat([c["c_crossattn"].expand(b, -1, -1) for _, c in batch])
+        extra = {k: torch.cat([c[k].expand(b, *c[k].shape[1:]) for _, c in batch]) for k in first if k != "c_crossattn"}
         result = model.apply_model(torch.cat([x_in] * len(batch)), torch.cat([timestep] * len(batch)),
-                                   c_crossattn=context, transformer_options=options)
+                                   c_crossattn=context, transformer_options=options, **extra)
         for (i, _), chunk in zip(batch, result.chunk(len(batch))):
             out[i] = chunk
     return out
@@ -413,7 +436,8 @@ def sampling_function(model, x, timestep, uncond, cond_, cond_scale, model_optio
 
 def sample(patcher: ModelPatcher, noise, positive, negative, cfg: float = 5.0, steps: int = 4,
            on_step=None) -> torch.Tensor:
-    """Euler sampling with CFG (k-diffusion's sample_euler); positive/negative are contexts [1, T, C].
+    """Euler sampling with CFG (k-diffusion's sample_euler); positive/negative are contexts [1, T, C] or
+    conditionings (cond()).
     on_step(i, x, denoised) sees every step."""
     model = patcher.model
     sigmas = model.schedule(steps)

@@ -10,7 +10,10 @@ run the way ComfyUI runs Flux.1 (and, below, SD3.5), per shared/docs/comfyui-dit
   [text; image] tokens as "img" and no "txt"; both get {"original_block": f} and return f's dict.
 - FluxHookedAttention: FluxAttention computed as flux.math.attention does it: per-head q/k RMS norms,
   [text; image] joint tokens, RoPE applied, then comfy's optimized_attention(q, k, v, heads,
-  skip_reshape=True, mask=None, transformer_options=…) with [B, heads, L, d] inputs → [B, L, heads·d].
+  skip_reshape=True, mask=attn_mask, transformer_options=…) with [B, heads, L, d] inputs → [B, L, heads·d].
+  attn_mask is the block's (forward_orig hands every block the call's `attention_mask` cond, cast to the
+  model's dtype: [B, L, L] added to the joint logits, e.g. StyleModelApply's attn_bias for Redux); None
+  when the conditioning has none.
   With `record` set (a list), every call appends {"layer", "q", "k", "v", "out", "cond_or_uncond"}.
 - FluxCLIP: Flux's CLIP object, tokenize() → {"l": CLIP-L tokens, "t5xxl": T5 tokens}.
 - ChromaModel: the same around a diffusers ChromaTransformer2DModel (ComfyUI's Chroma differs from Flux in
@@ -87,7 +90,7 @@ class FluxHookedAttention:
         q, k = (apply_rotary_emb(t, image_rotary_emb, sequence_dim=1) for t in (q, k))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # [B, heads, L, d]
         options = self.model.block_options
-        out = cs.BACKEND.optimized_attention(q, k, v, attn.heads, skip_reshape=True, mask=None,
+        out = cs.BACKEND.optimized_attention(q, k, v, attn.heads, skip_reshape=True, mask=self.model.block_mask,
                                              transformer_options=options)
         self.model._note(self.layer, "joint", q, k, v, out, options)
         if encoder_hidden_states is None:                                    # single block: no projection
@@ -106,6 +109,7 @@ class JointFlowModel:
         self.max_chunks = 8
         self.log, self.record = [], None
         self.options = self.block_options = None
+        self.call_mask = self.block_mask = None     # Flux / Chroma: the call's attention_mask, a block's attn_mask
         self.diffusion_model = nn.Module()
         self.diffusion_model.patch_size = 2
 
@@ -117,22 +121,24 @@ class JointFlowModel:
         t = torch.linspace(1, 0, steps + 1)[:-1]
         return torch.cat([self.shift * t / (1 + (self.shift - 1) * t), torch.zeros(1)])
 
-    def apply_model(self, x, sigma, c_crossattn, transformer_options):
-        return cs.apply_model(self, x, sigma, c_crossattn, transformer_options)
+    def apply_model(self, x, sigma, c_crossattn, transformer_options, **extra_conds):
+        return cs.apply_model(self, x, sigma, c_crossattn, transformer_options, **extra_conds)
 
-    def _apply_model(self, x, sigma, c_crossattn, transformer_options):
+    def _apply_model(self, x, sigma, c_crossattn, transformer_options, **extra_conds):
         self.options = dict(transformer_options)
+        # BaseModel._apply_model casts the extra conds (Flux's attention_mask) to the model's dtype
+        extra_conds = {k: c.to(x.dtype) if c.is_floating_point() else c for k, c in extra_conds.items()}
         try:
-            v = self._velocity(x, sigma, c_crossattn)
+            v = self._velocity(x, sigma, c_crossattn, **extra_conds)
         finally:
-            self.options = self.block_options = None
+            self.options = self.block_options = self.call_mask = self.block_mask = None
         return x - v * sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)     # 4-D, or Qwen's 5-D
 
     def _note(self, layer, kind, q, k, v, out, options):
         self.log.append((layer, kind, tuple(q.shape), tuple(k.shape)))
         if self.record is not None:
             self.record.append({"layer": layer, "kind": kind, "q": q, "k": k, "v": v, "out": out,
-                                "cond_or_uncond": options.get("cond_or_uncond")})
+                                "cond_or_uncond": options.get("cond_or_uncond"), "mask": self.block_mask})
 
 
 class FluxModel(JointFlowModel):
@@ -154,13 +160,12 @@ class FluxModel(JointFlowModel):
         def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None,
                     attention_mask=None):                                  # Chroma's blocks take a mask
             def original(args):
-                self.block_options = args["transformer_options"]
-                mask = {} if args["attn_mask"] is None else {"attention_mask": args["attn_mask"]}
-                txt, img = inner(args["img"], args["txt"], args["vec"], args["pe"], **mask)
+                self.block_options, self.block_mask = args["transformer_options"], args["attn_mask"]
+                txt, img = inner(args["img"], args["txt"], args["vec"], args["pe"])
                 return {"img": img, "txt": txt}
 
             args = {"img": hidden_states, "txt": encoder_hidden_states, "vec": temb, "pe": image_rotary_emb,
-                    "attn_mask": attention_mask, "transformer_options": self.options}
+                    "attn_mask": self.call_mask, "transformer_options": self.options}
             out = self._run_block(("double_block", index), args, original)
             return out["txt"], out["img"]
 
@@ -171,20 +176,21 @@ class FluxModel(JointFlowModel):
             n_text = encoder_hidden_states.shape[1]
 
             def original(args):
-                self.block_options = args["transformer_options"]
+                self.block_options, self.block_mask = args["transformer_options"], args["attn_mask"]
                 joint = args["img"]
                 txt, img = inner(joint[:, n_text:], joint[:, :n_text], args["vec"], args["pe"])
                 return {"img": torch.cat([txt, img], 1)}
 
             # ComfyUI's single blocks see the joint [text; image] tokens as "img".
             args = {"img": torch.cat([encoder_hidden_states, hidden_states], 1), "vec": temb,
-                    "pe": image_rotary_emb, "attn_mask": None, "transformer_options": self.options}
+                    "pe": image_rotary_emb, "attn_mask": self.call_mask, "transformer_options": self.options}
             joint = self._run_block(("single_block", index), args, original)["img"]
             return joint[:, :n_text], joint[:, n_text:]
 
         return forward
 
-    def _velocity(self, x, sigma, context):
+    def _velocity(self, x, sigma, context, attention_mask=None):
+        self.call_mask = attention_mask        # forward_orig's attn_mask: every block gets it
         b, _, h, w = x.shape
         v = self.transformer(pack(x), context, x.new_zeros(b, self.transformer.config.pooled_projection_dim), sigma,
                              image_ids(h // 2, w // 2), x.new_zeros(context.shape[1], 3)).sample
@@ -218,16 +224,17 @@ class ChromaModel(FluxModel):
     def _single_block(self, inner, index):
         def forward(hidden_states, temb, image_rotary_emb=None, attention_mask=None, joint_attention_kwargs=None):
             def original(args):
-                self.block_options = args["transformer_options"]
-                return {"img": inner(args["img"], args["vec"], args["pe"], args.get("attn_mask"))}
+                self.block_options, self.block_mask = args["transformer_options"], args["attn_mask"]
+                return {"img": inner(args["img"], args["vec"], args["pe"])}
 
-            args = {"img": hidden_states, "vec": temb, "pe": image_rotary_emb, "attn_mask": attention_mask,
+            args = {"img": hidden_states, "vec": temb, "pe": image_rotary_emb, "attn_mask": self.call_mask,
                     "transformer_options": self.options}
             return self._run_block(("single_block", index), args, original)["img"]
 
         return forward
 
-    def _velocity(self, x, sigma, context):
+    def _velocity(self, x, sigma, context, attention_mask=None):
+        self.call_mask = attention_mask
         return chroma_velocity(self.transformer, x, sigma, context)
 
 

@@ -54,20 +54,25 @@ def patched(model, clip, entries, **values):
 
 
 def backend(call, heads):
-    """The selected backend on a recorded call, as the model called it (Flux: per head, skip_reshape)."""
+    """The selected backend on a recorded call, as the model called it (Flux: per head, skip_reshape; the
+    block's attn_mask, if any)."""
     q, k, v = call["q"], call["k"], call["v"]
-    return cs.attention_chunked(q, k, v, heads, skip_reshape=q.ndim == 4)
+    return cs.attention_chunked(q, k, v, heads, mask=call.get("mask"), skip_reshape=q.ndim == 4)
 
 
 def explicit(call, heads, rows, entries, columns, n_text, grid, step):
     """The node's result for one joint call, computed independently: ComfyUI's backend output, except the
-    image-query rows of the batch items `rows`, which come from the explicit fp32 softmax with the
-    image×text block bent by bending.bend_probs and each row renormalised over all keys."""
+    image-query rows of the batch items `rows`, which come from the explicit fp32 softmax (the call's
+    additive [B, L, L] mask added to the logits, if it has one) with the image×text block bent by
+    bending.bend_probs and each row renormalised over all keys."""
     q, k, v = (t if t.ndim == 4 else t.unflatten(-1, (heads, -1)).transpose(1, 2)
                for t in (call["q"], call["k"], call["v"]))
     d = q.shape[-1]
     out = backend(call, heads).clone()
-    probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * d ** -0.5, dim=-1)[rows]
+    logits = q.float() @ k.float().transpose(-1, -2) * d ** -0.5
+    if call.get("mask") is not None:
+        logits = logits + call["mask"].float()[:, None]              # the same mask for every head
+    probs = torch.softmax(logits, dim=-1)[rows]
     block = probs[:, :, n_text:, :n_text].reshape(-1, probs.shape[2] - n_text, n_text)
     row_norm = any(e["renormalize"] == "row" for e in entries)
     unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
@@ -168,6 +173,46 @@ def test_flux_unbent_steps_and_zero_strength_sample_bit_identically(flux, clip, 
     assert not torch.equal(cs.sample(patched(flux, clip, [ENTRY, GAIN]), noise, cond, uncond, steps=3), plain)
     cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
     assert not torch.equal(cs.sample(cs.ModelPatcher(flux), noise, cond, uncond, steps=3), plain)
+
+
+def redux_mask(n_text, n_redux, n_image, strength):
+    """StyleModelApply's strength_type "attn_bias" as Flux's extra_conds hands it to the model: [1, L, L]
+    fp16 over [T5 tokens; Redux image tokens; image], log(strength) on the Redux tokens' columns in the
+    T5 and image rows, 0 elsewhere (strength 0: −inf, the Redux tokens are ignored)."""
+    size = n_text + n_redux + n_image
+    mask = torch.zeros(1, size, size, dtype=torch.float16)
+    bias = torch.log(torch.tensor(float(strength)))
+    mask[:, :n_text, n_text:n_text + n_redux] = bias
+    mask[:, n_text + n_redux:, n_text:n_text + n_redux] = bias
+    return mask
+
+
+@pytest.mark.parametrize("negative", ["unmasked", "masked"])
+@pytest.mark.parametrize("strength", [0.3, 0.0])
+def test_flux_redux_attention_mask_enters_the_bent_softmax(flux, clip, strength, negative):
+    """Flux Redux: the positive conditioning is the T5 tokens then 3 Redux image tokens, with
+    StyleModelApply's attn_bias as its attention_mask. An unmasked negative cannot share a model call with
+    it (two calls); a negative with its own mask (strength 1: zeros) can (one cfg call, the mask per batch
+    item). The bent softmax adds the mask: every call equals the explicit result with the mask, the
+    backend's own output (with the mask) wherever nothing is bent."""
+    cond, uncond, redux = contexts(3)
+    grid = (HEIGHT // 2, WIDTH // 2)
+    n_redux, n_image = 3, grid[0] * grid[1]
+    positive = [{"c_crossattn": torch.cat([cond, redux[:, :n_redux]], 1),
+                 "attention_mask": redux_mask(TEXT, n_redux, n_image, strength)}]
+    negatives = {"unmasked": cs.cond(uncond),
+                 "masked": [{"c_crossattn": torch.cat([uncond, redux[:, :n_redux]], 1),
+                             "attention_mask": redux_mask(TEXT, n_redux, n_image, 1.0)}]}
+    sigmas, step = flux.schedule(3), 1
+    entries = [ENTRY, GAIN]
+    flux.record = []
+    cs.calc_cond_batch(flux, [positive, negatives[negative]], latent(), sigmas[step:step + 1],
+                       patched(flux, clip, entries).sampling_options(sigmas))
+    layouts = {tuple(c["cond_or_uncond"]) for c in flux.record}
+    assert layouts == ({(0,), (1,)} if negative == "unmasked" else {(1, 0)})
+    assert all((c["mask"] is not None) == (0 in c["cond_or_uncond"] or negative == "masked") for c in flux.record)
+    changed = check_calls(flux.record, 2, entries, {"sunset": [4], "kiss": [2]}, TEXT + n_redux, grid, step)
+    assert changed > 1e-3
 
 
 # --- the diffusers host on the same weights ---------------------------------------------------------------

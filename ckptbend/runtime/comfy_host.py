@@ -562,6 +562,16 @@ def _record_call(patch):
     return wrapper
 
 
+def _logit_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI attention mask (Flux's attn_mask, e.g. Redux's attn_bias: [b, L, L] added to the logits) as
+    its backends read it: [q, k] → [1, 1, q, k], [b, q, k] → [b, 1, q, k]; a boolean mask keeps True keys."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    if mask.ndim == 2:
+        mask = mask[None]
+    return (mask[:, None] if mask.ndim == 3 else mask).float()
+
+
 def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, steps=None):
     def override(func, q, k, v, *args, **kwargs):
         out = previous(func, q, k, v, *args, **kwargs) if previous is not None else func(q, k, v, *args, **kwargs)
@@ -579,8 +589,7 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         if not active or not rows:
             return out
         heads = args[0] if args else kwargs["heads"]
-        if (args[1] if len(args) > 1 else kwargs.get("mask")) is not None:
-            raise ValueError("Attention Bending: masked text attention is not supported")
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
         qh, kh, vh = (t if kwargs.get("skip_reshape") else _per_head(t, heads) for t in (q, k, v))
         per_head_out = kwargs.get("skip_output_reshape")
         oh = out if per_head_out else _per_head(out, heads)
@@ -600,7 +609,8 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         if last >= len(range(kh.shape[2])[text]):
             raise ValueError(f"Attention Bending: token column {last} lies beyond the text tokens the model sees; "
                              "is bending_prompt the prompt you encode?")
-        bending.bend_rows(oh, qh, kh, vh, rows, entries=active, token_indices=here, grid_hw=(h, w),
+        bending.bend_rows(oh, qh, kh, vh, rows, bias=None if mask is None else _logit_bias(mask), entries=active,
+                          token_indices=here, grid_hw=(h, w),
                           step_index=step, layer_index=tag["layer"], frames=frames if frames > 1 else None,
                           text=text, queries=queries)
         return out
