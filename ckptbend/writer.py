@@ -3,7 +3,7 @@
 The output header equals the input's tensor table (dtype and shape never change), so its length is
 known first; it is written last, once it can record the source file's SHA-256 (computed beside the copy,
 or remembered from an earlier bake) and, only when the input carries ModelSpec metadata, the output data
-section's SHA-256 (read back once written). Untouched runs of tensors are copied by the kernel; edited
+section's SHA-256 (hashed by a worker right behind the writer). Untouched runs of tensors are copied by the kernel; edited
 tensors are read and scaled (arithmetic.scale_bytes) ahead by a worker, and written in turn. A durable
 bake starts each written range's writeback at once, so the disk works while the copy goes on.
 """
@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 from . import hash_cache, interrupts, profile
@@ -57,12 +58,12 @@ class ShrankError(OSError):
     """A read came back short: the file was truncated under us (the caller names the file)."""
 
 
-def _sha256_of(cancelled: threading.Event | None, fd: int, start: int, stop: int) -> str | None:
+def _sha256_of(cancelled: threading.Event, fd: int, start: int, stop: int) -> str | None:
     """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
     h = hashlib.sha256()
     buf = memoryview(bytearray(HASH_CHUNK))
     while start < stop:
-        if cancelled is not None and cancelled.is_set():
+        if cancelled.is_set():
             return None
         n = os.preadv(fd, [buf[:min(HASH_CHUNK, stop - start)]], start)
         if not n:
@@ -202,6 +203,54 @@ def _get_interruptibly(q: queue.Queue):
             interrupts.check()
 
 
+class _HashBehind:
+    """SHA-256 of the output's data section, hashed on a worker as the main thread writes it (in order):
+    `update(n)` says n more bytes are written; the worker reads them back from the page cache. ModelSpec's
+    hash_sha256 then costs another core instead of a second pass after the copy."""
+
+    def __init__(self, fd: int, start: int):
+        self._position, self._written = start, queue.Queue()
+        self._worker = _Background(self._run, fd, start)
+
+    def update(self, n: int):
+        self._position += n
+        self._written.put(self._position)
+
+    def _run(self, cancelled: threading.Event, fd: int, start: int):
+        h, buf, done, busy = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK)), start, 0.0
+        while (upto := self._written.get()) is not None:
+            began = time.perf_counter()
+            while done < upto:
+                if cancelled.is_set():
+                    return None
+                n = os.preadv(fd, [buf[:min(HASH_CHUNK, upto - done)]], done)
+                h.update(buf[:n])
+                done += n
+            busy += time.perf_counter() - began
+        profile.add("output data hash (worker)", busy)
+        return h.hexdigest()
+
+    def result(self) -> str:
+        self._written.put(None)
+        return self._worker.result()
+
+    def cancel(self):
+        self._written.put(None)
+        self._worker.cancel()
+
+
+class _Written:
+    """Progress of the output's data section: the bar, and the hash behind the writer if there is one."""
+
+    def __init__(self, progress, behind: _HashBehind | None):
+        self._progress, self._behind = progress, behind
+
+    def update(self, n: int):
+        self._progress.update(n)
+        if self._behind is not None:
+            self._behind.update(n)
+
+
 def _timed_sha256(cancelled, fd: int, start: int, stop: int):
     with profile.phase("source hash (worker)"):
         return _sha256_of(cancelled, fd, start, stop)
@@ -215,7 +264,8 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
 
     The main thread writes every byte: untouched runs of tensors copied by the kernel, and the edited
     tensors that a worker thread reads and scales ahead; another worker hashes the source (unless its
-    hash is cached). `data_chunks` is the
+    hash is cached), and, for a file with ModelSpec's hash_sha256, one more hashes the output's data as it
+    is written. `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
     header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
@@ -233,23 +283,29 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
                   for t, begin, _ in runs if t is not None]
         scaler = _ScaledAhead(src_fd, edited)
+        # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
+        behind = _HashBehind(dst_fd, base) if "modelspec.hash_sha256" in meta else None
+        written = _Written(progress, behind)
         try:
             for t, begin, end in runs:
                 interrupts.check()
                 if t is None:
                     with profile.phase("kernel copy of untouched tensors"):
-                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, progress,
+                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, written,
                                     durable)
                 else:
-                    progress.update(scaler.write_next(dst_fd, base + begin, durable))
+                    written.update(scaler.write_next(dst_fd, base + begin, durable))
             with profile.phase("waiting for the source hash"):
                 source_sha256 = cached or hasher.result()
+            with profile.phase("waiting for the output data hash"):
+                data_sha256 = behind.result() if behind else None
         except ShrankError:
             raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
             scaler.cancel()
-            if hasher:
-                hasher.cancel()
+            for worker in (hasher, behind):
+                if worker:
+                    worker.cancel()
         after = os.fstat(src_fd)
         # ctime too: an edit whose mtime was set back still moves ctime (which no user can set).
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
@@ -258,11 +314,6 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         if not cached:
             hash_cache.remember(after, source_sha256)
         progress.update(header.data_start)
-    # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
-    data_sha256 = None
-    if "modelspec.hash_sha256" in meta:
-        with profile.phase("output data hash (read back)"):
-            data_sha256 = _sha256_of(None, dst_fd, base, base + (header.tensors[-1].end if header.tensors else 0))
     with profile.phase("final header"):
         # Written once, last: no page is dirtied twice, and a torn file has no valid-looking header.
         final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)

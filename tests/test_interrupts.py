@@ -92,27 +92,30 @@ class _Progress:
             _interrupt_self()
 
 
-def _rewrite(tiny_sd1, out_path, progress, cached: bool):
+def _rewrite(tiny_sd1, out_path, progress, cached: bool, modelspec: bool):
     src, header, edits = tiny_sd1
     with open(out_path, "w+b") as out:
-        meta = output_metadata(header.metadata, RECIPE, src.name)
+        # a ModelSpec hash_sha256 adds the worker that hashes the output's data behind the writer
+        extra = {"modelspec.hash_sha256": "0x" + "0" * 64} if modelspec else {}
+        meta = output_metadata({**header.metadata, **extra}, RECIPE, src.name)
         return writer.rewrite_file(src, header, edits, meta, out, progress,
                                    source_sha256="0" * 64 if cached else None)
 
 
+@pytest.mark.parametrize("modelspec", [False, True], ids=["", "modelspec"])
 @pytest.mark.parametrize("cached", [False, True], ids=["hash worker", "hash cached"])
-def test_ctrl_c_at_any_step_of_the_writer_ends_it_cleanly(tiny_sd1, tmp_path, monkeypatch, cached):
+def test_ctrl_c_at_any_step_of_the_writer_ends_it_cleanly(tiny_sd1, tmp_path, monkeypatch, cached, modelspec):
     """Ctrl-C at each progress step of a real rewrite (kernel copies, scaled tensors from the worker, the
     source hash on another): KeyboardInterrupt comes out of a check() between steps, every worker thread has ended, Ctrl-C's usual
     handler is back."""
     monkeypatch.setenv("CKPTBEND_HASH_CACHE", "0")
     steps = _Progress()
-    _rewrite(tiny_sd1, tmp_path / "whole", steps, cached)
+    _rewrite(tiny_sd1, tmp_path / "whole", steps, cached, modelspec)
     assert steps.updates > 5        # copies and scaled tensors interleave: several places to interrupt
     threads = set(threading.enumerate())
     for k in range(1, steps.updates + 1):
         with pytest.raises(KeyboardInterrupt) as raised:
-            _rewrite(tiny_sd1, tmp_path / f"out{k}", _Progress(interrupt_at=k), cached)
+            _rewrite(tiny_sd1, tmp_path / f"out{k}", _Progress(interrupt_at=k), cached, modelspec)
         # raised by a check() between steps, not wherever the main thread happened to be
         assert raised.traceback[-1].frame.code.raw is interrupts.check.__code__, raised.traceback[-1]
         assert set(threading.enumerate()) == threads, f"a worker thread outlived Ctrl-C at step {k}"
