@@ -353,9 +353,15 @@ class ModelPatcher:
         patches[name] = patches.get(name, []) + [patch]
 
     def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
-        replace = self.model_options["transformer_options"].setdefault("patches_replace", {})
+        # As comfy.model_patcher.set_model_options_patch_replace: transformer_options, its patches_replace
+        # and that name's table are copied and the copy put in place, so a node holding the old
+        # transformer_options dict writes to one the sampler never sees.
+        options = dict(self.model_options["transformer_options"])
+        options["patches_replace"] = dict(options.get("patches_replace", {}))
+        options["patches_replace"][name] = dict(options["patches_replace"].get(name, {}))
         block = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
-        replace.setdefault(name, {})[block] = patch
+        options["patches_replace"][name][block] = patch
+        self.model_options["transformer_options"] = options
 
     def set_model_attn1_patch(self, patch):
         self.set_model_patch(patch, "attn1_patch")

@@ -530,11 +530,12 @@ def _patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayou
                          "(optimized_attention_override); update ComfyUI")
     from comfy.patcher_extension import WrappersMP
 
-    options = m.model_options["transformer_options"]
-    replaced = options.get("patches_replace", {}).get("dit", {})
+    replaced = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for name, index, layer in layout.blocks:         # all of them: Flux's double blocks give the text length
         m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout.patch))
+    # Read only now: set_model_patch_replace puts a new transformer_options dict in place each time.
+    options = m.model_options["transformer_options"]
     options["optimized_attention_override"] = _dit_override(specs, columns, layout,
                                                             options.get("optimized_attention_override"), steps)
 
