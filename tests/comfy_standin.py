@@ -131,12 +131,19 @@ def _per_head_mask(mask):
     return mask[:, None] if mask is not None and mask.ndim == 3 else mask
 
 
+def _heads_first(q, k, v, heads):
+    """As ComfyUI's backends: each of q, k, v viewed as [b, -1, heads, d] with d from q, so a v given as
+    [b, n, heads, d] (SD3's) reads as one given as [b, n, heads·d]; → [b, heads, n, d]."""
+    b, _, inner = q.shape
+    return (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+
+
 def attention_sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
                    **kwargs):
     """ComfyUI's attention_pytorch: scaled_dot_product_attention over heads (a float mask is added to
     the logits, a boolean one keeps True keys)."""
     if not skip_reshape:
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        q, k, v = _heads_first(q, k, v, heads)
     mask = _per_head_mask(mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
@@ -150,7 +157,7 @@ def attention_chunked(q, k, v, heads, mask=None, attn_precision=None, skip_resha
     Upcasts to float32 when attn_precision asks for it; the output is in q's dtype."""
     dtype = q.dtype
     if not skip_reshape:
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        q, k, v = _heads_first(q, k, v, heads)
     if attn_precision == torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     q = q * q.shape[-1] ** -0.5

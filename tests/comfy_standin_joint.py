@@ -286,9 +286,10 @@ def tiny_sd3(seed: int = 13):
 
 
 class SD3HookedAttention:
-    """diffusers' SD3 attention run as ComfyUI's MMDiT block_mixing runs it: per-head qk norms, [B, L, heads·d],
-    the joint call over [context; image] (no RoPE, no mask), then comfy's optimized_attention(q, k, v,
-    heads=…, transformer_options=…); a dual block's attn2 (image self-attention) is a second call."""
+    """diffusers' SD3 attention run as ComfyUI's MMDiT block_mixing runs it: per-head qk norms, q and k
+    [B, L, heads·d] but v [B, L, heads, d] (MMDiT's split_qkv flattens only the normed q and k), the joint
+    call over [context; image] (no RoPE, no mask), then comfy's optimized_attention(q, k, v, heads=…,
+    transformer_options=…); a dual block's attn2 (image self-attention) is a second call."""
 
     def __init__(self, model: "SD3Model", layer: int):
         self.model, self.layer = model, layer
@@ -298,15 +299,18 @@ class SD3HookedAttention:
             y = linear(x).unflatten(-1, (attn.heads, -1))
             return (y if norm is None else norm(y)).flatten(-2)
 
+        def per_head(x, linear):
+            return linear(x).unflatten(-1, (attn.heads, -1))
+
         q, k, v = (proj(hidden_states, attn.to_q, attn.norm_q), proj(hidden_states, attn.to_k, attn.norm_k),
-                   attn.to_v(hidden_states))
+                   per_head(hidden_states, attn.to_v))
         n_ctx = 0
         if encoder_hidden_states is not None:
             c = encoder_hidden_states
             n_ctx = c.shape[1]
             q = torch.cat([proj(c, attn.add_q_proj, attn.norm_added_q), q], 1)
             k = torch.cat([proj(c, attn.add_k_proj, attn.norm_added_k), k], 1)
-            v = torch.cat([attn.add_v_proj(c), v], 1)
+            v = torch.cat([per_head(c, attn.add_v_proj), v], 1)
         options = self.model.block_options
         out = cs.BACKEND.optimized_attention(q, k, v, heads=attn.heads, transformer_options=options)
         self.model._note(self.layer, "joint" if n_ctx else "self", q, k, v, out, options)

@@ -65,8 +65,9 @@ def explicit(call, heads, rows, entries, columns, n_text, grid, step):
     image-query rows of the batch items `rows`, which come from the explicit fp32 softmax (the call's
     additive [B, L, L] mask added to the logits, if it has one) with the image×text block bent by
     bending.bend_probs and each row renormalised over all keys."""
-    q, k, v = (t if t.ndim == 4 else t.unflatten(-1, (heads, -1)).transpose(1, 2)
-               for t in (call["q"], call["k"], call["v"]))
+    q, k, v = call["q"], call["k"], call["v"]
+    if q.ndim == 3:                 # not skip_reshape: each viewed as ComfyUI's backends do (SD3's v is 4-D)
+        q, k, v = cs._heads_first(q, k, v, heads)
     d = q.shape[-1]
     out = backend(call, heads).clone()
     logits = q.float() @ k.float().transpose(-1, -2) * d ** -0.5

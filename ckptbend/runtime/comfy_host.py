@@ -233,8 +233,9 @@ def host_attention(q, k, v, heads: int, extra: Mapping, mask=None):
 
 
 def _per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, n, heads·d] → [b, heads, n, d] (a view)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+    """[b, n, heads·d], or [b, n, heads, d] (SD3's v: ComfyUI's backends view both alike) → [b, heads, n, d]
+    (a view: the correction is written through it into the host's output)."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 def _chunk_rows(cond_or_uncond, kind: int, batch: int) -> list[int]:
