@@ -87,3 +87,11 @@ def test_profile_is_printed_only_when_asked(tmp_path):
     env["CKPTBEND_PROFILE"] = "0"
     r = subprocess.run(cmd + ["-o", tmp_path / "b.safetensors"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "profile" not in r.stderr
+
+
+def test_check_comfyui_wants_a_comfyui_checkout(tmp_path):
+    """bin/check-comfyui runs against a real ComfyUI (never in CI, which cannot fetch one): without one it
+    says how to call it, and the script at least compiles."""
+    r = subprocess.run([sys.executable, ROOT / "bin" / "check-comfyui", tmp_path], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "usage: bin/check-comfyui PATH/TO/ComfyUI" in r.stderr
