@@ -96,15 +96,31 @@ def t5_like_tokenizer():
                                    unk_token="<unk>", model_max_length=16)
 
 
+def t5_sentencepiece_tokenizer():
+    """T5's SentencePiece conventions offline (a Unigram model behind a Metaspace pre-tokenizer, </s> at the
+    end): a word at the start or after a space carries "▁" ("▁sunset", one piece), the same word right
+    after punctuation does not and splits ("s", "un", "set"), as T5's and UMT5's real tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["▁a", "▁kiss", "▁sunset", "▁at", "▁dusk", "▁over", "▁lake"]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((w, -1.0) for w in words), ("un", -5.0), ("set", -5.0),
+              *((c, -10.0) for c in "▁abcdefghijklmnopqrstuvwxyz,.\"()")]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=32)
+
+
 def t5_encoder(tokenizer):
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                    num_heads=4, relative_attention_num_buckets=8)).eval()
 
 
-def wan_pipeline(seed: int = 5):
+def wan_pipeline(seed: int = 5, tokenizer=None):
     """Wan 2.1 (the original Attention Bending's model): video latents of 2 frames × 8×8, patch 1×2×2,
-    q/k RMS norms across heads, CFG as two model calls."""
-    tokenizer = t5_like_tokenizer()
+    q/k RMS norms across heads, CFG as two model calls. tokenizer: T5-style, word-level by default."""
+    tokenizer = tokenizer or t5_like_tokenizer()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**WAN_CONFIG).eval()
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,

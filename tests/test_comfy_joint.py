@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import comfy_standin as cs
 import comfy_standin_joint as cj
-from _pipelines import t5_like_tokenizer
+from _pipelines import t5_like_tokenizer, t5_sentencepiece_tokenizer
 from _pipelines_joint import flux_pipeline, sd3_pipeline
 from ckptbend.runtime import bending, comfy_host
 from ckptbend.runtime import diffusers_host as dh
@@ -127,6 +127,25 @@ def test_token_columns_come_from_the_t5_tokens(clip):
     assert comfy_host.token_columns(clip, "a (romantic:1.3) kiss at {sunset}", ["sunset", "kiss"],
                                     layout.text_key) == {"sunset": [4], "kiss": [2]}
     assert comfy_host.token_columns(clip, PROMPT, ["sunset"], "l") == {"sunset": [5, 6]}
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ('a "kiss" at dusk,sunset', ["kiss", "sunset"]),          # after a quote, after a comma with no space
+    ("a kiss at \\(sunset\\)", ["sunset"]),                  # ComfyUI's escaped brackets: a literal "("
+    ("kiss,sunset over a sunset", ["sunset"]),                # both spellings: the word as tokenized alone
+])
+def test_t5_words_right_after_punctuation_are_found(prompt, words):
+    """T5 (SentencePiece) spells a word right after punctuation without its "▁" ("s", "un", "set" where
+    alone it is "▁sunset"): the node finds it either way, and the pieces at its columns spell the word."""
+    tokenizer = t5_sentencepiece_tokenizer()
+    t5 = cs.T5CLIP(tokenizer, key="t5xxl", min_length=TEXT)
+    columns = comfy_host.token_columns(t5, prompt, words, "t5xxl")
+    ids = [t[0] for t in t5.tokenize(bending.parse_marked_prompt(prompt)[0])["t5xxl"][0]]
+    for word in words:
+        pieces = tokenizer.convert_ids_to_tokens([ids[j] for j in columns[word]])
+        assert "".join(pieces).lstrip("▁") == word, (word, pieces)
+    if prompt.endswith("a sunset"):
+        assert tokenizer.convert_ids_to_tokens([ids[j] for j in columns["sunset"]]) == ["▁sunset"]
 
 
 def test_node_hooks_flux_through_the_override(flux, clip):

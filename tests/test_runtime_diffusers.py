@@ -27,8 +27,8 @@ from ckptbend.runtime import bending, sag
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
 from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
-                        tiny_vae, wan22_i2v_pipeline, wan22_pipeline, wan22_ti2v_pipeline, wan_pipeline,
-                        write_clip_tokenizer)
+                        t5_sentencepiece_tokenizer, tiny_vae, wan22_i2v_pipeline, wan22_pipeline, wan22_ti2v_pipeline,
+                        wan_pipeline, write_clip_tokenizer)
 
 PROMPT = "a romantic kiss at sunset"
 MARKED = "a romantic {kiss} at {sunset}"
@@ -768,6 +768,17 @@ def test_wan_bending(wan):
     identity = {"token": "sunset", "mode": "scale", "renormalize": "none"}
     with applied(wan, {"bending": [identity]}):           # explicit path: RMS norms across heads
         torch.testing.assert_close(latents(wan, MARKED), base, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_finds_a_word_right_after_punctuation():
+    """With a SentencePiece tokenizer (T5's, UMT5's conventions), "dusk,sunset" spells sunset "s", "un", "set"
+    where the word alone is "▁sunset": the adapter finds it there, and its columns spell the word."""
+    pipe = wan_pipeline(tokenizer=t5_sentencepiece_tokenizer())
+    with applied(pipe, {"bending": [BEND]}) as session:
+        latents(pipe, "a kiss at dusk,{sunset}", num_inference_steps=1)
+    ids = pipe.tokenizer("a kiss at dusk,sunset")["input_ids"]
+    pieces = pipe.tokenizer.convert_ids_to_tokens([ids[j] for j in session.token_indices["sunset"]])
+    assert pieces == ["s", "un", "set"]
 
 
 def test_wan_remove_restores(wan):

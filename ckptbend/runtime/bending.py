@@ -523,11 +523,30 @@ def token_indices_for(word: str, prompt_tokens: Sequence[Hashable],
     pieces = tokenize_word(word)
     tokens = list(prompt_tokens)
     hits = [(i, len(option)) for option in (pieces if isinstance(pieces, Alternatives) else [pieces])
-            for i in _first_run(tokens, list(option))]
+            if (i := token_run(tokens, option)) is not None]
     if not hits:
         raise ValueError(f"Token not found: '{word}'")
     i, m = min(hits)
     return [i] if first_only else list(range(i, i + m))
+
+
+BARE_PREFIX = ","        # a word right after it is spelled as right after any punctuation
+
+
+def spelled_in(prompt_tokens: Sequence[Hashable], spell: Callable[[str], list]) -> Callable[[str], list]:
+    """tokenize_word for token_columns, from `spell` (text → the host tokenizer's pieces, no specials): a word
+    as spelled alone; where that is not in the prompt, as spelled right after punctuation. SentencePiece
+    (T5, UMT5) gives a word after a space "▁sunset" but after punctuation with no space ("kiss,sunset",
+    '"sunset"', ComfyUI's escaped "\\(sunset\\)") "s", "un", "set": spell(",sunset") less spell(",")'s
+    pieces. CLIP's BPE spells both alike."""
+    def word_pieces(word):
+        alone = spell(word)
+        if token_run(prompt_tokens, alone) is not None:
+            return alone
+        lead, after = spell(BARE_PREFIX), spell(BARE_PREFIX + word)
+        return after[len(lead):] if lead and after[:len(lead)] == lead and after[len(lead):] else alone
+
+    return word_pieces
 
 
 class Alternatives(tuple):
@@ -536,10 +555,10 @@ class Alternatives(tuple):
     at the prompt's start or after punctuation ("kiss")."""
 
 
-def _first_run(tokens: list, pieces: list) -> list[int]:
-    """[the first i where pieces appear in a row in tokens], or [] (also for no pieces)."""
-    m = len(pieces)
-    return next(([i] for i in range(len(tokens) - m + 1) if m and tokens[i:i + m] == pieces), [])
+def token_run(tokens: Sequence[Hashable], pieces: Sequence[Hashable]) -> int | None:
+    """The first i where pieces appear in a row in tokens, or None (also for no pieces)."""
+    tokens, pieces, m = list(tokens), list(pieces), len(pieces)
+    return next((i for i in range(len(tokens) - m + 1) if m and tokens[i:i + m] == pieces), None)
 
 
 def token_columns(words: Iterable[str], prompt_tokens: Sequence[Hashable],

@@ -388,11 +388,12 @@ def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, 
     if key == QWEN_KEY:
         return _qwen_columns(clip, words, tokens, empty)
     special = set(_token_ids(empty, key))
+    prompt = _token_ids(tokens, key)
 
-    def word_ids(word):
-        return [i for i in _token_ids(clip.tokenize(word), key) if i not in special]
+    def ids(text):
+        return [i for i in _token_ids(clip.tokenize(text), key) if i not in special]
 
-    return bending.token_columns(words, _token_ids(tokens, key), word_ids)
+    return bending.token_columns(words, prompt, bending.spelled_in(prompt, ids))     # T5: after punctuation too
 
 
 # Qwen-Image: ComfyUI's QwenImageTokenizer puts the prompt into the chat template (system prompt, then

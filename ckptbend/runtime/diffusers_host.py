@@ -485,9 +485,13 @@ class Session:
             return tokenizer(text, add_special_tokens=special, truncation=True,
                              max_length=tokenizer.model_max_length)["input_ids"]
 
+        def columns(text):          # T5 (Flux, SD3, Wan, PixArt): a word right after punctuation too
+            prompt_ids = ids(text)
+            return bending.token_columns(words, prompt_ids,
+                                         bending.spelled_in(prompt_ids, lambda w: ids(w, special=False)))
+
         words = words or list(dict.fromkeys(e.token for e in self.entries))
-        return _same_columns([bending.token_columns(words, ids(text), lambda w: ids(w, special=False))
-                              for text in ([prompt] if isinstance(prompt, str) else prompt)])
+        return _same_columns([columns(text) for text in ([prompt] if isinstance(prompt, str) else prompt)])
 
     # hooks --------------------------------------------------------------------------------------
 
