@@ -3,9 +3,10 @@
 The output header equals the input's tensor table (dtype and shape never change), so its length is
 known first; it is written last, once it can record the source file's SHA-256 (computed beside the copy,
 or remembered from an earlier bake) and, only when the input carries ModelSpec metadata, the output data
-section's SHA-256 (hashed by a worker right behind the writer). Untouched runs of tensors are copied by the kernel; edited
-tensors are read and scaled (arithmetic.scale_bytes) ahead by a worker, and written in turn. A durable
-bake starts each written range's writeback at once, so the disk works while the copy goes on.
+section's SHA-256 (hashed by a worker right behind the writer). Untouched runs of tensors are copied by
+the kernel; edited tensors are read and scaled (arithmetic.scale_bytes) ahead by a worker, and written in
+turn. A durable bake starts each written range's writeback at once, so the disk works while the copy
+goes on.
 """
 
 from __future__ import annotations
@@ -58,19 +59,25 @@ class ShrankError(OSError):
     """A read came back short: the file was truncated under us (the caller names the file)."""
 
 
-def _sha256_of(cancelled: threading.Event, fd: int, start: int, stop: int) -> str | None:
-    """SHA-256 of bytes [start, stop) of an open file, read with pread (no shared file position)."""
-    h = hashlib.sha256()
+def _hash_range(h, cancelled: threading.Event, fd: int, start: int, stop: int) -> bool:
+    """Feed bytes [start, stop) of an open file to h, read with pread (no shared file position) through a
+    cache-sized buffer; False if cancelled first."""
     buf = memoryview(bytearray(HASH_CHUNK))
     while start < stop:
         if cancelled.is_set():
-            return None
+            return False
         n = os.preadv(fd, [buf[:min(HASH_CHUNK, stop - start)]], start)
         if not n:
             raise ShrankError()
         h.update(buf[:n])   # hashlib releases the GIL here, so this runs beside the copy
         start += n
-    return h.hexdigest()
+    return True
+
+
+def _sha256_of(cancelled: threading.Event, fd: int, start: int, stop: int) -> str | None:
+    """SHA-256 of bytes [start, stop) of an open file; None if cancelled."""
+    h = hashlib.sha256()
+    return h.hexdigest() if _hash_range(h, cancelled, fd, start, stop) else None
 
 
 class _Background:
@@ -217,16 +224,15 @@ class _HashBehind:
         self._written.put(self._position)
 
     def _run(self, cancelled: threading.Event, fd: int, start: int):
-        h, buf, done, busy = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK)), start, 0.0
+        h, done, busy = hashlib.sha256(), start, 0.0
         while (upto := self._written.get()) is not None:
             began = time.perf_counter()
-            while done < upto:
-                if cancelled.is_set():
+            try:
+                if not _hash_range(h, cancelled, fd, done, upto):
                     return None
-                n = os.preadv(fd, [buf[:min(HASH_CHUNK, upto - done)]], done)
-                h.update(buf[:n])
-                done += n
-            busy += time.perf_counter() - began
+            except ShrankError:     # our own output read back short: not the source's doing
+                raise OSError(errno.EIO, "the output read back short") from None
+            done, busy = upto, busy + time.perf_counter() - began
         profile.add("output data hash (worker)", busy)
         return h.hexdigest()
 

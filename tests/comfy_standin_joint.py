@@ -33,18 +33,23 @@ FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers
 LATENT_CHANNELS = 4          # FLUX_CONFIG in_channels = channels × 2 × 2
 
 
-def tiny_flux(seed: int = 11):
-    """A tiny FluxTransformer2DModel with seeded random weights (same seed, same weights)."""
-    from diffusers import FluxTransformer2DModel
-
+def seeded_transformer(model_class, config: dict, seed: int):
+    """A diffusers transformer with seeded random weights (same seed, same weights). Its q/k RMSNorm weights
+    are drawn from [1.5, 3): the default 1 gives near-uniform attention, larger ones give the maps structure."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = FluxTransformer2DModel(**FLUX_CONFIG)
-        # Default RMSNorm weights of 1 give near-uniform attention; larger ones give the maps structure.
+        model = model_class(**config)
         for name, p in model.named_parameters():
             if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
                 p.data.uniform_(1.5, 3.0)
     return model.eval()
+
+
+def tiny_flux(seed: int = 11):
+    """A tiny FluxTransformer2DModel with seeded random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    return seeded_transformer(FluxTransformer2DModel, FLUX_CONFIG, seed)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -203,16 +208,11 @@ CHROMA_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_laye
 
 
 def tiny_chroma(seed: int = 19):
-    """A tiny ChromaTransformer2DModel (Flux's attention, Chroma's pruned modulation) with seeded random weights."""
+    """A tiny ChromaTransformer2DModel (Flux's attention, Chroma's pruned modulation) with seeded random
+    weights."""
     from diffusers import ChromaTransformer2DModel
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = ChromaTransformer2DModel(**CHROMA_CONFIG)
-        for name, p in model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
-                p.data.uniform_(1.5, 3.0)
-    return model.eval()
+    return seeded_transformer(ChromaTransformer2DModel, CHROMA_CONFIG, seed)
 
 
 class ChromaModel(FluxModel):
@@ -276,13 +276,7 @@ def tiny_sd3(seed: int = 13):
     block's context stream pre-only) with seeded random weights."""
     from diffusers import SD3Transformer2DModel
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = SD3Transformer2DModel(**SD3_CONFIG)
-        for name, p in model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
-                p.data.uniform_(1.5, 3.0)
-    return model.eval()
+    return seeded_transformer(SD3Transformer2DModel, SD3_CONFIG, seed)
 
 
 class SD3HookedAttention:

@@ -39,16 +39,10 @@ VOCAB_SIZE = 151646
 
 
 def tiny_qwen(seed: int = 17):
-    """A tiny QwenImageTransformer2DModel with seeded random weights (same seed, same weights)."""
+    """A tiny QwenImageTransformer2DModel with seeded random weights."""
     from diffusers import QwenImageTransformer2DModel
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = QwenImageTransformer2DModel(**QWEN_CONFIG)
-        for name, p in model.named_parameters():     # structured maps, as for the tiny Flux
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
-                p.data.uniform_(1.5, 3.0)
-    return model.eval()
+    return cj.seeded_transformer(QwenImageTransformer2DModel, QWEN_CONFIG, seed)
 
 
 def _rope(x, freqs):
