@@ -4,7 +4,6 @@ A KeyboardInterrupt raised by a signal handler just after a queue's lock was tak
 and the clean-up that follows hangs on it (a SIGTERM'd bake once hung this way in CI). Inside
 interrupts.deferred() a signal only takes effect at interrupts.check()."""
 
-import os
 import signal
 import threading
 
@@ -22,7 +21,9 @@ RECIPE = parse_recipe('schema = 1\nname = "r"\n[unet.self]\nq = 1.1\n[unet.cross
 
 
 def _interrupt_self(signum=signal.SIGINT):
-    os.kill(os.getpid(), signum)    # delivered before os.kill returns (a signal to oneself)
+    # Directed at this (the main) thread, so it is delivered before the call returns. os.kill on the
+    # process may be delivered to any other thread (torch's pools, an earlier test's worker), later.
+    signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def test_a_signal_inside_deferred_takes_effect_at_check_not_before():
