@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; no output was written", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            _end_as_sigpipe()
         except OSError as e:
             click.echo(f"error: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "), err=True)
             ctx.exit(2)
@@ -296,10 +299,10 @@ def verify(output, source, allow_pickle):
     require_consent(source, allow_pickle)
     with _readable(source, None, cached=False) as (readable, _, pickle_sha256):
         problems = run_verify(output, readable, pickle_sha256)
-    for p in problems:
-        click.echo(f"mismatch: {p}", err=True)
     if problems:
-        raise CkptbendError(f"{output}: does not match the recorded bake of {source}", exit_code=1)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CkptbendError(f"{output}: does not match the recorded bake of {source}: {problems[0]}{more}",
+                            exit_code=1)
     click.echo(f"{output}: ok, identical to the recorded bake of {source}")
 
 
@@ -397,6 +400,15 @@ def synth(arch, output, layout, dtype, seed, force):
     with atomic_output(target, force) as tmp:
         write_checkpoint(tmp, arch, layout=layout, size="tiny", dtype=torch_dtype, seed=seed)
     click.echo(f"wrote {output} ({arch}, {layout}, {dtype})")
+
+
+def _end_as_sigpipe():
+    """The reader of our output went away (`ckptbend diff A B | head`): end quietly, as the default
+    SIGPIPE action ends coreutils or git (a shell shows status 141). Python ignores SIGPIPE so that
+    the write raised instead; by now the command has unwound and removed its temporaries."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)                          # not reached: the signal ends the process
 
 
 def _terminate(signum, frame):

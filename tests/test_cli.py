@@ -1,7 +1,9 @@
 """End-to-end: the `ckptbend` command as a user runs it (a real subprocess, real files)."""
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +74,38 @@ def test_recipe_commands(tmp_path):
     assert a == b and a.splitlines()[-1].startswith("# sha256 ")
     r = run("diff", RECIPES / "sharper-details.toml", RECIPES / "softer-composition.toml")
     assert r.returncode == 0 and "unet.self.q" in r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["diff", "{sd1}", "{other}"],
+    ["inspect", "{sd1}"],
+    ["recipe", "show", str(RECIPES / "sag-and-bending.toml")],
+    ["diff", str(RECIPES / "sharper-details.toml"), str(RECIPES / "softer-composition.toml")],
+])
+def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe(sd1, tmp_path, args):
+    """`ckptbend diff A B | head`: once the reader has gone, the command ends as coreutils and git do,
+    killed by SIGPIPE (a shell shows 141), with nothing on stderr. The read end is closed before the
+    command writes, so every run meets the closed pipe."""
+    other = write_checkpoint(tmp_path / "other.safetensors", "sd1", dtype=torch.float16, seed=1)
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "ckptbend"),
+                             *(a.format(sd1=sd1, other=other) for a in args)],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    os.close(read_end)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGPIPE and stderr == ""
+
+
+def test_a_pipe_into_head_in_a_shell_is_quiet(sd1, tmp_path):
+    """The same through a real shell pipeline: head's output is the command's first line, nothing else
+    is printed, and the status is 0 (all written before head left) or 141 (SIGPIPE), never an error."""
+    other = write_checkpoint(tmp_path / "other.safetensors", "sd1", dtype=torch.float16, seed=1)
+    script = (f'"{sys.executable}" "{ROOT / "bin" / "ckptbend"}" diff "{sd1}" "{other}" | head -1; '
+              'echo "status ${PIPESTATUS[0]}" >&2')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    status = r.stderr.splitlines()
+    assert len(r.stdout.splitlines()) == 1 and status in (["status 0"], ["status 141"]), r.stderr
 
 
 @pytest.mark.parametrize("setup, args, fragment", [

@@ -87,7 +87,7 @@ def apply(pipe, dynamic: Mapping, *, phase: int = 2, record_maps: bool | None = 
     """Patch `pipe` with the recipe's sampling-time part; returns the Session (also pipe._ckptbend_session).
 
     phase 2: bending changes the output; phase 1: bent maps are computed and recorded, the output is
-    bit-identical to no bending. record_maps (default: phase == 1) records maps at every bent call.
+    bit-identical to no bending (SAG and Slothful, if the recipe has them, still act). record_maps (default: phase == 1) records maps at every bent call.
     """
     if getattr(pipe, SESSION_ATTR, None) is not None:
         raise ValueError("ckptbend is already applied; call remove first")
