@@ -307,12 +307,24 @@ def test_values_beyond_comfyuis_range_need_allow_out_of_range(tmp_path):
 
 # --- bypass, mute, reroutes, primitives, subgraphs -----------------------------------------------------------
 
-def test_bypassed_and_muted_nodes_are_skipped(tmp_path):
+def test_bypassed_nodes_pass_their_input_on(tmp_path):
     workflow = copy.deepcopy(UI)
     node(workflow, 6)["mode"] = 4     # SAG bypassed: its MODEL input passes through
-    node(workflow, 7)["mode"] = 2     # CLIP multiply muted
+    node(workflow, 7)["mode"] = 4     # CLIP multiply bypassed
     r = imported(write(tmp_path / "ui.json", workflow)).recipe
     assert got(r) == settings("[unet.self]\nq = 1.1\nk = 1.1\n")
+
+
+def test_a_muted_node_on_the_path_is_refused_as_comfyui_refuses_the_run(tmp_path):
+    """Muted (mode 2): the frontend drops the node and every input linked to it, so the sampler (or its
+    text encoders) would miss a required input; ComfyUI does not run such a prompt."""
+    workflow = copy.deepcopy(UI)
+    node(workflow, 7)["mode"] = 2
+    assert_clean_error(run("recipe", "import", write(tmp_path / "ui.json", workflow)),
+                       "node 8 (CLIPTextEncode) input 'clip' comes from node 7 (CLIPAttentionMultiply), which is muted")
+    workflow = copy.deepcopy(UI)
+    node(workflow, 10)["mode"] = 2    # off the model and CLIP paths: nothing a recipe holds depends on it
+    assert got(imported(write(tmp_path / "ui.json", workflow)).recipe) == settings(BASE)
 
 
 def test_reroutes_are_followed_and_primitives_give_their_value(tmp_path):
@@ -462,7 +474,7 @@ def test_webp_with_exif_workflow(tmp_path):
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "cannot read the image's metadata"),
     (lambda p: Image.new("RGB", (4, 4)).save(p, format="PNG"), "carries no ComfyUI workflow"),
     (lambda p: png(p, prompt='{"3": {x'), "('prompt' metadata): invalid JSON"),
-    (lambda p: write(p, {"nodes": [{"id": 1}], "links": []}), "malformed UI-format workflow"),
+    (lambda p: write(p, {"nodes": [{"id": 1}], "links": []}), "node 1 of the UI-format workflow has no type"),
     (lambda p: p.write_bytes(b"\xff\xfe{}"), "not UTF-8"),
 ])
 def test_malformed_sources_are_one_line_errors_and_write_nothing(tmp_path, make, fragment):

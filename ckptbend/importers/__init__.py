@@ -7,12 +7,11 @@ Sources, told apart by content (and the .yaml/.yml suffix):
 
 Each importer fills a Draft (draft.py); its TOML text, with comments saying where every part came
 from, is read back by ckptbend.recipe, which validates it and gives the canonical form and hash.
+Everything read from a source goes through limits.py's bounds.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from ckptbend.errors import CkptbendError
 from .comfy import Options, workflow_draft
 from .draft import Draft
 from .images import embedded_texts, is_image
+from .limits import load_json
+from .workflow import read_graph
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,32 @@ def import_recipe(source: Path, opts: Options = Options()) -> Imported:
         with open(source, "rb") as f:
             head = f.read(16)
         if is_image(head):
-            texts = embedded_texts(source)
-            key, text = next(iter(texts.items()))
-            draft = workflow_draft(_json(text, f"{source} ('{key}' metadata)"), source, opts, f" ('{key}' metadata)")
+            draft = _image_draft(source, opts)
         elif source.suffix.lower() in (".yaml", ".yml"):
             from .bending_yaml import bending_draft
             draft = bending_draft(_text(source), source, opts.name)
         else:
-            draft = workflow_draft(_json(_text(source), str(source)), source, opts)
+            label = str(source)
+            draft = workflow_draft(read_graph(load_json(_text(source), label), label), source, opts)
     recipe = draft.recipe(opts.allow_out_of_range)
     return Imported(draft.text(), recipe, tuple(draft.warnings) + recipe.warnings)
+
+
+def _image_draft(source: Path, opts: Options) -> Draft:
+    """The image's `prompt` (what ComfyUI ran); its `workflow` if the prompt cannot be read as one."""
+    failed = None
+    for key, text in embedded_texts(source).items():
+        where = f" ('{key}' metadata)"
+        try:
+            read = read_graph(load_json(text, f"{source}{where}"), f"{source}{where}")
+        except CkptbendError as e:
+            failed = failed or e
+            continue
+        draft = workflow_draft(read, source, opts, where)
+        if failed is not None:
+            draft.warnings.append(f"{failed}; imported the image's 'workflow' metadata instead")
+        return draft
+    raise failed
 
 
 def _text(path: Path) -> str:
@@ -57,15 +74,6 @@ def _text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise CkptbendError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
-
-
-def _json(text: str, label: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CkptbendError(f"{label}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise CkptbendError(f"{label}: invalid JSON: nested too deeply") from None
 
 
 def _checkpoint_draft(path: Path, name: str | None) -> Draft:
@@ -82,7 +90,7 @@ def _checkpoint_draft(path: Path, name: str | None) -> Draft:
                        f"(ckptbend {meta.get('ckptbend.version', '?')})")
     draft.notes.append(f"baked from {meta.get('ckptbend.source', '?')!r} (sha256 {meta.get('ckptbend.source_sha256', '?')}): "
                        "bake this recipe into that file")
-    draft.add_recipe_text(recipe.canonical(), f"recorded in {path.name}")
+    draft.add_recipe(recipe, f"recorded in {path.name}")
     return draft
 
 
@@ -91,6 +99,8 @@ def write_output(text: str, output: Path, source: Path, force: bool) -> None:
     file needs `force`; the source is never replaced)."""
     from ckptbend.output import Target, atomic_output, check_targets
 
+    if output.is_dir():   # `-o ""` reaches here as "."
+        raise CkptbendError(f"{output}: is a folder; -o takes the recipe file's path (e.g. {output / 'recipe.toml'})")
     target = Target(output, is_dir=False, what="recipe")
     check_targets([target], [source], force)
     with atomic_output(target, force) as tmp:

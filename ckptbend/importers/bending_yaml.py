@@ -8,7 +8,7 @@
           scale_factor: 2.5
           strength: 0.8
 
-Read with yaml.safe_load (PyYAML comes with transformers). Where the original's meaning differs
+Read with PyYAML's safe loader (it comes with transformers), within limits.py's bounds. Where the original's meaning differs
 from a recipe's, the value is converted, and the entry's comment says so.
 """
 
@@ -20,6 +20,7 @@ from ckptbend.errors import CkptbendError
 from ckptbend.recipe import BEND_COMMON, BEND_MODE_PARAMS
 
 from .draft import Draft, slug
+from .limits import load_yaml
 
 SECTIONS = ("attention_bending", "attention_bending_settings")
 LISTS = ("configs", "bending_configs")
@@ -47,12 +48,7 @@ def _entries(data, source: str) -> tuple[dict, list]:
 
 
 def bending_draft(text: str, source: Path, name: str | None) -> Draft:
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CkptbendError(f"{source}: invalid YAML: {' '.join(str(e).split())}") from None
+    data = load_yaml(text, str(source))
     section, entries = _entries(data, str(source))
     draft = Draft(str(source), name or slug(source.stem),
                   f"Imported from {source.name}: an Attention Bending config ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}).")

@@ -50,17 +50,62 @@ SLOTHFUL_LATER_KEYS = ("peak_time", "time_decay", "in_mode", "in_depth_decay", "
                        "in_v_blend", "out_mode", "out_depth_decay", "out_slothful", "out_k_blend", "out_v_blend")
 SLOTHFUL_LATER_MARKS = ("peak_time", "in_slothful", "out_slothful")
 
-# Loaders: where the model and CLIP come from; the inputs that name the files.
-LOADERS = {
+# Loaders the notes name files for: the inputs that name the files. Any node without a MODEL (or CLIP)
+# input ends a walk as a loader; those not listed here are named as loaders ckptbend does not know.
+CHECKPOINT_LOADERS = {
     "CheckpointLoaderSimple": ("ckpt_name",),
     "CheckpointLoader": ("ckpt_name",),
     "unCLIPCheckpointLoader": ("ckpt_name",),
     "ImageOnlyCheckpointLoader": ("ckpt_name",),
+}
+LOADERS = {
+    **CHECKPOINT_LOADERS,
     "UNETLoader": ("unet_name",),
+    "UnetLoaderGGUF": ("unet_name",),                      # city96/ComfyUI-GGUF
     "CLIPLoader": ("clip_name",),
     "DualCLIPLoader": ("clip_name1", "clip_name2"),
+    "TripleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3"),
+    "QuadrupleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3", "clip_name4"),
+    "CLIPLoaderGGUF": ("clip_name",),
+    "DualCLIPLoaderGGUF": ("clip_name1", "clip_name2"),
+    "TripleCLIPLoaderGGUF": ("clip_name1", "clip_name2", "clip_name3"),
+    "QuadrupleCLIPLoaderGGUF": ("clip_name1", "clip_name2", "clip_name3", "clip_name4"),
+    "LTXAVTextEncoderLoader": ("text_encoder", "ckpt_name"),
 }
 
+# Nodes that change how the model is sampled or run, not its weights or attention maps: a recipe holds
+# nothing of theirs, the baked model needs them as much as the original did, and they stay in the
+# workflow. On the model path: sigma schedules, CFG functions, denoise masks, guidance by skipped
+# layers, caches and the attention backend; on the CLIP path: the layer read and tokenizer options.
+SAMPLING_ONLY = {
+    "model": ("ModelSamplingDiscrete", "ModelSamplingContinuousEDM", "ModelSamplingContinuousV",
+              "ModelSamplingStableCascade", "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
+              "ModelSamplingLTXV", "CFGNorm", "CFGZeroStar", "RescaleCFG", "DifferentialDiffusion",
+              "TemporalScoreRescaling", "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance",
+              "LatentApplyOperationCFG", "SkipLayerGuidanceDiT", "SkipLayerGuidanceDiTSimple",
+              "SkipLayerGuidanceSD3", "ModelAttentionBackend", "EasyCache", "LazyCache", "FreeU", "FreeU_V2"),
+    "clip": ("CLIPSetLastLayer", "T5TokenizerOptions"),
+}
+
+SWITCHES = ("ComfySwitchNode",)     # passes on on_true if its `switch` is true, else on_false (lazily)
+ZEROED = ("ConditioningZeroOut",)   # zeroes the conditioning: the CLIP it was encoded with does not matter
+
+# CLIPAttentionMultiply patches every key of the CLIP object ending in self_attn.{q,k,v,out}_proj (checked
+# on ComfyUI 0.3.64's own text-encoder classes): all four projections of CLIP-L/G/H; q, k and v of a
+# decoder LLM (its output projection is o_proj); nothing of T5, UMT5 or ByT5. Which encoder a loader
+# loads is read from the file name ComfyUI's templates and model pages give it; first match wins.
+ENCODER_FILES = (
+    (r"umt5", "umt5xxl"),
+    (r"byt5|t5", "t5"),
+    (r"clip[_-]?l\b|clip[_-]?l[_-]|vit[_-]?l", "clip_l"),
+    (r"clip[_-]?g\b|clip[_-]?g[_-]|bigg", "clip_g"),
+    (r"clip[_-]?h\b|clip[_-]?h[_-]|vit[_-]?h", "clip_h"),
+    (r"qwen[_.-]?2[._]?5[_.-]?vl[_.-]?7b|qwen25[_.-]?7b", "qwen25_7b"),
+    (r"llava[_.-]?llama[_.-]?3|llama[_.-]?3(\.1)?[_.-]?8b", "llama"),
+    (r"qwen|gemma|mistral|llama|olmo|phi|glm", "llm"),       # an LLM the [text] section does not know
+)
+CLIP_KINDS = ("clip_l", "clip_g", "clip_h")
+LLM_KINDS = ("qwen25_7b", "llama")                           # the [text] section's decoder LLMs
 
 @dataclass(frozen=True)
 class Sampler:
@@ -111,6 +156,13 @@ WIDGETS: dict[str, tuple[tuple[tuple[str, type], ...], ...]] = {
     "UNETLoader": ((("unet_name", _S), ("weight_dtype", _S)),),
     "CLIPLoader": ((("clip_name", _S), ("type", _S), ("device", _S)),),
     "DualCLIPLoader": ((("clip_name1", _S), ("clip_name2", _S), ("type", _S), ("device", _S)),),
+    "TripleCLIPLoader": ((("clip_name1", _S), ("clip_name2", _S), ("clip_name3", _S)),),
+    "QuadrupleCLIPLoader": ((("clip_name1", _S), ("clip_name2", _S), ("clip_name3", _S), ("clip_name4", _S)),),
+    "LTXAVTextEncoderLoader": ((("text_encoder", _S), ("ckpt_name", _S)),),
+    "UnetLoaderGGUF": ((("unet_name", _S),),),
+    "CLIPLoaderGGUF": ((("clip_name", _S), ("type", _S)),),
+    "DualCLIPLoaderGGUF": ((("clip_name1", _S), ("clip_name2", _S), ("type", _S)),),
+    "ComfySwitchNode": ((("switch", _B),),),
     "KSampler": ((("seed", _I), (CONTROL, _S), ("steps", _I), ("cfg", _F), ("sampler_name", _S),
                   ("scheduler", _S), ("denoise", _F)),),
     "KSamplerAdvanced": ((("add_noise", _S), ("noise_seed", _I), (CONTROL, _S), ("steps", _I), ("cfg", _F),

@@ -19,7 +19,7 @@ original node's widgets enforce (0-10 for ComfyUI's multipliers) and give way to
 `allow_out_of_range=True` (the CLI's --allow-out-of-range).
 """
 
-from .reader import load_recipe, parse_recipe  # noqa: F401
+from .reader import load_recipe, parse_recipe, recipe_sections  # noqa: F401
 from .schema import (BEND_COMMON, BEND_MODE_PARAMS, BEND_MODES, BEND_PARAMS, BLOCK_GROUPS, DYNAMIC_SECTIONS,  # noqa: F401
                      MULTIPLIER_SECTIONS, SAG_PARAMS, SCHEMA_VERSION, SECTIONS, SELECTORS, SLOTHFUL_MODES,
                      SLOTHFUL_PARAMS, Param, bend_params, multiply_params)

@@ -437,6 +437,12 @@ def _find_sections(r: _Reader, data: dict) -> dict[str, Any]:
     return found
 
 
+def recipe_sections(data: dict, source: str) -> dict[str, Any]:
+    """Section name → its raw TOML value, for every section of a parsed recipe; an unknown section is an
+    error (the importer copies recorded recipes section by section, and must not drop one)."""
+    return _find_sections(_Reader(source, True), data)
+
+
 def parse_recipe(text: str, source: str = "<recipe>", *, allow_out_of_range: bool = False) -> Recipe:
     """Read and validate recipe TOML. Every problem is a CkptbendError naming `source` and the TOML path."""
     try:
