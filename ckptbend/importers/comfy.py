@@ -8,6 +8,7 @@ a recipe cannot hold and is refused by name (or, with --ignore-other-patches, li
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from ckptbend.errors import CkptbendError
 
 from . import nodes as N
 from .clip_multiply import clip_multiply
-from .draft import Draft, slug
+from .draft import FLOAT32_MAX, Draft, slug
 from .walk import Chain, choose_chain
 from .workflow import Broken, Link, Node, fill_widgets, widget_problem
 
@@ -132,9 +133,12 @@ def _values(node: Node, keys, label: str) -> dict:
         if value is None:
             raise CkptbendError(f"{label}: {node} has no value for '{key}'" + (" (it is null)" if key in node.inputs else ""))
         what, fits = _KINDS.get(kinds.get(key), (None, lambda v: True))
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         if not fits(value):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise CkptbendError(f"{label}: {node} input '{key}' is {shown}, not {what}")
+        if _number(value) is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise CkptbendError(f"{label}: {node} input '{key}' is {shown if math.isfinite(value) else value}: "
+                                "no weight or setting can take it (float32 holds up to 3.4e38)")
         values[key] = value
     return values
 

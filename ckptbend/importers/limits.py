@@ -16,7 +16,7 @@ MAX_DEPTH = 100              # nesting of JSON/YAML values
 MAX_INT_DIGITS = 4300        # Python's own bound on int(str)
 MAX_NODES = 20_000           # nodes a UI workflow may expand to (subgraph and group-node instances)
 MAX_ALIASES = 1_000          # YAML aliases (*name) in one document
-MAX_ITEMS = 1_000_000        # values a YAML document expands to (aliases repeat what they name)
+MAX_ITEMS = 100_000          # values a YAML document expands to (aliases repeat what they name)
 MAX_VALUE_CHARS = 65_536     # characters of one value written into a recipe
 MAX_TEXT_BYTES = 64 << 20    # one metadata text of an image, decompressed
 
