@@ -3,6 +3,8 @@ them, Attention Bending YAML and baked checkpoints become recipes."""
 
 import copy
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,15 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from safetensors.torch import save_file
+
+from ckptbend.bake import bake
+from ckptbend.errors import CkptbendError
 from ckptbend.importers import Options, import_recipe
+from ckptbend.layouts import detect
+from ckptbend.plan import make_plan
 from ckptbend.recipe import load_recipe, parse_recipe
+from ckptbend.synth import large_text_encoders as lte
 from ckptbend.synth import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,6 +567,77 @@ def test_baked_checkpoint_gives_back_its_recipe(sd1, tmp_path):
     assert load_recipe(tmp_path / "back.toml").sha256 == load_recipe(RECIPES / "sharper-details.toml").sha256
     assert "baked from 'sd1.safetensors'" in (tmp_path / "back.toml").read_text()
     assert_clean_error(run("recipe", "import", sd1), "no ckptbend recipe recorded")
+
+
+def test_a_baked_dit_gives_back_every_section(tmp_path):
+    """[dit.joint] entries (and every other section the reader knows) come back: same recipe, same hash."""
+    flux = write_checkpoint(tmp_path / "flux.safetensors", "flux_dev")
+    recipe = load_recipe(RECIPES / "flux-balanced.toml")
+    bake(recipe, flux, tmp_path / "baked.safetensors", progress=False, durable=False)
+    back = imported(tmp_path / "baked.safetensors")
+    assert back.recipe.sha256 == recipe.sha256 and len(back.recipe.multipliers["dit.joint"]) == 3
+
+
+# ComfyUI's CLIPAttentionMultiply (comfy_extras/nodes_attention_multiply.py) patches every key of the CLIP
+# object that ends in one of these, by the node's factor: the oracle the imported recipe is baked against.
+COMFY_CLIP_MULTIPLY = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+                       "self_attn.out_proj": "out"}
+CLIP_FACTORS = {"q": 1.3, "k": 0.7, "v": 1.6, "out": 0.8}
+
+
+def comfyui_clip_multiply(keys) -> dict[str, float]:
+    return {key: CLIP_FACTORS[name] for key in keys for suffix, name in COMFY_CLIP_MULTIPLY.items()
+            if key.endswith((suffix + ".weight", suffix + ".bias"))}
+
+
+@pytest.fixture(scope="module")
+def text_encoder_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("te")
+    files = {"clip_l": write_checkpoint(folder / "clip_l.safetensors", "sd1", layout="text_encoder")}
+    for kind, name in (("llama", "llava_llama3_fp8_scaled.safetensors"), ("qwen25_7b", "qwen_2.5_vl_7b_fp8_scaled.safetensors")):
+        save_file(lte.file_state_dict(kind, lte.build(kind)), folder / name)
+        files[kind] = folder / name
+    return files
+
+
+@pytest.mark.parametrize("loader, widgets, kinds", [
+    ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "llava_llama3_fp8_scaled.safetensors",
+                        "type": "hunyuan_video"}, ("clip_l", "llama")),
+    ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"}, ("qwen25_7b",)),
+])
+def test_clip_multiply_on_llm_text_encoders_bakes_what_comfyuis_node_patches(tmp_path, text_encoder_files, loader,
+                                                                            widgets, kinds):
+    """HunyuanVideo's Llama and Qwen-Image's Qwen2.5-VL: the node scales their q, k, v (not o_proj)."""
+    workflow = copy.deepcopy(API)
+    workflow["13"] = {"class_type": loader, "inputs": widgets}
+    workflow["7"]["inputs"].update(CLIP_FACTORS, clip=["13", 0])
+    recipe = imported(write(tmp_path / "w.json", workflow)).recipe
+    for kind in kinds:
+        ckpt = detect(text_encoder_files[kind])
+        edits = make_plan(recipe, ckpt, allow_missing=True).edits
+        baked = {e.key: math.prod(f for seg in e.segments for f in seg.factors) for e in edits}
+        expected = comfyui_clip_multiply(t.name for f in ckpt.files for t in f.header.tensors)
+        assert baked == pytest.approx(expected) and len(expected) > 0, kind
+
+
+@pytest.mark.parametrize("loader, widgets, fragment", [
+    ("LTXAVTextEncoderLoader", {"text_encoder": "gemma_3_12B_it_fp4_mixed.safetensors", "ckpt_name": "ltx-2.safetensors"},
+     "also scales the q, k and v of the LLM text encoder 'gemma_3_12B_it_fp4_mixed.safetensors', which a recipe's [text] "
+     "cannot reach"),
+    ("CLIPLoader", {"clip_name": "my_text_encoder.safetensors", "type": "stable_diffusion"},
+     "cannot tell from its name which encoder it is"),
+    ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"},
+     "nothing to import: node 7 (CLIPAttentionMultiply) changes nothing here"),
+])
+def test_clip_multiply_where_a_recipe_cannot_follow(tmp_path, loader, widgets, fragment):
+    workflow = copy.deepcopy(API)
+    workflow["13"] = {"class_type": loader, "inputs": widgets}
+    workflow["7"]["inputs"].update(CLIP_FACTORS, clip=["13", 0])
+    workflow["5"]["inputs"].update(q=1, k=1)
+    del workflow["6"]
+    workflow["3"]["inputs"]["model"] = ["5", 0]
+    with pytest.raises(CkptbendError, match=re.escape(fragment)):
+        imported(write(tmp_path / "w.json", workflow))
 
 
 def test_companion_workflow_round_trips_after_a_real_bake(sd1, tmp_path):

@@ -22,9 +22,9 @@ from .walk import Chain, choose_chain
 from .workflow import Broken, Link, Node, fill_widgets, widget_problem
 
 COMPANION_NODE = re.compile(r"ckptbend_\w+_[0-9a-f]{8}")   # comfy_host.node_id's shape
-LOOKED_FOR = ("an attention-multiply node (UNetSelfAttentionMultiply, UNetCrossAttentionMultiply, "
-              "UNetTemporalAttentionMultiply, CLIPAttentionMultiply), SelfAttentionGuidance, Slothful Attention "
-              "or a ckptbend companion node")
+LOOKED_FOR = ("no attention-multiply node (UNetSelfAttentionMultiply, UNetCrossAttentionMultiply, "
+              "UNetTemporalAttentionMultiply, CLIPAttentionMultiply), SelfAttentionGuidance, Slothful Attention or "
+              "ckptbend companion node")
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,9 @@ def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: s
     label = f"{source}{where}"
     graph, fmt = read
     chain, same = choose_chain(graph, label, opts.sampler, holds_recipe)
-    path = f"{chain.sampler}'s model and CLIP paths"
     if not holds_recipe(chain):
         kept = [n for n in chain.model + chain.clip if n.class_type in N.SAMPLING_ONLY["model"] + N.SAMPLING_ONLY["clip"]]
-        raise CkptbendError(f"{label}: nothing to import: {path} hold no {LOOKED_FOR}" +
+        raise CkptbendError(f"{label}: nothing to import: {LOOKED_FOR} on the model or CLIP path of {chain.sampler}" +
                             (f" (only nodes that change sampling: {', '.join(n.class_type for n in kept)})" if kept else ""))
     draft = Draft(label, opts.name or "")
     draft.notes.append(f"Imported by `ckptbend recipe import` from {source.name}{where} "
@@ -77,11 +76,13 @@ def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: s
             kept.append(str(node))
         else:
             others.append(f"{node} on the model path")
+    idle = []                              # why nodes that were found change nothing
     for node in chain.clip:
         if node.class_type == "CLIPAttentionMultiply":
             sections, notes = clip_multiply(node, _values(node, N.PATCHES[node.class_type].keys, label),
                                             chain.clip_loader, label)
             draft.notes += notes
+            idle += notes if not sections else []
             for section, values, comment in sections:
                 draft.add(section, values, comment)
         elif node.class_type in N.SAMPLING_ONLY["clip"]:
@@ -103,9 +104,16 @@ def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: s
         if draft.recipe(allow_out_of_range=True).sha256 != companion.recipe.sha256:
             draft.description = provenance
     draft.name = opts.name or draft.name
+    if _empty(draft.recipe(allow_out_of_range=True)):
+        raise CkptbendError(f"{label}: nothing to import: " + ("; ".join(idle) if idle else
+                            f"every attention node on the path of {chain.sampler} is set to 1.0"))
     if draft.get("sag") is not None and _number(chain.cfg) is not None and chain.cfg <= 1:
         draft.warnings.append(f"{label}: SAG needs classifier-free guidance, but {chain.sampler} runs with cfg {chain.cfg}")
     return draft
+
+
+def _empty(recipe) -> bool:
+    return not (recipe.multipliers or recipe.sag or recipe.slothful or recipe.bending)
 
 
 def _number(value):

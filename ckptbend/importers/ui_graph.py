@@ -167,10 +167,10 @@ class _UIGraph:
 
     def _promoting(self, inner: _Scope, declared: list[dict], origin: str, widget: str) -> str | None:
         m = LEGACY_PREFIX.match(widget)
+        wanted = {widget, m[1]} if m else {widget}
         for d in declared:
             for nid, slot in self._targets(inner, d):
-                name = (slot.get("widget") or {}).get("name") if isinstance(slot.get("widget"), dict) else None
-                if nid == origin and name in (widget, m and m[1]):
+                if nid == origin and isinstance(slot.get("widget"), dict) and slot["widget"].get("name") in wanted:
                     return d.get("name")
         return None
 
