@@ -125,6 +125,7 @@ GUIDERS = {
     "CFGGuider": Sampler("model", ("positive", "negative"), "cfg"),
     "BasicGuider": Sampler("model", ("conditioning",)),
     "DualCFGGuider": Sampler("model", ("cond1", "cond2", "negative"), "cfg_conds"),
+    "LTXVDualCFGGuider": Sampler("model", ("positive", "negative"), "video_cfg"),
 }
 
 # Nodes that only pass a value along, with no effect of their own.
@@ -171,4 +172,5 @@ WIDGETS: dict[str, tuple[tuple[tuple[str, type], ...], ...]] = {
     "SamplerCustom": ((("add_noise", _B), ("noise_seed", _I), (CONTROL, _S), ("cfg", _F)),),
     "CFGGuider": ((("cfg", _F),),),
     "DualCFGGuider": ((("cfg_conds", _F), ("cfg_cond2_negative", _F), ("style", _S)),),
+    "LTXVDualCFGGuider": ((("video_cfg", _F), ("audio_cfg", _F)),),
 }
