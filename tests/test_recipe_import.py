@@ -578,6 +578,16 @@ def test_a_baked_dit_gives_back_every_section(tmp_path):
     assert back.recipe.sha256 == recipe.sha256 and len(back.recipe.multipliers["dit.joint"]) == 3
 
 
+def test_a_companion_of_a_dit_recipe_gives_back_every_section(tmp_path):
+    """The companion's workflow_api.json: [dit.cross], [[bending]] and the architecture all come back."""
+    recipe = tmp_path / "wan-bend.toml"
+    recipe.write_text('schema = 1\nname = "wan-bend"\narchitecture = "sd1"\n[dit.cross]\nv = 1.1\n'
+                      '[[bending]]\ntoken = "kiss"\nmode = "scale"\nscale_factor = 2.0\n')
+    assert run("emit", recipe, "-o", tmp_path / "companion").returncode == 0
+    back = imported(tmp_path / "companion" / "workflow_api.json").recipe
+    assert back.sha256 == load_recipe(recipe).sha256 and back.architecture == ("sd1",)
+
+
 # ComfyUI's CLIPAttentionMultiply (comfy_extras/nodes_attention_multiply.py) patches every key of the CLIP
 # object that ends in one of these, by the node's factor: the oracle the imported recipe is baked against.
 COMFY_CLIP_MULTIPLY = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
