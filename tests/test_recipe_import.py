@@ -442,6 +442,17 @@ def test_clip_patched_for_one_prompt_only_is_refused(tmp_path):
                        "encoded through different CLIP chains")
 
 
+def test_api_inputs_are_told_apart_by_name_and_link(tmp_path):
+    """API format has no types: ConditioningAverage's conditioning_to/_from are links to follow, its
+    conditioning_to_strength a widget value; a loader's widget named "model" is no MODEL input."""
+    workflow = copy.deepcopy(API)
+    workflow["20"] = {"class_type": "ConditioningAverage", "inputs": {
+        "conditioning_to": ["8", 0], "conditioning_from": ["9", 0], "conditioning_to_strength": 0.5}}
+    workflow["3"]["inputs"]["positive"] = ["20", 0]
+    workflow["4"]["inputs"]["model"] = "moge.pt"
+    assert got(imported(write(tmp_path / "w.json", workflow)).recipe) == settings(BASE)
+
+
 def test_sag_without_cfg_warns_reading_cfg_after_the_seed_control_widget(tmp_path):
     workflow = copy.deepcopy(UI)
     node(workflow, 3)["widgets_values"] = [7, "fixed", 20, 1.0, "euler", "normal", 1]   # cfg 1 after "fixed"

@@ -100,7 +100,6 @@ def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: s
     draft.description = f"Imported from {source.name}{where}: ComfyUI sampler {chain.sampler.key} ({chain.sampler.class_type})."
     if companion is not None:   # the graph is the companion's recipe exactly: keep its description (and hash)
         provenance, draft.description = draft.description, companion.recipe.description
-        draft.architecture = companion.recipe.architecture
         if draft.recipe(allow_out_of_range=True).sha256 != companion.recipe.sha256:
             draft.description = provenance
     draft.name = opts.name or draft.name

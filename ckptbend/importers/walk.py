@@ -43,11 +43,12 @@ class Chain:
             tuple(n.key for n in self.clip), self.clip_loader and self.clip_loader.key
 
 
-def carries(node: Node, name: str, kind: str) -> bool:
-    """Whether input `name` of `node` is of type `kind` (UI: its slot type; API: its name)."""
-    if node.types is not None and name in node.types:
-        return kind in str(node.types[name]).upper().split(",")
-    return bool(NAMED[kind].fullmatch(name))
+def inputs_of(node: Node, kind: str) -> list[str]:
+    """The node's inputs of type `kind`: UI, by slot type, connected or not; API (no types), the links
+    whose input name is one ComfyUI gives inputs of that type (a widget value is never one)."""
+    if node.types is not None:
+        return [n for n, t in node.types.items() if kind in str(t).upper().split(",")]
+    return [n for n, v in node.inputs.items() if isinstance(v, (Link, Broken)) and NAMED[kind].fullmatch(n)]
 
 
 class Walker:
@@ -70,8 +71,10 @@ class Walker:
             node = self.graph.get(value.key)
             if node is None:
                 self.fail(f"{user} input '{name}' comes from node {value.key}, which is not in the workflow")
-            if node.class_type not in N.SWITCHES or hops > len(self.graph):
+            if node.class_type not in N.SWITCHES:
                 return node
+            if hops > len(self.graph):
+                self.fail(f"{user} input '{name}' leads round in a cycle of switches")
             user, name, hops = node, self._active(node), hops + 1
             value = node.inputs.get(name)
 
@@ -95,7 +98,7 @@ class Walker:
     def _carrier(self, node: Node, kind: str) -> str | None:
         """The input of `kind` the walk continues through, or None at a loader. A node with several
         (a model merge) ends the walk as it is: it is not a loader, and no single path goes on."""
-        names = [n for n in (node.types or node.inputs) if carries(node, n, kind)]
+        names = inputs_of(node, kind)
         if not names:
             return None
         connected = [n for n in names if node.inputs.get(n) is not None]
@@ -133,7 +136,7 @@ class Walker:
             seen.add(node.key)
             if self._carrier(node, "CLIP"):
                 found.append(node)
-            pending += [(node, n) for n, v in node.inputs.items() if v is not None and carries(node, n, "CONDITIONING")]
+            pending += [(node, n) for n in inputs_of(node, "CONDITIONING") if node.inputs.get(n) is not None]
         return found
 
     def chain(self, sampler: Node) -> Chain:
