@@ -30,8 +30,9 @@ def refused(path, fragment, **options):
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def chain_of(kind, mode, length=5000):
-    """UI: `length` reroutes (or bypassed LoRA loaders) between the SAG node and the KSampler."""
+def chain_of(kind, mode, length=2000):
+    """UI: `length` reroutes (or bypassed LoRA loaders) between the SAG node and the KSampler (Python's
+    recursion limit, 1000, is what a recursive walk would hit)."""
     workflow, prev = copy.deepcopy(UI), 14
     for i in range(length):
         nid, lid = 1000 + i, 10000 + i
@@ -225,7 +226,9 @@ def test_an_unreadable_prompt_falls_back_to_the_workflow(tmp_path):
 
 
 def test_a_compressed_text_bomb_is_refused(tmp_path):
-    bomb = chunk(b"zTXt", b"workflow\0\0" + zlib.compress(b"{" + b" " * 100_000_000))
+    deflate = zlib.compressobj()
+    spaces = b"".join(deflate.compress(b" " * (1 << 20)) for _ in range(80)) + deflate.flush()   # 80 MiB, deflated
+    bomb = chunk(b"zTXt", b"workflow\0\0" + spaces)
     refused(png(tmp_path / "b.png", before=[bomb]), "a compressed text chunk inflates to more than 64 MiB")
 
 
