@@ -435,6 +435,17 @@ def test_other_patches_are_named_and_refused_unless_ignored(tmp_path):
     assert got(parse_recipe(result.stdout)) == settings(BASE)
 
 
+def test_attention_nodes_behind_a_model_merge_are_not_dropped(tmp_path):
+    """The walk stops at a merge (two MODEL inputs); an attention node behind it is refused, not left out,
+    even with --ignore-other-patches."""
+    workflow = copy.deepcopy(API)
+    workflow["20"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["6", 0], "model2": ["4", 0], "ratio": 0.5}}
+    workflow["3"]["inputs"]["model"] = ["20", 0]
+    with pytest.raises(CkptbendError, match=r"node 20 \(ModelMergeSimple\) merges several models; node 6 "
+                                            r"\(SelfAttentionGuidance\) behind it cannot be imported"):
+        imported(write(tmp_path / "w.json", workflow), ignore_other_patches=True)
+
+
 def test_clip_patched_for_one_prompt_only_is_refused(tmp_path):
     workflow = copy.deepcopy(API)
     workflow["9"]["inputs"]["clip"] = ["4", 1]   # the negative prompt bypasses the CLIP multiply

@@ -42,7 +42,8 @@ def _imports(node: Node, through: str) -> bool:
 
 
 def holds_recipe(chain: Chain) -> bool:
-    return any(_imports(n, "model") for n in chain.model) or any(_imports(n, "clip") for n in chain.clip)
+    behind = [n for nodes in chain.merged.values() for n in nodes]
+    return any(_imports(n, "model") for n in chain.model + behind) or any(_imports(n, "clip") for n in chain.clip + behind)
 
 
 def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: str = "") -> Draft:
@@ -55,6 +56,11 @@ def workflow_draft(read: tuple[dict, str], source: Path, opts: Options, where: s
         kept = [n for n in chain.model + chain.clip if n.class_type in N.SAMPLING_ONLY["model"] + N.SAMPLING_ONLY["clip"]]
         raise CkptbendError(f"{label}: nothing to import: {LOOKED_FOR} on the model or CLIP path of {chain.sampler}" +
                             (f" (only nodes that change sampling: {', '.join(n.class_type for n in kept)})" if kept else ""))
+    for key, behind in chain.merged.items():
+        hidden = [n for n in behind if _imports(n, "model") or _imports(n, "clip")]
+        if hidden:
+            raise CkptbendError(f"{label}: {graph[key]} merges several models; {hidden[0]} behind it cannot be "
+                                "imported into one model's recipe")
     draft = Draft(label, opts.name or "")
     draft.notes.append(f"Imported by `ckptbend recipe import` from {source.name}{where} "
                        f"(ComfyUI {fmt}-format workflow)")

@@ -36,6 +36,7 @@ class Chain:
     clip_loader: Node | None
     cfg: object = None
     notes: list[str] = field(default_factory=list)   # switches followed
+    merged: dict[str, list[Node]] = field(default_factory=dict)   # a merge on a path → the nodes behind it
 
     @property
     def signature(self):
@@ -55,6 +56,7 @@ class Walker:
     def __init__(self, graph: dict[str, Node], source: str):
         self.graph, self.source = graph, source
         self.notes: dict[str, str] = {}
+        self.merged: dict[str, list[Node]] = {}
 
     def fail(self, message: str):
         raise CkptbendError(f"{self.source}: {message}")
@@ -121,8 +123,22 @@ class Walker:
                 return found[::-1], node
             found.append(node)
             if name == "":
+                self.merged[node.key] = self._behind(node, kind)
                 return found[::-1], None
             user = node
+
+    def _behind(self, merge: Node, kind: str) -> list[Node]:
+        """Every node upstream of a merge through its `kind` inputs: none of them can join one model's recipe."""
+        found, seen = [], {merge.key}
+        pending = [(merge, n) for n in inputs_of(merge, kind) if merge.inputs.get(n) is not None]
+        while pending:
+            user, name = pending.pop()
+            node = self.node(user, name)
+            if node.key not in seen:
+                seen.add(node.key)
+                found.append(node)
+                pending += [(node, n) for n in inputs_of(node, kind) if node.inputs.get(n) is not None]
+        return found
 
     def encoders(self, holder: Node, names) -> list[Node]:
         """The nodes that encode `holder`'s conditioning with a CLIP, following CONDITIONING inputs only."""
@@ -140,7 +156,7 @@ class Walker:
         return found
 
     def chain(self, sampler: Node) -> Chain:
-        self.notes = {}
+        self.notes, self.merged = {}, {}
         spec, holder = N.SAMPLERS[sampler.class_type], sampler
         if spec.guider:
             holder = self.node(sampler, spec.guider)
@@ -159,7 +175,7 @@ class Walker:
                       "a recipe has one [clip]")
         clip, clip_loader, _ = next(iter(clips.values()), ([], None, None))
         cfg = holder.inputs.get(spec.cfg) if spec.cfg else None
-        return Chain(sampler, model, model_loader, clip, clip_loader, cfg, list(self.notes.values()))
+        return Chain(sampler, model, model_loader, clip, clip_loader, cfg, list(self.notes.values()), self.merged)
 
 
 def route(loader: Node | None, path: list[Node]) -> str:
