@@ -2,8 +2,8 @@
 of its widgets (a UI-format workflow stores widget values by position only).
 
 Facts read from the node definitions (Comfy-Org/ComfyUI: nodes.py, comfy_extras/
-nodes_attention_multiply.py, nodes_sag.py, nodes_custom_sampler.py, nodes_video_model.py;
-MitoshiroPJ/comfyui_slothful_attention at 7cab5f3 (Dec 2023) and f297558 (later)). Widget order is
+nodes_attention_multiply.py, nodes_sag.py, nodes_custom_sampler.py, nodes_video_model.py, nodes_logic.py,
+nodes_lt.py; MitoshiroPJ/comfyui_slothful_attention at 7cab5f3 (Dec 2023) and f297558 (later)). Widget order is
 the order of the node's non-link inputs; an INT input with `control_after_generate` is followed by
 one more value in `widgets_values` (the frontend's "fixed"/"randomize" control), written CONTROL here.
 """
