@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from ckptbend.bake import bake
+from ckptbend.companion import emit
 from ckptbend.errors import CkptbendError
 from ckptbend.importers import Options, import_recipe
 from ckptbend.layouts import detect
@@ -605,7 +606,7 @@ def test_a_companion_of_a_dit_recipe_gives_back_every_section(tmp_path):
     recipe = tmp_path / "wan-bend.toml"
     recipe.write_text('schema = 1\nname = "wan-bend"\narchitecture = "sd1"\n[dit.cross]\nv = 1.1\n'
                       '[[bending]]\ntoken = "kiss"\nmode = "scale"\nscale_factor = 2.0\n')
-    assert run("emit", recipe, "-o", tmp_path / "companion").returncode == 0
+    emit(load_recipe(recipe), tmp_path / "companion")
     back = imported(tmp_path / "companion" / "workflow_api.json").recipe
     assert back.sha256 == load_recipe(recipe).sha256 and back.architecture == ("sd1",)
 
