@@ -1,4 +1,4 @@
-"""Write the companion folder: the recipe's sampling-time part as data, plus a copy of ckptbend/runtime.
+"""Write the companion folder: the recipe's sampling-time part as data, plus the runtime package, whole.
 
 A companion is what cannot be baked (SAG, Slothful Attention, Attention Bending). It travels with
 the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ckptbend:
@@ -8,7 +8,13 @@ the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ck
     <folder>/recipe.toml          the whole recipe, canonical form
     <folder>/pyproject.toml       ComfyUI registry metadata, so the folder can be published as a node pack
     <folder>/workflow_api.json    a ComfyUI workflow (API format): load the checkpoint, apply the node, sample
-    <folder>/runtime/*.py         verbatim copies of ckptbend/runtime (torch + stdlib only)
+    <folder>/runtime/             ckptbend/runtime copied whole, as it is: a package that imports only torch,
+                                  the standard library and itself (relative imports), so it never reaches for
+                                  an installed ckptbend, and ComfyUI's own modules only while sampling
+
+Companions written before the runtime was a package (its modules copied one by one into runtime/) keep
+working as they are: each carries its own runtime, and the node id and inputs they declare are read by
+`recipe import` from their companion.json alone.
 """
 
 from __future__ import annotations
@@ -25,8 +31,7 @@ from .output import Target, atomic_output, check_targets
 
 FORMAT = 1
 RUNTIME_DIR = Path(__file__).parent / "runtime"
-RUNTIME_FILES = ("__init__.py", "sag.py", "slothful.py", "bending.py", "maps.py",
-                 "diffusers_host.py", "comfy_host.py")
+RUNTIME_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 SUFFIX = "_ckptbend"
 
 
@@ -84,10 +89,7 @@ def write_companion(recipe, folder: Path, checkpoint: dict | None = None) -> Non
         raise CkptbendError(f"recipe {recipe.name!r} has no [sag], [slothful] or [[bending]] section; "
                             "there is nothing to put in a companion")
     folder.mkdir(parents=True, exist_ok=True)
-    runtime = folder / "runtime"
-    runtime.mkdir(exist_ok=True)
-    for name in RUNTIME_FILES:
-        shutil.copyfile(RUNTIME_DIR / name, runtime / name)
+    shutil.copytree(RUNTIME_DIR, folder / "runtime", ignore=RUNTIME_SKIP, dirs_exist_ok=True)
     data = manifest(recipe, checkpoint)
     (folder / "companion.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "recipe.toml").write_text(recipe.canonical(), encoding="utf-8")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptbend.companion import RUNTIME_DIR, RUNTIME_FILES, dynamic_part, emit, folder_for
+from ckptbend.companion import RUNTIME_DIR, dynamic_part, emit, folder_for
 from ckptbend.recipe import load_recipe, parse_recipe
 from ckptbend.runtime import slothful
 from ckptbend.runtime.bending import BendSpec
@@ -125,8 +125,9 @@ def test_emit_writes_a_complete_folder(tmp_path):
     r = run("emit", SAG_AND_BENDING, "-o", out)
     assert r.returncode == 0, r.stderr
     recipe = load_recipe(SAG_AND_BENDING)
-    for name in RUNTIME_FILES:
-        assert (out / "runtime" / name).read_bytes() == (RUNTIME_DIR / name).read_bytes()
+    # The runtime package, whole and as it is.
+    assert sha256_tree(out / "runtime") == {name: digest for name, digest in sha256_tree(RUNTIME_DIR).items()
+                                            if "__pycache__" not in name}
     manifest = json.loads((out / "companion.json").read_text())
     assert manifest["recipe_sha256"] == recipe.sha256 and manifest["recipe_name"] == recipe.name
     assert manifest["dynamic"] == dynamic_part(recipe) and manifest["checkpoint"] is None
@@ -134,10 +135,10 @@ def test_emit_writes_a_complete_folder(tmp_path):
     project = tomllib.loads((out / "pyproject.toml").read_text())
     assert project["project"]["name"] == "ckptbend-sag-and-bending" and project["project"]["version"]
     assert project["tool"]["comfy"]["DisplayName"] == "ckptbend: sag-and-bending"
-    # The runtime copy imports only torch and the standard library (and ComfyUI's own modules, inside
-    # the functions ComfyUI calls): never diffusers or ckptbend.
-    for name in RUNTIME_FILES:
-        assert imported_roots(out / "runtime" / name) <= {".", "torch", "comfy", *sys.stdlib_module_names}, name
+    # The runtime copy imports only torch, the standard library and itself, relatively (and ComfyUI's own
+    # modules, inside the functions ComfyUI calls): never diffusers, nor an installed ckptbend.
+    for path in (out / "runtime").rglob("*.py"):
+        assert imported_roots(path) <= {".", "torch", "comfy", *sys.stdlib_module_names}, path
 
     before = sha256_tree(out)
     r = run("emit", SAG_AND_BENDING, "-o", out)
