@@ -124,7 +124,8 @@ def bake(recipe, input_path, output_path, *, force=False, allow_missing=False, p
             digests = _bake_into(plan, recipe, ckpt, tmp, bar, name, source_sha256, durable)
             if companion is not None:
                 emit(recipe, companion.path, force=force, checkpoint={
-                    "file": output_path.name, "source": name, "source_sha256": digests})
+                    "file": output_path.name, "architecture": ckpt.architecture, "kind": ckpt.kind,
+                    "source": name, "source_sha256": digests})
                 companion_placed = companion_new
         if durable:
             with profile.phase("fsync of the folder"):

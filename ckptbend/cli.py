@@ -349,11 +349,12 @@ def emit(recipe_path, output, checkpoint, force, allow_out_of_range):
         from .layouts import detect
         from .verify import recorded_recipe
 
-        baked = recorded_recipe(detect(checkpoint))
+        found = detect(checkpoint)
+        baked = recorded_recipe(found)
         if baked is not None and baked.sha256 != r.sha256:
             raise CkptbendError(f"{checkpoint}: was baked from recipe {baked.name!r} ({baked.sha256[:12]}), "
                                 f"not {r.name!r} ({r.sha256[:12]})")
-        record = {"file": checkpoint.name}
+        record = {"file": checkpoint.name, "architecture": found.architecture, "kind": found.kind}
     if not output.name.isidentifier():
         click.echo(f"warning: {output.name!r} is not a Python identifier: ComfyUI loads it, "
                    "but `import` needs importlib", err=True)

@@ -1,4 +1,4 @@
-"""Write the companion folder: the recipe's sampling-time part as data, plus a copy of ckptbend/runtime.
+"""Write the companion folder: the recipe's sampling-time part as data, plus the runtime package, whole.
 
 A companion is what cannot be baked (SAG, Slothful Attention, Attention Bending). It travels with
 the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ckptbend:
@@ -8,7 +8,13 @@ the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ck
     <folder>/recipe.toml          the whole recipe, canonical form
     <folder>/pyproject.toml       ComfyUI registry metadata, so the folder can be published as a node pack
     <folder>/workflow_api.json    a ComfyUI workflow (API format): load the checkpoint, apply the node, sample
-    <folder>/runtime/*.py         verbatim copies of ckptbend/runtime (torch + stdlib only)
+    <folder>/runtime/             ckptbend/runtime copied whole, as it is: a package that imports only torch,
+                                  the standard library and itself (relative imports), so it never reaches for
+                                  an installed ckptbend, and ComfyUI's own modules only while sampling
+
+Companions written before the runtime was a package (its modules copied one by one into runtime/) keep
+working as they are: each carries its own runtime, and the node id and inputs they declare are read by
+`recipe import` from their companion.json alone.
 """
 
 from __future__ import annotations
@@ -25,8 +31,7 @@ from .output import Target, atomic_output, check_targets
 
 FORMAT = 1
 RUNTIME_DIR = Path(__file__).parent / "runtime"
-RUNTIME_FILES = ("__init__.py", "sag.py", "slothful.py", "bending.py", "maps.py",
-                 "diffusers_host.py", "comfy_host.py")
+RUNTIME_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 SUFFIX = "_ckptbend"
 
 
@@ -77,59 +82,45 @@ def manifest(recipe, checkpoint: dict | None) -> dict:
 def write_companion(recipe, folder: Path, checkpoint: dict | None = None) -> None:
     """Fill the empty or new `folder` with the companion of `recipe` (which must have dynamic sections).
 
-    checkpoint: what the companion belongs to, e.g. {"file": "x.safetensors", "source": ...,
-    "source_sha256": ...}; None for `ckptbend emit` without a bake.
+    checkpoint: what the companion belongs to, e.g. {"file": "x.safetensors", "architecture": "wan21-t2v-1.3b",
+    "kind": "dit", "source": ..., "source_sha256": ...}; None for `ckptbend emit` without a checkpoint.
     """
     if not recipe.has_dynamic:
         raise CkptbendError(f"recipe {recipe.name!r} has no [sag], [slothful] or [[bending]] section; "
                             "there is nothing to put in a companion")
     folder.mkdir(parents=True, exist_ok=True)
-    runtime = folder / "runtime"
-    runtime.mkdir(exist_ok=True)
-    for name in RUNTIME_FILES:
-        shutil.copyfile(RUNTIME_DIR / name, runtime / name)
+    shutil.copytree(RUNTIME_DIR, folder / "runtime", ignore=RUNTIME_SKIP, dirs_exist_ok=True)
     data = manifest(recipe, checkpoint)
     (folder / "companion.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "recipe.toml").write_text(recipe.canonical(), encoding="utf-8")
     (folder / "pyproject.toml").write_text(_pyproject(recipe), encoding="utf-8")
-    workflow = example_workflow(recipe, (checkpoint or {}).get("file", "model.safetensors"))
+    workflow = example_workflow(recipe, checkpoint)
     (folder / "workflow_api.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "__init__.py").write_text(INIT_TEMPLATE.format(name=recipe.name, sha=recipe.sha256), encoding="utf-8")
 
 
-EXAMPLE_PROMPT = "a photo of a lake at sunset"
-
-
-def example_workflow(recipe, checkpoint_file: str) -> dict:
-    """ComfyUI's API-format workflow: checkpoint loader → the companion's node → KSampler → save.
-    The node's inputs come from its own INPUT_TYPES, so the example always matches the node."""
+def example_workflow(recipe, checkpoint: dict | None) -> dict:
+    """ComfyUI's API-format workflow for the model family the companion belongs to (workflows.py): its
+    loaders → the companion's node → sampler → save. The node's inputs come from its own INPUT_TYPES, so
+    the example always matches the node. checkpoint: the record of the file (its name, architecture and
+    kind, as detected); without one, the recipe's architecture, else an SD 1.x graph."""
     from .runtime.comfy_host import node_class_mappings
+    from .workflows import EXAMPLE_PROMPT, example_workflow as graph
 
+    checkpoint = checkpoint or {}
+    architecture = checkpoint.get("architecture") or (recipe.architecture[0] if recipe.architecture else None)
     (node_id, node), = node_class_mappings(dynamic_part(recipe), recipe.name, recipe.sha256)[0].items()
     words = [b.token for b in recipe.bending]
     prompt = EXAMPLE_PROMPT + "".join(f", {w}" for w in words if w not in EXAMPLE_PROMPT.split())
-    links = {"MODEL": ["1", 0], "CLIP": ["1", 1]}
     inputs = {}
     for name, (kind, *options) in node.INPUT_TYPES()["required"].items():
-        if isinstance(kind, str) and kind in links:
-            inputs[name] = links[kind]
+        if isinstance(kind, str) and kind in ("MODEL", "CLIP"):
+            inputs[name] = kind                          # wired to the loaders' outputs
         elif name == "bending_prompt":
             inputs[name] = prompt                       # the words to bend, as the text encoder sees them
         else:
             inputs[name] = options[0]["default"] if options else kind[0]   # a combo list: its first choice
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_file}},
-        "2": {"class_type": node_id, "inputs": inputs},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "denoise": 1.0, "model": ["2", 0],
-                                                   "positive": ["3", 0], "negative": ["4", 0],
-                                                   "latent_image": ["5", 0]}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "ckptbend"}},
-    }
+    return graph(node_id, inputs, checkpoint.get("file", "model.safetensors"), architecture, checkpoint.get("kind"))
 
 
 def _pyproject(recipe) -> str:

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import comfy_standin as cs
 from _pipelines import t5_like_tokenizer, wan_pipeline
-from ckptbend.runtime import comfy_host
+from ckptbend.runtime import bending, comfy_host
 from ckptbend.runtime import diffusers_host as dh
 
 PROMPT = "a romantic kiss at {sunset}"
@@ -262,7 +262,7 @@ def run_experts(high_patcher, low_patcher, switch=2, steps=4):
 def test_node_takes_an_optional_second_model(model, clip):
     (cls,) = comfy_host.node_class_mappings({"bending": [ENTRY]}, "wan bend", "ab" * 32)[0].values()
     assert cls.RETURN_TYPES == ("MODEL", "MODEL") and cls.RETURN_NAMES == ("model", "model_2")
-    assert cls.INPUT_TYPES()["optional"] == {"model_2": ("MODEL", {"tooltip": comfy_host.SECOND_MODEL})}
+    assert cls.INPUT_TYPES()["optional"] == {"model_2": ("MODEL", {"tooltip": comfy_host.node.SECOND_MODEL})}
     patched_1, patched_2 = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip,
                                                           bending_prompt=PROMPT)
     assert patched_2 is None and "optimized_attention_override" in patched_1.model_options["transformer_options"]
@@ -327,14 +327,14 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
     layout = comfy_host.dit_layout(joint_model(kind))
     assert layout.joint and layout.text_call == 0 and len(layout.blocks) == (5 if kind == "flux" else 4)
     entry = {**ENTRY, "token": "kiss", "translate_x": 0.5, "apply_to_layers": [3]}
-    override = comfy_host._dit_override([comfy_host.bending.as_spec(entry)], {"kiss": [2, 3]}, layout, None)
+    override = comfy_host.dit._dit_override([bending.as_spec(entry)], {"kiss": [2, 3]}, layout, None)
     heads, d, n_text, grid = 2, 8, 6, (1, 4, 6)
     length = n_text + 24
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, heads, length, d, generator=g) * 2 for _ in range(3))
     options = {"optimized_attention_override": override, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([0.5, 0.5]),
-               "sample_sigmas": None, comfy_host.DIT_TAG: {"layer": 3, "calls": [0]},
-               comfy_host.DIT_CALL: {"grid": grid, "text": n_text}}
+               "sample_sigmas": None, comfy_host.dit.DIT_TAG: {"layer": 3, "calls": [0]},
+               comfy_host.dit.DIT_CALL: {"grid": grid, "text": n_text}}
     backend = cs.Backend(cs.attention_chunked)
     if kind == "flux":
         args, kwargs = (q, k, v, heads), {"skip_reshape": True}
@@ -344,7 +344,7 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
     plain = cs.attention_chunked(*args, **kwargs)
     probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
     block = probs[1:, :, n_text:, :n_text].reshape(heads, 24, n_text)
-    bent = comfy_host.bending.bend_probs(block, {"kiss": [2, 3]}, grid[1:], [{**entry, "renormalize": "none"}],
+    bent = bending.bend_probs(block, {"kiss": [2, 3]}, grid[1:], [{**entry, "renormalize": "none"}],
                                          layer_index=3)
     expected = probs[1:].clone()
     expected[0, :, n_text:, :n_text] = bent.view(heads, 24, n_text)
@@ -353,7 +353,7 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
     assert_close(out[1:], expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(out[:1], plain[:1])                                   # negative chunk
     assert torch.equal(out[1:, :n_text], plain[1:, :n_text])                 # text queries
-    assert options[comfy_host.DIT_TAG]["calls"] == [1]
+    assert options[comfy_host.dit.DIT_TAG]["calls"] == [1]
     # the next call of the block (SD3.5's dual-block image self-attention) passes through
     again = backend.optimized_attention(*args, **kwargs, transformer_options=options)
     assert torch.equal(again, plain)

@@ -13,6 +13,7 @@ import comfy_standin_joint as cj
 from _pipelines import t5_like_tokenizer, t5_sentencepiece_tokenizer
 from _pipelines_joint import flux_pipeline, sd3_pipeline
 from ckptbend.runtime import bending, comfy_host
+from ckptbend.runtime import tokens as tk
 from ckptbend.runtime import diffusers_host as dh
 
 PROMPT = "a romantic kiss at {sunset}"
@@ -95,7 +96,7 @@ def check_calls(record, heads, entries, columns, n_text, grid, step):
     for call in record:
         active = [e for e in entries if bending.entry_active(e, step, call["layer"])]
         plain = backend(call, heads)
-        rows = comfy_host._chunk_rows(call["cond_or_uncond"], 0, call["q"].shape[0])
+        rows = comfy_host.common.chunk_rows(call["cond_or_uncond"], 0, call["q"].shape[0])
         if call["kind"] != "joint" or not active or not rows:
             assert torch.equal(call["out"], plain), call["layer"]
             continue
@@ -140,7 +141,7 @@ def test_t5_words_right_after_punctuation_are_found(prompt, words):
     tokenizer = t5_sentencepiece_tokenizer()
     t5 = cs.T5CLIP(tokenizer, key="t5xxl", min_length=TEXT)
     columns = comfy_host.token_columns(t5, prompt, words, "t5xxl")
-    ids = [t[0] for t in t5.tokenize(bending.parse_marked_prompt(prompt)[0])["t5xxl"][0]]
+    ids = [t[0] for t in t5.tokenize(tk.parse_marked_prompt(prompt)[0])["t5xxl"][0]]
     for word in words:
         pieces = tokenizer.convert_ids_to_tokens([ids[j] for j in columns[word]])
         assert "".join(pieces).lstrip("▁") == word, (word, pieces)

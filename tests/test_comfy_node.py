@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import comfy_standin as cs
+from ckptbend.companion import RUNTIME_DIR
 from ckptbend.runtime import comfy_host, slothful
 from ckptbend.runtime import diffusers_host as dh
 
@@ -35,7 +36,6 @@ DYNAMIC = {
          "apply_to_timesteps": [1, 3], "apply_to_layers": [0, 7], "renormalize": "column"},
     ],
 }
-RUNTIME_FILES = ("__init__.py", "sag.py", "slothful.py", "bending.py", "comfy_host.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
@@ -113,10 +113,7 @@ def site_name(model, block, index, kind):
 # --- packaging and the node's surface -----------------------------------------------------------
 
 def test_companion_copy_imports_without_diffusers_ckptbend_or_comfy(tmp_path):
-    package = tmp_path / "my_companion"
-    package.mkdir()
-    for name in RUNTIME_FILES:
-        shutil.copyfile(pathlib.Path(comfy_host.__file__).with_name(name), package / name)
+    shutil.copytree(RUNTIME_DIR, tmp_path / "my_companion")          # the runtime package, as a companion holds it
     script = textwrap.dedent(f"""
         import importlib.abc, json, sys
         BLOCKED = ("diffusers", "ckptbend", "comfy")
@@ -141,7 +138,7 @@ def test_companion_copy_imports_without_diffusers_ckptbend_or_comfy(tmp_path):
     assert result["ids"] == [node]
     assert result["names"] == {node: "ckptbend: Kiss at sunset"}
     assert (result["function"], result["returns"], result["category"]) == ("patch", ["MODEL", "MODEL"], "ckptbend")
-    assert result["inputs"]["optional"] == {"model_2": ["MODEL", {"tooltip": comfy_host.SECOND_MODEL}]}
+    assert result["inputs"]["optional"] == {"model_2": ["MODEL", {"tooltip": comfy_host.node.SECOND_MODEL}]}
     assert result["loaded"] == []
     required = result["inputs"]["required"]
     assert required["model"] == ["MODEL"]
@@ -339,7 +336,7 @@ def test_sag_extra_call_is_flagged_and_not_bent(model, clip, comfy, monkeypatch)
     inner = comfy.samplers.calc_cond_batch
 
     def spy(model_, conds, x, sigma, model_options):
-        seen.append(model_options["transformer_options"].get(comfy_host.SAG_PASS))
+        seen.append(model_options["transformer_options"].get(comfy_host.common.SAG_PASS))
         return inner(model_, conds, x, sigma, model_options)
     monkeypatch.setattr(comfy.samplers, "calc_cond_batch", spy)
     m = patched(model, DYNAMIC, clip)
@@ -350,7 +347,7 @@ def test_sag_extra_call_is_flagged_and_not_bent(model, clip, comfy, monkeypatch)
     assert seen == [True]
     # ComfyUI marks the [uncond] re-run as conditional (cond_or_uncond [0]); the flag keeps bending out.
     flagged = options(patched(model, {"bending": DYNAMIC["bending"]}, clip), sigmas)
-    flagged["transformer_options"][comfy_host.SAG_PASS] = True
+    flagged["transformer_options"][comfy_host.common.SAG_PASS] = True
     x = latent()
     assert torch.equal(cs.calc_cond_batch(model, [cs.cond(uncond)], x, sigmas[:1], flagged)[0],
                        cs.calc_cond_batch(model, [cs.cond(uncond)], x, sigmas[:1],

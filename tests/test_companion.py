@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptbend.companion import RUNTIME_DIR, RUNTIME_FILES, dynamic_part, emit, folder_for
+from ckptbend.companion import RUNTIME_DIR, dynamic_part, emit, folder_for
 from ckptbend.recipe import load_recipe, parse_recipe
 from ckptbend.runtime import slothful
 from ckptbend.runtime.bending import BendSpec
@@ -125,8 +125,9 @@ def test_emit_writes_a_complete_folder(tmp_path):
     r = run("emit", SAG_AND_BENDING, "-o", out)
     assert r.returncode == 0, r.stderr
     recipe = load_recipe(SAG_AND_BENDING)
-    for name in RUNTIME_FILES:
-        assert (out / "runtime" / name).read_bytes() == (RUNTIME_DIR / name).read_bytes()
+    # The runtime package, whole and as it is.
+    assert sha256_tree(out / "runtime") == {name: digest for name, digest in sha256_tree(RUNTIME_DIR).items()
+                                            if "__pycache__" not in name}
     manifest = json.loads((out / "companion.json").read_text())
     assert manifest["recipe_sha256"] == recipe.sha256 and manifest["recipe_name"] == recipe.name
     assert manifest["dynamic"] == dynamic_part(recipe) and manifest["checkpoint"] is None
@@ -134,10 +135,10 @@ def test_emit_writes_a_complete_folder(tmp_path):
     project = tomllib.loads((out / "pyproject.toml").read_text())
     assert project["project"]["name"] == "ckptbend-sag-and-bending" and project["project"]["version"]
     assert project["tool"]["comfy"]["DisplayName"] == "ckptbend: sag-and-bending"
-    # The runtime copy imports only torch and the standard library (and ComfyUI's own modules, inside
-    # the functions ComfyUI calls): never diffusers or ckptbend.
-    for name in RUNTIME_FILES:
-        assert imported_roots(out / "runtime" / name) <= {".", "torch", "comfy", *sys.stdlib_module_names}, name
+    # The runtime copy imports only torch, the standard library and itself, relatively (and ComfyUI's own
+    # modules, inside the functions ComfyUI calls): never diffusers, nor an installed ckptbend.
+    for path in (out / "runtime").rglob("*.py"):
+        assert imported_roots(path) <= {".", "torch", "comfy", *sys.stdlib_module_names}, path
 
     before = sha256_tree(out)
     r = run("emit", SAG_AND_BENDING, "-o", out)
@@ -315,3 +316,58 @@ def test_companion_in_a_fresh_process_gives_the_in_tree_latents(tmp_path):
                for m in records)
     r = run("maps", tmp_path / "maps.safetensors", "-o", tmp_path / "png")
     assert r.returncode == 0 and (tmp_path / "png" / "sunset.png").is_file(), r.stderr
+
+
+# --- the example workflow per model family -------------------------------------------------------------
+
+BEND_ONLY = """schema = 1
+name = "bend-only"
+[[bending]]
+token = "sunset"
+mode = "translate"
+translate_x = -0.4
+"""
+
+
+def classes(graph: dict) -> list[str]:
+    return [n["class_type"] for n in graph.values()]
+
+
+@pytest.mark.parametrize("architecture, family", [
+    (None, "sd1"), ("sd1", "sd1"), ("sdxl-base", "sdxl"), ("sdxl-refiner", "sdxl"), ("flux-dev", "flux-dev"),
+    ("sd35-large", "sd3"), ("sd3-medium", "sd3"), ("wan21-t2v-14b", "wan21-t2v"), ("wan21-t2v", "wan21-t2v"),
+    ("wan22-i2v-a14b", "wan22-i2v"), ("ltx-video-13b", "ltx-video"), ("qwen-image", "qwen-image"),
+    ("unet-only", "sd1"), ("some-future-model", "sd1")])
+def test_family_of_an_architecture(architecture, family):
+    from ckptbend.workflows import family_of
+    assert family_of(architecture) == family
+
+
+def test_a_baked_wan_file_gets_a_wan_video_graph(tmp_path):
+    """A bare Wan transformer (ComfyUI's diffusion_models file) loads with UNETLoader, its UMT5 through CLIPLoader
+    type "wan", a video latent, and is saved as a video; the node sits between the loader and the sampler."""
+    from ckptbend.bake import bake
+
+    wan = write_checkpoint(tmp_path / "wan.safetensors", "wan21_t2v", layout="single")
+    bake(parse_recipe(BEND_ONLY, "bend.toml"), wan, tmp_path / "wan-bent.safetensors", progress=False)
+    companion = tmp_path / "wan_bent_ckptbend"
+    assert json.loads((companion / "companion.json").read_text())["checkpoint"]["architecture"].startswith("wan21-t2v")
+    graph = json.loads((companion / "workflow_api.json").read_text())
+    by_class = {n["class_type"]: (k, n["inputs"]) for k, n in graph.items()}
+    loader, inputs = by_class["UNETLoader"]
+    assert inputs["unet_name"] == "wan-bent.safetensors"
+    clip, clip_inputs = by_class["CLIPLoader"]
+    assert clip_inputs["type"] == "wan"
+    node_key, node = next((k, n["inputs"]) for k, n in graph.items() if n["class_type"].startswith("ckptbend_"))
+    assert node["model"] == [loader, 0] and node["bending_clip"] == [clip, 0]
+    assert by_class["ModelSamplingSD3"][1]["model"] == [node_key, 0]
+    assert {"EmptyHunyuanLatentVideo", "CreateVideo", "SaveVideo"} <= set(classes(graph))
+    assert "CheckpointLoaderSimple" not in classes(graph) and "SaveImage" not in classes(graph)
+
+
+def test_sd1_and_emit_without_checkpoint_keep_the_image_graph(tmp_path):
+    assert run("emit", SAG_AND_BENDING, "-o", tmp_path / "c").returncode == 0
+    graph = json.loads((tmp_path / "c" / "workflow_api.json").read_text())
+    assert classes(graph) == ["CheckpointLoaderSimple", classes(graph)[1], "CLIPTextEncode", "CLIPTextEncode",
+                              "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"]
+    assert graph["2"]["inputs"]["model"] == ["1", 0] and graph["2"]["inputs"]["bending_clip"] == ["1", 1]

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from ckptbend.runtime import bending as bd
+from ckptbend.runtime import bent_attention as ba
+from ckptbend.runtime import tokens as tk
 from ckptbend.runtime.bending import BendSpec
 from _helpers import imported_roots
 
@@ -107,8 +109,8 @@ def test_strength_zero_is_bit_identical():
             entry = {"token": "kiss", "mode": mode, "strength": 0.0, "renormalize": renorm, "scale_factor": 3.0}
             assert torch.equal(bd.bend_probs(p, {"kiss": [TARGET]}, (H, W), [entry]), p)
     q, k, v = (torch.randn(2, n, 16) for n in (36, 5, 5))
-    plain = bd.attention_with_bending(q, k, v, heads=2)
-    bent = bd.attention_with_bending(q, k, v, heads=2, entries=[{"token": "kiss", "mode": "flip", "strength": 0,
+    plain = ba.attention_with_bending(q, k, v, heads=2)
+    bent = ba.attention_with_bending(q, k, v, heads=2, entries=[{"token": "kiss", "mode": "flip", "strength": 0,
                                                                  "flip_horizontal": True}],
                                      token_indices={"kiss": [1]}, grid_hw=(6, 6))
     assert torch.equal(plain, bent)
@@ -343,11 +345,11 @@ def test_attention_with_bending_matches_explicit_attention():
     v = torch.randn(b, n_text, heads * d, generator=g)
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(b, S, heads * d)
-    torch.testing.assert_close(bd.attention_with_bending(q, k, v, heads), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ba.attention_with_bending(q, k, v, heads), ref, atol=1e-5, rtol=1e-5)
 
     entry = {"token": "kiss", "mode": "flip", "flip_vertical": True, "renormalize": "none"}
     seen = []
-    out = bd.attention_with_bending(q, k, v, heads, [entry], {"kiss": [2]}, (4, 4), bend_batch=[1],
+    out = ba.attention_with_bending(q, k, v, heads, [entry], {"kiss": [2]}, (4, 4), bend_batch=[1],
                                     observe=lambda before, after: seen.append((before, after)))
     before, after = seen[0]
     per_item = before.view(b, heads, S, n_text)
@@ -358,7 +360,7 @@ def test_attention_with_bending_matches_explicit_attention():
     torch.testing.assert_close(out, (expected @ vh).transpose(1, 2).reshape(b, S, heads * d))
     assert torch.allclose(out[0], ref[0], atol=1e-5)               # item 0 (unconditional) untouched
     # phase 1: the bent maps are observed but not used
-    shown = bd.attention_with_bending(q, k, v, heads, [entry], {"kiss": [2]}, (4, 4), apply=False)
+    shown = ba.attention_with_bending(q, k, v, heads, [entry], {"kiss": [2]}, (4, 4), apply=False)
     torch.testing.assert_close(shown, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -386,7 +388,7 @@ def test_bent_output_equals_explicit_bent_attention(renormalize, token):
         expected[:, :, image] /= expected[:, :, image].sum(-1, keepdim=True)
     seen = []
     host = out.clone()
-    got = bd.bent_output(host, q, k, v, entries, {"kiss": [1, 3]}, (h, w), text=text, queries=image,
+    got = ba.bent_output(host, q, k, v, entries, {"kiss": [1, 3]}, (h, w), text=text, queries=image,
                          chunk_elements=b * heads * L * 7, observe=lambda p, pb: seen.append((p, pb)))
     assert got is host                                                   # in place: no copy of the output
     torch.testing.assert_close(got, expected @ v, atol=1e-4, rtol=1e-4)      # |v| ~ 2: float32 rounding
@@ -394,17 +396,17 @@ def test_bent_output_equals_explicit_bent_attention(renormalize, token):
     columns = list(range(n_text)) if token == "ALL" else [1, 3]
     torch.testing.assert_close(seen[0][0], block[..., columns])          # the columns it saw
     # nothing active: the host's output itself
-    assert bd.bent_output(out, q, k, v, [{**entries[0], "strength": 0}], {}, (h, w), text=text, queries=image) is out
+    assert ba.bent_output(out, q, k, v, [{**entries[0], "strength": 0}], {}, (h, w), text=text, queries=image) is out
 
 
 def test_parse_marked_prompt():
-    assert bd.parse_marked_prompt("a romantic {kiss} at {sunset}") == ("a romantic kiss at sunset", ["kiss", "sunset"])
-    assert bd.parse_marked_prompt("a {red car} on a road") == ("a red car on a road", ["red car"])
-    assert bd.parse_marked_prompt("no marks") == ("no marks", [])
+    assert tk.parse_marked_prompt("a romantic {kiss} at {sunset}") == ("a romantic kiss at sunset", ["kiss", "sunset"])
+    assert tk.parse_marked_prompt("a {red car} on a road") == ("a red car on a road", ["red car"])
+    assert tk.parse_marked_prompt("no marks") == ("no marks", [])
     # emphasis is the host's: parentheses, weights and escapes pass through untouched
-    assert bd.parse_marked_prompt("a (lake:1.2) at {(sunset:1.3)}, \\(b\\)") == \
+    assert tk.parse_marked_prompt("a (lake:1.2) at {(sunset:1.3)}, \\(b\\)") == \
         ("a (lake:1.2) at (sunset:1.3), \\(b\\)", ["(sunset:1.3)"])
-    assert bd.parse_marked_prompt("a {red|blue} car") == ("a {red|blue} car", [])     # a dynamic-prompt choice
+    assert tk.parse_marked_prompt("a {red|blue} car") == ("a {red|blue} car", [])     # a dynamic-prompt choice
 
 
 SUBWORDS = {"a": ["a</w>"], "romantic": ["romantic</w>"], "kiss": ["kiss</w>"], "at": ["at</w>"],
@@ -416,17 +418,17 @@ def fake_tokenize(text):
 
 
 def test_token_indices_for_sub_tokens_and_errors():
-    clean, words = bd.parse_marked_prompt("a romantic {kiss} at {sunset}")
+    clean, words = tk.parse_marked_prompt("a romantic {kiss} at {sunset}")
     tokens = ["<|startoftext|>"] + fake_tokenize(clean) + ["<|endoftext|>"] * 3
-    assert bd.token_indices_for("kiss", tokens, fake_tokenize) == [3]
-    assert bd.token_indices_for("sunset", tokens, fake_tokenize) == [5, 6]
-    assert bd.token_indices_for("sunset", tokens, fake_tokenize, first_only=True) == [5]
-    assert bd.token_columns(words, tokens, fake_tokenize) == {"kiss": [3], "sunset": [5, 6]}
+    assert tk.token_indices_for("kiss", tokens, fake_tokenize) == [3]
+    assert tk.token_indices_for("sunset", tokens, fake_tokenize) == [5, 6]
+    assert tk.token_indices_for("sunset", tokens, fake_tokenize, first_only=True) == [5]
+    assert tk.token_columns(words, tokens, fake_tokenize) == {"kiss": [3], "sunset": [5, 6]}
     with pytest.raises(ValueError, match=r"Token not found: 'dog'"):
-        bd.token_indices_for("dog", tokens, fake_tokenize)
+        tk.token_indices_for("dog", tokens, fake_tokenize)
     # the first occurrence; ids work as well as strings
     ids = [49406, 320, 2102, 320, 49407]
-    assert bd.token_indices_for("a", ids, lambda word: [320]) == [1]
+    assert tk.token_indices_for("a", ids, lambda word: [320]) == [1]
     with pytest.raises(ValueError, match="Token not found"):
         bd.bend_probs(probs(), {}, (H, W), [{"token": "kiss", "mode": "flip"}])
 
@@ -436,13 +438,13 @@ def test_token_indices_for_sub_tokens_and_errors():
 def test_comma_groups_and_wildcards():
     tokens = ["<|startoftext|>"] + fake_tokenize("a romantic kiss at sunset") + ["<|endoftext|>"] * 3
     # a group: the members found in the prompt, each column bent by the one entry; missing members skipped
-    assert bd.token_columns(["kiss, sunset, dog"], tokens, fake_tokenize) == {"kiss, sunset, dog": [3, 5, 6]}
+    assert tk.token_columns(["kiss, sunset, dog"], tokens, fake_tokenize) == {"kiss, sunset, dog": [3, 5, 6]}
     with pytest.raises(ValueError, match="Token not found: no word of the group 'dog, cat'"):
-        bd.token_columns(["dog, cat"], tokens, fake_tokenize)
+        tk.token_columns(["dog, cat"], tokens, fake_tokenize)
     # a wildcard needs no lookup: it is every key column of the call
     for wildcard in ("ALL", "*", "all", "AllTokens"):
-        assert bd.token_columns([wildcard], tokens, fake_tokenize) == {}
-        assert bd.columns_for(wildcard, {}, 9) == list(range(9))
+        assert tk.token_columns([wildcard], tokens, fake_tokenize) == {}
+        assert tk.columns_for(wildcard, {}, 9) == list(range(9))
     p = probs()
     group = bd.bend_probs(p, {"kiss, sunset": [1, 3]}, (H, W),
                           [{"token": "kiss, sunset", "mode": "flip", "flip_horizontal": True, "renormalize": "none"}])
@@ -453,6 +455,6 @@ def test_comma_groups_and_wildcards():
     torch.testing.assert_close(every, 2 * p)
 
 
-def test_bending_imports_only_torch_and_stdlib():
+def test_bending_imports_only_torch_stdlib_and_the_runtime():
     import sys
-    assert imported_roots(bd.__file__) - {"torch"} <= set(sys.stdlib_module_names)
+    assert imported_roots(bd.__file__) - {"torch", "."} <= set(sys.stdlib_module_names)

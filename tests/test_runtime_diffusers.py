@@ -11,6 +11,7 @@ test removes what it applies.
 import contextlib
 import math
 import types
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -24,6 +25,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ckptbend.runtime import bending, sag
+from ckptbend.runtime import bent_attention as ba
 from ckptbend.runtime import diffusers_host as dh
 from _helpers import imported_roots
 from _pipelines import (SCHEDULER_CONFIG, SIZE, clip_text_config, sd_pipeline, t5_encoder, t5_like_tokenizer,
@@ -161,9 +163,10 @@ BEND = {"token": "sunset", "mode": "translate", "translate_x": -0.5, "translate_
 
 # --- the module itself ------------------------------------------------------------------------------
 
-def test_imports_only_torch_stdlib_and_siblings():
-    roots = imported_roots(dh.__file__)
-    assert roots <= {"__future__", "dataclasses", "inspect", "warnings", "typing", "torch", "."}, roots
+def test_imports_only_torch_stdlib_and_the_runtime():
+    for path in Path(dh.__file__).parent.glob("*.py"):
+        roots = imported_roots(path)
+        assert roots <= {"__future__", "dataclasses", "functools", "inspect", "warnings", "typing", "torch", "."}, path
 
 
 def test_unknown_keys_and_bad_values_are_clear_errors(sd):
@@ -254,9 +257,9 @@ def test_step_index_and_alpha_cumprod_follow_the_scheduler(scheduler_class, karr
     steps, alphas = [], []
     for t in scheduler.timesteps:                       # the pipeline's loop, one model call per entry
         scheduler.scale_model_input(x, t)
-        position = dh._position(scheduler, float(t))
+        position = dh.calls.scheduler_position(scheduler, float(t))
         steps.append(position // scheduler.order)
-        alphas.append(dh._alpha_cumprod(scheduler, float(t), position))
+        alphas.append(dh.calls.alpha_cumprod_at(scheduler, float(t), position))
         scheduler.step(torch.zeros_like(x), t, x)
     if scheduler_class is HeunDiscreteScheduler:        # [t0, t1, t1, t2, t2, t3, t3]: two calls per step
         assert steps == [0, 0, 1, 1, 2, 2, 3]
@@ -278,7 +281,7 @@ def test_explicit_attention_equals_the_original_processor(sd, pixart, wan):
     """dh.attention (Slothful's reduced path, Bending's path) with nothing reduced = the original
     processor: AttnProcessor2_0, also with PixArt's text mask, and WanAttnProcessor (norms across heads)."""
     def explicit(q, k, v, heads, bias):
-        return bending.attention_with_bending(q, k, v, heads, bias=bias)
+        return ba.attention_with_bending(q, k, v, heads, bias=bias)
 
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -343,7 +346,7 @@ def test_sag_correction_equals_explicit_recomputation(sd):
     """At step 1: the δ added inside the pipeline, seen in x0 space, is scale·(degraded − sag_x0), with
     the mask from the middle block's attention, the x0 conversions and the extra UNet call done here."""
     scale, blur_sigma, step = 0.6, 2.0, 1
-    unet, mid_attn = sd.unet, module(sd, dh.SAG_SITE)
+    unet, mid_attn = sd.unet, module(sd, dh.unet.SAG_SITE)
     seen = {"inputs": [], "raw": [], "final": [], "mid": []}
 
     def keep_inputs(m, args, kwargs):
@@ -895,7 +898,7 @@ LEAN_ENTRIES = [
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("n_entries", [1, 4])
 def test_bent_attention_equals_the_explicit_probability_path(masked, n_entries):
-    """dh.bent_attention (SDPA + exact correction, no [S, T] matrix) = bending.attention_with_bending
+    """dh.bent_sdpa (SDPA + exact correction, no [S, T] matrix) = ba.attention_with_bending
     (explicit float32 softmax, bent, renormalised, times V) on the conditional rows, to float32 rounding;
     the unconditional rows are SDPA's output bit for bit. With PixArt's padding mask as a bias."""
     g = torch.Generator().manual_seed(11)
@@ -907,12 +910,12 @@ def test_bent_attention_equals_the_explicit_probability_path(masked, n_entries):
     columns = {"sunset": [4], "kiss": [2, 3], "kiss, sunset": [2, 3, 4]}
     entries = LEAN_ENTRIES[:n_entries]
     bend = dict(entries=entries, token_indices=columns, grid_hw=(4, 6), step_index=2, layer_index=1, frames=2)
-    lean = dh.bent_attention(q, k, v, heads, bias, [1], **bend)
-    explicit = bending.attention_with_bending(q, k, v, heads, entries, columns, (4, 6), 2, 1, 2, bend_batch=[1],
+    lean = dh.bent_sdpa(q, k, v, heads, bias, [1], **bend)
+    explicit = ba.attention_with_bending(q, k, v, heads, entries, columns, (4, 6), 2, 1, 2, bend_batch=[1],
                                               bias=bias)
     torch.testing.assert_close(lean[1], explicit[1], rtol=1e-5, atol=1e-5)    # outputs of size ~5
-    assert torch.equal(lean[0], dh._sdpa(q, k, v, heads, bias)[0])
-    assert not torch.allclose(lean[1], dh._sdpa(q, k, v, heads, bias)[1], atol=1e-3)      # it bends
+    assert torch.equal(lean[0], dh.recompute.sdpa(q, k, v, heads, bias)[0])
+    assert not torch.allclose(lean[1], dh.recompute.sdpa(q, k, v, heads, bias)[1], atol=1e-3)      # it bends
 
 
 def test_wan_run_bends_as_the_explicit_path(wan):
@@ -936,7 +939,7 @@ def test_wan_run_bends_as_the_explicit_path(wan):
                 steps.append(step)
                 if len(steps) % 4 in (1, 2):           # the conditional call
                     def explicit(q, k, v, heads, bias, layer=layer, step=step):
-                        return bending.attention_with_bending(q, k, v, heads, entries, session.token_indices,
+                        return ba.attention_with_bending(q, k, v, heads, entries, session.token_indices,
                                                               (WAN_GRID), step, layer, WAN_FRAMES)
                     with torch.no_grad():
                         expected = dh.attention(module, h, text, text, None, explicit)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
+from ..runtime.defaults import (BEND_DEFAULTS, BEND_RANGES, SAG_DEFAULTS, SAG_RANGES, SLOTHFUL_DEFAULTS, SLOTHFUL_MODES,
+                                SLOTHFUL_RANGES, SLOTHFUL_SIMPLE_EXPANDS, SLOTHFUL_SIMPLE_FIXED)
 
 SCHEMA_VERSION = 1
 MULTIPLIER_SECTIONS = ("unet.self", "unet.cross", "unet.temporal", "clip", "dit.joint", "dit.self", "dit.cross", "text")
@@ -107,43 +109,37 @@ def multiply_params(section: str) -> dict[str, Param]:
             **_table(*map(_factor, MULTIPLY_KEYS[section]))}
 
 
+# The sampling-time sections' defaults and the original nodes' ranges are the runtime's (runtime/defaults.py,
+# which every companion carries); here they gain what a recipe adds: kinds, hard bounds, notes.
+
 # Self-Attention Guidance (ComfyUI's SelfAttentionGuidance node).
 SAG_PARAMS = _table(
-    Param("scale", "number", 0.5, soft=(-2.0, 5.0), soft_label="ComfyUI's range"),
-    Param("blur_sigma", "number", 2.0, lo=0.0, open_lo=True, soft=(0.0, 10.0), soft_label="ComfyUI's range",
+    Param("scale", "number", SAG_DEFAULTS["scale"], soft=SAG_RANGES["scale"], soft_label="ComfyUI's range"),
+    Param("blur_sigma", "number", SAG_DEFAULTS["blur_sigma"], lo=0.0, open_lo=True, soft=SAG_RANGES["blur_sigma"],
+          soft_label="ComfyUI's range",
           note="ComfyUI's SAG produces NaN at blur_sigma 0; use a tiny positive value such as 0.01, "
                "or leave [sag] out"),
 )
 
+
+def _slothful(name: str) -> Param:
+    default = SLOTHFUL_DEFAULTS[name]
+    if isinstance(default, bool):
+        return Param(name, "bool", default)
+    if name.endswith("_mode"):
+        return Param(name, "choice", default, choices=SLOTHFUL_MODES)
+    lo = 0.0 if name in ("time_decay", "in_strength", "out_strength") else None
+    return Param(name, "number", default, lo=lo, soft=SLOTHFUL_RANGES[name])
+
+
 # Slothful Attention (Dec 2023 version). The Simple node's names map onto the full set.
-SLOTHFUL_MODES = ("1D_AVG", "1D_MAX", "2D_AVG", "2D_MAX")
-SLOTHFUL_PARAMS = _table(
-    Param("time_decay", "number", 1.0, lo=0.0, soft=(0.0, 4.0)),
-    Param("keep_middle", "bool", True),
-    Param("in_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
-    Param("out_mode", "choice", "2D_AVG", choices=SLOTHFUL_MODES),
-    Param("in_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
-    Param("out_depth_decay", "number", 1.0, soft=(-2.0, 4.0)),
-    Param("in_strength", "number", 6.0, lo=0.0, soft=(0.0, 50.0)),
-    Param("out_strength", "number", 4.0, lo=0.0, soft=(0.0, 50.0)),
-    Param("in_k_blend", "number", 0.0, soft=(0.0, 1.0)),
-    Param("in_v_blend", "number", 0.0, soft=(0.0, 1.0)),
-    Param("out_k_blend", "number", 0.0, soft=(0.0, 1.0)),
-    Param("out_v_blend", "number", 0.0, soft=(0.0, 1.0)),
-)
+SLOTHFUL_PARAMS = _table(*(_slothful(name) for name in (
+    "time_decay", "keep_middle", "in_mode", "out_mode", "in_depth_decay", "out_depth_decay", "in_strength",
+    "out_strength", "in_k_blend", "in_v_blend", "out_k_blend", "out_v_blend")))
 SLOTHFUL_SIMPLE = Param("simple", "bool", False)
 # Simple-node name → the full-node parameters it sets (keep_middle is fixed to true).
-SIMPLE_EXPANDS = {
-    "time_decay": ("time_decay",),
-    "depth_decay": ("in_depth_decay", "out_depth_decay"),
-    "in_mode": ("in_mode",),
-    "in_strength": ("in_strength",),
-    "in_blend": ("in_k_blend", "in_v_blend"),
-    "out_mode": ("out_mode",),
-    "out_strength": ("out_strength",),
-    "out_blend": ("out_k_blend", "out_v_blend"),
-}
-SIMPLE_FIXED = {"keep_middle": True}
+SIMPLE_EXPANDS = SLOTHFUL_SIMPLE_EXPANDS
+SIMPLE_FIXED = SLOTHFUL_SIMPLE_FIXED
 SLOTHFUL_SIMPLE_PARAMS = {simple: replace(SLOTHFUL_PARAMS[full[0]], name=simple)
                           for simple, full in SIMPLE_EXPANDS.items()}
 
@@ -153,25 +149,27 @@ BEND_MODES = ("scale", "spatial_scale", "rotate", "translate", "flip", "blur", "
 BEND_COMMON = _table(
     Param("token", "text", required=True),
     Param("mode", "choice", required=True, choices=BEND_MODES),
-    Param("strength", "number", 1.0),
-    Param("apply_to_timesteps", "step_range", None),   # [start, end], both inclusive; None = all
-    Param("apply_to_layers", "index_list", None),      # cross-attention site indices; None = all
-    Param("renormalize", "renormalize", "row"),
+    Param("strength", "number", BEND_DEFAULTS["strength"]),
+    Param("apply_to_timesteps", "step_range", BEND_DEFAULTS["apply_to_timesteps"]),   # [start, end], both inclusive
+    Param("apply_to_layers", "index_list", BEND_DEFAULTS["apply_to_layers"]),         # text-attention site indices
+    Param("renormalize", "renormalize", BEND_DEFAULTS["renormalize"]),
 )
+_DOCUMENTED = {"soft_label": "the documented range"}
 BEND_PARAMS = _table(
-    Param("scale_factor", "number", 1.0),
-    Param("zoom_factor", "number", 1.0, lo=0.0, open_lo=True),
-    Param("angle", "number", 0.0),
-    Param("translate_x", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
-    Param("translate_y", "number", 0.0, soft=(-1.0, 1.0), soft_label="the documented range"),
-    Param("flip_horizontal", "bool", False),
-    Param("flip_vertical", "bool", False),
-    Param("sharpen_amount", "number", 1.0),
-    Param("kernel_size", "int", 3, lo=1),
-    Param("sigma", "number", 1.0, lo=0.0, open_lo=True),
-    Param("region", "region", None),                   # [x1, y1, x2, y2] in 0-1, (0, 0) top-left; None = no-op
-    Param("region_feather", "number", 0.1, lo=0.0),
-    Param("filter", "choice", None, choices=("lowpass", "highpass")),
+    Param("scale_factor", "number", BEND_DEFAULTS["scale_factor"]),
+    Param("zoom_factor", "number", BEND_DEFAULTS["zoom_factor"], lo=0.0, open_lo=True),
+    Param("angle", "number", BEND_DEFAULTS["angle"]),
+    Param("translate_x", "number", BEND_DEFAULTS["translate_x"], soft=BEND_RANGES["translate_x"], **_DOCUMENTED),
+    Param("translate_y", "number", BEND_DEFAULTS["translate_y"], soft=BEND_RANGES["translate_y"], **_DOCUMENTED),
+    Param("flip_horizontal", "bool", BEND_DEFAULTS["flip_horizontal"]),
+    Param("flip_vertical", "bool", BEND_DEFAULTS["flip_vertical"]),
+    Param("sharpen_amount", "number", BEND_DEFAULTS["sharpen_amount"]),
+    Param("kernel_size", "int", BEND_DEFAULTS["kernel_size"], lo=1),
+    Param("sigma", "number", BEND_DEFAULTS["sigma"], lo=0.0, open_lo=True),
+    Param("region", "region", BEND_DEFAULTS["region"]),   # [x1, y1, x2, y2] in 0-1, (0, 0) top-left; None = no-op
+    Param("region_feather", "number", BEND_DEFAULTS["region_feather"], lo=0.0),
+    Param("filter", "choice", BEND_DEFAULTS["filter"], choices=("lowpass", "highpass")),
+    # Unset (None) in a recipe: the original's sigma placeholder unless a filter is named, then the runtime's default.
     Param("cutoff", "number", None, lo=0.0, open_lo=True, hi=1.0),
 )
 BEND_MODE_PARAMS = {

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .canonical import recipe_text, text_sha256
+from ..runtime.defaults import BEND_DEFAULTS as BEND, SAG_DEFAULTS as SAG, SLOTHFUL_DEFAULTS as SLOTHFUL
 from .schema import BEND_MODE_PARAMS, SIMPLE_EXPANDS, SIMPLE_FIXED
 
 
@@ -55,26 +56,26 @@ class MultiplyEntry:
 
 @dataclass(frozen=True)
 class SAGParams:
-    scale: float = 0.5
-    blur_sigma: float = 2.0
+    scale: float = SAG["scale"]
+    blur_sigma: float = SAG["blur_sigma"]
 
 
 @dataclass(frozen=True)
 class SlothfulParams:
     """Always the full node's parameter set; `simple` records that the recipe used the Simple node."""
     simple: bool = False
-    time_decay: float = 1.0
-    keep_middle: bool = True
-    in_mode: str = "2D_AVG"
-    out_mode: str = "2D_AVG"
-    in_depth_decay: float = 1.0
-    out_depth_decay: float = 1.0
-    in_strength: float = 6.0
-    out_strength: float = 4.0
-    in_k_blend: float = 0.0
-    in_v_blend: float = 0.0
-    out_k_blend: float = 0.0
-    out_v_blend: float = 0.0
+    time_decay: float = SLOTHFUL["time_decay"]
+    keep_middle: bool = SLOTHFUL["keep_middle"]
+    in_mode: str = SLOTHFUL["in_mode"]
+    out_mode: str = SLOTHFUL["out_mode"]
+    in_depth_decay: float = SLOTHFUL["in_depth_decay"]
+    out_depth_decay: float = SLOTHFUL["out_depth_decay"]
+    in_strength: float = SLOTHFUL["in_strength"]
+    out_strength: float = SLOTHFUL["out_strength"]
+    in_k_blend: float = SLOTHFUL["in_k_blend"]
+    in_v_blend: float = SLOTHFUL["in_v_blend"]
+    out_k_blend: float = SLOTHFUL["out_k_blend"]
+    out_v_blend: float = SLOTHFUL["out_v_blend"]
 
     def __post_init__(self):
         if self.simple and not self._simple_representable():
@@ -93,29 +94,27 @@ class SlothfulParams:
 
 @dataclass(frozen=True)
 class BendEntry:
-    """One [[bending]] entry; only the fields of its mode are meaningful (see `params`).
-
-    Its defaults are written again in runtime/bending.py's BendSpec on purpose: the runtime is copied
-    verbatim into companions and may not import ckptbend."""
+    """One [[bending]] entry; only the fields of its mode are meaningful (see `params`). Its defaults are the
+    runtime's (runtime/defaults.py, shared with the companion's BendSpec), except cutoff: unset in a recipe."""
     token: str
     mode: str
-    strength: float = 1.0
-    apply_to_timesteps: tuple[int, int] | None = None   # [start, end] scheduler step indices, inclusive
-    apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
-    renormalize: str = "row"                            # "row" | "column" | "none"
-    scale_factor: float = 1.0
-    zoom_factor: float = 1.0
-    angle: float = 0.0
-    translate_x: float = 0.0
-    translate_y: float = 0.0
-    flip_horizontal: bool = False
-    flip_vertical: bool = False
-    sharpen_amount: float = 1.0
-    kernel_size: int = 3
-    sigma: float = 1.0
-    region: tuple[float, float, float, float] | None = None
-    region_feather: float = 0.1
-    filter: str | None = None       # frequency_filter: "lowpass" | "highpass" (with cutoff) ...
+    strength: float = BEND["strength"]
+    apply_to_timesteps: tuple[int, int] | None = BEND["apply_to_timesteps"]   # [start, end] step indices, inclusive
+    apply_to_layers: tuple[int, ...] | None = BEND["apply_to_layers"]         # text-attention site indices
+    renormalize: str = BEND["renormalize"]                                    # "row" | "column" | "none"
+    scale_factor: float = BEND["scale_factor"]
+    zoom_factor: float = BEND["zoom_factor"]
+    angle: float = BEND["angle"]
+    translate_x: float = BEND["translate_x"]
+    translate_y: float = BEND["translate_y"]
+    flip_horizontal: bool = BEND["flip_horizontal"]
+    flip_vertical: bool = BEND["flip_vertical"]
+    sharpen_amount: float = BEND["sharpen_amount"]
+    kernel_size: int = BEND["kernel_size"]
+    sigma: float = BEND["sigma"]
+    region: tuple[float, float, float, float] | None = BEND["region"]
+    region_feather: float = BEND["region_feather"]
+    filter: str | None = BEND["filter"]   # frequency_filter: "lowpass" | "highpass" (with cutoff) ...
     cutoff: float | None = None     # ... or None: the original's sigma placeholder
 
     @property

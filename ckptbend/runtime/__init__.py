@@ -1,7 +1,18 @@
-"""Sampling-time techniques that cannot be baked into weights, as plain torch functions.
+"""The companion's runtime: sampling-time techniques that cannot be baked into weights, and the hosts they run in.
 
-sag.py (Self-Attention Guidance), slothful.py (Slothful Attention) and bending.py (Attention
-Bending) import only torch, math and the standard library: they are copied verbatim into the
-companion folder and into the ComfyUI custom node. Host adapters (diffusers, ComfyUI) only wire
-them in.
+A companion folder carries this package whole, as it is (companion.py copies it). It imports only torch, the
+standard library and itself, by relative imports, so a companion never reaches for an installed ckptbend, and
+ComfyUI's own modules only inside the functions ComfyUI calls while sampling. Its rooms, by what changes together:
+
+  defaults.py       the techniques' defaults and ranges, as data (no torch: the recipe schema reads them)
+  sag.py            Self-Attention Guidance, pure torch
+  slothful.py       Slothful Attention, pure torch
+  bending.py        Attention Bending: an entry, the nine map transforms, bending explicit probabilities
+  bent_attention.py a host's attention output plus the bent columns' exact correction (no [Lq, Lk] matrix)
+  tokens.py         a word's token columns in a prompt (marks, wildcards, groups), whatever the tokenizer
+  maps.py           recorded bending maps in a .safetensors file
+  comfy_host/       the ComfyUI node: node.py, common.py, unet.py (SAG, Slothful, UNet bending), dit.py and
+                    dit_layouts.py (DiT bending), tokens.py (ComfyUI's tokenizers and encoders)
+  diffusers_host/   apply(pipe) / remove(pipe): session.py, calls.py, processor.py, recompute.py, unet.py,
+                    cross.py (UNets, Wan, PixArt), joint.py (Flux, Chroma, SD3, Qwen-Image), prompts.py
 """

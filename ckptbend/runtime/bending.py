@@ -1,58 +1,61 @@
 """Attention Bending (Cole & Grierson, 2026): spatial transforms of cross-attention maps during sampling.
 
-Imports only torch, math and the standard library: this file is copied verbatim into companions and
-the ComfyUI node.
+Pure torch: an entry (BendSpec), the nine transforms of a map, and bend_probs, which bends the word columns
+of explicit probabilities. bent_attention.py applies the same rules to a host's attention output without the
+[S, T] matrix; tokens.py finds a word's columns.
 
 The text cross-attention is computed explicitly, P = softmax(Q·Kᵀ·scale) of shape [batch·heads, S, T]
 (S image tokens, T text tokens). For each entry (a BendSpec), each column P[:, :, j] of its word is
 viewed as maps [batch·heads, H, W] (video: one map per frame), transformed, blended
 (1 − strength)·col + strength·T(col), optionally renormalised, and written back; then, if any entry
 asks for it, every query row is renormalised over the text tokens. Only the conditional prediction
-is bent (the host picks its rows). Entry points: attention_with_bending(), bend_probs().
+is bent (the host picks its rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .defaults import BEND_DEFAULTS as D
+from .tokens import columns_for
 
 MODES = ("scale", "spatial_scale", "rotate", "translate", "flip", "blur", "sharpen", "regional_mask",
          "frequency_filter")
 RENORMALIZE = ("row", "column", "none")
 FILTERS = ("lowpass", "highpass")
 EPS = 1e-8                   # sums at or below this are left undivided
-RANGES = {"translate_x": (-1.0, 1.0), "translate_y": (-1.0, 1.0), "region": (0.0, 1.0), "cutoff": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)
 class BendSpec:
-    """One bending entry, with the original's field names. Unused mode parameters are ignored."""
+    """One bending entry, with the original's field names and defaults (defaults.BEND_DEFAULTS, where each is
+    explained). Unused mode parameters are ignored."""
     token: str
     mode: str
-    strength: float = 1.0
-    apply_to_timesteps: tuple[int, int] | None = None   # [start, end] scheduler step indices, both inclusive
-    apply_to_layers: tuple[int, ...] | None = None      # cross-attention site indices
-    renormalize: str = "row"                            # "row" | "column" (first version) | "none"
-    scale_factor: float = 1.0                           # scale
-    zoom_factor: float = 1.0                            # spatial_scale
-    angle: float = 0.0                                  # rotate, degrees
-    translate_x: float = 0.0                            # translate, normalised units −1..1
-    translate_y: float = 0.0
-    flip_horizontal: bool = False                       # flip
-    flip_vertical: bool = False
-    kernel_size: int = 3                                # blur, sharpen, frequency_filter (placeholder)
-    sigma: float = 1.0
-    sharpen_amount: float = 1.0                         # sharpen
-    region: tuple[float, float, float, float] | None = None   # regional_mask: x1, y1, x2, y2; None: no-op
-    region_feather: float = 0.1
-    filter: str | None = None                           # frequency_filter: "lowpass" | "highpass"
-    cutoff: float = 0.5                                 # fraction of Nyquist
+    strength: float = D["strength"]
+    apply_to_timesteps: tuple[int, int] | None = D["apply_to_timesteps"]
+    apply_to_layers: tuple[int, ...] | None = D["apply_to_layers"]
+    renormalize: str = D["renormalize"]
+    scale_factor: float = D["scale_factor"]
+    zoom_factor: float = D["zoom_factor"]
+    angle: float = D["angle"]
+    translate_x: float = D["translate_x"]
+    translate_y: float = D["translate_y"]
+    flip_horizontal: bool = D["flip_horizontal"]
+    flip_vertical: bool = D["flip_vertical"]
+    kernel_size: int = D["kernel_size"]
+    sigma: float = D["sigma"]
+    sharpen_amount: float = D["sharpen_amount"]
+    region: tuple[float, float, float, float] | None = D["region"]
+    region_feather: float = D["region_feather"]
+    filter: str | None = D["filter"]
+    cutoff: float = D["cutoff"]
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -327,266 +330,3 @@ def bend_probs(probs: torch.Tensor, token_indices: Mapping[str, Sequence[int]], 
     if any(s.renormalize == "row" for s in active):
         out = renormalize_rows(out)
     return out
-
-
-CHUNK_ELEMENTS = 1 << 25      # logits per query chunk in bent_output: 128 MiB of float32
-
-
-def bent_output(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, entries: Iterable,
-                token_indices: Mapping[str, Sequence[int]], grid_hw: tuple[int, int],
-                step_index: int | None = None, layer_index: int | None = None, frames: int | None = None,
-                text: slice = slice(None), queries: slice = slice(None), scale: float | None = None,
-                chunk_elements: int = CHUNK_ELEMENTS,
-                observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Bend the host's attention output `out` in place, computing only what bending changes; returns out.
-
-    out, q: [b, heads, Lq, d]; k, v: [b, heads, Lk, d] (per head; a host's [b, L, heads·d] viewed so).
-    out is the host's own attention result softmax(q·kᵀ·scale)·v (any backend). Only the query rows
-    `queries` (the image tokens) are bent, against the text keys `text` (their column numbers count
-    from text.start); the softmax runs over all Lk keys (joint attention: text and image). Per query
-    chunk (chunk_elements logits), in float32: s = q·kᵀ·scale, lse = logsumexp(s), and the n bent
-    columns P_J = exp(s_J − lse) only; they are bent (bend_probs' rules, _bend_columns) to P'_J, and
-
-        out' = (out + (P'_J − P_J)·v_J) / r,   r = 1 − ΣP_J + ΣP'_J if any entry renormalises rows, else 1
-
-    which is what bend_probs followed by P'·v gives, without the [Lq, Lk] matrix. Extra memory: the
-    columns (2·b·heads·Lq·n float32) and one chunk's logits and temporaries (about 2·chunk_elements
-    floats plus the chunk's float32 queries and output rows). observe(P_J, P'_J) ([b·heads, S, n])
-    sees the columns (maps), in increasing column order. bias: an additive mask on the logits, broadcastable
-    to [b, heads, Lq, Lk] (the query rows counted before `queries`). Nothing active: out untouched.
-    """
-    active = active_entries(entries, step_index, layer_index)
-    if not active:
-        return out
-    b, heads, _, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    first = text.start or 0
-    n_text = len(range(k.shape[2])[text])
-    per_spec = [(s, [first + j for j in columns_for(s.token, token_indices, n_text)]) for s in active]
-    keys = sorted({j for _, js in per_spec for j in js})
-    if keys and keys[-1] >= k.shape[2]:
-        raise ValueError(f"token column {keys[-1] - first} lies beyond the {n_text} text tokens the model sees")
-    local = {j: i for i, j in enumerate(keys)}
-    qs, os = q[:, :, queries], out[:, :, queries]
-    n_q = qs.shape[2]
-    kf, vj = k.float(), v[:, :, keys].float()
-    step = max(1, chunk_elements // max(1, b * heads * k.shape[2]))
-    chunks = [slice(i, i + step) for i in range(0, n_q, step)]
-    p = torch.empty(b, heads, n_q, len(keys), dtype=torch.float32, device=q.device)
-    if bias is not None and bias.ndim == 4 and bias.shape[2] > 1:
-        bias = bias[:, :, queries]
-    for c in chunks:
-        logits = torch.matmul(qs[:, :, c].float(), kf.transpose(-1, -2)).mul_(scale)
-        if bias is not None:
-            logits += (bias[:, :, c] if bias.ndim == 4 and bias.shape[2] > 1 else bias).float()
-        p[:, :, c] = torch.exp(logits[..., keys] - torch.logsumexp(logits, dim=-1, keepdim=True))
-        del logits
-    bent = p.clone()
-    _bend_columns(bent.view(b * heads, n_q, -1), [(s, [local[j] for j in js]) for s, js in per_spec], grid_hw,
-                  frames)
-    if observe is not None:
-        observe(p.view(b * heads, n_q, -1), bent.view(b * heads, n_q, -1))
-    rows = any(s.renormalize == "row" for s in active)
-    for c in chunks:
-        corrected = os[:, :, c].float() + torch.matmul(bent[:, :, c] - p[:, :, c], vj)
-        if rows:
-            corrected = _safe_divide(corrected, 1 - p[:, :, c].sum(-1, keepdim=True) + bent[:, :, c].sum(-1, keepdim=True))
-        os[:, :, c] = corrected.to(out.dtype)
-    return out
-
-
-def bend_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Sequence[int],
-              bias: torch.Tensor | None = None, **bend) -> None:
-    """bent_output on the batch items `rows` of per-head out/q/k/v (and of a per-item bias), written into
-    out: consecutive rows as views (no copies), others gathered and written back. Both hosts use it."""
-    index = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else list(rows)
-    if bias is not None and bias.shape[0] > 1:
-        bias = bias[index]
-    if isinstance(index, slice):
-        bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
-    else:
-        out[index] = bent_output(out[index], q[index], k[index], v[index], bias=bias, **bend)
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, n, heads·d] → [b·heads, n, d], batch-major (row i·heads + h is item i, head h)."""
-    b, n, inner = x.shape
-    return x.reshape(b, n, heads, inner // heads).transpose(1, 2).reshape(b * heads, n, inner // heads)
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + bias) in float32, [b·heads, S, T], from projected q [b, S, heads·d] and
-    k [b, T, heads·d]. scale defaults to d^−½; bias is an additive mask broadcastable to the result
-    (diffusers' Attention.prepare_attention_mask gives [b·heads, 1, T]: 0 keeps, −10000 drops)."""
-    d = q.shape[-1] // heads
-    scale = d ** -0.5 if scale is None else scale
-    logits = torch.bmm(_split_heads(q, heads).float(), _split_heads(k, heads).float().transpose(1, 2)) * scale
-    if bias is not None:
-        logits = logits + bias.float()
-    return torch.softmax(logits, dim=-1)
-
-
-def attention_with_bending(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, entries: Iterable = (),
-                           token_indices: Mapping[str, Sequence[int]] | None = None,
-                           grid_hw: tuple[int, int] | None = None, step_index: int | None = None,
-                           layer_index: int | None = None, frames: int | None = None,
-                           scale: float | None = None, bend_batch: Sequence[int] | None = None,
-                           apply: bool = True,
-                           observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Explicit attention with bent probabilities: q [b, S, heads·d], k, v [b, T, heads·d] (projected)
-    → out [b, S, heads·d] before to_out.
-
-    softmax(q·kᵀ·scale) in float32 (scale defaults to d^−½), bent for the batch items in bend_batch
-    (the conditional ones; default all), then times V in float32, returned in v's dtype. grid_hw defaults to the most square
-    factorisation (pass grid_for(S, latent_hw) when the latent is known). Phase 1 (visualisation):
-    apply=False computes the bent maps, hands (original, bent) to observe, and uses the original.
-    bias: an additive mask on the logits (attention_probs).
-    """
-    b, n_q, inner = q.shape
-    n_kv = k.shape[1]
-    d = inner // heads
-    probs = attention_probs(q, k, heads, scale, bias)
-    vh = _split_heads(v, heads)
-    bent = probs
-    entries = list(entries)
-    if entries:
-        grid_hw = grid_hw or grid_for(n_q, frames=frames)
-        token_indices = token_indices or {}
-        if bend_batch is None:
-            bent = bend_probs(probs, token_indices, grid_hw, entries, step_index, layer_index, frames)
-        else:
-            rows = torch.as_tensor(list(bend_batch), dtype=torch.long, device=probs.device)
-            per_item = probs.view(b, heads, n_q, n_kv)
-            part = bend_probs(per_item[rows].reshape(-1, n_q, n_kv), token_indices, grid_hw, entries,
-                              step_index, layer_index, frames)
-            bent = per_item.clone()
-            bent[rows] = part.view(len(rows), heads, n_q, n_kv)
-            bent = bent.view(b * heads, n_q, n_kv)
-    if observe is not None:
-        observe(probs, bent)
-    used = bent if apply else probs
-    out = torch.bmm(used, vh.float()).to(v.dtype)          # float32 probabilities, not v's fp16 / bf16
-    return out.reshape(b, heads, n_q, d).transpose(1, 2).reshape(b, n_q, heads * d)
-
-
-# --- token targeting ---------------------------------------------------------------------------------
-#
-# An entry's token is one of (the original's later versions, after 6322d6f):
-# - a word or phrase: its sub-tokens' columns in the encoded prompt (all of them; first_only for the
-#   original's first sub-token). A word absent from the prompt is an error ("Token not found").
-# - a wildcard, "ALL", "*" or "ALLTOKENS" (any case): every text token, i.e. every key column of the
-#   cross-attention (start/end tokens and padding included, as the original's range(seq_len)).
-# - a comma-separated group, "kiss, rose, ship": every member found in the prompt is bent by the same
-#   entry, each column on its own, as one entry. Members missing from the prompt are skipped, as in
-#   the original; a group none of whose members is in the prompt is an error here (the original logs
-#   a warning and bends nothing).
-#
-# Prompts may mark targets with braces, "a romantic {kiss} at {sunset}": the braces are removed before
-# encoding and nothing else is touched, so the host's emphasis syntax ("(sunset:1.2)", "((kiss))",
-# "\(" escapes; compel's weights in diffusers) passes to its tokenizer unchanged, and a target may carry
-# a weight: "{(sunset:1.2)}" or "({sunset}:1.2)". Marks are optional: the entry's token names the target.
-# The original marked targets with parentheses, which are ComfyUI's and A1111's emphasis; "{a|b}"
-# (dynamic-prompt choices) is not a mark.
-
-WILDCARDS = ("ALL", "*", "ALLTOKENS")
-_MARK = re.compile(r"\{([^{}|]+)\}")
-
-
-def is_wildcard(token: str) -> bool:
-    return token.strip().upper() in WILDCARDS
-
-
-def group_members(token: str) -> list[str]:
-    """'kiss, rose' → ['kiss', 'rose']; a single word → [word]."""
-    return [w.strip() for w in token.split(",") if w.strip()]
-
-
-def parse_marked_prompt(prompt: str) -> tuple[str, list[str]]:
-    """'a romantic {kiss} at {(sunset:1.2)}' → ('a romantic kiss at (sunset:1.2)', ['kiss', '(sunset:1.2)'])."""
-    words = [m.strip() for m in _MARK.findall(prompt)]
-    return _MARK.sub(r"\1", prompt), words
-
-
-def token_indices_for(word: str, prompt_tokens: Sequence[Hashable],
-                      tokenize_word: Callable[[str], Sequence[Hashable]], first_only: bool = False) -> list[int]:
-    """Positions of `word` in the encoded prompt: the first place where its sub-tokens appear in a row.
-
-    prompt_tokens: the encoded prompt as the text encoder sees it (BOS at 0), token strings or ids;
-    tokenize_word: one word (or phrase) → its sub-tokens of the same kind, without BOS/EOS, e.g.
-    `tokenizer.tokenize` of a CLIP tokenizer or a ComfyUI tokenizer's ids, or Alternatives of such
-    sequences (the earliest match wins). first_only=True bends only
-    the first sub-token, as the original does; the default bends them all.
-    """
-    pieces = tokenize_word(word)
-    tokens = list(prompt_tokens)
-    hits = [(i, len(option)) for option in (pieces if isinstance(pieces, Alternatives) else [pieces])
-            if (i := token_run(tokens, option)) is not None]
-    if not hits:
-        raise ValueError(f"Token not found: '{word}'")
-    i, m = min(hits)
-    return [i] if first_only else list(range(i, i + m))
-
-
-BARE_PREFIX = ","        # a word right after it is spelled as right after any punctuation
-
-
-def spelled_in(prompt_tokens: Sequence[Hashable], spell: Callable[[str], list]) -> Callable[[str], list]:
-    """tokenize_word for token_columns, from `spell` (text → the host tokenizer's pieces, no specials): a word
-    as spelled alone; where that is not in the prompt, as spelled right after punctuation. SentencePiece
-    (T5, UMT5) gives a word after a space "▁sunset" but after punctuation with no space ("kiss,sunset",
-    '"sunset"', ComfyUI's escaped "\\(sunset\\)") "s", "un", "set": spell(",sunset") less spell(",")'s
-    pieces. CLIP's BPE spells both alike."""
-    def word_pieces(word):
-        alone = spell(word)
-        if token_run(prompt_tokens, alone) is not None:
-            return alone
-        lead, after = spell(BARE_PREFIX), spell(BARE_PREFIX + word)
-        return after[len(lead):] if lead and after[:len(lead)] == lead and after[len(lead):] else alone
-
-    return word_pieces
-
-
-class Alternatives(tuple):
-    """What tokenize_word may return instead of one piece sequence: several spellings of the word, the
-    earliest in the prompt wins. Byte-level BPE (Qwen2) spells a word after a space ("Ġkiss") unlike one
-    at the prompt's start or after punctuation ("kiss")."""
-
-
-def token_run(tokens: Sequence[Hashable], pieces: Sequence[Hashable]) -> int | None:
-    """The first i where pieces appear in a row in tokens, or None (also for no pieces)."""
-    tokens, pieces, m = list(tokens), list(pieces), len(pieces)
-    return next((i for i in range(len(tokens) - m + 1) if m and tokens[i:i + m] == pieces), None)
-
-
-def token_columns(words: Iterable[str], prompt_tokens: Sequence[Hashable],
-                  tokenize_word: Callable[[str], Sequence[Hashable]], first_only: bool = False) -> dict[str, list[int]]:
-    """{token: its columns} for every entry token (see above): a word's sub-tokens, a group's members'
-    (those in the prompt), nothing for a wildcard (columns_for resolves it per call)."""
-    out = {}
-    for word in words:
-        if is_wildcard(word):
-            continue
-        members = group_members(word) if "," in word else [word]
-        found = []
-        for member in members:
-            try:
-                found += token_indices_for(member, prompt_tokens, tokenize_word, first_only)
-            except ValueError:
-                if len(members) == 1:
-                    raise
-        if not found:
-            raise ValueError(f"Token not found: no word of the group '{word}'")
-        out[word] = list(dict.fromkeys(found))
-    return out
-
-
-def columns_for(token: str, token_indices: Mapping[str, Sequence[int]], n_text: int) -> list[int]:
-    """The key columns an entry bends: every one of the n_text for a wildcard, else token_indices'."""
-    if is_wildcard(token):
-        return list(range(n_text))
-    if token not in token_indices:
-        raise ValueError(f"Token not found: '{token}'")
-    return list(token_indices[token])

@@ -1,7 +1,5 @@
 """Self-Attention Guidance (Hong et al., ICCV 2023) as ComfyUI's SelfAttentionGuidance node defines it.
 
-Imports only torch and math: this file is copied verbatim into companions and the ComfyUI node.
-
 One sampling step, in denoised (x0) space, with A the post-softmax self-attention probabilities of
 the unconditional half recorded at the middle block's first attn1:
 
@@ -27,8 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-SAG_DEFAULTS = {"scale": 0.5, "blur_sigma": 2.0}
-SAG_RANGES = {"scale": (-2.0, 5.0), "blur_sigma": (0.0, 10.0)}
+from .defaults import SAG_DEFAULTS, SAG_RANGES  # noqa: F401  (SAG_RANGES: the node's inputs)
+
 SAG_THRESHOLD = 1.0          # fixed in the node: a key "wins" when it gets more than average attention
 BLUR_KERNEL_SIZE = 9
 MAX_SKIPPED_SIZE = 4         # latents this small in either dimension get no SAG (no room for reflect padding 4)

@@ -1,7 +1,5 @@
 """Slothful Attention (the ComfyUI node's Dec 2023 version: time_decay / keep_middle / strength / Simple).
 
-Imports only torch and math: this file is copied verbatim into companions and the ComfyUI node.
-
 Every self-attention keeps all its query tokens but sees fewer key/value tokens: the key and value
 *inputs* (the normalised hidden states, before to_k / to_v) are pooled with a stride that grows with
 `strength`, changes with UNet depth (`depth_decay`) and fades as sampling progresses (`time_decay`).
@@ -19,43 +17,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-MODES = ("1D_AVG", "1D_MAX", "2D_AVG", "2D_MAX")
+from .defaults import (SLOTHFUL_DEFAULTS, SLOTHFUL_MODES, SLOTHFUL_RANGES, SLOTHFUL_SIMPLE_DEFAULTS,
+                       SLOTHFUL_SIMPLE_EXPANDS, SLOTHFUL_SIMPLE_FIXED, SLOTHFUL_SIMPLE_RANGES)
 
-DEFAULTS = {
-    "time_decay": 1.0, "keep_middle": True,
-    "in_mode": "2D_AVG", "in_depth_decay": 1.0, "in_strength": 6.0, "in_k_blend": 0.0, "in_v_blend": 0.0,
-    "out_mode": "2D_AVG", "out_depth_decay": 1.0, "out_strength": 4.0, "out_k_blend": 0.0, "out_v_blend": 0.0,
-}
-RANGES = {
-    "time_decay": (0.0, 4.0),
-    "in_depth_decay": (-2.0, 4.0), "out_depth_decay": (-2.0, 4.0),
-    "in_strength": (0.0, 50.0), "out_strength": (0.0, 50.0),
-    "in_k_blend": (0.0, 1.0), "in_v_blend": (0.0, 1.0), "out_k_blend": (0.0, 1.0), "out_v_blend": (0.0, 1.0),
-}
-# "Slothful Attention Simple": one depth_decay, one blend per side, keep_middle fixed to true.
-# Its defaults are the full node's (the reference documents no others).
-SIMPLE_DEFAULTS = {
-    "time_decay": 1.0, "depth_decay": 1.0,
-    "in_mode": "2D_AVG", "in_strength": 6.0, "in_blend": 0.0,
-    "out_mode": "2D_AVG", "out_strength": 4.0, "out_blend": 0.0,
-}
-SIMPLE_RANGES = {
-    "time_decay": (0.0, 4.0), "depth_decay": (-2.0, 4.0),
-    "in_strength": (0.0, 50.0), "in_blend": (0.0, 1.0),
-    "out_strength": (0.0, 50.0), "out_blend": (0.0, 1.0),
-}
+MODES = SLOTHFUL_MODES
+DEFAULTS = SLOTHFUL_DEFAULTS
+RANGES = SLOTHFUL_RANGES
+SIMPLE_DEFAULTS = SLOTHFUL_SIMPLE_DEFAULTS
+SIMPLE_RANGES = SLOTHFUL_SIMPLE_RANGES
 
 
-def simple_params(time_decay=1.0, depth_decay=1.0, in_mode="2D_AVG", in_strength=6.0, in_blend=0.0,
-                  out_mode="2D_AVG", out_strength=4.0, out_blend=0.0) -> dict:
-    """The Simple node's inputs expanded to the full node's parameters."""
-    return {
-        "time_decay": time_decay, "keep_middle": True,
-        "in_mode": in_mode, "in_depth_decay": depth_decay, "in_strength": in_strength,
-        "in_k_blend": in_blend, "in_v_blend": in_blend,
-        "out_mode": out_mode, "out_depth_decay": depth_decay, "out_strength": out_strength,
-        "out_k_blend": out_blend, "out_v_blend": out_blend,
-    }
+def simple_params(**simple) -> dict:
+    """The Simple node's inputs (SIMPLE_DEFAULTS' names; missing ones take its defaults) expanded to the full
+    node's parameters."""
+    unknown = sorted(set(simple) - set(SIMPLE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown Slothful Attention Simple parameter(s): {', '.join(unknown)}")
+    values = {**SIMPLE_DEFAULTS, **simple}
+    full = {full: values[name] for name, fulls in SLOTHFUL_SIMPLE_EXPANDS.items() for full in fulls}
+    return {**SLOTHFUL_SIMPLE_FIXED, **full}
 
 
 def resolve_params(params: dict | None = None) -> dict:

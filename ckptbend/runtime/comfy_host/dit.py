@@ -1,0 +1,113 @@
+"""Attention Bending on ComfyUI's DiTs.
+
+ComfyUI ≥ 0.3.60 hands every attention call of a DiT to transformer_options["optimized_attention_override"]
+(its wrap_attn decorator). Three hooks, all on the clone:
+  - a "dit" block replace per block tags the block's transformer_options with its layer and a call
+    counter (the call index tells self / cross / joint attention apart), then runs the block (or the
+    replace another node put there);
+  - an APPLY_MODEL wrapper records each model call's token grid (frames, rows, cols) from the latent
+    and the patch size, and, on joint models, the text length of the block arguments;
+  - the override runs ComfyUI's own attention (the backend the user selected, or another node's
+    override) and, at the text attention of a tagged block where an entry acts, adds the bent
+    columns' correction for the conditional chunks (bent_attention.bent_output: no [Lq, Lk] matrix).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .. import bending, bent_attention, tokens
+from .common import SAG_PASS, chunk_rows, logit_bias, per_head, step_counter
+from .dit_layouts import DiTLayout
+
+MIN_COMFYUI = "0.3.60"
+DIT_TAG = "ckptbend_dit_block"     # transformer_options: {"layer": n, "calls": [count]}
+DIT_CALL = "ckptbend_dit_call"     # transformer_options: {"grid": (f, h, w), "text": n | None}
+
+
+def patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout) -> None:
+    import importlib
+
+    attention = importlib.import_module("comfy.ldm.modules.attention")
+    if not hasattr(attention, "wrap_attn"):
+        raise ValueError(f"Attention Bending on {layout.kind} models needs ComfyUI {MIN_COMFYUI} or newer "
+                         "(optimized_attention_override); update ComfyUI")
+    from comfy.patcher_extension import WrappersMP
+
+    replaced = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    for name, index, layer in layout.blocks:         # all of them: Flux's double blocks give the text length
+        m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout.patch))
+    # Read only now: set_model_patch_replace puts a new transformer_options dict in place each time.
+    options = m.model_options["transformer_options"]
+    options["optimized_attention_override"] = _dit_override(specs, columns, layout,
+                                                            options.get("optimized_attention_override"), steps)
+
+
+def _tag_block(layer: int, previous):
+    def replace(args, extra):
+        if "txt" in args and DIT_CALL in args["transformer_options"]:
+            args["transformer_options"][DIT_CALL]["text"] = args["txt"].shape[1]   # joint: the text length
+        tagged = {**args["transformer_options"], DIT_TAG: {"layer": layer, "calls": [0]}}
+        args = {**args, "transformer_options": tagged}
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    return replace
+
+
+def _record_call(patch):
+    def wrapper(executor, x, *args, **kwargs):
+        # ComfyUI calls wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, …)
+        options = args[4] if len(args) > 4 else kwargs["transformer_options"]
+        frames = x.shape[2] if x.ndim == 5 else 1
+        grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), patch))   # ComfyUI pads up
+        options[DIT_CALL] = {"grid": grid, "text": None}
+        return executor(x, *args, **kwargs)
+
+    return wrapper
+
+
+def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, steps=None):
+    def override(func, q, k, v, *args, **kwargs):
+        out = previous(func, q, k, v, *args, **kwargs) if previous is not None else func(q, k, v, *args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        tag, call = options.get(DIT_TAG), options.get(DIT_CALL)
+        if tag is None or call is None:
+            return out
+        index = tag["calls"][0]
+        tag["calls"][0] += 1
+        if index != layout.text_call or options.get(SAG_PASS):
+            return out
+        step = (steps or step_counter({}, 0))(options)
+        active = bending.active_entries(specs, step, tag["layer"])
+        rows = chunk_rows(options["cond_or_uncond"], 0, q.shape[0])
+        if not active or not rows:
+            return out
+        heads = args[0] if args else kwargs["heads"]
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        qh, kh, vh = (t if kwargs.get("skip_reshape") else per_head(t, heads) for t in (q, k, v))
+        per_head_out = kwargs.get("skip_output_reshape")
+        oh = out if per_head_out else per_head(out, heads)
+        frames, h, w = call["grid"]
+        n_image = frames * h * w
+        if layout.joint:
+            n_text = call["text"]
+            text, queries = slice(0, n_text), slice(n_text, n_text + n_image)
+        else:
+            text, queries = slice(None), slice(None)
+            if qh.shape[2] != n_image:
+                raise ValueError(f"Attention Bending: {qh.shape[2]} image tokens do not fit the grid {call['grid']}")
+        here = columns
+        if layout.kind == "sd3":         # the T5 columns are absent when SD3 samples without T5
+            here = {w: [j for j in js if j < n_text] for w, js in columns.items()}
+        last = max(j for s in active for j in tokens.columns_for(s.token, here, len(range(kh.shape[2])[text])))
+        if last >= len(range(kh.shape[2])[text]):
+            raise ValueError(f"Attention Bending: token column {last} lies beyond the text tokens the model sees; "
+                             "is bending_prompt the prompt you encode?")
+        bent_attention.bend_rows(oh, qh, kh, vh, rows, bias=None if mask is None else logit_bias(mask), entries=active,
+                          token_indices=here, grid_hw=(h, w),
+                          step_index=step, layer_index=tag["layer"], frames=frames if frames > 1 else None,
+                          text=text, queries=queries)
+        return out
+
+    return override

@@ -1,0 +1,53 @@
+"""Per DiT family, as ComfyUI's model code has it: the blocks behind its "dit" block replaces, which attention call
+of a block attends to the text, whether that attention is joint, the patch size and the text encoder's tokens.
+
+The family is told by the diffusion model's structure (its attributes), not by a class name, so that a
+ComfyUI that renames a class keeps working.
+"""
+
+from __future__ import annotations
+
+from .tokens import QWEN_KEY
+
+
+class DiTLayout:
+    """How a DiT's text attention is reached: its blocks as (replace name, index, layer), which call
+    of a block is the text attention, whether it is joint ([text; image] keys and queries), the patch
+    (frames, rows, cols) and the tokenizer key of the text it attends to."""
+
+    def __init__(self, kind, blocks, text_call, joint, patch, text_key):
+        self.kind, self.blocks, self.text_call, self.joint = kind, blocks, text_call, joint
+        self.patch, self.text_key = patch, text_key
+
+
+def dit_layout(diffusion_model) -> DiTLayout:
+    """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
+    CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
+    blocks; the dual blocks' second call is image self-attention) and Qwen-Image (transformer_blocks, joint
+    [text; image], mask passed positionally: None). Layers count the blocks in order.
+    SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
+    bent (token_columns)."""
+    dm = diffusion_model
+    name = type(dm).__name__
+
+    def patch3(size):
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return (1, *size) if len(size) == 2 else size
+
+    if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
+        blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
+        image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
+        return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
+    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
+        n = len(dm.double_blocks)
+        blocks = [("double_block", i, i) for i in range(n)]
+        blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
+        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+    if hasattr(dm, "transformer_blocks") and hasattr(dm, "txt_norm"):              # Qwen-Image
+        blocks = [("double_block", i, i) for i in range(len(dm.transformer_blocks))]
+        return DiTLayout("qwen", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), QWEN_KEY)
+    if hasattr(dm, "joint_blocks"):                                                 # SD3, SD3.5
+        blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
+        return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
+    raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
+                     f"SD3/SD3.5 and Qwen-Image; this model's diffusion_model is a {name}")

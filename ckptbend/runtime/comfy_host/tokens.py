@@ -1,0 +1,101 @@
+"""A word's text-token columns as ComfyUI's tokenizers (clip.tokenize) and text encoders produce them."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .. import tokens as bend_tokens
+
+def _token_ids(tokens: Mapping, key: str | None = None) -> list:
+    """The token ids of ComfyUI's clip.tokenize output {"l": [[(id, weight, …), …77], …]} in
+    cross-attention column order (the chunks' concatenation); an embedding vector counts as None.
+    key: the encoder whose tokens the model attends to; default "l" (SDXL's "g" has the same
+    positions), or the only one."""
+    if key is None:
+        key = "l" if "l" in tokens or len(tokens) != 1 else next(iter(tokens))
+    if key not in tokens:
+        raise ValueError(f"bending_clip tokenizes for {', '.join(sorted(tokens))}, but this model reads "
+                         f"{key!r} tokens: wire the text encoder you sample with")
+    return [t[0] if isinstance(t[0], int) else None for chunk in tokens[key] for t in chunk]
+
+
+def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> dict[str, list[int]]:
+    """token → its text-token columns in the cross-attention context of `prompt` as `clip` encodes it.
+
+    The prompt goes to the wired CLIP's own tokenize() exactly as the user encodes it, after removing
+    only the "{word}" bending marks (tokens.py): ComfyUI parses its emphasis ("(word:1.2)", "((word))",
+    "\\(" escapes) and chunking itself, so a weighted word keeps its place and a target may carry a
+    weight. A word's ids are clip.tokenize(word) less the ids an empty prompt has (start, end,
+    padding); all of its sub-tokens are bent. Wildcards and comma groups: bend_tokens.token_columns.
+    key: a tuple names encoders whose tokens follow one another in the context (SD3: ("l", "t5xxl"),
+    77 CLIP tokens per chunk, then T5's): a word must be in the first; its columns in the others, shifted
+    by the tokens before them, are bent too where it is found there.
+    """
+    text, _marked = bend_tokens.parse_marked_prompt(prompt)
+    tokens, empty = clip.tokenize(text), clip.tokenize("")
+    keys = key if isinstance(key, tuple) else (key,)
+    try:
+        found = _columns_of(clip, words, tokens, empty, keys[0])
+    except ValueError as e:
+        raise ValueError(f"{e} in the bending prompt {text!r}; put the prompt you encode into the "
+                         "node's bending_prompt, or change the entry's token") from None
+    offset = len(_token_ids(tokens, keys[0]))
+    for later in keys[1:]:
+        if later not in tokens:
+            break
+        for word in words:
+            try:
+                more = _columns_of(clip, [word], tokens, empty, later).get(word, [])
+            except ValueError:
+                continue                       # not among this encoder's tokens (or a wildcard)
+            found[word] = found.get(word, []) + [offset + j for j in more]
+        offset += len(_token_ids(tokens, later))
+    return found
+
+
+def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
+    if key == QWEN_KEY:
+        return _qwen_columns(clip, words, tokens, empty)
+    special = set(_token_ids(empty, key))
+    prompt = _token_ids(tokens, key)
+
+    def ids(text):
+        return [i for i in _token_ids(clip.tokenize(text), key) if i not in special]
+
+    return bend_tokens.token_columns(words, prompt, bend_tokens.spelled_in(prompt, ids))     # T5: after punctuation too
+
+
+# Qwen-Image: ComfyUI's QwenImageTokenizer puts the prompt into the chat template (system prompt, then
+# "<|im_start|>user\n", the prompt, "<|im_end|>\n<|im_start|>assistant\n"; a prompt that starts with
+# "<|im_start|>" is its own template) and tokenises it whole with weights disabled: "(word:1.2)" stays literal
+# text, only the "\(" escapes are resolved. Its encoder (QwenImageTEModel.encode_token_weights) drops the
+# embeddings before the second "<|im_start|>" and that token's "user\n": the joint attention's text key 0 is
+# the prompt's first token, and the template's tail follows the prompt. These are Qwen2.5's token ids.
+QWEN_KEY = "qwen25_7b"
+QWEN_IM_START, QWEN_USER, QWEN_NEWLINE = 151644, 872, 198
+
+
+def _qwen_text(ids: list) -> list:
+    """The ids whose embeddings ComfyUI's Qwen-Image encoder keeps (its template_end rule)."""
+    starts = [i for i, t in enumerate(ids) if t == QWEN_IM_START][:2]
+    if not starts:
+        raise ValueError("the Qwen-Image prompt has no <|im_start|> (ComfyUI then keeps only its last token)")
+    end = starts[-1]
+    if len(ids) > end + 3 and ids[end + 1] == QWEN_USER and ids[end + 2] == QWEN_NEWLINE:
+        end += 3
+    return ids[end:]
+
+
+def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, list[int]]:
+    """Qwen-Image: word → its columns among the kept text tokens. A word is found spelled after a space
+    (" kiss") or bare (at the prompt's start, after "(" …): byte-level BPE gives them different ids; the
+    earlier one in the prompt wins. Its spellings are tokenised inside the template, as the prompt is, and
+    cut out of the kept tokens (less the template's tail)."""
+    tail = len(_qwen_text(_token_ids(empty, QWEN_KEY)))
+
+    def spell(text):
+        kept = _qwen_text(_token_ids(clip.tokenize(text), QWEN_KEY))
+        return kept[:len(kept) - tail]
+
+    return bend_tokens.token_columns(words, _qwen_text(_token_ids(tokens, QWEN_KEY)),
+                                 lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))

@@ -1,0 +1,75 @@
+"""The attention sites of a model, and the processor that stands in for each one's."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from .cross import cross_attention
+from .joint import JOINT_MODELS, joint_attention
+from .unet import self_attention
+
+BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}   # ComfyUI's names
+EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    name: str
+    module: object
+    cross: bool                 # attn2: text cross-attention
+    block_kind: str | None      # UNet: "input" | "middle" | "output"
+    layer: int | None           # cross-attention sites: position in the model's order
+    joint: bool = False         # a joint attention over text and image tokens (its layer counts blocks)
+
+
+def sites_of(model) -> list[Site]:
+    """Every attn1 / attn2 of the model's transformer blocks, in execution order (UNet: down, mid, up);
+    on a joint model (JOINT_MODELS) its blocks' joint attentions `attn` instead, in order (Flux: double
+    then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
+    if type(model).__name__ in JOINT_MODELS:
+        found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "attn" and hasattr(m, "processor")]
+        return [Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(found)]
+    found = [(n, m) for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in ("attn1", "attn2") and hasattr(m, "processor")]
+    found.sort(key=lambda nm: EXECUTION_ORDER.get(nm[0].split(".")[0], 0))      # stable
+    sites, layer = [], 0
+    for name, module in found:
+        cross = name.endswith("attn2")
+        sites.append(Site(name, module, cross, BLOCK_KINDS.get(name.split(".")[0]), layer if cross else None))
+        layer += cross
+    return sites
+
+
+class Processor:
+    """Stands in for one attention's processor and calls the original object when it has nothing to do.
+
+    Transparent to the host: it takes the original's arguments as they come (Attention passes
+    keywords, WanAttention positions), and diffusers' Attention.forward, which hands a processor only
+    the cross_attention_kwargs that inspect.signature(processor.__call__) names, sees the original's
+    signature (an instance attribute; calling the processor still runs the class's __call__).
+    """
+
+    def __init__(self, session, site: Site, original):
+        self.session, self.site, self.original = session, site, original
+        self.signature = inspect.signature(original)
+
+        def shown(*args, **kwargs):
+            return self(*args, **kwargs)
+
+        shown.__signature__ = self.signature
+        self.__call__ = shown
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        def original():
+            return self.original(attn, hidden_states, *args, **kwargs)
+
+        session = self.session
+        if session.call is None:              # called outside a model forward
+            return original()
+        given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        if self.site.joint:
+            return joint_attention(session, self.site, attn, given, original)
+        run = cross_attention if self.site.cross else self_attention
+        return run(session, self.site, attn, hidden_states, given.get("encoder_hidden_states"),
+                   given.get("attention_mask"), original)

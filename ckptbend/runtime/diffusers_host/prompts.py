@@ -1,0 +1,113 @@
+"""The prompt's side of Bending in diffusers: encode_prompt wrapped to strip the "{word}" marks and find each
+word's token columns with the pipeline's own tokenizer(s), as its text encoder sees them."""
+
+from __future__ import annotations
+
+import inspect
+
+from .. import tokens
+
+
+def wrap_encode_prompt(session):
+    """pipe.encode_prompt as an instance attribute: with bending, strip the marks and locate the
+    words first (errors come before any denoising); always, keep the conditional embeddings."""
+    pipe = session.pipe
+    had, before = "encode_prompt" in vars(pipe), vars(pipe).get("encode_prompt")
+    inner = pipe.encode_prompt
+    signature = inspect.signature(inner)
+
+    def encode_prompt(*args, **kwargs):
+        if session.entries:
+            bound = signature.bind(*args, **kwargs)
+            prompt = bound.arguments.get("prompt")
+            if prompt is None:
+                raise ValueError("Attention Bending finds its words in the prompt: call the pipeline "
+                                 "with prompt=..., not with prompt_embeds alone")
+            for name in ("prompt", "prompt_2"):
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = unmark(bound.arguments[name])
+            session.token_indices = _locate(session, bound.arguments)
+            args, kwargs = bound.args, bound.kwargs
+        result = inner(*args, **kwargs)
+        session.prompt_embeds = result[0]            # prompt_embeds first, in every diffusers pipeline
+        return result
+
+    pipe.encode_prompt = encode_prompt
+    session._undo.append(lambda: setattr(pipe, "encode_prompt", before) if had else delattr(pipe, "encode_prompt"))
+
+def _locate(session, arguments) -> dict[str, list[int]]:
+    """word → its token columns, the same in every prompt of a list (else ValueError), in the text
+    the model attends to: pipe.tokenizer's encoding of prompt; on Flux the T5 tokens (tokenizer_2, of
+    prompt_2 when given, as FluxPipeline encodes them); on SD3 the CLIP-L tokens (tokenizer: CLIP-G's
+    share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
+    given), which follow the tokenizer_max_length CLIP tokens in the context."""
+    pipe = session.pipe
+    if session.joint == "flux":                       # Chroma: T5 is its only tokenizer
+        t5 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
+        return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
+    if session.joint == "qwen":
+        return _qwen_columns(session, arguments["prompt"])
+    found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
+    if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+        t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
+        for word in found:
+            try:
+                more = _columns(session, pipe.tokenizer_3, t5_prompt, words=[word])[word]
+            except ValueError:
+                continue                   # the word is not among the T5 tokens
+            found[word] = found[word] + [pipe.tokenizer_max_length + j for j in more]
+    return found
+
+def _qwen_columns(session, prompt) -> dict[str, list[int]]:
+    """QwenImagePipeline: the prompt in its chat template (prompt_template_encode), the first
+    prompt_template_encode_start_idx tokens dropped (diffusers' rule; ComfyUI's template_end rule drops
+    the same 34 with Qwen2.5's tokenizer), the template's tail after the prompt. A word is found spelled
+    after a space or bare (byte-level BPE: the first word, one after "("), the earlier wins."""
+    pipe = session.pipe
+    template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+
+    def kept(text):
+        return pipe.tokenizer(template.format(text))["input_ids"][drop:]
+
+    tail = len(kept(""))
+
+    def spell(text):
+        ids = kept(text)
+        return ids[:len(ids) - tail]
+
+    words = list(dict.fromkeys(e.token for e in session.entries))
+    return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
+        (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
+
+def _columns(session, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:
+    # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.
+    prepare = getattr(session.pipe, "_text_preprocessing", None)
+
+    def ids(text, special=True):
+        if prepare is not None:
+            text = prepare(text, clean_caption=clean_caption)[0]
+        return tokenizer(text, add_special_tokens=special, truncation=True,
+                         max_length=tokenizer.model_max_length)["input_ids"]
+
+    def columns(text):          # T5 (Flux, SD3, Wan, PixArt): a word right after punctuation too
+        prompt_ids = ids(text)
+        return tokens.token_columns(words, prompt_ids,
+                                     tokens.spelled_in(prompt_ids, lambda w: ids(w, special=False)))
+
+    words = words or list(dict.fromkeys(e.token for e in session.entries))
+    return same_columns([columns(text) for text in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def same_columns(found: list) -> dict[str, list[int]]:
+    """The one column map of a prompt list's prompts (else ValueError)."""
+    if any(f != found[0] for f in found):
+        raise ValueError("Attention Bending needs its words at the same token positions in every prompt "
+                         f"of a batch; got {found}")
+    return found[0]
+
+
+def unmark(prompt):
+    """The prompt(s) without the "{word}" marks."""
+    if isinstance(prompt, str):
+        return tokens.parse_marked_prompt(prompt)[0]
+    return [tokens.parse_marked_prompt(p)[0] for p in prompt]

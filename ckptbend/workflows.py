@@ -1,0 +1,157 @@
+"""The companion's example ComfyUI workflow (API format), per model family, as data.
+
+Each family names its loaders, latent, sampler settings and output: a checkpoint with its text encoders and
+VAE inside ("single-file", as SD 1.x/SDXL files are) loads with CheckpointLoaderSimple; a bare UNet / DiT
+(what `bake` writes for a ComfyUI diffusion_models file, and diffusers folders, which ComfyUI loads as such
+files) with UNETLoader, the family's text-encoder loader (CLIPLoader with the right type, DualCLIPLoader,
+TripleCLIPLoader) and VAELoader. Text encoder and VAE names are the ones ComfyUI's own workflow templates
+use; a video model ends in CreateVideo and SaveVideo. The companion's node sits between the model loader
+and the sampler, with the text encoder wired into its bending_clip.
+"""
+
+from __future__ import annotations
+
+EXAMPLE_PROMPT = "a photo of a lake at sunset"
+NEGATIVE_PROMPT = "blurry, low quality"
+
+
+def _sampler(steps, cfg, sampler="euler", scheduler="simple"):
+    return {"steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler}
+
+
+def _latent(class_type, **inputs):
+    return {"class_type": class_type, "inputs": {**inputs, "batch_size": 1}}
+
+
+WAN_TE = ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"})
+FLUX_TE = ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                              "type": "flux"})
+T5_TE = "t5xxl_fp16.safetensors"
+VIDEO_LATENT = _latent("EmptyHunyuanLatentVideo", width=832, height=480, length=33)
+IMAGE_1024 = _latent("EmptySD3LatentImage", width=1024, height=1024)
+
+# architecture (as `ckptbend inspect` names it; the longest matching prefix wins) → the family's graph parts.
+# text_encoder: (loader class, its inputs); model_sampling: a node between the model and the sampler;
+# guidance: FluxGuidance on the positive; conditioning: a node taking positive and negative (LTX-Video);
+# image_to_video: the family's I2V node (start image, CLIP vision); fps: a video model's output.
+FAMILIES = {
+    "sd1": {"latent": _latent("EmptyLatentImage", width=512, height=512), "sampler": _sampler(25, 7.0, scheduler="normal")},
+    "sd2": {"latent": _latent("EmptyLatentImage", width=768, height=768), "sampler": _sampler(25, 7.0, scheduler="normal")},
+    "sdxl": {"latent": _latent("EmptyLatentImage", width=1024, height=1024), "sampler": _sampler(25, 7.0, scheduler="normal")},
+    "flux-dev": {"text_encoder": FLUX_TE, "vae": "ae.safetensors", "latent": IMAGE_1024, "guidance": 3.5,
+                 "sampler": _sampler(20, 1.0)},
+    "flux-schnell": {"text_encoder": FLUX_TE, "vae": "ae.safetensors", "latent": IMAGE_1024, "sampler": _sampler(4, 1.0)},
+    "chroma": {"text_encoder": ("CLIPLoader", {"clip_name": T5_TE, "type": "chroma"}), "vae": "ae.safetensors",
+               "latent": IMAGE_1024, "sampler": _sampler(26, 4.0)},
+    "sd3": {"text_encoder": ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                                  "clip_name3": T5_TE}),
+            "vae": "sd3_vae.safetensors", "latent": IMAGE_1024, "sampler": _sampler(28, 4.5, scheduler="sgm_uniform")},
+    "qwen-image": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                   "type": "qwen_image"}),
+                   "vae": "qwen_image_vae.safetensors", "model_sampling": ("ModelSamplingAuraFlow", {"shift": 3.1}),
+                   "latent": _latent("EmptySD3LatentImage", width=1328, height=1328), "sampler": _sampler(20, 2.5)},
+    "wan21-t2v": {"text_encoder": WAN_TE, "vae": "wan_2.1_vae.safetensors",
+                  "model_sampling": ("ModelSamplingSD3", {"shift": 8.0}), "latent": VIDEO_LATENT,
+                  "sampler": _sampler(30, 6.0, "uni_pc"), "fps": 16},
+    "wan21-i2v": {"text_encoder": WAN_TE, "vae": "wan_2.1_vae.safetensors",
+                  "model_sampling": ("ModelSamplingSD3", {"shift": 8.0}), "sampler": _sampler(20, 6.0, "uni_pc"),
+                  "image_to_video": ("WanImageToVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+                  "clip_vision": "clip_vision_h.safetensors", "fps": 16},
+    "wan21-flf2v": "wan21-i2v",
+    "wan22-i2v": {"text_encoder": WAN_TE, "vae": "wan_2.1_vae.safetensors",
+                  "model_sampling": ("ModelSamplingSD3", {"shift": 8.0}), "sampler": _sampler(20, 3.5, "uni_pc"),
+                  "image_to_video": ("WanImageToVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+                  "fps": 16},
+    "wan22-ti2v": {"text_encoder": WAN_TE, "vae": "wan2.2_vae.safetensors",
+                   "model_sampling": ("ModelSamplingSD3", {"shift": 8.0}),
+                   "latent": {"class_type": "Wan22ImageToVideoLatent",
+                              "inputs": {"width": 1280, "height": 704, "length": 41, "batch_size": 1, "vae": "VAE"}},
+                   "sampler": _sampler(20, 5.0, "uni_pc"), "fps": 24},
+    "ltx-video": {"text_encoder": ("CLIPLoader", {"clip_name": T5_TE, "type": "ltxv"}), "vae": "ltx-video-vae.safetensors",
+                  "latent": _latent("EmptyLTXVLatentVideo", width=768, height=512, length=97),
+                  "conditioning": ("LTXVConditioning", {"frame_rate": 25.0}), "sampler": _sampler(30, 3.0), "fps": 24},
+    "hunyuan-video": {"text_encoder": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "llava_llama3_fp8_scaled.safetensors",
+                                                          "type": "hunyuan_video"}),
+                      "vae": "hunyuan_video_vae_bf16.safetensors",
+                      "model_sampling": ("ModelSamplingSD3", {"shift": 7.0}),
+                      "latent": _latent("EmptyHunyuanLatentVideo", width=848, height=480, length=73), "guidance": 6.0,
+                      "sampler": _sampler(20, 1.0), "fps": 24},
+}
+DEFAULT_FAMILY = "sd1"
+# A file with its text encoders and VAE inside (CheckpointLoaderSimple gives MODEL, CLIP, VAE). LTX-Video's
+# single files hold the VAE but no text encoder: the family's loader adds it.
+CHECKPOINT_KINDS = ("single-file",)
+
+
+def family_of(architecture: str | None) -> str:
+    """The FAMILIES key for an architecture name ("sdxl-base" → "sdxl", "wan21-t2v-14b" → "wan21-t2v",
+    "sd35-large" → "sd3"); the default (an SD 1.x image graph) for None or a family without a graph."""
+    if not architecture:
+        return DEFAULT_FAMILY
+    name = "sd3" if architecture.startswith("sd35") else architecture
+    matches = [f for f in FAMILIES if name == f or name.startswith(f + "-")]
+    return max(matches, key=len) if matches else DEFAULT_FAMILY
+
+
+def example_workflow(node_id: str, node_inputs: dict, checkpoint_file: str, architecture: str | None = None,
+                     kind: str | None = None) -> dict:
+    """The API-format graph: loaders → the companion's node (node_inputs: its own inputs, with "MODEL" and
+    "CLIP" where it takes the loaders' outputs) → sampler → decode → save."""
+    family = family_of(architecture)
+    spec = FAMILIES[family]
+    spec = FAMILIES[spec] if isinstance(spec, str) else spec
+    graph: dict = {}
+
+    def add(class_type, inputs) -> str:
+        key = str(len(graph) + 1)
+        graph[key] = {"class_type": class_type, "inputs": inputs}
+        return key
+
+    if kind in CHECKPOINT_KINDS or "text_encoder" not in spec:
+        loader = add("CheckpointLoaderSimple", {"ckpt_name": checkpoint_file})
+        model, clip, vae = [loader, 0], [loader, 1], [loader, 2]
+        if "text_encoder" in spec and family == "ltx-video":
+            clip = [add(spec["text_encoder"][0], dict(spec["text_encoder"][1])), 0]
+    else:
+        model = [add("UNETLoader", {"unet_name": checkpoint_file, "weight_dtype": "default"}), 0]
+        clip = [add(spec["text_encoder"][0], dict(spec["text_encoder"][1])), 0]
+        vae = [add("VAELoader", {"vae_name": spec["vae"]}), 0]
+    links = {"MODEL": model, "CLIP": clip}
+    node = add(node_id, {k: links[v] if isinstance(v, str) and v in links else v for k, v in node_inputs.items()})
+    model = [node, 0]
+    if "model_sampling" in spec:
+        class_type, inputs = spec["model_sampling"]
+        model = [add(class_type, {**inputs, "model": model}), 0]
+    prompt = node_inputs.get("bending_prompt") or EXAMPLE_PROMPT
+    positive = [add("CLIPTextEncode", {"text": prompt, "clip": clip}), 0]
+    negative = [add("CLIPTextEncode", {"text": NEGATIVE_PROMPT, "clip": clip}), 0]
+    if "guidance" in spec:
+        positive = [add("FluxGuidance", {"guidance": spec["guidance"], "conditioning": positive}), 0]
+    if "conditioning" in spec:
+        class_type, inputs = spec["conditioning"]
+        both = add(class_type, {**inputs, "positive": positive, "negative": negative})
+        positive, negative = [both, 0], [both, 1]
+    if "image_to_video" in spec:
+        class_type, inputs = spec["image_to_video"]
+        start = [add("LoadImage", {"image": "example.png"}), 0]
+        extra = {}
+        if "clip_vision" in spec:
+            vision = [add("CLIPVisionLoader", {"clip_name": spec["clip_vision"]}), 0]
+            extra["clip_vision_output"] = [add("CLIPVisionEncode", {"clip_vision": vision, "image": start,
+                                                                    "crop": "none"}), 0]
+        i2v = add(class_type, {**inputs, **extra, "positive": positive, "negative": negative, "vae": vae,
+                               "start_image": start})
+        positive, negative, latent = [i2v, 0], [i2v, 1], [i2v, 2]
+    else:
+        inputs = {k: vae if v == "VAE" else v for k, v in spec["latent"]["inputs"].items()}
+        latent = [add(spec["latent"]["class_type"], inputs), 0]
+    sampled = add("KSampler", {"seed": 0, **spec["sampler"], "denoise": 1.0, "model": model, "positive": positive,
+                               "negative": negative, "latent_image": latent})
+    images = [add("VAEDecode", {"samples": [sampled, 0], "vae": vae}), 0]
+    if "fps" in spec:
+        video = add("CreateVideo", {"images": images, "fps": float(spec["fps"])})
+        add("SaveVideo", {"video": [video, 0], "filename_prefix": "video/ckptbend", "format": "auto", "codec": "auto"})
+    else:
+        add("SaveImage", {"images": images, "filename_prefix": "ckptbend"})
+    return graph
