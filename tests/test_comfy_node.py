@@ -640,7 +640,7 @@ def test_emitted_example_workflow_runs_the_node(model, clip):
     from ckptbend.recipe import load_recipe
 
     recipe = load_recipe(pathlib.Path(__file__).resolve().parent.parent / "recipes" / "sag-and-bending.toml")
-    workflow = example_workflow(recipe, "sd1-sag.safetensors")
+    workflow = example_workflow(recipe, {"file": "sd1-sag.safetensors", "architecture": "sd1", "kind": "single-file"})
     json.dumps(workflow)
     assert workflow["1"]["inputs"]["ckpt_name"] == "sd1-sag.safetensors"
     for node in workflow.values():
