@@ -170,6 +170,7 @@ def _dry_run(jobs, input, allow_missing):
     from .plan import labels_read_for, make_plan
 
     ckpt = detect(input)
+    _note_left_alone(ckpt)
     for r, out in jobs:
         plan = make_plan(r, ckpt, allow_missing=allow_missing)
         for w in plan.warnings:
@@ -184,6 +185,11 @@ def _dry_run(jobs, input, allow_missing):
         click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
 
 
+def _note_left_alone(ckpt):
+    for part in ckpt.left_alone:
+        click.echo(f"note: left alone (no section reaches it): {part}", err=True)
+
+
 def _bake_all(jobs, input, *, force, allow_missing, quiet, durable, source_name, source_sha256, inputs):
     from .bake import bake as run_bake
     from .layouts import detect
@@ -191,6 +197,8 @@ def _bake_all(jobs, input, *, force, allow_missing, quiet, durable, source_name,
 
     ckpt = detect(input)
     plans = [make_plan(r, ckpt, allow_missing=allow_missing) for r, _ in jobs]   # all valid before any write
+    if not quiet:
+        _note_left_alone(ckpt)
     for plan in plans:
         for w in plan.warnings:
             click.echo(f"warning: {w}", err=True)

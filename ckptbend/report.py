@@ -30,8 +30,6 @@ def describe(ckpt: Checkpoint) -> dict:
             dtypes[t.dtype] += 1
             tensors[f.components.get(t.name, "other")] += 1
     model_sites = [s for s in ckpt.sites if s.component in ("unet", "dit")]
-    norms = {(f.rel, t.name) for f in ckpt.files for t in f.header.tensors
-             if len(t.shape) == 1 and not t.name.endswith("bias")}   # a q site on a norm weight: qk-norm
     per_block = {}
     for label in blocks_with_attention(ckpt):
         here = [s for s in model_sites if s.block == label]
@@ -40,7 +38,7 @@ def describe(ckpt: Checkpoint) -> dict:
             "attn": sorted({s.attn + ("-temporal" if s.temporal else "") for s in here}),
             "streams": sorted({s.stream for s in here if s.stream}),
             # a DiT's q factor lands on a norm weight (1-D) exactly where the block normalises q and k
-            "qk_norm": any(s.proj == "q" and (s.file, s.key) in norms for s in here if s.component == "dit"),
+            "qk_norm": any(s.proj == "q" and s.norm for s in here if s.component == "dit"),
         }
     encoders = {}
     for s in ckpt.sites:
@@ -64,6 +62,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
         "qk_norm": ckpt.qk_norm,
         "attention_components": sorted({s.component for s in ckpt.sites}),
+        "left_alone": list(ckpt.left_alone),
         "dit_qk_targets": _dit_qk_targets(ckpt),
         "quantisation": _quantisation(ckpt, dtypes),
         "metadata": metadata,
@@ -115,6 +114,7 @@ def format_text(info: dict) -> str:
             lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}{qk}")
     for c, n in info["text_encoder_attention_layers"].items():
         lines.append(f"  {c}: {n} attention layers")
+    lines.extend(f"  left alone:   {part}" for part in info["left_alone"])
     if info["quantisation"]:
         lines.append(f"  quantisation: {info['quantisation']}")
     if "dit" in info["components"]:

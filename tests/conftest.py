@@ -28,3 +28,20 @@ def comfy(monkeypatch):
     import comfy_standin
 
     return comfy_standin.install_comfy(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def synth_file(tmp_path_factory):
+    """synth_file(arch, layout="single", dtype=None): a tiny synthetic checkpoint (real key names) written
+    once per session. Read it; copy it into tmp_path to change it."""
+    from ckptbend.synth import write_checkpoint
+
+    root, made = tmp_path_factory.mktemp("synth"), {}
+
+    def get(arch, layout="single", dtype=None):
+        if (arch, layout, dtype) not in made:
+            suffix = "" if layout == "diffusers" else ".safetensors"
+            name = f"{arch}-{layout}-{str(dtype).rpartition('.')[2]}{suffix}"
+            made[arch, layout, dtype] = write_checkpoint(root / name, arch, layout=layout, dtype=dtype)
+        return made[arch, layout, dtype]
+    return get

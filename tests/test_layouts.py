@@ -26,9 +26,9 @@ SDXL_BLOCKS = ["IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02",
     ("sdxl", "diffusers", "diffusers-folder", "sdxl-base", {"unet", "clip_l", "clip_g"}),
     ("sdxl_refiner", "diffusers", "diffusers-folder", "sdxl-refiner", {"unet", "clip_g"}),
     ("svd", "diffusers", "diffusers-folder", "svd", {"unet"}),
-    ("sd1", "unet", "unet", "unet-only", {"unet"}),
-    ("sd1", "unet_bare", "unet", "unet-only", {"unet"}),
-    ("sdxl", "unet_diffusers", "unet", "unet-only", {"unet"}),
+    ("sd1", "unet", "unet", "sd1", {"unet"}),           # a UNet alone: told by its structure
+    ("sd1", "unet_bare", "unet", "sd1", {"unet"}),
+    ("sdxl", "unet_diffusers", "unet", "sdxl-base", {"unet"}),
     ("sd1", "text_encoder", "text-encoder", "clip_l-only", {"clip_l"}),
     ("sdxl", "text_encoder_openclip", "text-encoder", "clip_g-only", {"clip_g"}),
 ])

@@ -1280,8 +1280,9 @@ ROUND2_ROWS = [
     Case("semantics/zero-element attention tensor [0, 4] (bake, verify)", _zero_element_attention,
          Succeeds(("out/o.safetensors",))),
     Case("semantics/text encoder key without layers.N (inspect)", _inspect_content(st_file(
-        {"text_model.final_layer_norm.weight": entry(), "self_attn.q_proj.weight": entry(offsets=(8, 16))},
-        b"\0" * 16)), Succeeds()),
+        {"text_model.embeddings.token_embedding.weight": entry(shape=(2, 2), offsets=(0, 16)),
+         "text_model.final_layer_norm.weight": entry(offsets=(16, 24)),
+         "self_attn.q_proj.weight": entry(shape=(2, 2), offsets=(24, 40))}, b"\0" * 40)), Succeeds()),
     maps_row("records not a list", _maps_file(records="{}")),
     maps_row("records not JSON", _maps_file(records="[")),
     maps_row("a record not an object", _maps_file(records="[1]")),

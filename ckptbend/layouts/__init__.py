@@ -6,12 +6,15 @@ module of data and small finders, registered in `FAMILIES`; this module only com
 module has:
 
     COMPONENTS            the components whose attention it finds
+    ARCHITECTURE_NAMES    recipe `architecture` name → the architectures it covers (every name `identify` and
+                          `folder_architecture` can give must be covered by its own name)
     identify(header)      an `Identified` (kind, architecture, key → component) for a single file, or None
-    DIFFUSERS_FOLDERS     diffusers sub-folder → component (the default mapping, SD's)
-    DIFFUSERS_PIPELINES   model_index.json `_class_name` → {sub-folder: component}
+    DIFFUSERS_PIPELINES   model_index.json `_class_name` → {sub-folder: component} (other pipeline classes
+                          are read sub-folder by sub-folder: `_folder_map`)
     sites(cf, files)      the attention Sites of one CheckpointFile (`files`: all of the checkpoint's)
-    folder_architecture(model_class, present, config)   a diffusers folder's architecture, or None
-                          (config: the unet/transformer config.json, for families named by its sizes)
+    folder_architecture(model_class, present, config)   a diffusers folder's architecture, or None for a
+                          class it does not know (config: the unet/transformer config.json, for families
+                          named by its sizes); without one, the model sub-folder's weights are identified
     has_qk_norm(files)    whether q/k multipliers on its unet.* sites are cancelled by a qk-norm
 
 Families are asked in order; the first that identifies a file wins (DiT families come before the SD
@@ -23,16 +26,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..errors import CkptbendError
 from ..safetensors_io import Header, read_header
 from . import flux, ltx_video, qwen_image, sd3, sd_unet, text_encoders, wan
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
+from .validate import check_sites
 
 FAMILIES = (flux, sd3, qwen_image, wan, ltx_video, sd_unet, text_encoders)
-DIFFUSERS_FOLDERS = {sub: c for f in FAMILIES for sub, c in f.DIFFUSERS_FOLDERS.items()}
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
+ARCHITECTURE_NAMES = {name: covers for f in FAMILIES for name, covers in f.ARCHITECTURE_NAMES.items()}
 
 NO_ATTENTION = "{path}: no UNet, diffusion transformer or text encoder found; not a supported checkpoint layout"
 
@@ -63,21 +68,45 @@ def _identify(path: Path, header) -> Identified:
     return found
 
 
-def _folder_map(path: Path) -> dict[str, str]:
-    """sub-folder → component for this diffusers folder (its pipeline's table, else SD's)."""
-    pipeline = _config(path / "model_index.json").get("_class_name")
-    return DIFFUSERS_PIPELINES.get(pipeline, DIFFUSERS_FOLDERS)
+# A diffusers pipeline folder's denoiser(s) and text encoders, by sub-folder name.
+MODEL_FOLDER = re.compile(r"unet|transformer(?:_\d+)?")
+TEXT_FOLDER = re.compile(r"text_encoder(?:_\d+)?")
 
 
-def _diffusers_files(path: Path) -> list[CheckpointFile]:
+def _folder_map(path: Path) -> tuple[dict[str, str], list[str]]:
+    """sub-folder → component for this diffusers folder, and what it leaves alone. A pipeline class of the
+    table keeps its mapping; any other folder (an unknown class, no model_index.json) is read sub-folder by
+    sub-folder: `unet/` and `transformer*/` are the denoiser, each `text_encoder*/` is told by its own config
+    (one whose config is missing, or names an encoder ckptbend does not know, is left alone) — never another
+    pipeline's table."""
+    subs = [d.name for d in sorted(path.iterdir()) if d.is_dir() and any(d.glob("*.safetensors") or d.glob("*.bin"))]
+    table = DIFFUSERS_PIPELINES.get(_config(path / "model_index.json").get("_class_name"))
+    configs = {sub: read_json_object(path / sub / "config.json") for sub in subs   # a damaged one is an error:
+               if TEXT_FOLDER.fullmatch(sub) and (path / sub / "config.json").is_file()}   # it names the encoder
+    if table is None:
+        table = {sub: ("unet" if sub == "unet" else "dit") for sub in subs if MODEL_FOLDER.fullmatch(sub)}
+        table.update(text_encoders.folder_components(configs))
+    else:
+        table = {sub: text_encoders.folder_component(c, configs[sub]) if sub in configs else c
+                 for sub, c in table.items()}
+    unread = [sub for sub in subs if sub not in table and sub != "vae"]
+    return table, [f"{sub}/ ({_why_unread(sub, configs)}: copied unchanged)" for sub in unread]
+
+
+def _why_unread(sub: str, configs: dict) -> str:
+    if sub in configs:
+        return f"a text encoder of model_type {configs[sub].get('model_type')!r}, which ckptbend does not know"
+    if TEXT_FOLDER.fullmatch(sub):
+        return "a text encoder without a config.json to say which"
+    return "not a part ckptbend reads"
+
+
+def _diffusers_files(path: Path) -> tuple[list[CheckpointFile], list[str]]:
     files = []
-    for sub, default in _folder_map(path).items():
+    table, left_alone = _folder_map(path)
+    for sub, component in table.items():
         if not (path / sub).is_dir():
             continue
-        component = default
-        config = path / sub / "config.json"
-        if default in text_encoders.TEXT_ENCODERS and config.is_file():   # a damaged one is an error: it names the encoder
-            component = text_encoders.folder_component(default, read_json_object(config))
         weights = sorted((path / sub).glob("*.safetensors"))
         if not weights and any((path / sub).glob("*.bin")):
             raise CkptbendError(f"{path / sub}: only pickle .bin weights; convert them to safetensors first")
@@ -89,14 +118,24 @@ def _diffusers_files(path: Path) -> list[CheckpointFile]:
     if not files:
         raise CkptbendError(f"{path}: a folder, but no unet/, transformer/ or text_encoder*/ "
                             "with .safetensors weights (expected a diffusers model folder)")
-    return files
+    return files, left_alone
 
 
-def _diffusers_architecture(path: Path, present: set[str]) -> str:
-    config = next((c for sub in ("unet", "transformer")
-                   if (c := _config(path / sub / "config.json")).get("_class_name")), {})
-    model_class = str(config.get("_class_name", ""))
-    return next(a for f in FAMILIES if (a := f.folder_architecture(model_class, present, config)))
+def _diffusers_architecture(path: Path, files: list[CheckpointFile], present: set[str]) -> str:
+    """The model sub-folder's config names the architecture; without a readable config of a known class,
+    its weights do, as for a single file; never a guess from what else the folder holds."""
+    for sub in ("unet", "transformer"):
+        shards = [f for f in files if f.rel.startswith(sub + "/")]
+        if not shards:
+            continue
+        config = _config(path / sub / "config.json")
+        model_class = str(config.get("_class_name", ""))
+        if named := next((a for f in FAMILIES if (a := f.folder_architecture(model_class, present, config))), None):
+            return named
+        joined = Header(path / sub, 0, 0, {}, tuple(t for f in shards for t in f.header.tensors))
+        found = next((found for f in FAMILIES if (found := f.identify(joined))), None)
+        return found.architecture if found else "unknown"
+    return "+".join(c for c in text_encoders.TEXT_ENCODERS if c in present) + "-only"
 
 
 def _check_index(index: Path, headers: dict[str, Header]) -> None:
@@ -137,11 +176,8 @@ def _sites(files) -> tuple[Site, ...]:
         except sd_unet.OutsideLayout as e:
             raise CkptbendError(str(e)) from None
         found += sorted(of_file, key=lambda s: order[s.key])   # stable: fused row ranges keep their order
+    check_sites(files, found)
     return tuple(found)
-
-
-def _shape(files, site: Site) -> tuple[int, ...]:
-    return next(f.header.tensor(site.key).shape for f in files if f.rel == site.file)
 
 
 def detect(path) -> Checkpoint:
@@ -149,28 +185,41 @@ def detect(path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         _refuse_links_outside(path)
-        files = _diffusers_files(path)
+        files, folder_notes = _diffusers_files(path)
         present = {c for f in files for c in f.components.values()}
-        kind, arch = "diffusers-folder", _diffusers_architecture(path, present)
+        kind, arch = "diffusers-folder", _diffusers_architecture(path, files, present)
     elif not path.exists():
         raise CkptbendError(f"{path}: no such file or folder")
     else:
         header = read_header(path)
         found = _identify(path, header)
         kind, arch = found.kind, found.architecture
-        files = [CheckpointFile(path.name, header, found.components)]
+        files, folder_notes = [CheckpointFile(path.name, header, found.components)], []
+    files, left_alone = text_encoders.set_aside(files)
     sites = _sites(files)
     # A qk-norm in the UNet (or behind a DiT's UNet-node sites), or DiT q/k sites that are norm weights.
-    qk_norm = any(f.has_qk_norm(files) for f in FAMILIES) or any(
-        s.component == "dit" and s.proj in ("q", "k") and len(_shape(files, s)) == 1 and not s.key.endswith("bias")
-        for s in sites)
-    return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm)
+    qk_norm = any(f.has_qk_norm(files) for f in FAMILIES) or any(s.component == "dit" and s.norm for s in sites)
+    return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm, tuple(folder_notes) + left_alone)
 
 
 GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "double": 0, "single": 1}
 
 
-def blocks_with_attention(ckpt: Checkpoint) -> list[str]:
-    """Block labels that hold UNet or DiT attention, in model order."""
-    labels = {(GROUP_ORDER.get(s.group, 0), s.block) for s in ckpt.sites if s.block is not None}
+def blocks_with_attention(ckpt: Checkpoint, sites=None) -> list[str]:
+    """Block labels that hold UNet or DiT attention (of `sites`, by default every site), in model order."""
+    labels = {(GROUP_ORDER.get(s.group, 0), s.block) for s in (ckpt.sites if sites is None else sites)
+              if s.block is not None}
     return [label for _, label in sorted(labels)]
+
+
+def label_runs(labels: list[str]) -> str:
+    """Block labels for a message, runs shortened: "D00–D18, S00–S37", "IN01, IN02, IN04, …"."""
+    runs: list[list[str]] = []
+    for label in labels:
+        head, number = label.rstrip("0123456789"), label[len(label.rstrip("0123456789")):]
+        last = runs[-1][-1] if runs else ""
+        if last.rstrip("0123456789") == head and number and int(last[len(head):]) + 1 == int(number):
+            runs[-1].append(label)
+        else:
+            runs.append([label])
+    return ", ".join(", ".join(r) if len(r) < 3 else f"{r[0]}–{r[-1]}" for r in runs) or "none"

@@ -19,23 +19,44 @@ attention: no section reaches it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .text_encoders import TEXT_ENCODERS
 from .types import CheckpointFile, Identified, Site
+from .validate import shape_in, weight_of
 
 COMPONENTS = ("dit",)
 
-# (pattern on the key after the model prefix, proj, stream, part); `group`/`i` name the block.
-# part: None = the whole tensor; ("rows", a, b) = rows [a·h, b·h) of a fused input projection (and its
-# bias); ("cols", a, b) = input columns [a·h, b·h) of a fused output projection (weight only).
-V_ROWS, ATTN_COLS = ("rows", 2, 3), ("cols", 0, 1)
+
+@dataclass(frozen=True)
+class Part:
+    """Where the attention sits in a fused tensor: rows [a·h, b·h) of a fused input projection (and its bias),
+    or input columns [a·h, b·h) of a fused output projection (weight only). The fused axis holds `whole`·h,
+    plus the MLP width where the tensor also feeds or reads the MLP: `mlp(shape)` of the block's `sibling`."""
+    axis: str                       # rows | cols
+    a: int
+    b: int
+    whole: int
+    module: str = ""                # the fused module's name, to find its sibling in the same block
+    sibling: str | None = None
+    mlp: Callable | None = None
+
+
+V_QKV = Part("rows", 2, 3, 3)
+V_LINEAR1 = Part("rows", 2, 3, 3, "linear1", "linear2.weight", lambda s: s[1] - s[0])   # q|k|v|MLP rows
+OUT_LINEAR2 = Part("cols", 0, 1, 1, "linear2", "linear1.weight", lambda s: s[0] - 3 * s[1])   # attention|MLP cols
+OUT_PROJ_OUT = Part("cols", 0, 1, 1, "proj_out", "proj_mlp.weight", lambda s: s[0])   # diffusers' linear2
+
+# (pattern on the key after the model prefix, proj, stream, part); `group`/`i` name the block; part None:
+# the whole tensor.
 _D, _S = r"(?P<group>double)_blocks\.(?P<i>\d+)\.", r"(?P<group>single)_blocks\.(?P<i>\d+)\."
 _DD, _DS = r"(?P<group>)transformer_blocks\.(?P<i>\d+)\.attn\.", r"(?P<group>single)_transformer_blocks\.(?P<i>\d+)\."
 
 
 def _double(prefix_of_stream: dict, names: dict) -> list:
     """The double-block rows of a naming: per stream, q/k/v/out names under the stream's prefix."""
-    return [(prefix_of_stream[stream] + names[proj], proj, stream, V_ROWS if proj == "v" and "qkv" in names[proj]
+    return [(prefix_of_stream[stream] + names[proj], proj, stream, V_QKV if proj == "v" and "qkv" in names[proj]
              else None) for stream in ("image", "text") for proj in ("q", "k", "v", "out")]
 
 
@@ -44,16 +65,16 @@ BFL = tuple(_double({"image": _D + "img_attn", "text": _D + "txt_attn"},
                      "v": r"\.qkv\.(?:weight|bias)", "out": r"\.proj\.(?:weight|bias)"})) + (
     (_S + r"norm\.query_norm\.scale", "q", None, None),
     (_S + r"norm\.key_norm\.scale", "k", None, None),
-    (_S + r"linear1\.(?:weight|bias)", "v", None, V_ROWS),
-    (_S + r"linear2\.weight", "out", None, ATTN_COLS),
+    (_S + r"linear1\.(?:weight|bias)", "v", None, V_LINEAR1),
+    (_S + r"linear2\.weight", "out", None, OUT_LINEAR2),
 )
 TENCENT = tuple(_double({"image": _D + "img_attn_", "text": _D + "txt_attn_"},
                         {"q": r"q_norm\.weight", "k": r"k_norm\.weight", "v": r"qkv\.(?:weight|bias)",
                          "out": r"proj\.(?:weight|bias)"})) + (
     (_S + r"q_norm\.weight", "q", None, None),
     (_S + r"k_norm\.weight", "k", None, None),
-    (_S + r"linear1\.(?:weight|bias)", "v", None, V_ROWS),
-    (_S + r"linear2\.weight", "out", None, ATTN_COLS),
+    (_S + r"linear1\.(?:weight|bias)", "v", None, V_LINEAR1),
+    (_S + r"linear2\.weight", "out", None, OUT_LINEAR2),
 )
 DIFFUSERS = (
     (_DD + r"norm_q\.weight", "q", "image", None),
@@ -67,7 +88,7 @@ DIFFUSERS = (
     (_DS + r"attn\.norm_q\.weight", "q", None, None),
     (_DS + r"attn\.norm_k\.weight", "k", None, None),
     (_DS + r"attn\.to_v\.(?:weight|bias)", "v", None, None),
-    (_DS + r"proj_out\.weight", "out", None, ATTN_COLS),
+    (_DS + r"proj_out\.weight", "out", None, OUT_PROJ_OUT),
 )
 NAMINGS = {"bfl": BFL, "tencent": TENCENT, "diffusers": DIFFUSERS}
 COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, table in NAMINGS.items()}
@@ -88,6 +109,10 @@ ARCHITECTURES = (
     ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.guidance_embedder.linear_1.weight"), ()),
     ("flux-schnell", "diffusers", (_DIFF_SINGLE, "x_embedder.weight"), ()),
 )
+# recipe `architecture` name → the detected architectures it covers ("flux": dev, schnell, and a diffusers
+# folder that does not say which; the two share their blocks).
+ARCHITECTURE_NAMES = {"flux": ("flux", "flux-dev", "flux-schnell"), "flux-dev": ("flux-dev",),
+                      "flux-schnell": ("flux-schnell",), "chroma": ("chroma",), "hunyuan-video": ("hunyuan-video",)}
 # diffusers transformer class → architecture (a folder does not say dev or schnell: FluxPipeline serves both).
 FOLDER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
                         "HunyuanVideoTransformer3DModel": "hunyuan-video"}
@@ -111,7 +136,6 @@ DIFFUSERS_PIPELINES = {
     **{p: _PIPELINE_SUBS["hunyuan"] for p in ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline",
                                               "HunyuanSkyreelsImageToVideoPipeline")},
 }
-DIFFUSERS_FOLDERS = {}
 
 
 def _model_prefix(names) -> str:
@@ -153,11 +177,18 @@ def _naming(files) -> tuple[str, str] | None:
     return (found[1], prefix) if found else None
 
 
-def _width(cf: CheckpointFile, key: str, part) -> int:
-    """h of a fused tensor: the input width of a fused input projection (its weight's columns), the output
-    width of a fused output projection (its rows)."""
-    weight = cf.header.tensor(key.removesuffix(".bias") + ".weight" if key.endswith(".bias") else key)
-    return weight.shape[1] if part[0] == "rows" else weight.shape[0]
+def _span(files, cf: CheckpointFile, key: str, part: Part) -> tuple[tuple[int, int], int | None]:
+    """(span, length of the fused axis) of a fused tensor. h is the input width of a fused input projection
+    (its weight's columns), the output width of a fused output projection (its rows)."""
+    shape = shape_in(files, cf.rel, weight_of(key))
+    if shape is None or len(shape) != 2:
+        return (0, 0), None                        # validate refuses the tensor (no weight, or not 2-D)
+    h = shape[1] if part.axis == "rows" else shape[0]
+    if part.sibling is None:
+        return (part.a * h, part.b * h), part.whole * h
+    sibling = shape_in(files, cf.rel, key[:key.rindex(part.module)] + part.sibling)
+    mlp = part.mlp(sibling) if sibling is not None and len(sibling) == 2 else None
+    return (part.a * h, part.b * h), None if mlp is None else part.whole * h + mlp
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
@@ -174,15 +205,12 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
         for pattern, proj, stream, part in COMPILED[naming]:
             if m := pattern.match(key):
                 single = m["group"] == "single"
-                span = None
-                if part is not None:
-                    h = _width(cf, t.name, part)
-                    span = (part[1] * h, part[2] * h)
+                span, fused = _span(files, cf, t.name, part) if part else (None, None)
                 found.append(Site(cf.rel, t.name, "dit", "joint", proj,
-                                  rows=span if part and part[0] == "rows" else None,
-                                  cols=span if part and part[0] == "cols" else None,
+                                  rows=span if part and part.axis == "rows" else None,
+                                  cols=span if part and part.axis == "cols" else None,
                                   group="single" if single else "double",
-                                  block=f"{'S' if single else 'D'}{int(m['i']):02d}", stream=stream))
+                                  block=f"{'S' if single else 'D'}{int(m['i']):02d}", stream=stream, fused=fused))
                 break
     return found
 

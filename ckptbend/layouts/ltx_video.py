@@ -37,8 +37,11 @@ NODE_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
 SIZES = {2048: "2b", 4096: "13b"}   # inner width (32 heads × 64 or × 128)
 DIFFUSERS_PIPELINES = {name: {"transformer": "dit", "text_encoder": "t5xxl"}
                        for name in ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")}
-DIFFUSERS_FOLDERS = {}
 TRANSFORMER_CLASS = "LTXVideoTransformer3DModel"
+
+
+ARCHITECTURE_NAMES = {"ltx-video": ("ltx-video", *(f"ltx-video-{s}" for s in SIZES.values())),
+                      **{f"ltx-video-{s}": (f"ltx-video-{s}",) for s in SIZES.values()}}
 
 
 def architecture(inner: int) -> str:
@@ -56,7 +59,8 @@ def identify(header) -> Identified | None:
     if not all(prefix + n in names for n in needs):
         return None
     q = prefix + "transformer_blocks.0.attn1.to_q.weight"
-    inner = header.tensor(q).shape[0] if q in names else 0
+    shape = header.tensor(q).shape if q in names else ()
+    inner = shape[0] if len(shape) == 2 else 0     # any other rank: validate refuses the file
     return identified(header, prefix, architecture(inner))
 
 

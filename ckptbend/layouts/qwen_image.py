@@ -22,8 +22,8 @@ MODEL_STARTS = ("txt_norm.", "img_in.", "txt_in.", "transformer_blocks.", "time_
 ARCHITECTURE = "qwen-image"
 TEXT_DROPPED = "the text tokens are dropped after the last block, so its text-stream q and out cannot act"
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
+ARCHITECTURE_NAMES = {ARCHITECTURE: (ARCHITECTURE,)}
 
-DIFFUSERS_FOLDERS = {}
 _QWEN_FOLDERS = {"transformer": "dit", "text_encoder": "qwen25_7b"}
 DIFFUSERS_PIPELINES = {cls: _QWEN_FOLDERS for cls in (
     "QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",

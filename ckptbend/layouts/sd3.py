@@ -19,6 +19,7 @@ import re
 
 from .text_encoders import all_in_one_component
 from .types import CheckpointFile, Identified, Site
+from .validate import fused_width
 
 COMPONENTS = ("dit",)
 MODEL_PREFIX = "model.diffusion_model."
@@ -48,8 +49,9 @@ NORM_OF = {("image", "q"): "norm_q", ("image", "k"): "norm_k", ("text", "q"): "n
 PRE_ONLY = ("the last joint block's text stream is pre-only: its attention output is dropped, so its q "
             "cannot act (its k and v do)")
 
-DIFFUSERS_FOLDERS = {}
 _SD3_FOLDERS = {"transformer": "dit", "text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
+VARIANTS = ("sd3-medium", "sd35-medium", "sd35-large")   # different depths: no name covers two
+ARCHITECTURE_NAMES = {name: (name,) for name in VARIANTS}
 DIFFUSERS_PIPELINES = {cls: _SD3_FOLDERS for cls in (
     "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
     "StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline")}
@@ -105,7 +107,7 @@ def identify(header) -> Identified | None:
     return Identified("dit" if only_model else "single-file", variant(dit_names(components)), components)
 
 
-def _original_sites(cf: CheckpointFile, names: set[str]) -> list[Site]:
+def _original_sites(cf: CheckpointFile, files, names: set[str]) -> list[Site]:
     found = []
     for t in cf.header.tensors:
         if cf.components.get(t.name) != "dit" or not (m := ORIGINAL.match(t.name)):
@@ -120,11 +122,11 @@ def _original_sites(cf: CheckpointFile, names: set[str]) -> list[Site]:
             found.append(Site(cf.rel, t.name, "dit", proj=proj, inert=PRE_ONLY if pre_only and proj == "q" else None,
                               **common))
             continue
-        h = t.shape[0] // 3        # qkv: rows [0,h) q, [h,2h) k, [2h,3h) v
+        h = fused_width(files, cf, t.name)        # qkv: rows [0,h) q, [h,2h) k, [2h,3h) v
         normed = base + "ln_q.weight" in names
         for r, proj in enumerate(QKV):
             if proj == "v" or not normed:
-                found.append(Site(cf.rel, t.name, "dit", proj=proj, rows=(r * h, (r + 1) * h),
+                found.append(Site(cf.rel, t.name, "dit", proj=proj, rows=(r * h, (r + 1) * h), fused=3 * h,
                                   inert=PRE_ONLY if pre_only and proj == "q" else None, **common))
     return found
 
@@ -157,7 +159,7 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
     if not _is_sd3(names):
         return []
     if ORIGINAL_MARK in names:
-        return _original_sites(cf, names)
+        return _original_sites(cf, files, names)
     return diffusers_joint_sites(cf, names, "J", self_attn2=True, inert=lambda i, stream, proj: PRE_ONLY if (
         stream, proj) == ("text", "q") and f"transformer_blocks.{i}.attn.to_add_out.weight" not in names else None)
 

@@ -35,11 +35,15 @@ ARCHITECTURES = (
     ("sd1", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",)),
 )
 
-# diffusers folder: sub-folder → component, for every SD pipeline (and folders without model_index.json).
-# SD 2.x's text_encoder is OpenCLIP-H converted to HF names; text_encoders.folder_component tells it
-# from CLIP-L by its activation.
-DIFFUSERS_FOLDERS = {"unet": "unet", "text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-DIFFUSERS_PIPELINES = {}   # the default mapping above serves every SD pipeline class
+# recipe `architecture` name → the detected architectures it covers. "sdxl" is the SDXL base model people
+# mean by it: the refiner's blocks differ (four levels), so a recipe for it must say "sdxl-refiner".
+ARCHITECTURE_NAMES = {"sd1": ("sd1",), "sd2": ("sd2",), "sdxl": ("sdxl-base",), "sdxl-base": ("sdxl-base",),
+                      "sdxl-refiner": ("sdxl-refiner",), "svd": ("svd",)}
+
+# diffusers folders of every SD pipeline are read sub-folder by sub-folder (layouts._folder_map): `unet/`,
+# and CLIP-L / OpenCLIP-H / CLIP-G text encoders told by their configs (text_encoders.folder_components).
+DIFFUSERS_PIPELINES = {}
+UNET_CLASSES = ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel")
 
 UNET_SUFFIX = re.compile(r"(?:^|\.)(?P<attn>attn1|attn2)\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)$")
 PROJ_NAMES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
@@ -115,6 +119,23 @@ def _component_by_prefix(key: str) -> str | None:
     return None
 
 
+def unet_architecture(header, names) -> str:
+    """A UNet saved alone, told by its structure (what ComfyUI's detection reads too): SVD by its temporal
+    transformers, SDXL by its added text-time embedding (the refiner has four levels, the base three), SD 2.x
+    by its linear proj_in (SD 1.x: a 1×1 convolution)."""
+    if any(".time_stack." in n or ".temporal_transformer_blocks." in n for n in names):
+        return "svd"
+    if any(n.endswith(("label_emb.0.0.weight", "add_embedding.linear_1.weight")) for n in names):
+        levels = {m.group(1) for n in names if (m := re.search(r"(?:^|\.)down_blocks\.(\d+)\.", n))}
+        blocks = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)input_blocks\.(\d+)\.", n))}
+        return "sdxl-refiner" if len(levels) == 4 or max(blocks, default=0) == 11 else "sdxl-base"
+    proj_in = next((n for n in names if n.endswith("proj_in.weight") and ("input_blocks." in n or "down_blocks." in n)),
+                   None)
+    if proj_in is None:
+        return "unet-only"
+    return "sd2" if len(header.tensor(proj_in).shape) == 2 else "sd1"
+
+
 def identify(header) -> Identified | None:
     """An SD single file (by its prefixes), or a UNet saved alone."""
     names = header.names
@@ -124,10 +145,10 @@ def identify(header) -> Identified | None:
             return None
         arch = next((a for a, needed in ARCHITECTURES if all(k in components for k in needed)), None)
         only_unet = set(components.values()) == {"unet"}
-        arch = arch or ("unet-only" if only_unet else "unknown")
+        arch = arch or (unet_architecture(header, names) if only_unet else "unknown")
         return Identified("unet" if only_unet else "single-file", arch, components)
     if any(UNET_SUFFIX.search(n) for n in names) and any(n.startswith(BARE_UNET_STARTS) for n in names):
-        return Identified("unet", "unet-only", {n: "unet" for n in names})
+        return Identified("unet", unet_architecture(header, names), {n: "unet" for n in names})
     return None
 
 
@@ -137,6 +158,8 @@ def has_qk_norm(files) -> bool:
 
 def folder_architecture(unet_class: str, present: set[str], config: dict | None = None) -> str | None:
     """A diffusers SD pipeline's architecture name, from the UNet class and the text encoders present."""
+    if unet_class not in UNET_CLASSES:
+        return None
     if unet_class == "UNetSpatioTemporalConditionModel":
         return "svd"
     if "clip_g" in present:

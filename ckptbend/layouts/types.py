@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..safetensors_io import Header
+
+# The module of a qk-norm weight says so: query_norm, q_norm, norm_q, norm_added_k, norm_k_img, ln_q, q_rms_norm.
+NORM_KEY = re.compile(r"(?:^|[._])(?:ln_[qk]|[A-Za-z0-9_]*norm[A-Za-z0-9_]*)\.(?:weight|scale)$")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,16 @@ class Site:
     cols: tuple[int, int] | None = None   # column range of a fused input (Flux single blocks' linear2)
     stream: str | None = None    # image | text: the token stream of a joint attention; None: both
     inert: str | None = None     # why a factor here cannot change the output (structurally dead), or None
+    fused: int | None = None     # the length the fused axis must have (3·h rows for q|k|v): detection checks it
+
+    @property
+    def bias(self) -> bool:
+        return self.key.endswith("bias")          # `….bias`, OpenCLIP's `in_proj_bias`
+
+    @property
+    def norm(self) -> bool:
+        """A qk-norm weight (1-D), not a projection: every family names its module so."""
+        return bool(NORM_KEY.search(self.key))
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class Checkpoint:
     files: tuple[CheckpointFile, ...]
     sites: tuple[Site, ...]
     qk_norm: bool                # the model normalises q and k after projection (UNet, or DiT qk-norm weights)
+    left_alone: tuple[str, ...] = ()   # parts of the files no section reaches (a T5 decoder, a vision tower)
 
     @property
     def components(self) -> list[str]:

@@ -36,11 +36,11 @@ PROJ = {"norm_q": "q", "norm_k": "k", "norm_k_img": "k", "norm_added_k": "k", "v
 
 # Widths of the released sizes; the name keeps only the variant for other widths (tiny test files).
 SIZES = {1536: "1.3b", 3072: "5b", 5120: "14b"}
+VARIANTS = ("wan21-t2v", "wan21-i2v", "wan21-flf2v", "wan22-ti2v", "wan22-i2v")
 DIFFUSERS_PIPELINES = {
     "WanPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
     "WanImageToVideoPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
 }
-DIFFUSERS_FOLDERS = {}
 TRANSFORMER_CLASS = "WanTransformer3DModel"
 
 
@@ -58,6 +58,16 @@ def architecture(width: int, in_channels: int, out_channels: int, image: bool, f
     else:
         name = "wan21-t2v"
     return f"{name}-{size}" if size else name
+
+
+def _sized(variant: str) -> tuple[str, ...]:
+    sizes = [("a14b" if s == "14b" and variant == "wan22-i2v" else s) for s in SIZES.values()]
+    return tuple(f"{variant}-{s}" for s in sizes)
+
+
+# recipe `architecture` name → the detected architectures it covers: a sized name itself; a variant's name
+# every size of it (the blocks are the same kind, B00 the first at every size).
+ARCHITECTURE_NAMES = {**{v: (v, *_sized(v)) for v in VARIANTS}, **{n: (n,) for v in VARIANTS for n in _sized(v)}}
 
 
 def _arch_of(header, prefix: str, diffusers: bool) -> str:
