@@ -9,7 +9,6 @@ import numpy as np
 from .arithmetic import SCALABLE, to_float64
 from .errors import CkptbendError
 from .layouts import Checkpoint
-from .layouts.text_encoders import OPENCLIP_SUFFIX
 
 
 def _flatten(value, prefix="") -> dict[str, object]:
@@ -39,15 +38,42 @@ def _read(path, header, t):
         return f.read(t.nbytes)
 
 
-def _ratio_lines(key, ta, raw_a, raw_b) -> list[str]:
+AXES = ("rows", "columns")
+
+
+def fused_ranges(ckpt: Checkpoint) -> dict[tuple[str, str], tuple[int, dict]]:
+    """(file, key) → (axis, {(start, stop): what}) for each tensor the layouts cut into ranges (q|k|v rows,
+    Flux's v rows of `linear1`, the attention columns of `linear2`, OpenCLIP's `in_proj`): the plan's ranges."""
+    found: dict = {}
+    for s in ckpt.sites:
+        if s.rows or s.cols:
+            axis, span = (0, s.rows) if s.rows else (1, s.cols)
+            found.setdefault((s.file, s.key), (axis, {}))[1].setdefault(span, []).append(s.proj)
+    return {where: (axis, {span: ", ".join(dict.fromkeys(p)) for span, p in sorted(spans.items())})
+            for where, (axis, spans) in found.items()}
+
+
+def _parts(cut, shape) -> list[tuple[str, tuple]]:
+    """(label, index) of each range of a cut tensor, and of what lies between and after them ("other")."""
+    if cut is None or len(shape) <= cut[0]:
+        return [("", (slice(None),))]
+    axis, spans = cut
+    parts, at = [], 0
+    for (start, stop), what in [*spans.items(), ((shape[axis], shape[axis]), None)]:
+        for lo, hi, label in ((at, start, "other"), (start, stop, what)):
+            if hi > lo:
+                index = (slice(None),) * axis + (slice(lo, hi),)
+                parts.append((f" {AXES[axis]} {lo}:{hi} ({label})", index))
+        at = max(at, stop)
+    return parts
+
+
+def _ratio_lines(key, ta, raw_a, raw_b, cut=None) -> list[str]:
     a = to_float64(raw_a, ta.dtype, ta.shape)
     b = to_float64(raw_b, ta.dtype, ta.shape)
-    fused = OPENCLIP_SUFFIX.search(key) and "in_proj" in key
-    parts = [(f" rows {i * len(a) // 3}:{(i + 1) * len(a) // 3} ({p})", slice(i * len(a) // 3, (i + 1) * len(a) // 3))
-             for i, p in enumerate("qkv")] if fused else [("", slice(None))]
     lines = []
-    for label, rows in parts:
-        x, y = a[rows].ravel(), b[rows].ravel()
+    for label, index in _parts(cut, ta.shape):
+        x, y = a[index].ravel(), b[index].ravel()
         if np.array_equal(x, y):
             continue
         denom = float(x @ x)
@@ -62,7 +88,7 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
     folders = a.kind == "diffusers-folder"
     if a.kind != b.kind or (folders and [f.rel for f in a.files] != [f.rel for f in b.files]):
         raise CkptbendError(f"{a.path} and {b.path} have different layouts ({a.kind} vs {b.kind})")
-    lines = []
+    lines, cuts = [], fused_ranges(a)
     for fa, fb in zip(a.files, b.files):
         path_a = a.path / fa.rel if a.kind == "diffusers-folder" else a.path
         path_b = b.path / fb.rel if b.kind == "diffusers-folder" else b.path
@@ -81,6 +107,7 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                 if ta.dtype not in SCALABLE:
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
-                    lines.extend(prefix + line for line in _ratio_lines(ta.name, ta, raw_a, raw_b))
+                    cut = cuts.get((fa.rel, ta.name))
+                    lines.extend(prefix + line for line in _ratio_lines(ta.name, ta, raw_a, raw_b, cut))
         lines.extend(f"{prefix}{name}: only in {b.path.name}" for name in tb)
     return lines

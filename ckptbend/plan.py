@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import CkptbendError
-from .layouts import Checkpoint, Site, blocks_with_attention
-from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
+from .layouts import Checkpoint, Site, blocks_with_attention, label_runs
+from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS, TEXT_ENCODERS
 from .arithmetic import SCALABLE
 from .recipe.schema import ARCHITECTURES, QK_WARN_PRODUCT
 
@@ -132,31 +132,53 @@ def _through_scale_weights(ckpt: Checkpoint, by_tensor: dict) -> dict:
 
 def labels_read_for(recipe, ckpt: Checkpoint) -> str:
     """Which architecture the recipe's block labels are read for (what `--dry-run` says); refuses a
-    checkpoint of another architecture than the recipe's `architecture`."""
+    checkpoint of another architecture than the recipe's `architecture`, and one whose architecture
+    ckptbend cannot tell. Files of text encoders alone have no block labels: `architecture` does not apply."""
     if not recipe.architecture:
         return f"{ckpt.architecture} (detected; the recipe names no architecture)"
-    covered = {a for name in recipe.architecture for a in ARCHITECTURES[name]}
-    if ckpt.architecture in covered:
-        return f"{ckpt.architecture} (detected; the recipe is for {', '.join(recipe.architecture)})"
-    if ckpt.architecture in {a for names in ARCHITECTURES.values() for a in names}:
-        raise CkptbendError(f"recipe {recipe.name!r} is written for {', '.join(recipe.architecture)}, but "
-                            f"{ckpt.path.name} is {ckpt.architecture}: its block labels number differently")
-    return f"{', '.join(recipe.architecture)} (the recipe's; {ckpt.path.name} is {ckpt.architecture}, which cannot tell)"
+    written_for = ", ".join(recipe.architecture)
+    if ckpt.architecture in {a for name in recipe.architecture for a in ARCHITECTURES[name]}:
+        return f"{ckpt.architecture} (detected; the recipe is for {written_for})"
+    if all(c in TEXT_ENCODERS for c in ckpt.components if c != "vae"):
+        return f"none: {ckpt.path.name} holds text encoders only ({ckpt.architecture}), which have no block labels"
+    known = ckpt.architecture in {a for names in ARCHITECTURES.values() for a in names}
+    why = (f"add \"{ckpt.architecture}\" to the recipe's `architecture` if its blocks mean the same there" if known
+           else "ckptbend cannot tell its architecture, so the recipe's block labels cannot be checked (remove "
+                "`architecture` from the recipe to bake it anyway)")
+    raise CkptbendError(f"recipe {recipe.name!r} is written for {written_for}, but {ckpt.path.name} is "
+                        f"{ckpt.architecture}: {why}")
 
 
-def _qk_warnings(products: dict, recipe) -> list[str]:
-    """Overlapping entries multiply: warn where a site's effective q·k exceeds what any one entry
-    (already warned about by the recipe reader) gives."""
+def _attention(s: Site) -> tuple:
+    """The attention (one softmax, or one set of queries: Wan I2V's text and image keys) a q/k site feeds:
+    its block, depth and attention in a UNet or DiT (every stream of a joint attention alike), its layer's
+    attention module in a text encoder; within one model (a diffusers sub-folder)."""
+    where = s.file.rpartition("/")[0]
+    if s.block is not None:
+        return where, s.component, s.block, s.depth, s.attn, s.temporal
+    return where, s.component, s.key.rsplit(".", 2)[0]
+
+
+def _qk_warnings(ckpt: Checkpoint, recipe, applied: dict) -> list[str]:
+    """Warn where the factors of a query and a key that meet in one attention multiply to more than
+    QK_WARN_PRODUCT, beyond what one entry alone gives (the recipe reader warns about that). Per attention
+    the largest product is the largest q factor of its query tensors (every stream's) times the largest k
+    factor of its key tensors; `applied` holds the product of factors per (section, file, key, rows)."""
     warnings = []
-    for section in ("unet.self", "unet.cross", "clip", "dit.joint", "dit.self", "dit.cross", "text"):
-        here = {where: qk["q"] * qk["k"] for where, qk in products.items() if where[0] == section}
-        single = max((e.factor("q") * e.factor("k") for e in recipe.multipliers.get(section, ())), default=1.0)
-        worst = max(here.values(), default=1.0)
+    for section in recipe.multipliers:
+        key_of, per_attention = SECTION_KEY[section], {}
+        for s in ckpt.sites:
+            if key_of(s) in ("q", "k") and not s.bias:
+                qk = per_attention.setdefault(_attention(s), {"q": 1.0, "k": 1.0})
+                qk[key_of(s)] = max(qk[key_of(s)], applied.get((section, s.file, s.key, s.rows), 1.0))
+        products = [qk["q"] * qk["k"] for qk in per_attention.values()]
+        single = max((e.factor("q") * e.factor("k") for e in recipe.multipliers[section]), default=1.0)
+        worst = max(products, default=1.0)
         if worst > QK_WARN_PRODUCT and worst > single * (1 + 1e-9):
-            n = sum(1 for v in here.values() if v > QK_WARN_PRODUCT)
-            warnings.append(f"[{section}]: overlapping entries give q x k up to {worst:g} (> {QK_WARN_PRODUCT:g}) at "
-                            f"{n} attention site(s); UIs that run attention in fp16 without upcasting may "
-                            "overflow (NaN/black images)")
+            n = sum(1 for p in products if p > QK_WARN_PRODUCT)
+            warnings.append(f"[{section}]: entries combine to q x k up to {worst:g} (> {QK_WARN_PRODUCT:g}) in {n} "
+                            "attention(s) (a query and a key that meet in one softmax); UIs that run attention "
+                            "in fp16 without upcasting may overflow (NaN/black images)")
     return warnings
 
 
@@ -164,16 +186,22 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     labels_read_for(recipe, ckpt)
     warnings: list[str] = []
     found: dict[tuple, list] = {}   # (file, key, rows, cols) → [factors, reasons]
-    products: dict[tuple, dict[str, float]] = {}   # (section, file, attention module) → q and k factors
+    applied: dict[tuple, float] = {}   # (section, file, key, rows) → product of its q or k factors
     for section, entries in recipe.multipliers.items():
         key_of = SECTION_KEY[section]
         for index, entry in enumerate(entries):
             name = _entry_name(section, index, entries)
-            candidates = [s for s in ckpt.sites if key_of(s) is not None and _selected(entry, s)]
-            if (entry.blocks or entry.depth or entry.encoders) and not candidates:
-                available = ", ".join(blocks_with_attention(ckpt)) or "none"
+            of_section = [s for s in ckpt.sites if key_of(s) is not None]
+            candidates = [s for s in of_section if _selected(entry, s)]
+            here = blocks_with_attention(ckpt, of_section)
+            unknown = [b for b in entry.blocks if b not in here and all(s.group != b for s in of_section)]
+            if unknown:   # any label the model lacks, even beside one it has: the recipe was meant elsewhere
+                _unmatched(f"{name}: {ckpt.path.name} has no block {', '.join(unknown)} with [{section}] attention "
+                           f"(its blocks: {label_runs(here)})", allow_missing, warnings)
+            elif (entry.blocks or entry.depth or entry.encoders) and not candidates:
                 _unmatched(f"{name}: selector matches no attention in {ckpt.path.name} "
-                           f"(blocks with attention: {available})", allow_missing, warnings)
+                           f"(blocks with attention: {label_runs(blocks_with_attention(ckpt))})", allow_missing,
+                           warnings)
             for recipe_key, factor in entry.factors:
                 hits = [s for s in candidates if key_of(s) == recipe_key]
                 if not hits:
@@ -187,10 +215,10 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                     slot = found.setdefault((s.file, s.key, s.rows, s.cols), [[], []])
                     slot[0].append(factor)
                     slot[1].append(f"{section}.{recipe_key}")
-                    if recipe_key in ("q", "k") and "bias" not in s.key.rsplit(".", 1)[-1]:
-                        qk = products.setdefault((section, s.file, s.key.rsplit(".", 2)[0]), {"q": 1.0, "k": 1.0})
-                        qk[recipe_key] *= factor
-    warnings += _qk_warnings(products, recipe)
+                    if recipe_key in ("q", "k"):
+                        at = (section, s.file, s.key, s.rows)
+                        applied[at] = applied.get(at, 1.0) * factor
+    warnings += _qk_warnings(ckpt, recipe, applied)
 
     # Group segments per tensor, keeping file order (the order tensors will be written in).
     by_tensor: dict[tuple[str, str], list[Segment]] = {}

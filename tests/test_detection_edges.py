@@ -47,6 +47,10 @@ def test_a_folder_without_a_readable_transformer_config_is_named_by_its_weights(
                                                                                architecture, damage):
     folder = variant(tmp_path, folders(arch), MODEL_CONFIG[damage])
     assert detect(folder).architecture == architecture            # was "sd1"
+    recipe = tmp_path / "sd1.toml"
+    recipe.write_text('schema = 1\nname = "r"\narchitecture = "sd1"\n[unet.self]\nq = 1.1\n')
+    r = run("bake", recipe, folder, "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 2 and f"is {architecture}" in r.stderr, r.stderr   # was accepted
 
 
 # (arch, a pipeline class without a table, the components its sub-folders hold)

@@ -282,7 +282,7 @@ def test_inspect_shows_model_blocks_streams_qk_norm_encoders(files):
 
 
 @pytest.mark.parametrize("body,message", [
-    ('[dit.joint]\nblocks = ["D07"]\nq = 1.2\n', "selector matches no attention"),
+    ('[dit.joint]\nblocks = ["D07"]\nq = 1.2\n', "has no block D07 with [dit.joint] attention (its blocks: D00"),
     ('[dit.self]\nv = 1.2\n', "[dit.self]: v = 1.2 matches no tensor"),
     ('[unet.self]\nv = 1.2\n', "[unet.self]: v = 1.2 matches no tensor"),
 ])

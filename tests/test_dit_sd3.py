@@ -267,7 +267,7 @@ def test_dry_run_prints_the_rows_and_names_no_ln_q_without_qk_norm(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ('[dit.self]\nq = 1.2\n', "[dit.self]: q = 1.2 matches no tensor"),
-    ('[dit.joint]\nblocks = ["J07"]\nv = 1.2\n', "[dit.joint]: selector matches no attention"),
+    ('[dit.joint]\nblocks = ["J07"]\nv = 1.2\n', "[dit.joint]: m.safetensors has no block J07 with"),
 ])
 def test_a_recipe_that_matches_nothing_is_one_clear_error(tmp_path, body, message):
     src = write_checkpoint(tmp_path / "m.safetensors", "sd35_large")

@@ -22,10 +22,11 @@ from diffusers.loaders.single_file_utils import (
     convert_wan_transformer_to_diffusers,
     infer_diffusers_model_type,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptbend.bake import bake
 from ckptbend.cli import cli
+from ckptbend.errors import CkptbendError
 from ckptbend.layouts import blocks_with_attention, detect
 from ckptbend.plan import make_plan
 from ckptbend.recipe import parse_recipe
@@ -451,8 +452,14 @@ def test_synth_command_and_bad_layout(tmp_path):
 
 
 def test_shipped_wan_recipe_bakes_on_wan(tmp_path):
-    src = write_checkpoint(tmp_path / "src.safetensors", "wan21_i2v", dtype=torch.float16)
+    """Its blocks B00–B14 (the first half of the 1.3B's 30) must exist: a tiny Wan with 30 blocks."""
+    cls, config, _, _ = W.ARCHES["wan21_i2v"]
+    model = getattr(diffusers, cls)(**{**config, "num_layers": 30})
+    save_file({k: v.contiguous() for k, v in W.original_state_dict("wan21_i2v", model).items()},
+              tmp_path / "src.safetensors")
     recipe = parse_recipe((Path(__file__).resolve().parent.parent / "recipes" / "wan-prompt-adherence.toml").read_text())
-    plan = make_plan(recipe, detect(src))
+    plan = make_plan(recipe, detect(tmp_path / "src.safetensors"))
     reasons = {r for e in plan.edits for seg in e.segments for r in seg.reasons}
     assert reasons == {"dit.cross.k", "dit.cross.v", "dit.self.q"} and not plan.warnings
+    with pytest.raises(CkptbendError, match="has no block B02, B03"):   # the 2-block tiny Wan lacks B02–B14
+        make_plan(recipe, detect(write_checkpoint(tmp_path / "tiny.safetensors", "wan21_i2v")))

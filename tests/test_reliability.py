@@ -704,7 +704,7 @@ RECIPE_ROWS = [
     recipe_row("negative", _head("[unet.cross]\nk = -0.5\n"), "must be >= 0"),
     recipe_row("above ComfyUI's 10", _head("[unet.self]\nout = 11\n"), "--allow-out-of-range"),
     recipe_row("block selector matching nothing", _head('[[unet.self]]\nblocks = ["IN03"]\nq = 1.1\n'),
-               "selector matches no attention"),
+               "has no block IN03 with [unet.self] attention"),
     recipe_row("encoder selector matching nothing", _head('[clip]\nencoders = ["clip_g"]\nq = 1.1\n'),
                "selector matches no attention"),
     recipe_row("[unet.temporal] on an image UNet", _head("[unet.temporal]\nself_temporal = 1.2\n"),
@@ -1141,7 +1141,7 @@ def _qk_overlap_warning(sb: Sandbox):
     src, recipe = sb.put("in/m.safetensors", sb.assets.sd1()), sb.recipe(_head(entries))
     sb.start(src)
     r = sb.cli("bake", recipe, src, "-o", sb.out / "o.safetensors", "--dry-run")
-    assert "overlapping entries give q x k up to 14.44 (> 4) at 1 attention site(s)" in r.stderr, r.stderr
+    assert "entries combine to q x k up to 14.44 (> 4) in 1 attention(s)" in r.stderr, r.stderr
     return [r]
 
 

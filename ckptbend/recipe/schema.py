@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..layouts import ARCHITECTURE_NAMES
 from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from ..runtime.defaults import (BEND_DEFAULTS, BEND_RANGES, SAG_DEFAULTS, SAG_RANGES, SLOTHFUL_DEFAULTS, SLOTHFUL_MODES,
                                 SLOTHFUL_RANGES, SLOTHFUL_SIMPLE_EXPANDS, SLOTHFUL_SIMPLE_FIXED)
@@ -20,15 +21,9 @@ SECTIONS = MULTIPLIER_SECTIONS + DYNAMIC_SECTIONS
 TOP_LEVEL_KEYS = ("schema", "name", "description", "architecture")
 
 # `architecture = "sdxl"` (or a list): the models a recipe's block labels are written for, and the
-# detected architectures (layouts/) each name covers. Optional: a recipe without it applies anywhere.
-ARCHITECTURES = {
-    "sd1": ("sd1",),
-    "sd2": ("sd2",),
-    "sdxl": ("sdxl-base", "sdxl-refiner"),
-    "sdxl-base": ("sdxl-base",),
-    "sdxl-refiner": ("sdxl-refiner",),
-    "svd": ("svd",),
-}
+# detected architectures each name covers (each family's ARCHITECTURE_NAMES). Optional: a recipe without
+# it applies anywhere.
+ARCHITECTURES = ARCHITECTURE_NAMES
 
 BLOCK_GROUPS = ("input", "middle", "output")
 # Only the shape of a block label is checked: which labels exist depends on the checkpoint
