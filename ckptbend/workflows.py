@@ -58,6 +58,7 @@ FAMILIES = {
                   "image_to_video": ("WanImageToVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
                   "clip_vision": "clip_vision_h.safetensors", "fps": 16},
     "wan21-flf2v": "wan21-i2v",
+    "flux": "flux-dev",   # a recipe's or a diffusers folder's "flux" (dev or schnell): the dev graph
     "wan22-i2v": {"text_encoder": WAN_TE, "vae": "wan_2.1_vae.safetensors",
                   "model_sampling": ("ModelSamplingSD3", {"shift": 8.0}), "sampler": _sampler(20, 3.5, "uni_pc"),
                   "image_to_video": ("WanImageToVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),

@@ -110,8 +110,7 @@ def test_openclip_in_proj_must_hold_three_widths(tmp_path, synth_file):
 
 
 INDEX = re.compile(r"\.\d+\.")
-SHAPES = {"0-D": lambda t: torch.tensor(1.0), "1-D": one_dim, "3-D": lambda t: t.reshape(1, *t.shape).clone(),
-          "row-1": lambda t: t[:-1].clone()}
+SHAPES = {"0-D": lambda t: torch.tensor(1.0), "1-D": one_dim, "row-1": lambda t: t[:-1].clone()}
 
 
 @pytest.mark.parametrize("arch", ["flux_dev", "sd3_medium", "ltx_video"])
