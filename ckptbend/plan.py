@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import CkptbendError
 from .layouts import Checkpoint, Site, blocks_with_attention, label_runs
 from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS, TEXT_ENCODERS
+from .layouts.validate import folder
 from .arithmetic import SCALABLE
 from .recipe.schema import ARCHITECTURES, QK_WARN_PRODUCT
 
@@ -153,10 +154,9 @@ def _attention(s: Site) -> tuple:
     """The attention (one softmax, or one set of queries: Wan I2V's text and image keys) a q/k site feeds:
     its block, depth and attention in a UNet or DiT (every stream of a joint attention alike), its layer's
     attention module in a text encoder; within one model (a diffusers sub-folder)."""
-    where = s.file.rpartition("/")[0]
     if s.block is not None:
-        return where, s.component, s.block, s.depth, s.attn, s.temporal
-    return where, s.component, s.key.rsplit(".", 2)[0]
+        return folder(s.file), s.component, s.block, s.depth, s.attn, s.temporal
+    return folder(s.file), s.component, s.key.rsplit(".", 2)[0]
 
 
 def _qk_warnings(ckpt: Checkpoint, recipe, applied: dict) -> list[str]:
@@ -189,11 +189,11 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     applied: dict[tuple, float] = {}   # (section, file, key, rows) → product of its q or k factors
     for section, entries in recipe.multipliers.items():
         key_of = SECTION_KEY[section]
+        of_section = [s for s in ckpt.sites if key_of(s) is not None]
+        here = blocks_with_attention(ckpt, of_section)
         for index, entry in enumerate(entries):
             name = _entry_name(section, index, entries)
-            of_section = [s for s in ckpt.sites if key_of(s) is not None]
             candidates = [s for s in of_section if _selected(entry, s)]
-            here = blocks_with_attention(ckpt, of_section)
             unknown = [b for b in entry.blocks if b not in here and all(s.group != b for s in of_section)]
             if unknown:   # any label the model lacks, even beside one it has: the recipe was meant elsewhere
                 _unmatched(f"{name}: {ckpt.path.name} has no block {', '.join(unknown)} with [{section}] attention "
