@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
+                       PNDMScheduler, UniPCMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusionPipeline,
                        StableDiffusionSAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanImageToVideoPipeline,
                        WanPipeline)
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -245,12 +245,14 @@ def test_remove_restores_processors_hooks_and_attributes_exactly(sd):
 
 # --- where the host gets the step and ᾱ -------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler_class, karras", [(DDIMScheduler, False), (EulerDiscreteScheduler, False),
-                                                     (DPMSolverMultistepScheduler, False),
-                                                     (DPMSolverMultistepScheduler, True),
-                                                     (HeunDiscreteScheduler, False)])
-def test_step_index_and_alpha_cumprod_follow_the_scheduler(scheduler_class, karras):
-    extra = {"use_karras_sigmas": True} if karras else {}
+@pytest.mark.parametrize("scheduler_class, extra", [
+    (DDIMScheduler, {}), (EulerDiscreteScheduler, {}), (DPMSolverMultistepScheduler, {}),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}), (HeunDiscreteScheduler, {}), (UniPCMultistepScheduler, {}),
+    (PNDMScheduler, {"skip_prk_steps": True}), (PNDMScheduler, {"skip_prk_steps": False})],
+    ids=["ddim", "euler", "dpm++2m", "dpm++2m-karras", "heun", "unipc", "pndm-plms", "pndm-prk"])
+def test_step_index_and_alpha_cumprod_follow_the_scheduler(scheduler_class, extra):
+    """Every scheduler's model calls map onto the steps 0 … N − 1, each evaluation to the step it goes into."""
+    karras = extra.get("use_karras_sigmas", False)
     scheduler = scheduler_class(**SCHEDULER_CONFIG, **extra)
     scheduler.set_timesteps(4)
     x = torch.zeros(1, 4, 8, 8)
@@ -258,13 +260,13 @@ def test_step_index_and_alpha_cumprod_follow_the_scheduler(scheduler_class, karr
     for t in scheduler.timesteps:                       # the pipeline's loop, one model call per entry
         scheduler.scale_model_input(x, t)
         position = dh.calls.scheduler_position(scheduler, float(t))
-        steps.append(position // scheduler.order)
+        steps.append(dh.calls.step_of(scheduler, position))
         alphas.append(dh.calls.alpha_cumprod_at(scheduler, float(t), position))
+        assert float(scheduler.timesteps[position]) == float(t)
         scheduler.step(torch.zeros_like(x), t, x)
-    if scheduler_class is HeunDiscreteScheduler:        # [t0, t1, t1, t2, t2, t3, t3]: two calls per step
-        assert steps == [0, 0, 1, 1, 2, 2, 3]
-    else:
-        assert steps == [0, 1, 2, 3]
+    expected = {"HeunDiscreteScheduler": [0, 0, 1, 1, 2, 2, 3],     # [t0, t1, t1, t2, t2, t3, t3]: two per step
+                "PNDMScheduler": [0, 0, 1, 2, 3] if extra.get("skip_prk_steps") else [0] * 4 + [1] * 4 + [2] * 4 + [3]}
+    assert steps == expected.get(scheduler_class.__name__, [0, 1, 2, 3])
     sigmas = getattr(scheduler, "sigmas", None)
     for i, (t, a) in enumerate(zip(scheduler.timesteps, alphas)):
         if sigmas is None:                              # DDIM: integer timesteps
@@ -273,6 +275,22 @@ def test_step_index_and_alpha_cumprod_follow_the_scheduler(scheduler_class, karr
             assert a == pytest.approx(1 / (1 + float(sigmas[i]) ** 2))
             if not karras and float(t) == round(float(t)):
                 assert a == pytest.approx(float(scheduler.alphas_cumprod[int(t)]), rel=1e-4)
+
+
+def test_pndm_records_the_same_steps_as_ddim(sd):
+    """SD 1.x's default scheduler (PNDM, PLMS: four model calls for three steps) bends and records steps 0, 1, 2,
+    as DDIM does (test_phase_one_…): the first step's two evaluations are both step 0."""
+    ddim = sd.scheduler
+    sd.scheduler = PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
+    try:
+        session = dh.apply(sd, {"bending": [BEND]}, phase=1)
+        sd("a photo of a cat at {sunset}", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+           output_type="latent", generator=torch.Generator().manual_seed(0))
+        dh.remove(sd)
+    finally:
+        sd.scheduler = ddim
+    assert sorted({m["step"] for m in session.maps}) == [0, 1, 2]
+    assert sum(m["step"] == 0 for m in session.maps) == 2 * sum(m["step"] == 1 for m in session.maps)
 
 
 # --- explicit attention ------------------------------------------------------------------------------

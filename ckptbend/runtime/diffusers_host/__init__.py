@@ -35,10 +35,14 @@ Conventions:
   WanPipeline runs CFG as two calls of the prompt's batch: a call is conditional when its
   encoder_hidden_states equal the encoded prompt's. Without CFG, SAG is skipped (one warning) and
   bending acts on every item.
-- Step index (bending's apply_to_timesteps, map records): the position of this model call in
-  scheduler.timesteps (the scheduler's own step_index when it keeps one, else the first matching
-  timestep), divided by scheduler.order. Second-order schedulers (Heun: order 2, timesteps
-  [t0, t1, t1, t2, t2, …]) call the model twice per step; both calls get that step's index.
+- Step index (bending's apply_to_timesteps, map records): the denoising step, 0 … num_inference_steps − 1,
+  that this model call belongs to (calls.step_of), whatever the scheduler: every evaluation that goes
+  into step i gets i. The call's position in scheduler.timesteps comes from the scheduler's own
+  step_index (PNDM: its call counter), else the first matching timestep. Heun (order 2, timesteps
+  [t0, t1, t1, t2, t2, …]) calls the model twice per step; PNDM's PLMS twice for its first step
+  ([t0, t1, t1, t2, …]: the second call at t1 redoes step 0) and its Runge-Kutta warm-up four times per
+  step; DDIM, Euler and multistep schedulers (DPM++ 2M, UniPC, LMS) once. A window [0, 2] thus bends the
+  same three steps with any scheduler.
   Wan 2.2 A14B's two experts share the pipeline's scheduler, so a step keeps its index whichever
   expert runs it (an apply_to_timesteps window counts the whole run); layers count within an expert.
 - ᾱ of a call: from the scheduler's own sigma for it when the scheduler keeps one (Euler, DPM++,

@@ -25,16 +25,38 @@ class Call:
 
 def scheduler_position(scheduler, t: float) -> int | None:
     """This model call's index in scheduler.timesteps. The scheduler's own step_index when it keeps
-    one and it matches t (schedulers that repeat timesteps, Heun, need it), else the first match."""
+    one (schedulers that repeat timesteps need it: Heun), PNDM's call counter, else the first match."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return None
     timesteps = torch.as_tensor(timesteps).detach().flatten().double().cpu()
-    index = getattr(scheduler, "step_index", None)
-    if index is not None and index < len(timesteps) and abs(float(timesteps[index]) - t) < 1e-3:
-        return int(index)
+    for index in (getattr(scheduler, "step_index", None), _pndm_counter(scheduler)):
+        if index is not None and index < len(timesteps) and abs(float(timesteps[index]) - t) < 1e-3:
+            return int(index)
     hits = ((timesteps - t).abs() < 1e-3).nonzero().flatten()
     return int(hits[0]) if len(hits) else None
+
+
+def _pndm_counter(scheduler) -> int | None:
+    """PNDM keeps no step_index; its `counter` counts the calls of step(), one per model call."""
+    return getattr(scheduler, "counter", None) if hasattr(scheduler, "prk_timesteps") else None
+
+
+def step_of(scheduler, position: int | None) -> int | None:
+    """The denoising step (0 … num_inference_steps − 1) a model call at `position` in scheduler.timesteps
+    belongs to: every evaluation that goes into step i gets i. Heun (order 2) evaluates twice per step;
+    PNDM's Runge-Kutta warm-up four times per step for its first three steps, and its PLMS without them
+    evaluates the first step twice (timesteps [t0, t1, t1, t2, …]: the second call at t1 redoes step 0
+    with the average of both predictions). Other schedulers, multistep ones included (DPM++ 2M, UniPC,
+    DEIS, LMS), evaluate once per step: the position itself."""
+    if position is None:
+        return None
+    if hasattr(scheduler, "prk_timesteps"):                     # PNDM
+        prk = 0 if scheduler.config.skip_prk_steps else len(scheduler.prk_timesteps)
+        if position < prk:
+            return position // 4
+        return prk // 4 + position - prk - (1 if prk == 0 and position > 0 else 0)
+    return position // getattr(scheduler, "order", 1)
 
 
 def alpha_cumprod_at(scheduler, t: float, position: int | None) -> float:

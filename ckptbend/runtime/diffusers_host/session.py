@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 
 from .. import bending, sag, slothful
-from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position
+from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -169,7 +169,7 @@ class Session:
         self.call = Call(
             latent_hw=(height, width), token_hw=token_hw,
             frames=x.shape[2] // frame_patch if x.ndim == 5 else None, cfg=cfg, cond_rows=cond_rows,
-            step=None if position is None else position // getattr(scheduler, "order", 1),
+            step=step_of(scheduler, position),
             alpha_cumprod=alpha_cumprod_at(scheduler, t, position) if self.sag or self.slothful else None,
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
         return None
