@@ -16,6 +16,7 @@ from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
+BENDABLE = "UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Chroma, SD3/SD3.5 and Qwen-Image"
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -133,7 +134,11 @@ class Session:
 
     def _install_model(self, model):
         """One model's processors and its pre / post hooks (every model shares this session's state)."""
-        for site in sites_of(model):
+        sites = sites_of(model)
+        if self.entries and not any(site.cross or site.joint for site in sites):
+            raise ValueError(f"Attention Bending does not reach the text attention of a {type(model).__name__} "
+                             f"(it bends {BENDABLE}); the recipe's [[bending]] would do nothing")
+        for site in sites:
             original = site.module.processor
             site.module.set_processor(Processor(self, site, original))
             self._undo.append(lambda m=site.module, p=original: m.set_processor(p))
