@@ -357,3 +357,16 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
     # the next call of the block (SD3.5's dual-block image self-attention) passes through
     again = backend.optimized_attention(*args, **kwargs, transformer_options=options)
     assert torch.equal(again, plain)
+
+
+def test_hunyuan_video_is_refused_not_taken_for_flux():
+    """ComfyUI's HunyuanVideo has Flux's double_blocks / single_blocks, but its text goes through a token refiner
+    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: the layout says so in one line."""
+    from torch import nn
+
+    model = nn.Module()
+    model.double_blocks, model.single_blocks, model.patch_size = nn.ModuleList(), nn.ModuleList(), (1, 2, 2)
+    model.txt_in = nn.Module()
+    model.txt_in.individual_token_refiner = nn.Module()
+    with pytest.raises(ValueError, match="does not reach HunyuanVideo"):
+        comfy_host.dit_layout(model)

@@ -38,6 +38,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
         return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
+    if hasattr(dm, "double_blocks") and hasattr(getattr(dm, "txt_in", None), "individual_token_refiner"):
+        raise ValueError("Attention Bending does not reach HunyuanVideo yet (its double and single blocks attend over "
+                         "[image; text] tokens of a Llama encoder, unlike Flux's [text; T5])")
     if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
         n = len(dm.double_blocks)
         blocks = [("double_block", i, i) for i in range(n)]
