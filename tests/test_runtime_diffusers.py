@@ -970,16 +970,17 @@ def test_wan_run_bends_as_the_explicit_path(wan):
 
 
 def test_bending_refuses_a_model_whose_text_attention_it_does_not_reach():
-    """Flux.2's transformer (diffusers' Flux2Transformer2DModel: no attn1 / attn2, not yet a joint model here):
-    apply() says so in one line instead of sampling unbent."""
-    from diffusers import Flux2Transformer2DModel
+    """HunyuanVideo's transformer (diffusers' HunyuanVideoTransformer3DModel: no attn1 / attn2, not a joint model
+    here): apply() says so in one line instead of sampling unbent, and leaves the model as it was."""
+    from diffusers import HunyuanVideoTransformer3DModel
 
-    transformer = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                          num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=16,
-                                          axes_dims_rope=(2, 2, 2, 2))
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+                                                 rope_axes_dim=(2, 2, 4))
     pipe = types.SimpleNamespace(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
     processors = {n: m.processor for n, m in transformer.named_modules() if hasattr(m, "processor")}
-    with pytest.raises(ValueError, match="does not reach the text attention of a Flux2Transformer2DModel"):
+    with pytest.raises(ValueError, match="does not reach the text attention of a HunyuanVideoTransformer3DModel"):
         dh.apply(pipe, {"bending": [BEND]})
     assert {n: m.processor for n, m in transformer.named_modules() if hasattr(m, "processor")} == processors
     assert getattr(pipe, dh.SESSION_ATTR, None) is None

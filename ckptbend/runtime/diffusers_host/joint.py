@@ -1,5 +1,5 @@
-"""Bending at the joint attentions of Flux.1, Chroma, SD3.x and Qwen-Image: [text; image] (SD3: [image; text])
-queries and keys at once, q, k, v formed as each model's diffusers processor forms them."""
+"""Bending at the joint attentions of Flux.1, Flux.2, Chroma, SD3.x and Qwen-Image: [text; image] (SD3: [image;
+text]) queries and keys at once, q, k, v formed as each model's diffusers processor forms them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .recompute import recorder
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
 JOINT_MODELS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
-                "QwenImageTransformer2DModel": "qwen"}
+                "QwenImageTransformer2DModel": "qwen", "Flux2Transformer2DModel": "flux2"}
 
 
 def joint_attention(session, site, attn, given, original):
@@ -26,7 +26,7 @@ def joint_attention(session, site, attn, given, original):
     if session.token_indices is None:
         raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
     hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
-    q, k, v, text = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text)
+    q, k, v, text, mlp = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text)
     n_text = text.stop - text.start
     for e in active:
         if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
@@ -43,7 +43,7 @@ def joint_attention(session, site, attn, given, original):
                       token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,
                       layer_index=site.layer, frames=call.frames, text=text,
                       queries=slice(first, first + n_image), observe=observe, bias=bias)
-    return _joint_output(session.joint, attn, out.to(q.dtype), hidden.shape[1], context)
+    return _joint_output(session.joint, attn, out.to(q.dtype), hidden.shape[1], context, mlp)
 
 
 def _heads(x, proj, norm, heads):
@@ -86,11 +86,20 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
     FluxAttnProcessor, [text; image] then RoPE; SD3: JointAttnProcessor2_0, [image; text], no RoPE), and
     the text keys' slice of L. A Flux single block's hidden states are already [text; image] (n_text).
     Qwen-Image (QwenDoubleStreamAttnProcessor2_0): RoPE per stream (rotary = image, text complex
-    frequencies), then [text; image]."""
+    frequencies), then [text; image]. Flux.2 (Flux2AttnProcessor: Flux's, without biases); its single blocks
+    (Flux2ParallelSelfAttnProcessor) take q, k, v and the MLP's input from one projection: the last value
+    returned is that MLP input (None elsewhere)."""
     def stream(x, names):
         return [_heads(x, getattr(attn, p), getattr(attn, n, None) if n else None, attn.heads) for p, n in names]
 
-    q, k, v = stream(hidden, (("to_q", "norm_q"), ("to_k", "norm_k"), ("to_v", None)))
+    mlp = None
+    if hasattr(attn, "to_qkv_mlp_proj"):                    # Flux.2 single block
+        fused = attn.to_qkv_mlp_proj(hidden)
+        qkv, mlp = fused.split([3 * attn.inner_dim, fused.shape[-1] - 3 * attn.inner_dim], dim=-1)
+        q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in qkv.chunk(3, dim=-1))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    else:
+        q, k, v = stream(hidden, (("to_q", "norm_q"), ("to_k", "norm_k"), ("to_v", None)))
     text = slice(0, n_text)
     if context is not None:
         cq, ck, cv = stream(context, (("add_q_proj", "norm_added_q"), ("add_k_proj", "norm_added_k"),
@@ -108,16 +117,16 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
             text = slice(0, context.shape[1])
     if rotary is not None:
         q, k = _rope(q, rotary), _rope(k, rotary)
-    return (*(t.transpose(1, 2) for t in (q, k, v)), text)
+    return (*(t.transpose(1, 2) for t in (q, k, v)), text, mlp)
 
 
-def _joint_output(family, attn, out, n_hidden, context):
+def _joint_output(family, attn, out, n_hidden, context, mlp=None):
     """The processor's return from the joint attention output [b, heads, L, d]: the image part through
     to_out, the text part through to_add_out (unless the block is context_pre_only); a Flux single
-    block returns the whole, unprojected."""
+    block returns the whole, unprojected; a Flux.2 single block projects it with its MLP branch."""
     out = out.transpose(1, 2).flatten(2)
     if context is None:
-        return out
+        return out if mlp is None else attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
     if family == "sd3":
         image, text = out[:, :n_hidden], out[:, n_hidden:]
     else:

@@ -42,6 +42,9 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
     given), which follow the tokenizer_max_length CLIP tokens in the context."""
     pipe = session.pipe
+    if session.joint == "flux2":
+        raise ValueError("Attention Bending on Flux.2 does not find words in its Mistral / Qwen3 chat template yet; "
+                         "its attention is reached (session.token_indices may be set by hand)")
     if session.joint == "flux":                       # Chroma: T5 is its only tokenizer
         t5 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])

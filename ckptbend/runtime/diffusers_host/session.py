@@ -16,7 +16,7 @@ from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
-BENDABLE = "UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Chroma, SD3/SD3.5 and Qwen-Image"
+BENDABLE = "UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image"
 
 
 # --- the API ---------------------------------------------------------------------------------------
