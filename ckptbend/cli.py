@@ -392,7 +392,9 @@ def maps(maps_file, output, force):
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--layout", default="single", show_default=True, type=click.Choice(synth_catalog.LAYOUTS),
               help="File form; not every architecture has every layout.")
-@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(synth_catalog.DTYPE_NAMES))
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(synth_catalog.DTYPE_NAMES),
+              help="Floating dtype, or one of ComfyUI's quantised forms (diffusion transformers; single-file "
+                   "layouts such as single and comfy): " + ", ".join(synth_catalog.QUANTISED) + ".")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def synth(arch, output, layout, dtype, seed, force):

@@ -1,4 +1,7 @@
-"""Compare two checkpoints (per-tensor ratios of what differs) or two recipes (values that differ)."""
+"""Compare two checkpoints (per-tensor ratios of what differs) or two recipes (values that differ).
+
+A quantised layer (ComfyUI's scaled fp8 or comfy_quant formats) is compared by its effective weight, codes ×
+scales, on one line — not tensor by tensor, since a bake moves its factors between codes and scales."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import numpy as np
 
 from .arithmetic import SCALABLE, to_float64
 from .errors import CkptbendError
+from .formats import comfy_quant
 from .layouts import Checkpoint
 
 
@@ -68,11 +72,10 @@ def _parts(cut, shape) -> list[tuple[str, tuple]]:
     return parts
 
 
-def _ratio_lines(key, ta, raw_a, raw_b, cut=None) -> list[str]:
-    a = to_float64(raw_a, ta.dtype, ta.shape)
-    b = to_float64(raw_b, ta.dtype, ta.shape)
+def _ratio_lines(key, a: np.ndarray, b: np.ndarray, cut=None) -> list[str]:
+    a, b = np.atleast_1d(a), np.atleast_1d(b)    # a 0-D scale compares as one value
     lines = []
-    for label, index in _parts(cut, ta.shape):
+    for label, index in _parts(cut, a.shape):
         x, y = a[index].ravel(), b[index].ravel()
         if np.array_equal(x, y):
             continue
@@ -82,6 +85,29 @@ def _ratio_lines(key, ta, raw_a, raw_b, cut=None) -> list[str]:
         shape = "scaled" if residual < 1e-2 else "changed (not a pure scale)"
         lines.append(f"{key}{label}: ×{ratio:.6g} {shape}, max deviation {residual:.2e}")
     return lines
+
+
+def _layers(cf) -> dict:
+    """weight name → QuantLayer, for the quantised layers of one file ckptbend can read whole."""
+    names = set(cf.header.names)
+    return {w: q for w, q in comfy_quant.layers_of(cf.rel, cf.header).items()
+            if q.format.codes and all(n in names for n in q.tensors.values())}
+
+
+def _layer_parts(path, cf, q) -> dict:
+    return {role: (_read(path, cf.header, cf.header.tensor(n)), cf.header.tensor(n)) for role, n in q.tensors.items()}
+
+
+def _effective_lines(prefix, q, parts_a, parts_b, cut) -> list[str]:
+    """One layer compared by its effective weight (codes × scales), whatever its scales' shapes became."""
+    from .formats import ops
+
+    kind = q.format.name if q.format.name in ("nvfp4", "mxfp8") else "codes"
+    rows = parts_a["weight"][1].shape[0]
+    a, b = ops.effective(kind, parts_a, 0, rows), ops.effective(kind, parts_b, 0, rows)
+    basis = ", in ConvRot's rotated basis" if q.convrot else ""
+    label = f"{q.weight} (effective: {q.format.label}{basis})"
+    return [prefix + line for line in _ratio_lines(label, a, b, cut)]
 
 
 def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
@@ -94,8 +120,17 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
         path_b = b.path / fb.rel if b.kind == "diffusers-folder" else b.path
         tb = {t.name: t for t in fb.header.tensors}
         prefix = f"{fa.rel}: " if a.kind == "diffusers-folder" else ""
+        layers_b, compared = _layers(fb), set()
+        for weight, q in _layers(fa).items():
+            if weight in layers_b and layers_b[weight].format.name == q.format.name:
+                compared |= set(q.tensors.values())
+                parts_a, parts_b = _layer_parts(path_a, fa, q), _layer_parts(path_b, fb, layers_b[weight])
+                if any(parts_a[r][0] != parts_b[r][0] for r in parts_a):
+                    lines.extend(_effective_lines(prefix, q, parts_a, parts_b, cuts.get((fa.rel, weight))))
         for ta in fa.header.tensors:
             other = tb.pop(ta.name, None)
+            if ta.name in compared:
+                continue
             if other is None:
                 lines.append(f"{prefix}{ta.name}: only in {a.path.name}")
             elif (ta.dtype, ta.shape) != (other.dtype, other.shape):
@@ -108,6 +143,7 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
                     cut = cuts.get((fa.rel, ta.name))
-                    lines.extend(prefix + line for line in _ratio_lines(ta.name, ta, raw_a, raw_b, cut))
+                    lines.extend(prefix + line for line in _ratio_lines(
+                        ta.name, to_float64(raw_a, ta.dtype, ta.shape), to_float64(raw_b, ta.dtype, ta.shape), cut))
         lines.extend(f"{prefix}{name}: only in {b.path.name}" for name in tb)
     return lines

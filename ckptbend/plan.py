@@ -1,16 +1,19 @@
 """recipe + checkpoint → Plan: every tensor to scale, its rows or columns and its factors. Pure; nothing
 is written.
 
-ComfyUI's scaled-fp8 files store a quantised Linear's weight as fp8 × a float32 `scale_weight`: a
-factor covering the whole weight multiplies that scale instead (exact); a row or column range is
-requantised in fp8 (rounded to nearest), which `describe` says.
+The tensors of quantised layers (ComfyUI's scaled fp8 and comfy_quant formats) and plain fp8 tensors
+follow their format's rule (formats/requant.py): a factor lands on a scale where one covers it exactly,
+otherwise the codes are requantised and measured; `describe` says which, and the plan's warnings what was
+clipped or departs from the requested factor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .edits import Edit, Segment  # noqa: F401  (the plan's parts; imported from here too)
 from .errors import CkptbendError
+from .formats import requant
 from .layouts import Checkpoint, Site, blocks_with_attention, label_runs
 from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS, TEXT_ENCODERS
 from .layouts.validate import folder
@@ -33,27 +36,6 @@ SECTION_KEY = {
     "dit.cross": lambda s: s.proj if s.component == "dit" and s.attn == "cross" else None,
     "text": lambda s: s.proj if s.component in LARGE_ENCODERS else None,
 }
-FP8 = ("F8_E4M3", "F8_E5M2")
-SCALED_FP8_MARKER = "scaled_fp8"
-
-
-@dataclass(frozen=True)
-class Segment:
-    rows: tuple[int, int] | None   # None: every row
-    factors: tuple[float, ...]     # applied one after another in float32, like chained nodes
-    reasons: tuple[str, ...]       # e.g. "unet.self.q"
-    cols: tuple[int, int] | None = None   # None: every column (a 2-D weight's input columns otherwise)
-
-    @property
-    def whole(self) -> bool:
-        return self.rows is None and self.cols is None
-
-
-@dataclass(frozen=True)
-class Edit:
-    file: str
-    key: str
-    segments: tuple[Segment, ...]
 
 
 @dataclass(frozen=True)
@@ -68,14 +50,13 @@ class Plan:
 
     def describe(self) -> list[str]:
         lines = []
-        dtypes = {(f.rel, t.name): t.dtype for f in self.checkpoint.files for t in f.header.tensors}
         for e in self.edits:
             for seg in e.segments:
                 rows = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else ""
                 cols = f" columns {seg.cols[0]}:{seg.cols[1]}" if seg.cols else ""
                 factors = " × ".join(f"{f:g}" for f in seg.factors)
                 where = f"{e.file}: " if self.checkpoint.kind == "diffusers-folder" else ""
-                note = ", requantised in fp8" if dtypes[(e.file, e.key)] in FP8 and not seg.whole else ""
+                note = e.note if e.note is not None else ""
                 lines.append(f"{where}{e.key}{rows}{cols}  ×{factors}  ({', '.join(seg.reasons)}{note})")
         return lines
 
@@ -110,25 +91,6 @@ def _qk_norm_cancels(name, recipe_key, factor, section, ckpt: Checkpoint, warnin
         return
     raise CkptbendError(f"{name}: {recipe_key} = {factor:g} would do nothing: this UNet normalises "
                         "q and k after projection (qk-norm), which cancels a scale on W_q/W_k")
-
-
-def _through_scale_weights(ckpt: Checkpoint, by_tensor: dict) -> dict:
-    """In a scaled-fp8 file, move whole-weight factors of an fp8 weight onto its `scale_weight`."""
-    moved: dict[tuple[str, str], list[Segment]] = {}
-    for f in ckpt.files:
-        names = set(f.header.names)
-        if not any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in names):
-            continue
-        for (file, key), segs in by_tensor.items():
-            scale = key.removesuffix("weight") + "scale_weight"
-            if (file == f.rel and key.endswith(".weight") and scale in names and f.header.tensor(key).dtype in FP8
-                    and all(seg.whole for seg in segs)):
-                moved[(file, key)] = [Segment(None, seg.factors, tuple(r + " (via scale_weight)" for r in seg.reasons))
-                                      for seg in segs]
-    out = {k: v for k, v in by_tensor.items() if k not in moved}
-    for (file, key), segs in moved.items():
-        out.setdefault((file, key.removesuffix("weight") + "scale_weight"), []).extend(segs)
-    return out
 
 
 def labels_read_for(recipe, ckpt: Checkpoint) -> str:
@@ -224,12 +186,15 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     by_tensor: dict[tuple[str, str], list[Segment]] = {}
     for (file, key, rows, cols), (factors, reasons) in found.items():
         by_tensor.setdefault((file, key), []).append(Segment(rows, tuple(factors), tuple(reasons), cols))
-    by_tensor = _through_scale_weights(ckpt, by_tensor)
+    by_tensor = {k: sorted(segs, key=lambda s: (s.rows or (0, 0), s.cols or (0, 0))) for k, segs in by_tensor.items()}
+    # Quantised layers (and plain fp8 tensors): their format's rule decides which of their tensors change, and how.
+    quantised = requant.route(ckpt, by_tensor)
+    warnings += quantised.warnings
+    edits = {k: Edit(*k, tuple(segs)) for k, segs in by_tensor.items() if k not in quantised.taken} | quantised.edits
     order = {(f.rel, t.name): i for i, (f, t) in enumerate((f, t) for f in ckpt.files for t in f.header.tensors)}
-    edits = tuple(Edit(file, key, tuple(sorted(segs, key=lambda s: (s.rows or (0, 0), s.cols or (0, 0)))))
-                  for (file, key), segs in sorted(by_tensor.items(), key=lambda kv: order[kv[0]]))
+    edits = tuple(e for _, e in sorted(edits.items(), key=lambda kv: order[kv[0]]))
     dtypes = {(f.rel, t.name): t.dtype for f in ckpt.files for t in f.header.tensors}
     for e in edits:
-        if dtypes[(e.file, e.key)] not in SCALABLE:
+        if e.op is None and dtypes[(e.file, e.key)] not in SCALABLE:
             raise CkptbendError(f"{e.key}: stored as {dtypes[(e.file, e.key)]}, which cannot be scaled")
     return Plan(ckpt, recipe, edits, tuple(warnings))

@@ -7,7 +7,7 @@ from collections import Counter
 
 from .errors import CkptbendError
 from .layouts import Checkpoint, blocks_with_attention
-from .plan import FP8, SCALED_FP8_MARKER
+from .formats import comfy_quant
 from .verify import recorded_recipe
 
 TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
@@ -73,13 +73,15 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 def _quantisation(ckpt: Checkpoint, dtypes: Counter) -> str | None:
-    """ComfyUI scaled fp8 (marker tensor + per-Linear scale_weight), plain fp8, or None."""
-    names = [t.name for f in ckpt.files for t in f.header.tensors]
-    scales = sum(n.endswith(".scale_weight") for n in names)
-    if any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in names):
-        return f"scaled fp8 ({scales} layers with scale_weight)"
-    fp8 = sum(dtypes[d] for d in FP8)
-    return f"fp8 ({fp8} tensors)" if fp8 else None
+    """The quantised layers by format (ComfyUI's comfy_quant formats, scaled fp8), and other fp8 tensors."""
+    layers = comfy_quant.summary(ckpt.files)
+    quantised = {name for f in ckpt.files for q in comfy_quant.layers_of(f.rel, f.header).values()
+                 for name in q.tensors.values()}
+    fp8 = sum(1 for f in ckpt.files for t in f.header.tensors
+              if t.dtype in comfy_quant.FP8 and t.name not in quantised and t.nbytes)   # not the empty marker
+    parts = [f"{name} ×{n} layer{'s' * (n != 1)}" for name, n in sorted(layers.items(), key=lambda kv: -kv[1])]
+    parts += [f"fp8 without a scale ×{fp8} tensor{'s' * (fp8 != 1)}"] if fp8 else []
+    return "; ".join(parts) or None
 
 
 def _size(n: int) -> str:

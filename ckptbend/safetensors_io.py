@@ -170,6 +170,17 @@ def read_header(path) -> Header:
     return Header(path, header_len, file_size, metadata, tuple(tensors))
 
 
+def retabled(tensors, shapes: dict[str, tuple[int, ...]]) -> tuple[TensorInfo, ...]:
+    """The tensor table (in data order) with some tensors' shapes changed, every offset laid out again."""
+    out, position = [], 0
+    for t in tensors:
+        shape = shapes.get(t.name, t.shape)
+        size = math.prod(shape) * DTYPE_BITS[t.dtype] // 8 if t.name in shapes else t.nbytes
+        out.append(TensorInfo(t.name, t.dtype, tuple(shape), position, position + size))
+        position += size
+    return tuple(out)
+
+
 def header_bytes(metadata: dict[str, str], tensors) -> bytes:
     """Serialise a header: `__metadata__` first, tensors in data order, space-padded to 8 bytes."""
     doc = {"__metadata__": metadata} if metadata else {}

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from .provenance import final_metadata, output_metadata
-from .writer import data_chunks
+from .writer import data_chunks, output_table
 from .errors import CkptbendError
 from .layouts import detect
 from .plan import make_plan
@@ -27,12 +27,13 @@ def recorded_recipe(ckpt):
 
 
 def _compare_data(src_file, out_file, header, edits, source_hash) -> str | None:
-    begins = [t.begin for t in header.tensors]
+    tensors = output_table(header, edits)
+    begins = [t.begin for t in tensors]
     position = 0
     for chunk in data_chunks(src_file, header, edits, source_hash):
         got = out_file.read(len(chunk))
         if got != chunk:
-            t = header.tensors[bisect.bisect_right(begins, position) - 1]
+            t = tensors[bisect.bisect_right(begins, position) - 1]
             return f"tensor {t.name!r} differs"
         position += len(chunk)
     return None
@@ -78,7 +79,7 @@ def verify(output_path, source_path, source_sha256: str | None = None) -> list[s
             out.seek(0)
             data_sha256 = data_hash.hexdigest() if "modelspec.hash_sha256" in meta else None
             expected = header_bytes(final_metadata(meta, source_digest, data_sha256),
-                                    cf.header.tensors)
+                                    output_table(cf.header, edits))
             if out.read(len(expected)) != expected:
                 problems.append(f"{cf.rel}: header or metadata differs from the recomputed bake")
     if src_ckpt.kind == "diffusers-folder":

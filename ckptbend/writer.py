@@ -26,10 +26,23 @@ from .hash_cache import HASH_CHUNK
 from .output import start_writeback
 from .plan import Edit
 from .provenance import final_metadata
-from .safetensors_io import Header, header_bytes
+from .safetensors_io import Header, header_bytes, retabled
 
 CHUNK = 16 * 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024    # bytes per copy_file_range call: large, but progress and writeback move
+
+
+def output_table(header: Header, edits: dict[str, Edit]):
+    """The output's tensor table: the input's, but for tensors whose edit changes their shape."""
+    shapes = {name: e.out_shape for name, e in edits.items() if e.out_shape is not None}
+    return retabled(header.tensors, shapes) if shapes else header.tensors
+
+
+def _edited(raw, t, edit: Edit):
+    """A tensor's new bytes: its format's operation (a quantised layer's tensor), or the float rule."""
+    if edit.op is not None:
+        return edit.op.apply(raw, t.shape)[0]
+    return scale_bytes(raw, t.dtype, t.shape, edit.segments)
 
 
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
@@ -52,7 +65,7 @@ def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
             if len(raw) != t.nbytes:
                 raise CkptbendError(f"{header.path}: file shrank while being read")
             source_hash.update(raw)
-            yield scale_bytes(raw, t.dtype, t.shape, edit.segments)
+            yield _edited(raw, t, edit)
 
 
 class ShrankError(OSError):
@@ -109,18 +122,19 @@ class _Background:
 
 
 def _runs(header: Header, edits: dict[str, Edit]):
-    """(tensor to scale, or None for a run of untouched tensors, begin, end) in data order."""
-    start = None
+    """(tensor to scale, or None for a run of untouched tensors, begin, end, its first tensor's name) in data
+    order."""
+    start = first = None
     for t in header.tensors:
         if t.name in edits:
             if start is not None:
-                yield None, start, t.begin
+                yield None, start, t.begin, first
                 start = None
-            yield t, t.begin, t.end
+            yield t, t.begin, t.end, t.name
         elif start is None:
-            start = t.begin
+            start, first = t.begin, t.name
     if start is not None:
-        yield None, start, header.tensors[-1].end
+        yield None, start, header.tensors[-1].end, first
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int, progress, durable: bool):
@@ -169,7 +183,7 @@ class _ScaledAhead:
 
     def _run(self, cancelled: threading.Event, src_fd: int, edited):
         try:
-            for t, segments, src_off, _ in edited:
+            for t, edit, src_off, _ in edited:
                 buf = self._free.get()          # None: cancelled
                 if buf is None or cancelled.is_set():
                     return
@@ -178,7 +192,7 @@ class _ScaledAhead:
                     if os.preadv(src_fd, [raw], src_off) != t.nbytes:
                         raise ShrankError()
                 with profile.phase("edited tensors: scale (worker)"):
-                    self._ready.put((buf, scale_bytes(raw, t.dtype, t.shape, segments)))
+                    self._ready.put((buf, _edited(raw, t, edit)))
         except BaseException as e:
             self._ready.put(e)      # the main thread waits on _ready: hand it the failure
             raise
@@ -274,8 +288,10 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     is written. `data_chunks` is the
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
-    header_size = len(header_bytes(meta, header.tensors))   # the final header has the same length
+    tensors = output_table(header, edits)
+    header_size = len(header_bytes(meta, tensors))   # the final header has the same length
     dst_fd, base = out.fileno(), header_size
+    at = {t.name: t.begin for t in tensors}          # where each tensor goes in the output's data
     runs = list(_runs(header, edits))
     # Worker threads and queues from here on: Ctrl-C is handled only between steps (interrupts.py).
     with open(src_path, "rb") as src, interrupts.deferred():
@@ -286,21 +302,21 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         cached = source_sha256 or hash_cache.lookup(before)
         hasher = None if cached else _Background(_timed_sha256, src_fd, 0, before.st_size)
         # The scaling (numpy and pread release the GIL) hides behind the kernel copy on a second core.
-        edited = [(t, edits[t.name].segments, header.data_start + begin, base + begin)
-                  for t, begin, _ in runs if t is not None]
+        edited = [(t, edits[t.name], header.data_start + begin, base + at[t.name])
+                  for t, begin, _, _ in runs if t is not None]
         scaler = _ScaledAhead(src_fd, edited)
         # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
         behind = _HashBehind(dst_fd, base) if "modelspec.hash_sha256" in meta else None
         written = _Written(progress, behind)
         try:
-            for t, begin, end in runs:
+            for t, begin, end, first in runs:
                 interrupts.check()
                 if t is None:
                     with profile.phase("kernel copy of untouched tensors"):
-                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + begin, end - begin, written,
+                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + at[first], end - begin, written,
                                     durable)
                 else:
-                    written.update(scaler.write_next(dst_fd, base + begin, durable))
+                    written.update(scaler.write_next(dst_fd, base + at[t.name], durable))
             with profile.phase("waiting for the source hash"):
                 source_sha256 = cached or hasher.result()
             with profile.phase("waiting for the output data hash"):
@@ -322,7 +338,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         progress.update(header.data_start)
     with profile.phase("final header"):
         # Written once, last: no page is dirtied twice, and a torn file has no valid-looking header.
-        final = header_bytes(final_metadata(meta, source_sha256, data_sha256), header.tensors)
+        final = header_bytes(final_metadata(meta, source_sha256, data_sha256), tensors)
         assert len(final) == header_size
         _pwrite_all(dst_fd, final, 0)
     return source_sha256, data_sha256

@@ -44,8 +44,9 @@ def files(tmp_path_factory):
     def get(arch, layout):
         if (arch, layout) not in made:
             name = f"{arch}-{layout}" + ("" if layout == "diffusers" else ".safetensors")
-            made[arch, layout] = write_checkpoint(root / name, arch, layout=layout,
-                                               dtype=torch.bfloat16 if layout == "scaled_fp8" else torch.float32)
+            scaled = layout == "scaled_fp8"   # BFL's names in ComfyUI's scaled fp8 (the single layout, that dtype)
+            made[arch, layout] = write_checkpoint(root / name, arch, layout="single" if scaled else layout,
+                                               dtype="scaled_fp8" if scaled else torch.float32)
         return made[arch, layout]
     return get
 
@@ -276,7 +277,7 @@ def test_inspect_shows_model_blocks_streams_qk_norm_encoders(files):
     assert "clip_l: 2 attention layers" in out and "t5xxl: 2 attention layers" in out
     assert "quantisation" not in out
     r = CliRunner().invoke(cli, ["inspect", str(files("flux_dev", "scaled_fp8"))])
-    assert "quantisation: scaled fp8 (36 layers with scale_weight)" in r.output
+    assert "quantisation: scaled fp8 (fp8 × scale_weight) ×36 layers" in r.output
     schnell = CliRunner().invoke(cli, ["inspect", str(files("flux_schnell", "single"))]).output
     assert "architecture: flux-schnell" in schnell
 
@@ -357,8 +358,13 @@ def test_scaled_fp8_round_trip(files, tmp_path):
                                  "--dry-run"])
     lines = r.output.splitlines()
     assert "double_blocks.0.img_attn.proj.scale_weight  ×0.75  (dit.joint.out (via scale_weight))" in lines
-    assert "double_blocks.0.img_attn.qkv.weight rows 64:96  ×1.5  (dit.joint.v, requantised in fp8)" in lines
-    assert "single_blocks.0.linear2.weight columns 0:32  ×0.75  (dit.joint.out, requantised in fp8)" in lines
+    # v × 1.5 would clip v rows' largest codes: the scale takes ×1.5, q and k rows are requantised by 1/1.5
+    assert "double_blocks.0.img_attn.qkv.scale_weight  ×1.5  (dit.joint.v (the largest factor, via scale_weight))" \
+        in lines
+    assert any(line.startswith("double_blocks.0.img_attn.qkv.weight rows 0:64  ×0.666667  (not in a range: ×1 overall")
+               and line.endswith(", 0 clipped)") for line in lines)
+    assert any(line.startswith("single_blocks.0.linear2.weight columns 0:32  ×0.75  (dit.joint.out, requantised in "
+                               "fp8 e4m3fn: 1,024 rounded to nearest, 0 clipped") for line in lines)
 
     out = bake_to(tmp_path, body, src)
     before, after = load_file(src), load_file(out)
@@ -367,10 +373,12 @@ def test_scaled_fp8_round_trip(files, tmp_path):
     assert torch.equal(after[p + "proj.weight"].view(torch.uint8), before[p + "proj.weight"].view(torch.uint8))
     assert torch.equal(after[p + "proj.scale_weight"], before[p + "proj.scale_weight"] * 0.75)
     assert torch.equal(after[p + "proj.bias"], (before[p + "proj.bias"].float() * 0.75).to(torch.bfloat16))
-    # row and column ranges: requantised to nearest in fp8, the rest untouched
+    # rows: the largest factor on the scale (v rows' codes stay), the other rows requantised to nearest
     qkv_b, qkv_a = before[p + "qkv.weight"], after[p + "qkv.weight"]
-    assert torch.equal(qkv_a[2 * H:].float(), (qkv_b[2 * H:].float() * 1.5).to(torch.float8_e4m3fn).float())
-    assert torch.equal(qkv_a[:2 * H].view(torch.uint8), qkv_b[:2 * H].view(torch.uint8))
+    assert torch.equal(after[p + "qkv.scale_weight"], before[p + "qkv.scale_weight"] * 1.5)
+    assert torch.equal(qkv_a[2 * H:].view(torch.uint8), qkv_b[2 * H:].view(torch.uint8))
+    assert torch.equal(qkv_a[:2 * H].float(), (qkv_b[:2 * H].float() * (1 / 1.5)).to(torch.float8_e4m3fn).float())
+    # columns by 0.75 (cannot clip): requantised to nearest, the rest untouched
     l2b, l2a = before["single_blocks.0.linear2.weight"], after["single_blocks.0.linear2.weight"]
     assert torch.equal(l2a[:, :H].float(), (l2b[:, :H].float() * 0.75).to(torch.float8_e4m3fn).float())
     assert torch.equal(l2a[:, H:].view(torch.uint8), l2b[:, H:].view(torch.uint8))

@@ -31,8 +31,9 @@ def files(tmp_path_factory):
     def get(layout):
         if layout not in made:
             name = f"hy-{layout}" + ("" if layout == "diffusers" else ".safetensors")
-            made[layout] = write_checkpoint(root / name, ARCH, layout=layout,
-                                           dtype=torch.bfloat16 if layout == "scaled_fp8" else torch.float32)
+            scaled = layout == "scaled_fp8"   # ComfyUI's scaled fp8: the single layout in that dtype
+            made[layout] = write_checkpoint(root / name, ARCH, layout="single" if scaled else layout,
+                                           dtype="scaled_fp8" if scaled else torch.float32)
         return made[layout]
     return get
 

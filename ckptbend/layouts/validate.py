@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CkptbendError
+from ..formats.comfy_quant import logical_shapes
 from .types import CheckpointFile, Site
 
 # Quantised storages that split a weight into parts ckptbend cannot scale: pattern → what it is.
@@ -35,12 +36,11 @@ def weight_of(key: str) -> str:
 
 
 def shape_in(files, rel: str, key: str) -> tuple[int, ...] | None:
-    """The shape of `key` in the model of file `rel` (any of its shards), or None if it has no such tensor."""
+    """The shape of `key` in the model of file `rel` (any of its shards), as the model sees it (an nvfp4 weight
+    unpacked), or None if it has no such tensor."""
     for f in files:
-        if folder(f.rel) == folder(rel):
-            for t in f.header.tensors:
-                if t.name == key:
-                    return t.shape
+        if folder(f.rel) == folder(rel) and key in set(f.header.names):
+            return logical_shapes(f.header)[key]
     return None
 
 
@@ -101,7 +101,7 @@ def _check_range(s: Site, shape) -> None:
 def check_sites(files: list[CheckpointFile], sites) -> None:
     """Refuse, in one line, a checkpoint whose attention tensors ckptbend cannot scale faithfully."""
     _refuse_foreign_storage(files)
-    shapes = {(folder(f.rel), t.name): t.shape for f in files for t in f.header.tensors}
+    shapes = {(folder(f.rel), name): shape for f in files for name, shape in logical_shapes(f.header).items()}
     at = {(folder(s.file), s.key, s.proj, s.rows) for s in sites}
     for s in sites:
         if s.bias:

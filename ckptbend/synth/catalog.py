@@ -9,14 +9,16 @@ GENERATORS = {
     "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
     "flux": (("flux_dev", "flux_schnell", "chroma", "hunyuan_video"),
-             ("single", "comfy", "transformer_diffusers", "diffusers", "scaled_fp8")),
+             ("single", "comfy", "transformer_diffusers", "diffusers")),
     "sd3": (("sd3_medium", "sd35_medium", "sd35_large"), _DIT_LAYOUTS),
     "qwen_image": (("qwen_image",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
 SCALED_FP8 = "scaled_fp8"   # ComfyUI's scaled fp8 (fp8 e4m3fn + scale_weight): not a torch dtype, passed by name
-DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", SCALED_FP8)
+# ComfyUI's quantised single-file forms (synth/quantised.py), passed by name; DiT families, single-file layouts.
+QUANTISED = (SCALED_FP8, "fp8mixed", "int8", "int8_convrot", "nvfp4")
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", *QUANTISED)
 
 
 def generator_of(arch: str) -> str | None:

@@ -16,10 +16,8 @@ transformer_diffusers  the transformer alone, diffusers names (one file)
 diffusers              a pipeline folder: model_index.json, transformer/, text_encoder*/, vae/, scheduler/
 =====================  ================================================================================
 
-dtype ``"scaled_fp8"`` writes ComfyUI's scaled fp8: every 2-D Linear weight of the transformer in
-float8_e4m3fn with a float32 scalar ``<layer>.scale_weight`` (dequantised = fp8 × scale_weight) and a
-``<layer>.scale_input`` (an activation scale, 1.0), the marker ``<model prefix>scaled_fp8`` (empty,
-float8_e4m3fn), everything else in bfloat16.
+A ``dtype`` of catalog.QUANTISED (scaled_fp8, fp8mixed, int8, int8_convrot, nvfp4) writes ComfyUI's quantised
+form of the transformer (synth/quantised.py) in any single-file layout; everything else in bfloat16.
 """
 
 from __future__ import annotations
@@ -33,14 +31,15 @@ from typing import Callable
 import torch
 
 from ..errors import CkptbendError
-from .catalog import SCALED_FP8
+from .catalog import QUANTISED
 from .files import write_safetensors, write_weights
+from .quantised import quantise
 from .text_encoders import hf_clip_state_dict
 
 MODEL_PREFIX = "model.diffusion_model."
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 LAYOUTS = ("single", "single_prefixed", "comfy", "transformer_diffusers", "diffusers")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, SCALED_FP8)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, *QUANTISED)
 
 _TINY_TEXT = {"vocab_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "bos_token_id": 0,
               "eos_token_id": 1, "pad_token_id": 1}
@@ -136,23 +135,8 @@ def build_text_encoders(family: Family, seed: int = 0) -> dict:
     return models
 
 
-def scaled_fp8(state: dict, prefix: str) -> dict:
-    """ComfyUI's scaled fp8 of a model state dict (`prefix`: where the model's keys start)."""
-    out = {prefix + SCALED_FP8: torch.empty(0, dtype=torch.float8_e4m3fn)}
-    for k, t in state.items():
-        if t.is_floating_point() and t.ndim == 2 and k.endswith(".weight"):
-            layer = k.removesuffix("weight")
-            scale = (t.float().abs().max() / FP8_MAX).clamp(min=1e-12)
-            out[k] = (t.float() / scale).to(torch.float8_e4m3fn)
-            out[layer + "scale_weight"] = scale.reshape(()).float()
-            out[layer + "scale_input"] = torch.tensor(1.0)
-        else:
-            out[k] = t.to(torch.bfloat16) if t.is_floating_point() else t
-    return out
-
-
 def _write_one(path, state: dict, dtype) -> Path:
-    if dtype == SCALED_FP8:
+    if dtype in QUANTISED:
         return write_safetensors(path, state, dtype=None)
     return write_safetensors(path, state, dtype)
 
@@ -161,7 +145,7 @@ def _model_state(family, arch, layout, model, dtype) -> dict:
     state = model.state_dict() if layout == "transformer_diffusers" else family.to_original(model.state_dict())
     prefix = MODEL_PREFIX if layout in ("single_prefixed", "comfy") else ""
     state = {prefix + k: v for k, v in state.items()}
-    return scaled_fp8(state, prefix) if dtype == SCALED_FP8 else state
+    return quantise(state, prefix, dtype) if dtype in QUANTISED else state
 
 
 def _comfy_extras(family, seed, dtype) -> dict:
@@ -170,7 +154,7 @@ def _comfy_extras(family, seed, dtype) -> dict:
         out.update({f"text_encoders.{name}.transformer.{k}": v for k, v in text_file_state(name, model).items()})
     if family.vae is not None:
         out.update({family.vae_prefix + k: v for k, v in family.vae(seed)[1].items()})
-    if dtype == SCALED_FP8:   # only the diffusion model is quantised
+    if dtype in QUANTISED:   # only the diffusion model is quantised
         out = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in out.items()}
     return out
 
@@ -178,8 +162,8 @@ def _comfy_extras(family, seed, dtype) -> dict:
 def _write_folder(root: Path, family: Family, arch, model, dtype, seed, shard_size) -> Path:
     import diffusers
 
-    if dtype == SCALED_FP8:
-        raise CkptbendError("synth: scaled fp8 is a ComfyUI single-file form; use another dtype for diffusers")
+    if dtype in QUANTISED:
+        raise CkptbendError(f"synth: {dtype} is a ComfyUI single-file form; use another dtype for diffusers")
     root.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": family.pipeline, "_diffusers_version": diffusers.__version__}
     model.save_config(root / "transformer")

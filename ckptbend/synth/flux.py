@@ -13,10 +13,10 @@ comfy                  ComfyUI all-in-one: the model under ``model.diffusion_mod
                        under ``vae.`` (Chroma: ``first_stage_model.``; HunyuanVideo's video VAE is not made)
 transformer_diffusers  the transformer alone in diffusers names, one file
 diffusers              a pipeline folder: model_index.json, transformer/, text_encoder(_2)/, vae/ (Flux, Chroma)
-scaled_fp8             ComfyUI scaled fp8: ``single`` with every 2-D Linear weight in fp8 e4m3fn plus a float32
-                       ``<layer>.scale_weight`` and ``<layer>.scale_input``, the marker tensor ``scaled_fp8``;
-                       biases and norms in ``dtype`` (bf16 when ``dtype`` is fp8)
 =====================  =================================================================================
+
+ComfyUI's quantised forms (``dtype`` one of catalog.QUANTISED: scaled_fp8, fp8mixed, int8, int8_convrot,
+nvfp4; synth/quantised.py) are written in the ``single`` and ``comfy`` layouts, as for the other DiTs.
 
 Sizes: ``tiny`` (h 32 = 2 heads × 16, 2 double + 2 single blocks, tiny CLIP-L / T5 / Llama) and ``full``
 (the released transformer config on the meta device, values drawn while writing; ``single`` only).
@@ -32,9 +32,10 @@ import torch
 
 from ..errors import CkptbendError
 
-from .catalog import GENERATORS, SCALED_FP8
+from .catalog import GENERATORS, QUANTISED
 from .files import write_safetensors, write_weights
 from .flux_names import comfy_hunyuan_name, flux_to_original, hunyuan_to_original
+from .quantised import quantise
 from .text_encoders import hf_clip_state_dict
 
 ARCHES, LAYOUTS = GENERATORS["flux"]
@@ -67,7 +68,6 @@ COMFY_VAE_PREFIX = {"chroma": "first_stage_model.", "flux_dev": "vae.", "flux_sc
 _TINY_TEXT = dict(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=H, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
 _TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=2, latent_channels=16,
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-FP8_MARKER = "scaled_fp8"
 
 
 def _randomize(model, seed):
@@ -155,23 +155,6 @@ def _comfy_state(arch: str, transformer, seed: int) -> dict:
     return out
 
 
-def scaled_fp8(state: dict, dtype) -> dict:
-    """ComfyUI's scaled fp8 form of a state dict: each 2-D `.weight` → fp8 e4m3fn with a float32 scalar
-    `scale_weight` (dequantised = fp8 × scale_weight) and an activation `scale_input`; the rest in `dtype`."""
-    rest = torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
-    fp8 = torch.float8_e4m3fn
-    out = {FP8_MARKER: torch.empty(0, dtype=fp8)}
-    for k, v in state.items():
-        if k.endswith(".weight") and v.ndim == 2:
-            scale = v.float().abs().max().clamp(min=1e-12) / torch.finfo(fp8).max
-            out[k] = (v.float() / scale).to(fp8)
-            out[k.removesuffix("weight") + "scale_weight"] = scale.reshape(()).float()
-            out[k.removesuffix("weight") + "scale_input"] = torch.tensor(1.0)
-        else:
-            out[k] = v.to(rest) if v.is_floating_point() else v
-    return out
-
-
 def layout_state_dict(arch: str, layout: str, transformer, seed: int = 0, dtype=torch.float32) -> dict:
     """The tensors of a one-file layout."""
     if layout == "single":
@@ -180,8 +163,6 @@ def layout_state_dict(arch: str, layout: str, transformer, seed: int = 0, dtype=
         return dict(transformer.state_dict())
     if layout == "comfy":
         return _comfy_state(arch, transformer, seed)
-    if layout == "scaled_fp8":
-        return scaled_fp8(to_original(arch, transformer.state_dict()), dtype)
     raise CkptbendError(f"synth: layout {layout!r} is not a single file")
 
 
@@ -214,21 +195,23 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
     """Write a synthetic checkpoint of `arch` in `layout` and return its path."""
     if arch not in ARCHES:
         raise CkptbendError(f"unknown architecture {arch!r} (one of {', '.join(ARCHES)})")
-    if dtype == SCALED_FP8:   # `--dtype scaled_fp8`, as for the other DiTs: the scaled_fp8 layout (original names)
-        if layout != "single":
-            raise CkptbendError(f"synth: {arch} is written as scaled fp8 in the single layout only")
-        layout, dtype = "scaled_fp8", None
+    form = dtype if dtype in QUANTISED else None
+    if form and (layout not in ("single", "comfy") or size != "tiny"):
+        raise CkptbendError(f"synth: {form} is a ComfyUI single-file form, tiny only; use --layout single or comfy")
     if layout not in LAYOUTS:
         raise CkptbendError(f"synth: {arch} has no layout {layout!r} (one of {', '.join(LAYOUTS)})")
     if size not in SIZES or (size == "full" and layout != "single"):
         raise CkptbendError(f"synth: {arch} at size {size!r} is written in the single layout only")
     if shard_size is not None:
         raise CkptbendError("synth: shard_size is not supported for this architecture")
-    dtype = torch.float32 if dtype is None else dtype
+    dtype = torch.float32 if dtype is None or form else dtype
     path = Path(path)
     transformer = build_transformer(arch, size, seed)
     if layout == "diffusers":
         return _write_diffusers(path, arch, transformer, dtype, seed)
     state = layout_state_dict(arch, layout, transformer, seed, dtype)
+    if form:
+        prefix = COMFY_MODEL_PREFIX.get(arch, "model.diffusion_model.") if layout == "comfy" else ""
+        return write_safetensors(path, quantise(state, prefix, form), None)
     generator = np.random.default_rng(seed)   # values of meta (full-size) tensors
-    return write_safetensors(path, state, None if layout == "scaled_fp8" else dtype, generator)
+    return write_safetensors(path, state, dtype, generator)

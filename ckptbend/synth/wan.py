@@ -10,9 +10,9 @@ Layouts: ``single`` (original names, bare), ``comfy`` (ComfyUI all-in-one: the m
 ``model.diffusion_model.``, the text encoder under ``text_encoders.<umt5xxl|t5xxl>.transformer.``),
 ``transformer_diffusers`` (diffusers names, one file), ``diffusers`` (pipeline folder with
 ``model_index.json``, ``transformer/`` and ``text_encoder/``), ``text_encoder`` (the text encoder alone,
-transformers names). Dtypes: fp32, fp16, bf16, fp8 (e4m3fn, e5m2), and ``scaled_fp8``: ComfyUI's
-scaled fp8 (every Linear weight of the model in e4m3fn with a float32 ``scale_weight`` and
-``scale_input``, a ``scaled_fp8`` marker; the rest in bf16).
+transformers names). Dtypes: fp32, fp16, bf16, fp8 (e4m3fn, e5m2), and ComfyUI's quantised forms
+(catalog.QUANTISED: scaled_fp8, fp8mixed, int8, int8_convrot, nvfp4; synth/quantised.py) in the
+single-file layouts.
 
 Tiny sizes only: width 32 = 2 heads × 16 (the Wan and LTX qk-norms span all heads, so the norm
 weights have the full width), 2 blocks.
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CkptbendError
-from .catalog import SCALED_FP8
+from .catalog import QUANTISED
+from .quantised import quantise
 from .dit import randomise
 from .files import write_safetensors
 
@@ -50,7 +51,7 @@ LAYOUTS = ("single", "comfy", "transformer_diffusers", "diffusers", "text_encode
 TEXT_CONFIG = dict(vocab_size=64, d_model=24, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
 TEXT_CLASS = {"umt5xxl": ("UMT5EncoderModel", "UMT5Config"), "t5xxl": ("T5EncoderModel", "T5Config")}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, SCALED_FP8)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, *QUANTISED)
 
 # diffusers → original names, in order (the inverse of convert_wan_transformer_to_diffusers).
 WAN_RENAMES = (
@@ -119,29 +120,6 @@ def text_state_dict(encoder) -> dict[str, torch.Tensor]:
     return dict(encoder.state_dict())
 
 
-# 2-D weights that are embeddings, not Linear layers (T5/UMT5): scaled fp8 leaves them alone.
-NOT_LINEAR = re.compile(r"(?:^|\.)(?:shared|embed_tokens|relative_attention_bias)\.weight$")
-
-
-def scaled_fp8(tensors: dict[str, torch.Tensor], prefix: str, rest=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8 of the model's tensors (those under `prefix`): each Linear weight (2-D
-    `.weight`, not an embedding) as e4m3fn × a float32 `scale_weight` (max |w| / 448), a float32 `scale_input` of 1, and the
-    marker `scaled_fp8` (empty, e4m3fn); every other floating tensor in `rest`."""
-    fp8 = torch.float8_e4m3fn
-    out = {}
-    for key, t in tensors.items():
-        if key.startswith(prefix) and key.endswith(".weight") and t.ndim == 2 and not NOT_LINEAR.search(key):
-            scale = (t.abs().max().float() / torch.finfo(fp8).max).clamp(min=1e-12)
-            layer = key.removesuffix("weight")
-            out[key] = (t.float() / scale).to(fp8)
-            out[layer + "scale_weight"] = scale.reshape(())
-            out[layer + "scale_input"] = torch.ones((), dtype=torch.float32)
-        else:
-            out[key] = t.to(rest) if t.is_floating_point() else t
-    out[prefix + "scaled_fp8"] = torch.empty(0, dtype=fp8)
-    return out
-
-
 def layout_state_dict(arch: str, layout: str, models) -> tuple[dict[str, torch.Tensor], str]:
     """(tensors, model prefix) of a one-file layout."""
     text = ARCHES[arch][2]
@@ -169,8 +147,8 @@ def _cast(model, dtype):
 def _write_diffusers(root: Path, arch: str, models, dtype) -> Path:
     import diffusers
 
-    if dtype == SCALED_FP8:
-        raise CkptbendError("synth: scaled fp8 is a ComfyUI single-file form; use --layout single or comfy")
+    if dtype in QUANTISED:
+        raise CkptbendError(f"synth: {dtype} is a ComfyUI single-file form; use --layout single or comfy")
     cls, _, text, pipeline = ARCHES[arch]
     root.mkdir(parents=True, exist_ok=True)
     _cast(models["dit"], dtype).save_pretrained(root / "transformer", safe_serialization=True)
@@ -201,8 +179,6 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
     if layout == "diffusers":
         return _write_diffusers(path, arch, models, dtype)
     tensors, prefix = layout_state_dict(arch, layout, models)
-    if dtype == SCALED_FP8:
-        if prefix is None:
-            prefix = ""   # a scaled-fp8 text encoder file: ComfyUI marks it at the top level too
-        return write_safetensors(path, scaled_fp8(tensors, prefix), dtype=None)
+    if dtype in QUANTISED:   # a text encoder file alone (prefix None): ComfyUI marks it at the top level too
+        return write_safetensors(path, quantise(tensors, prefix or "", dtype), dtype=None)
     return write_safetensors(path, tensors, dtype)

@@ -1,0 +1,1 @@
+"""Stored forms of a weight beyond plain floating tensors: what they hold, and how a factor reaches them."""

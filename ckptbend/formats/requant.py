@@ -1,0 +1,449 @@
+"""How a factor reaches a quantised weight — the rule, per format (README: "Quantised files").
+
+A weight's factors form a map over its elements: each row and each column has a chain of factors. The
+most exact place for them, in this order:
+
+1. The whole weight, one factor: its outer scale (fp8 weight_scale / scale_weight, int8 weight_scale, nvfp4
+   weight_scale_2) — exact, the codes stay byte for byte.
+2. Rows of an int8 layer: its per-channel scales (a per-tensor scale becomes one per channel, [out, 1], the
+   shape comfy-kitchen's per-channel int8 writes) — exact, ConvRot included (it mixes input columns only).
+3. Anything finer than the scales: the codes (fp8, int8) or the fp8 block scales (nvfp4) of the reached part
+   are requantised, rounded to nearest even and clipped as the format does. Of the two ways, the one that
+   rounds fewer values *without clipping any* is taken:
+   - plain: only the reached part is requantised by its factor (it may exceed the format's largest value);
+   - raised: the outer scale takes the largest factor F, the values it applies to keep their codes, and
+     every other value is requantised by its factor / F ≤ 1, which cannot clip.
+   A tensor without an outer scale (plain fp8) has only the plain way; what it clips is counted and reported.
+4. mxfp8 (power-of-two block scales, no outer scale): a block's exponent takes ⌈log2 f⌉ of its largest
+   factor (exact), its codes the rest, f / 2^⌈log2 f⌉ ≤ 1 (one rounding each, nothing clips). A power-of-two
+   factor is exact.
+
+Every requantisation is measured on the source before anything is written: values requantised, values
+clipped, and per range the achieved factor — the least-squares ratio Σxy / Σx² of baked (y) to requested
+(x = factor × source) effective weights, times the factor — reported when it departs by more than MATERIAL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..arithmetic import scale_bytes
+from ..edits import Edit, Segment
+from ..errors import CkptbendError
+from . import codecs, ops
+from .comfy_quant import FORMATS, FP8, QuantLayer, layers_of, logical_shape
+
+MATERIAL = 0.01        # an achieved factor further than 1 % from the requested one is reported
+_CHUNK = 1 << 22       # elements per row chunk when measuring
+UNITS = {"F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2", "I8": "int8"}
+
+
+@dataclass
+class Routed:
+    """What the rule asks of a checkpoint's quantised tensors: edits by (file, tensor), the planned tensors it
+    took over (their plain edits are dropped), and what to tell."""
+    edits: dict = field(default_factory=dict)
+    taken: set = field(default_factory=set)
+    warnings: list = field(default_factory=list)
+
+
+class _Chains:
+    """The segments reaching each row and each column of a weight (their factors apply in that order)."""
+
+    def __init__(self, segments, rows: int, cols: int, key: str):
+        self.segments, self.rows, self.cols = tuple(segments), [()] * rows, [()] * cols
+        for i, s in enumerate(self.segments):
+            if s.rows is not None and s.cols is not None:
+                raise CkptbendError(f"{key}: a range of rows and columns at once cannot reach a quantised weight")
+            target, span = (self.cols, s.cols) if s.cols is not None else (self.rows, s.rows or (0, rows))
+            target[span[0]:span[1]] = [c + (i,) for c in target[span[0]:span[1]]]
+
+    def factors(self, chain) -> tuple:
+        return tuple(f for i in chain for f in self.segments[i].factors)
+
+    def reasons(self, chain) -> tuple:
+        return tuple(r for i in chain for r in self.segments[i].reasons)
+
+    def products(self, axis: str) -> np.ndarray:
+        return np.array([math.prod(self.factors(c)) for c in getattr(self, axis)], dtype=np.float64)
+
+    def same(self, axis: str) -> bool:
+        """Whether every row (column) has the same factors (from whichever entries)."""
+        return len({self.factors(c) for c in getattr(self, axis)}) == 1
+
+    def common(self, axis: str):
+        """(factors, reasons) every row (column) has — reasons of whichever entries give them — or None."""
+        chains = getattr(self, axis)
+        if not self.same(axis):
+            return None
+        return self.factors(chains[0]), tuple(dict.fromkeys(r for c in dict.fromkeys(chains) for r in self.reasons(c)))
+
+    def uniform(self):
+        """(factors, reasons) when every element has the same factors, or None."""
+        rows, cols = self.common("rows"), self.common("cols")
+        return (rows[0] + cols[0], rows[1] + cols[1]) if rows and cols else None
+
+    def reached(self, axis: str) -> bool:
+        return any(getattr(self, axis))
+
+    def of(self, chain) -> tuple:
+        """(factors, reasons) of a chain."""
+        return self.factors(chain), self.reasons(chain)
+
+
+def _via(found: tuple, outer: str, why: str = "") -> Segment:
+    """The whole-tensor segment putting (factors, reasons) on an outer scale."""
+    factors, reasons = found
+    return Segment(None, factors, (f"{', '.join(reasons)} ({why}via {outer})",))
+
+
+def _runs(values):
+    out, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append((start, i, values[start]))
+            start = i
+    return out
+
+
+def _span(axis, a, b) -> dict:
+    return {"rows": (a, b), "cols": None} if axis == "rows" else {"rows": None, "cols": (a, b)}
+
+
+def _ratio_segments(chains: _Chains, axis: str) -> list:
+    """Raised requantisation: every row (column) by its factor / the axis's largest, where that is not 1."""
+    products = chains.products(axis)
+    top, out = products.max(), []
+    for a, b, p in _runs(list(products)):
+        if p != top:
+            why = chains.reasons(getattr(chains, axis)[a]) or ("not in a range",)
+            text = f"{', '.join(why)}: ×{p:g} overall, the scale taking ×{top:g}"
+            out.append(_segment(axis, a, b, (p / top,), text))
+    return out
+
+
+def _in_units(segments, unit: int) -> tuple:
+    return tuple(replace(s, cols=(s.cols[0] // unit, s.cols[1] // unit)) if s.cols else s for s in segments)
+
+
+def _raise_wins(chains: _Chains, plain_clips) -> bool:
+    """Whether raising the outer scale by the largest factor beats requantising only the reached part."""
+    pr, pc = chains.products("rows"), chains.products("cols")
+    if pr.max() * pc.max() <= 1:
+        return False                           # every factor ≤ 1: the reached part cannot clip
+    vr, nr = np.unique(pr, return_counts=True)
+    vc, nc = np.unique(pc, return_counts=True)
+    untouched = sum(int(a) * int(b) for x, a in zip(vr, nr) for y, b in zip(vc, nc) if x * y == 1)
+    plain = pr.size * pc.size - untouched
+    raised = pr.size * pc.size - int((pr == pr.max()).sum()) * int((pc == pc.max()).sum())
+    return raised < plain or plain_clips() > 0
+
+
+def _top(chains: _Chains) -> tuple:
+    """(factors, reasons) of the largest factor."""
+    pr, pc = chains.products("rows"), chains.products("cols")
+    return chains.of(chains.rows[int(np.argmax(pr))] + chains.cols[int(np.argmax(pc))])
+
+
+# --- the rules, per format -------------------------------------------------------------------------------
+# Each returns (changes: tensor name → Edit, what to measure: "codes" | "nvfp4" | "mxfp8" | None if exact).
+
+def _fp8(cf, q, parts, chains, probe):
+    outer = q.tensors["outer"]
+    whole = chains.uniform()
+    if whole is not None:
+        return {outer: _edit(cf, outer, [_via(whole, q.format.outer)])}, None
+    dtype = parts["weight"][1].dtype
+    plain = {q.weight: _edit(cf, q.weight, chains.segments, ops.Codes(dtype, chains.segments))}
+    if not _raise_wins(chains, lambda: probe(plain, "codes").saturated):
+        return plain, "codes"
+    ratios = tuple(_ratio_segments(chains, "rows") + _ratio_segments(chains, "cols"))
+    return {q.weight: _edit(cf, q.weight, ratios, ops.Codes(dtype, ratios)),
+            outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}, "codes"
+
+
+def _int8(cf, q, parts, chains, probe):
+    outer, scale = q.tensors["outer"], parts["outer"][1]
+    rows = parts["weight"][1].shape[0]
+    if tuple(scale.shape) not in ((), (1,), (rows,), (rows, 1)):
+        raise CkptbendError(f"{outer}: shape {list(scale.shape)} is neither per tensor nor per output channel "
+                            f"of {q.weight} ({rows} rows)")
+    if chains.same("rows"):
+        on_scale = [_via(chains.common("rows"), "weight_scale")] if chains.rows[0] else []
+    else:   # rows: their channels' scales (exact)
+        on_scale = [Segment((a, b), chains.factors(c), tuple(f"{r} (via weight_scale)" for r in chains.reasons(c)))
+                    for a, b, c in _runs(chains.rows) if c]
+    changes, measure = {}, None
+    if chains.same("cols"):
+        on_scale += [_via(chains.common("cols"), "weight_scale")] if chains.cols[0] else []
+    else:
+        _check_groups(chains, q.convrot, "ConvRot rotation group", q.weight)
+        cols_only = _Chains([s for s in chains.segments if s.cols], rows, len(chains.cols), q.weight)
+        plain = {q.weight: _edit(cf, q.weight, cols_only.segments, ops.Codes("I8", cols_only.segments))}
+        if _raise_wins(cols_only, lambda: probe(plain, "codes").saturated):
+            ratios = tuple(_ratio_segments(cols_only, "cols"))
+            plain = {q.weight: _edit(cf, q.weight, ratios, ops.Codes("I8", ratios))}
+            on_scale.append(_via(_top(cols_only), "weight_scale", "the largest factor, "))
+        changes, measure = plain, "codes"
+    if not on_scale:
+        return changes, measure
+    per_tensor = math.prod(scale.shape) == 1
+    expand = per_tensor and any(s.rows for s in on_scale)
+    op = ops.Expand(scale.dtype, rows, tuple(on_scale)) if expand else None
+    changes[outer] = _edit(cf, outer, on_scale, op, f"; the per-tensor scale made one per output channel, [{rows}, 1]"
+                           if expand else None)
+    return changes, measure
+
+
+def _nvfp4(cf, q, parts, chains, probe):
+    outer, grid_name = q.tensors["outer"], q.tensors["block"]
+    whole = chains.uniform()
+    if whole is not None:
+        return {outer: _edit(cf, outer, [_via(whole, q.format.outer)])}, None
+    _check_groups(chains, 16, "nvfp4 block", q.weight)
+    rows, blocks = len(chains.rows), len(chains.cols) // 16
+    def blocks_of(segments):   # shown in the weight's columns, applied to the grid's blocks
+        return _edit(cf, grid_name, segments, ops.BlockScales(rows, blocks, _in_units(segments, 16)))
+
+    plain = {grid_name: blocks_of(chains.segments)}
+    if not _raise_wins(chains, lambda: probe(plain, "nvfp4").saturated):
+        return plain, "nvfp4"
+    ratios = tuple(_ratio_segments(chains, "rows") + _ratio_segments(chains, "cols"))
+    return {grid_name: blocks_of(ratios),
+            outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}, "nvfp4"
+
+
+def _power_split(f: float) -> tuple[int, float]:
+    """f = 2^k · r with k = ⌈log2 f⌉ and r in (1/2, 1] (k = 0, r = f for f = 0)."""
+    if f == 0:
+        return 0, 0.0
+    m, e = math.frexp(f)
+    k = e - 1 if m == 0.5 else e
+    return k, f / 2.0 ** k
+
+
+def _mxfp8(cf, q, parts, chains, probe):
+    weight, grid_name = parts["weight"][1], q.tensors["block"]
+    rows, blocks = weight.shape[0], weight.shape[1] // 32
+    if chains.reached("rows") and chains.reached("cols"):
+        raise CkptbendError(f"{q.weight}: rows and columns at once cannot reach an mxfp8 weight")
+    axis = "cols" if chains.reached("cols") else "rows"
+    products = chains.products(axis)
+    if axis == "cols":   # a block's exponent follows its largest factor
+        shift = [_power_split(products[b * 32:(b + 1) * 32].max())[0] for b in range(blocks)]
+        ratio = [p / 2.0 ** shift[c // 32] for c, p in enumerate(products)]
+    else:
+        split = [_power_split(p) for p in products]
+        shift, ratio = [k for k, _ in split], [r for _, r in split]
+    width = 32 if axis == "cols" else 1
+    runs = [(a, b, k) for a, b, k in _runs(shift) if k]
+    shown = [_segment(axis, a * width, b * width, (2.0 ** k,), "the exponent's share") for a, b, k in runs]
+    grid = ops.Exponents(rows, blocks, **{"block_shifts" if axis == "cols" else "row_shifts": tuple(runs)})
+    changes = {grid_name: _edit(cf, grid_name, shown, grid, " (power-of-two block scales: exact)")}
+    codes = tuple(_segment(axis, a, b, (r,), "the rest after the exponent") for a, b, r in _runs(ratio) if r != 1)
+    if not codes:
+        return changes, None
+    changes[q.weight] = _edit(cf, q.weight, codes, ops.Codes(weight.dtype, codes))
+    return changes, "mxfp8"
+
+
+def _segment(axis, a, b, factors, reason) -> Segment:
+    span = _span(axis, a, b)
+    return Segment(span["rows"], factors, (reason,), span["cols"])
+
+
+def _check_groups(chains: _Chains, group: int | None, what: str, key: str):
+    """Column factors must be whole over each group of `group` columns the format shares a value across."""
+    if not group:
+        return
+    for a, b, _ in _runs(chains.cols):
+        if a % group or (b % group and b != len(chains.cols)):
+            raise CkptbendError(f"{key}: a column range ending at {a if a % group else b} cuts its {what}s of "
+                                f"{group} columns; refusing")
+
+
+RULES = {"int8_tensorwise": _int8, "nvfp4": _nvfp4, "mxfp8": _mxfp8}
+
+
+def _edit(cf, name, segments, op=None, note=None) -> Edit:
+    return Edit(cf.rel, name, tuple(segments), op, note)
+
+
+# --- routing a plan's tensors ----------------------------------------------------------------------------
+
+def route(ckpt, by_tensor: dict) -> Routed:
+    """The edits for every quantised layer (and plain fp8 tensor) that `by_tensor` ((file, key) → segments)
+    reaches; they replace its plain edits of those tensors."""
+    routed = Routed()
+    for cf in ckpt.files:
+        mine = {key: segs for (file, key), segs in by_tensor.items() if file == cf.rel}
+        if not mine:
+            continue
+        layers = layers_of(cf.rel, cf.header)
+        for key, segs in mine.items():
+            q = layers.get(key if key.endswith(".weight") else key.removesuffix("bias") + "weight")
+            if q is not None and not q.format.codes:
+                _tensor_checks(cf, q)              # a layer ckptbend cannot scale: refused, its bias with it
+            elif q is not None and key == q.weight:
+                routed.taken.add((cf.rel, key))
+                parts = _tensor_checks(cf, q)
+                shape = logical_shape(cf.header, q.weight)
+                chains = _Chains(segs, shape[0] if shape else 1, math.prod(shape[1:]), key)
+                rule = RULES.get(q.format.name, _fp8)
+                _finish(cf, q.format.label, parts, chains, rule(cf, q, parts, chains, _prober(cf, parts, chains)), routed)
+            elif cf.header.tensor(key).dtype in FP8:
+                t = cf.header.tensor(key)
+                chains = _Chains(segs, t.shape[0] if t.shape else 1, math.prod(t.shape[1:]), key)
+                parts = {"weight": (None, t)}
+                plain = {key: _edit(cf, key, chains.segments, ops.Codes(t.dtype, chains.segments))}
+                _finish(cf, f"{UNITS[t.dtype]} (no scale beside it)", parts, chains, (plain, "codes"), routed)
+    return routed
+
+
+def _tensor_checks(cf, q: QuantLayer) -> dict:
+    """The layer's tensors by role (bytes read later), or a one-line refusal naming what is wrong."""
+    fmt, names = q.format, set(cf.header.names)
+    if not fmt.codes:
+        raise CkptbendError(f"{q.weight}: stored in ComfyUI's {fmt.label}, which ckptbend cannot scale; refusing "
+                            f"(it bakes {', '.join(n for n in FORMATS if n != 'scaled_fp8')} and scaled fp8)")
+    missing = [n for n in q.tensors.values() if n not in names]
+    if missing:
+        raise CkptbendError(f"{q.weight}: a {fmt.name} layer without its {missing[0]}; refusing")
+    found = {role: (None, cf.header.tensor(name)) for role, name in q.tensors.items()}
+    w = found["weight"][1]
+    if w.dtype not in fmt.codes:
+        raise CkptbendError(f"{q.weight}: a {fmt.name} weight stored as {w.dtype}, expected {' or '.join(fmt.codes)}")
+    if fmt.block_scale:
+        grid = found["block"][1]
+        blocks = w.shape[1] * fmt.packed // fmt.block if len(w.shape) == 2 else 0
+        if len(w.shape) != 2 or tuple(grid.shape) != codecs.tiled_shape(w.shape[0], blocks) \
+                or grid.nbytes != math.prod(grid.shape):
+            raise CkptbendError(f"{grid.name}: {grid.dtype}{list(grid.shape)} is not {fmt.name}'s block-scale grid "
+                                f"for a weight of {list(w.shape)}")
+    if "outer" in found and found["outer"][1].dtype not in ("F32", "F16", "BF16"):
+        raise CkptbendError(f"{found['outer'][1].name}: a scale stored as {found['outer'][1].dtype}; refusing")
+    return found
+
+
+# --- measuring on the source -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Report:
+    requantised: dict          # tensor name → values requantised
+    saturated: int
+    achieved: tuple            # per segment: (least-squares factor relative to the requested, lowest, highest) or None
+
+
+def _prober(cf, parts, chains):
+    return lambda changes, kind: _probe(cf, parts, chains, changes, kind)
+
+
+_PROBES: dict = {}
+
+
+def _probe(cf, parts, chains, changes: dict, kind: str) -> Report:
+    path = cf.header.path
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, tuple(sorted(changes.items())), kind)
+    if key not in _PROBES:
+        if len(_PROBES) > 4096:
+            _PROBES.clear()
+        _PROBES[key] = _measure(cf, parts, chains, changes, kind)
+    return _PROBES[key]
+
+
+def _apply(edit: Edit, raw, t):
+    if edit.op is None:
+        return scale_bytes(bytearray(raw), t.dtype, t.shape, edit.segments), 0
+    return edit.op.apply(raw, t.shape)
+
+
+def _measure(cf, parts, chains, changes, kind) -> Report:
+    with open(cf.header.path, "rb", buffering=0) as f:
+        before = {role: (os.pread(f.fileno(), t.nbytes, cf.header.data_start + t.begin), t)
+                  for role, (_, t) in parts.items()}
+    after, saturated = dict(before), 0
+    for role, (raw, t) in before.items():
+        if t.name in changes:
+            new, clipped = _apply(changes[t.name], raw, t)
+            after[role] = (bytes(new), replace(t, shape=changes[t.name].out_shape or t.shape))
+            saturated += clipped
+    tensors = {t.name: t for _, t in before.values()}
+    requantised = {name: _covered(e.op, tensors[name]) for name, e in changes.items()
+                   if isinstance(e.op, (ops.Codes, ops.BlockScales))}
+    return Report(requantised, saturated, _achieved(before, after, chains, kind))
+
+
+def _covered(op, t) -> int:
+    """How many values (block scales) an operation requantises."""
+    if isinstance(op, ops.BlockScales):
+        rows, cols = op.rows, op.blocks
+    else:
+        rows, cols = (t.shape[0] if t.shape else 1), math.prod(t.shape[1:])
+    if any(s.whole for s in op.segments):
+        return rows * cols
+    r = set().union(*(range(*s.rows) for s in op.segments if s.rows))
+    c = set().union(*(range(*s.cols) for s in op.segments if s.cols))
+    return len(r) * cols + len(c) * rows - len(r) * len(c)
+
+
+def _achieved(before, after, chains: _Chains, kind) -> tuple:
+    pr, pc = chains.products("rows"), chains.products("cols")
+    n, step = len(pr), max(1, _CHUNK // max(1, len(pc)))
+    sums = np.zeros((len(chains.segments), 2))
+    lo = np.full(len(chains.segments), np.inf)
+    hi = np.full(len(chains.segments), -np.inf)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        x = ops.effective(kind, before, r0, r1) * pr[r0:r1, None] * pc[None, :]
+        y = ops.effective(kind, after, r0, r1)
+        for i, s in enumerate(chains.segments):
+            a, b = s.rows or (0, n)
+            a, b = max(a, r0) - r0, min(b, r1) - r0
+            if a >= b:
+                continue
+            cols = slice(*s.cols) if s.cols else slice(None)
+            xs, ys = x[a:b, cols], y[a:b, cols]
+            sums[i] += (float((xs * ys).sum()), float((xs * xs).sum()))
+            nonzero = xs != 0
+            if nonzero.any():
+                ratio = ys[nonzero] / xs[nonzero]
+                lo[i], hi[i] = min(lo[i], ratio.min()), max(hi[i], ratio.max())
+    return tuple((sxy / sxx, lo[i], hi[i]) if sxx else None for i, (sxy, sxx) in enumerate(sums))
+
+
+def _finish(cf, label, parts, chains, decided, routed: Routed):
+    changes, kind = decided
+    if kind is not None:
+        report = _probe(cf, parts, chains, changes, kind)
+        for name, count in report.requantised.items():
+            op = changes[name].op
+            unit = "its fp8 e4m3fn block scales (one per 16 columns)" if isinstance(op, ops.BlockScales) \
+                else UNITS[op.dtype]
+            changes[name] = replace(changes[name], note=f"{changes[name].note or ''}, requantised in {unit}: "
+                                    f"{count:,} rounded to nearest, {report.saturated:,} clipped")
+        routed.warnings += _warnings(chains, report, label, next(iter(changes)))
+    routed.edits.update({(cf.rel, name): e for name, e in changes.items()})
+
+
+def _warnings(chains, report: Report, label: str, key: str) -> list[str]:
+    found = []
+    if report.saturated:
+        found.append(f"{key}: {report.saturated:,} requantised values exceeded {label}'s largest value and were "
+                     "clipped to it (there is no scale beside it to take the factor)")
+    for seg, measured in zip(chains.segments, report.achieved):
+        if measured is None:
+            continue
+        relative, lo, hi = measured
+        if abs(relative - 1) > MATERIAL:
+            f = math.prod(seg.factors)
+            where = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else f" columns {seg.cols[0]}:{seg.cols[1]}" \
+                if seg.cols else ""
+            found.append(f"{key}{where}: {', '.join(seg.reasons)} ×{f:g} achieved ×{f * relative:.4f} "
+                         f"({100 * (relative - 1):+.1f} %, least-squares over the range; per value "
+                         f"×{f * lo:.4f} to ×{f * hi:.4f}): {label} cannot hold this factor finely on these values")
+    return found
