@@ -182,7 +182,7 @@ def _dry_run(jobs, input, allow_missing):
             click.echo(line)
         if r.has_dynamic:
             click.echo(f"# companion for the sampling-time sections: {folder_for(out)}/")
-        click.echo(f"{len(plan.edits)} tensors would be scaled; nothing written (dry run)", err=True)
+        click.echo(f"{plan.summary()} would be scaled; nothing written (dry run)", err=True)
 
 
 def _note_left_alone(ckpt):
@@ -210,7 +210,7 @@ def _bake_all(jobs, input, *, force, allow_missing, quiet, durable, source_name,
             click.echo(f"note: removed {p.name}, left by an interrupted run of ckptbend", err=True)
         if not quiet:
             click.echo(f"baked {r.name} ({r.sha256[:12]}) into {out}: "
-                       f"{len(result.plan.edits)} tensors scaled, the rest copied unchanged", err=True)
+                       f"{result.plan.summary()} scaled, the rest copied unchanged", err=True)
             if result.companion is not None:
                 click.echo(f"wrote the companion {result.companion}/ for the recipe's sampling-time part "
                            f"(diffusers: import it and call apply(pipe); ComfyUI: copy it into custom_nodes/)",

@@ -44,6 +44,13 @@ class Plan:
     recipe: object
     edits: tuple[Edit, ...]
     warnings: tuple[str, ...]
+    requantised: tuple[int, int, int] = (0, 0, 0)   # quantised tensors requantised, values rounded, values clipped
+
+    def summary(self) -> str:
+        """'N tensors' and, where the format made the bake requantise, how much (for the one-line reports)."""
+        tensors, rounded, clipped = self.requantised
+        extra = f" ({tensors} requantised: {rounded:,} values rounded to nearest, {clipped:,} clipped)" if tensors else ""
+        return f"{len(self.edits)} tensors{extra}"
 
     def edits_for(self, rel: str) -> dict[str, Edit]:
         return {e.key: e for e in self.edits if e.file == rel}
@@ -197,4 +204,4 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     for e in edits:
         if e.op is None and dtypes[(e.file, e.key)] not in SCALABLE:
             raise CkptbendError(f"{e.key}: stored as {dtypes[(e.file, e.key)]}, which cannot be scaled")
-    return Plan(ckpt, recipe, edits, tuple(warnings))
+    return Plan(ckpt, recipe, edits, tuple(warnings), quantised.counts)

@@ -18,27 +18,24 @@ most exact place for them, in this order:
    factor (exact), its codes the rest, f / 2^⌈log2 f⌉ ≤ 1 (one rounding each, nothing clips). A power-of-two
    factor is exact.
 
-Every requantisation is measured on the source before anything is written: values requantised, values
-clipped, and per range the achieved factor — the least-squares ratio Σxy / Σx² of baked (y) to requested
-(x = factor × source) effective weights, times the factor — reported when it departs by more than MATERIAL.
+Every requantisation is measured on the source before anything is written (measure.py): values
+requantised, values clipped, and per range the achieved factor, reported when it departs from the requested
+one by more than MATERIAL.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..arithmetic import scale_bytes
 from ..edits import Edit, Segment
 from ..errors import CkptbendError
-from . import codecs, ops
+from . import codecs, measure, ops
 from .comfy_quant import FORMATS, FP8, QuantLayer, layers_of, logical_shape
 
 MATERIAL = 0.01        # an achieved factor further than 1 % from the requested one is reported
-_CHUNK = 1 << 22       # elements per row chunk when measuring
 UNITS = {"F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2", "I8": "int8"}
 
 
@@ -48,7 +45,13 @@ class Routed:
     took over (their plain edits are dropped), and what to tell."""
     edits: dict = field(default_factory=dict)
     taken: set = field(default_factory=set)
-    warnings: list = field(default_factory=list)
+    counts: tuple = (0, 0, 0)          # tensors requantised, values rounded, values clipped
+    clipped: dict = field(default_factory=dict)    # format → [(tensor, values clipped)]
+    departed: dict = field(default_factory=dict)   # (reasons, factor, format) → [(where, achieved, lowest, highest)]
+
+    @property
+    def warnings(self) -> list[str]:
+        return _warnings(self)
 
 
 class _Chains:
@@ -294,13 +297,14 @@ def route(ckpt, by_tensor: dict) -> Routed:
                 shape = logical_shape(cf.header, q.weight)
                 chains = _Chains(segs, shape[0] if shape else 1, math.prod(shape[1:]), key)
                 rule = RULES.get(q.format.name, _fp8)
-                _finish(cf, q.format.label, parts, chains, rule(cf, q, parts, chains, _prober(cf, parts, chains)), routed)
+                decided = rule(cf, q, parts, chains, measure.prober(cf, parts, chains))
+                _finish(cf, key, q.format.label, parts, chains, decided, routed)
             elif cf.header.tensor(key).dtype in FP8:
                 t = cf.header.tensor(key)
                 chains = _Chains(segs, t.shape[0] if t.shape else 1, math.prod(t.shape[1:]), key)
                 parts = {"weight": (None, t)}
                 plain = {key: _edit(cf, key, chains.segments, ops.Codes(t.dtype, chains.segments))}
-                _finish(cf, f"{UNITS[t.dtype]} (no scale beside it)", parts, chains, (plain, "codes"), routed)
+                _finish(cf, key, f"{UNITS[t.dtype]} (no scale beside it)", parts, chains, (plain, "codes"), routed)
     return routed
 
 
@@ -329,121 +333,46 @@ def _tensor_checks(cf, q: QuantLayer) -> dict:
     return found
 
 
-# --- measuring on the source -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Report:
-    requantised: dict          # tensor name → values requantised
-    saturated: int
-    achieved: tuple            # per segment: (least-squares factor relative to the requested, lowest, highest) or None
-
-
-def _prober(cf, parts, chains):
-    return lambda changes, kind: _probe(cf, parts, chains, changes, kind)
-
-
-_PROBES: dict = {}
-
-
-def _probe(cf, parts, chains, changes: dict, kind: str) -> Report:
-    path = cf.header.path
-    stat = os.stat(path)
-    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, tuple(sorted(changes.items())), kind)
-    if key not in _PROBES:
-        if len(_PROBES) > 4096:
-            _PROBES.clear()
-        _PROBES[key] = _measure(cf, parts, chains, changes, kind)
-    return _PROBES[key]
-
-
-def _apply(edit: Edit, raw, t):
-    if edit.op is None:
-        return scale_bytes(bytearray(raw), t.dtype, t.shape, edit.segments), 0
-    return edit.op.apply(raw, t.shape)
-
-
-def _measure(cf, parts, chains, changes, kind) -> Report:
-    with open(cf.header.path, "rb", buffering=0) as f:
-        before = {role: (os.pread(f.fileno(), t.nbytes, cf.header.data_start + t.begin), t)
-                  for role, (_, t) in parts.items()}
-    after, saturated = dict(before), 0
-    for role, (raw, t) in before.items():
-        if t.name in changes:
-            new, clipped = _apply(changes[t.name], raw, t)
-            after[role] = (bytes(new), replace(t, shape=changes[t.name].out_shape or t.shape))
-            saturated += clipped
-    tensors = {t.name: t for _, t in before.values()}
-    requantised = {name: _covered(e.op, tensors[name]) for name, e in changes.items()
-                   if isinstance(e.op, (ops.Codes, ops.BlockScales))}
-    return Report(requantised, saturated, _achieved(before, after, chains, kind))
-
-
-def _covered(op, t) -> int:
-    """How many values (block scales) an operation requantises."""
-    if isinstance(op, ops.BlockScales):
-        rows, cols = op.rows, op.blocks
-    else:
-        rows, cols = (t.shape[0] if t.shape else 1), math.prod(t.shape[1:])
-    if any(s.whole for s in op.segments):
-        return rows * cols
-    r = set().union(*(range(*s.rows) for s in op.segments if s.rows))
-    c = set().union(*(range(*s.cols) for s in op.segments if s.cols))
-    return len(r) * cols + len(c) * rows - len(r) * len(c)
-
-
-def _achieved(before, after, chains: _Chains, kind) -> tuple:
-    pr, pc = chains.products("rows"), chains.products("cols")
-    n, step = len(pr), max(1, _CHUNK // max(1, len(pc)))
-    sums = np.zeros((len(chains.segments), 2))
-    lo = np.full(len(chains.segments), np.inf)
-    hi = np.full(len(chains.segments), -np.inf)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        x = ops.effective(kind, before, r0, r1) * pr[r0:r1, None] * pc[None, :]
-        y = ops.effective(kind, after, r0, r1)
-        for i, s in enumerate(chains.segments):
-            a, b = s.rows or (0, n)
-            a, b = max(a, r0) - r0, min(b, r1) - r0
-            if a >= b:
-                continue
-            cols = slice(*s.cols) if s.cols else slice(None)
-            xs, ys = x[a:b, cols], y[a:b, cols]
-            sums[i] += (float((xs * ys).sum()), float((xs * xs).sum()))
-            nonzero = xs != 0
-            if nonzero.any():
-                ratio = ys[nonzero] / xs[nonzero]
-                lo[i], hi[i] = min(lo[i], ratio.min()), max(hi[i], ratio.max())
-    return tuple((sxy / sxx, lo[i], hi[i]) if sxx else None for i, (sxy, sxx) in enumerate(sums))
-
-
-def _finish(cf, label, parts, chains, decided, routed: Routed):
+def _finish(cf, key, label, parts, chains, decided, routed: Routed):
     changes, kind = decided
     if kind is not None:
-        report = _probe(cf, parts, chains, changes, kind)
+        report = measure.probe(cf, parts, chains, changes, kind)
         for name, count in report.requantised.items():
             op = changes[name].op
             unit = "its fp8 e4m3fn block scales (one per 16 columns)" if isinstance(op, ops.BlockScales) \
                 else UNITS[op.dtype]
             changes[name] = replace(changes[name], note=f"{changes[name].note or ''}, requantised in {unit}: "
                                     f"{count:,} rounded to nearest, {report.saturated:,} clipped")
-        routed.warnings += _warnings(chains, report, label, next(iter(changes)))
+        routed.counts = tuple(a + b for a, b in zip(routed.counts, (1, sum(report.requantised.values()),
+                                                                    report.saturated)))
+        if report.saturated:
+            routed.clipped.setdefault(label, []).append((key, report.saturated))
+        for seg, measured in zip(chains.segments, report.achieved):
+            if measured is not None and abs(measured[0] - 1) > MATERIAL:
+                f = math.prod(seg.factors)
+                routed.departed.setdefault((", ".join(seg.reasons), f, label), []).append(
+                    (key + _where(seg), *(f * m for m in measured)))
     routed.edits.update({(cf.rel, name): e for name, e in changes.items()})
 
 
-def _warnings(chains, report: Report, label: str, key: str) -> list[str]:
-    found = []
-    if report.saturated:
-        found.append(f"{key}: {report.saturated:,} requantised values exceeded {label}'s largest value and were "
-                     "clipped to it (there is no scale beside it to take the factor)")
-    for seg, measured in zip(chains.segments, report.achieved):
-        if measured is None:
-            continue
-        relative, lo, hi = measured
-        if abs(relative - 1) > MATERIAL:
-            f = math.prod(seg.factors)
-            where = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else f" columns {seg.cols[0]}:{seg.cols[1]}" \
-                if seg.cols else ""
-            found.append(f"{key}{where}: {', '.join(seg.reasons)} ×{f:g} achieved ×{f * relative:.4f} "
-                         f"({100 * (relative - 1):+.1f} %, least-squares over the range; per value "
-                         f"×{f * lo:.4f} to ×{f * hi:.4f}): {label} cannot hold this factor finely on these values")
-    return found
+def _where(seg) -> str:
+    return f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else f" columns {seg.cols[0]}:{seg.cols[1]}" \
+        if seg.cols else ""
+
+
+def _warnings(routed: Routed) -> list[str]:
+    """One line per kind of loss: what was clipped, and which factors could not be held finely."""
+    lines = []
+    for label, found in routed.clipped.items():
+        where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
+        lines.append(f"{where}: {sum(n for _, n in found):,} requantised values exceeded {label}'s largest value "
+                     "and were clipped to it (no scale beside them can take the factor)")
+    for (reasons, f, label), found in routed.departed.items():
+        where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
+        got = [a for _, a, _, _ in found]
+        achieved = f"×{min(got):.4f}" + (f" to ×{max(got):.4f}" if len(found) > 1 else "")
+        lines.append(f"{where}: {reasons} ×{f:g} achieved {achieved} (the least-squares ratio of baked to source "
+                     f"values over the range, off by more than {MATERIAL:.0%}; per value "
+                     f"×{min(lo for *_, lo, _ in found):.4f} to ×{max(hi for *_, hi in found):.4f}): "
+                     f"{label} cannot hold this factor finely on these values")
+    return lines
