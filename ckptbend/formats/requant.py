@@ -147,9 +147,11 @@ def _raise_wins(chains: _Chains, plain_clips) -> bool:
 
 
 def _top(chains: _Chains) -> tuple:
-    """(factors, reasons) of the largest factor."""
+    """(factors, reasons) of the largest factor: its chain, and the entries of every row and column giving it."""
     pr, pc = chains.products("rows"), chains.products("cols")
-    return chains.of(chains.rows[int(np.argmax(pr))] + chains.cols[int(np.argmax(pc))])
+    factors = chains.factors(chains.rows[int(np.argmax(pr))] + chains.cols[int(np.argmax(pc))])
+    tops = [c for c, p in zip(chains.rows, pr) if p == pr.max()] + [c for c, p in zip(chains.cols, pc) if p == pc.max()]
+    return factors, tuple(dict.fromkeys(r for c in dict.fromkeys(tops) for r in chains.reasons(c)))
 
 
 # --- the rules, per format -------------------------------------------------------------------------------
