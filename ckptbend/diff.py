@@ -104,7 +104,7 @@ def _effective_lines(prefix, q, parts_a, parts_b, cut) -> list[str]:
 
     kind = q.format.name if q.format.name in ("nvfp4", "mxfp8") else "codes"
     rows = parts_a["weight"][1].shape[0]
-    a, b = ops.effective(kind, parts_a, 0, rows), ops.effective(kind, parts_b, 0, rows)
+    a, b = (ops.effective(kind, parts, 0, rows).astype(np.float64) for parts in (parts_a, parts_b))
     basis = ", in ConvRot's rotated basis" if q.convrot else ""
     label = f"{q.weight} (effective: {q.format.label}{basis})"
     return [prefix + line for line in _ratio_lines(label, a, b, cut)]

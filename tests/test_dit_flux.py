@@ -358,13 +358,14 @@ def test_scaled_fp8_round_trip(files, tmp_path):
                                  "--dry-run"])
     lines = r.output.splitlines()
     assert "double_blocks.0.img_attn.proj.scale_weight  ×0.75  (dit.joint.out (via scale_weight))" in lines
-    # v × 1.5 would clip v rows' largest codes: the scale takes ×1.5, q and k rows are requantised by 1/1.5
+    # v × 1.5 would clip v rows' largest codes, more than rounding q and k rows by 1/1.5 loses (least squares):
+    # the scale takes ×1.5
     assert "double_blocks.0.img_attn.qkv.scale_weight  ×1.5  (dit.joint.v (the largest factor, via scale_weight))" \
         in lines
     assert any(line.startswith("double_blocks.0.img_attn.qkv.weight rows 0:64  ×0.666667  (not in a range: ×1 overall")
                and line.endswith(", 0 clipped)") for line in lines)
     assert any(line.startswith("single_blocks.0.linear2.weight columns 0:32  ×0.75  (dit.joint.out, requantised in "
-                               "fp8 e4m3fn: 1,024 rounded to nearest, 0 clipped") for line in lines)
+                               "fp8 e4m3fn; the tensor: 1,024 rounded to nearest, 0 clipped") for line in lines)
 
     out = bake_to(tmp_path, body, src)
     before, after = load_file(src), load_file(out)

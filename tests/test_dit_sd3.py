@@ -307,7 +307,7 @@ def test_scaled_fp8_round_trip(tmp_path):
     lines = "\n".join(plan.describe())
     p = MODEL_PREFIX + "joint_blocks.0.x_block.attn."
     assert f"{p}proj.scale_weight  ×0.5  (dit.joint.out (via scale_weight))" in lines
-    assert f"{p}qkv.weight rows 64:96  ×0.5  (dit.joint.v, requantised in fp8 e4m3fn: 1,024 rounded to nearest, " \
+    assert f"{p}qkv.weight rows 64:96  ×0.5  (dit.joint.v, requantised in fp8 e4m3fn; the tensor: 1,024 rounded to nearest, " \
         "0 clipped)" in lines
     out = tmp_path / "o.safetensors"
     bake(recipe(body), src, out, progress=False)

@@ -3,6 +3,8 @@ and saturation (round to nearest even, clipped at the format's largest value, as
 
 - fp8 e4m3fn / e5m2: torch's conversions (largest finite 448 / 57344);
 - int8: round half to even, clipped to [-128, 127] (comfy-kitchen's int8 quantiser);
+- a one-byte code has 256 values, so a requantisation by a chain of factors is a table of 256 entries,
+  built once with torch by the rule (float32 multiply, round, clip) and looked up for every code;
 - e2m1 (nvfp4 codes): two per byte, the first element in the high nibble;
 - e8m0 (mxfp8 block scales): a biased exponent, 2^(e - 127), 255 is NaN;
 - block-scale layout: nvfp4 and mxfp8 store their [rows, blocks] scale grid in cuBLAS's tiled order
@@ -11,6 +13,7 @@ and saturation (round to nearest even, clipped at the format's largest value, as
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,31 +25,67 @@ E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3
 E8M0_BIAS, E8M0_MAX = 127, 254
 
 
-def decode(raw, dtype: str):
-    """Stored codes (fp8 or int8) → a flat float32 torch tensor (torch: the only fp8 codec at hand)."""
+def _torch_codes(dtype: str):
     import torch
 
-    stored = getattr(torch, TORCH_DTYPES[dtype])
-    return torch.frombuffer(bytearray(raw), dtype=stored).to(torch.float32)
+    return torch.from_numpy(np.arange(256, dtype=np.uint8)).view(getattr(torch, TORCH_DTYPES[dtype]))
 
 
-def decode64(raw, dtype: str, shape) -> np.ndarray:
-    return decode(raw, dtype).numpy().astype(np.float64).reshape(shape)
-
-
-def encode(x, dtype: str) -> tuple[np.ndarray, int]:
-    """float32 values (a torch tensor, changed in place) → stored bytes (uint8 view) in `dtype`, and how many
-    values were clipped to its range."""
+@functools.lru_cache(maxsize=None)
+def values(dtype: str) -> np.ndarray:
+    """The float32 value of each of the 256 codes of a one-byte dtype (fp8, int8, uint8)."""
     import torch
 
+    return _torch_codes(dtype).to(torch.float32).numpy()
+
+
+_STEP = 1 << 16   # codes per look-up: indices (widened by numpy) and results stay in the CPU cache
+
+
+def histogram(codes: np.ndarray) -> np.ndarray:
+    """How often each of the 256 codes occurs (in steps: numpy widens what it counts)."""
+    flat = codes.reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, flat.size, 1 << 20):
+        counts += np.bincount(flat[start:start + (1 << 20)], minlength=256)
+    return counts
+
+
+def look_up(codes: np.ndarray, table: np.ndarray) -> None:
+    """Replace each code by table[code], in place (a column range, not contiguous: at once)."""
+    if not codes.flags.c_contiguous:
+        codes[...] = table[codes]
+        return
+    flat = codes.reshape(-1)
+    for start in range(0, flat.size, _STEP):
+        np.take(table, flat[start:start + _STEP], out=flat[start:start + _STEP])
+
+
+def decode(raw, dtype: str) -> np.ndarray:
+    """Stored one-byte codes → float32 values (flat)."""
+    codes, table = np.frombuffer(raw, dtype=np.uint8), values(dtype)
+    out = np.empty(codes.size, dtype=np.float32)
+    for start in range(0, codes.size, _STEP):
+        np.take(table, codes[start:start + _STEP], out=out[start:start + _STEP])
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def table(dtype: str, factors: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(new code, clipped?) of each of the 256 codes under the rule: the value times each factor in turn
+    (float32), rounded to nearest even in `dtype` and clipped to its range."""
+    import torch
+
+    x = _torch_codes(dtype).to(torch.float32)
+    for f in factors:
+        x.mul_(f)
     if dtype == "I8":
         x = torch.round(x)          # half to even
-        lo, hi = INT8_RANGE
-        saturated = int(((x < lo) | (x > hi)).sum())
-        return x.clamp_(lo, hi).to(torch.int8).view(torch.uint8).numpy(), saturated
+        clipped = (x < INT8_RANGE[0]) | (x > INT8_RANGE[1])
+        return x.clamp_(*INT8_RANGE).to(torch.int8).view(torch.uint8).numpy(), clipped.numpy()
     top = FP8_MAX[dtype]
-    saturated = int((x.abs() > top).sum())
-    return x.clamp_(-top, top).to(getattr(torch, TORCH_DTYPES[dtype])).view(torch.uint8).numpy(), saturated
+    clipped = x.abs() > top
+    return x.clamp_(-top, top).to(getattr(torch, TORCH_DTYPES[dtype])).view(torch.uint8).numpy(), clipped.numpy()
 
 
 def e2m1(raw: bytes, shape) -> np.ndarray:

@@ -20,26 +20,31 @@ def _rows(x, shape):
     return x.reshape(shape[0], -1) if len(shape) else x.reshape(1, -1)
 
 
-def _multiply(work, segments) -> None:
+def _look_up(codes: np.ndarray, segments, dtype: str) -> int:
+    """Requantise, in place, the parts of a [rows, columns] array of one-byte codes that disjoint segments
+    reach (their chains of factors, through the rule's 256-entry table); the number of values clipped."""
+    clipped = 0
     for seg in segments:
-        part = work if seg.rows is None else work[seg.rows[0]:seg.rows[1]]
+        part = codes if seg.rows is None else codes[seg.rows[0]:seg.rows[1]]
         if seg.cols is not None:
             part = part[:, seg.cols[0]:seg.cols[1]]
-        for f in seg.factors:
-            part.mul_(f)
+        new, clips = codecs.table(dtype, tuple(seg.factors))
+        clipped += int(codecs.histogram(part)[clips].sum())
+        codecs.look_up(part, new)
+    return clipped
 
 
 @dataclass(frozen=True)
 class Codes:
-    """Requantise fp8 or int8 codes: each segment's part times its factors, rounded and clipped as the format does."""
+    """Requantise fp8 or int8 codes: each (disjoint) segment's part times its factors, rounded and clipped as
+    the format does."""
     dtype: str
     segments: tuple
 
     def apply(self, raw, shape):
-        x = codecs.decode(raw, self.dtype)
-        _multiply(_rows(x, shape), self.segments)
-        encoded, saturated = codecs.encode(x, self.dtype)
-        return memoryview(encoded), saturated
+        codes = np.frombuffer(raw, dtype=np.uint8).copy()
+        clipped = _look_up(_rows(codes, shape), self.segments, self.dtype)
+        return memoryview(codes), clipped
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,9 @@ class BlockScales(_Grid):
 
     def apply(self, raw, shape):
         flat, index = self.read(raw)
-        grid = codecs.decode(flat[index].tobytes(), "F8_E4M3").reshape(self.rows, self.blocks)
-        _multiply(grid, self.segments)
-        encoded, saturated = codecs.encode(grid.reshape(-1), "F8_E4M3")
-        flat[index.reshape(-1)] = encoded
+        grid = flat[index]
+        saturated = _look_up(grid, self.segments, "F8_E4M3")
+        flat[index] = grid
         return memoryview(flat), saturated
 
 
@@ -111,27 +115,28 @@ class Expand:
 # --- effective weights ---------------------------------------------------------------------------------
 
 def values_of(raw, dtype: str, shape) -> np.ndarray:
-    """Stored values of any dtype ckptbend reads, in float64."""
+    """Stored values of any dtype ckptbend reads, in float32 (exact for every code; float64 stays float64)."""
     if dtype in codecs.TORCH_DTYPES:
-        return codecs.decode64(raw, dtype, shape)
-    return to_float64(bytes(raw), dtype, shape)
+        return codecs.decode(raw, dtype).reshape(shape)
+    values = to_float64(bytes(raw), dtype, shape)
+    return values if dtype == "F64" else values.astype(np.float32)
 
 
 def outer_rows(raw, tensor, rows: int) -> np.ndarray:
-    """A per-tensor or per-channel scale as a column of `rows` float64 values."""
+    """A per-tensor or per-channel scale as a column of `rows` values."""
     values = values_of(raw, tensor.dtype, tensor.shape).reshape(-1)
     return np.broadcast_to(values.reshape(-1, 1), (rows, 1)) if values.size == 1 else values.reshape(rows, 1)
 
 
 def effective(kind: str, parts: dict, r0: int, r1: int) -> np.ndarray:
-    """Rows [r0, r1) of a layer's effective weight in float64, from its stored parts: role → (bytes, TensorInfo).
+    """Rows [r0, r1) of a layer's effective weight (float32), from its stored parts: role → (bytes, TensorInfo).
     kind: "codes" (fp8 / int8 × an optional outer scale), "nvfp4" or "mxfp8". ConvRot weights stay in their
     rotated basis (rows and whole rotation groups keep their ratios there)."""
     raw, t = parts["weight"]
     width = t.nbytes // t.shape[0] if len(t.shape) else t.nbytes
     rows = raw[r0 * width:r1 * width]
     if kind == "nvfp4":
-        values = codecs.e2m1(bytes(rows), (r1 - r0, t.shape[1])).astype(np.float64)
+        values = codecs.e2m1(bytes(rows), (r1 - r0, t.shape[1]))
         values *= np.repeat(_grid_values(parts, r0, r1, t.shape[0], values.shape[1] // 16, "F8_E4M3"), 16, axis=1)
     elif kind == "mxfp8":
         values = values_of(rows, t.dtype, (r1 - r0, t.shape[1]))
@@ -141,7 +146,7 @@ def effective(kind: str, parts: dict, r0: int, r1: int) -> np.ndarray:
         values = _rows(values_of(rows, t.dtype, shape), shape)
     if "outer" in parts:
         outer_raw, outer = parts["outer"]
-        values = values * outer_rows(outer_raw, outer, t.shape[0] if len(t.shape) else 1)[r0:r1]
+        values = values * outer_rows(outer_raw, outer, t.shape[0] if len(t.shape) else 1)[r0:r1].astype(values.dtype)
     return values
 
 
@@ -150,5 +155,5 @@ def _grid_values(parts, r0, r1, rows, blocks, kind) -> np.ndarray:
     flat = np.frombuffer(bytes(raw), dtype=np.uint8)
     cells = flat[codecs.tiled_index(rows, blocks)[r0:r1]]
     if kind == "E8M0":
-        return codecs.e8m0(cells)
-    return codecs.decode64(cells.tobytes(), "F8_E4M3", cells.shape)
+        return codecs.e8m0(cells).astype(np.float32)
+    return codecs.values("F8_E4M3")[cells]

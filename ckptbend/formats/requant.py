@@ -8,12 +8,14 @@ most exact place for them, in this order:
 2. Rows of an int8 layer: its per-channel scales (a per-tensor scale becomes one per channel, [out, 1], the
    shape comfy-kitchen's per-channel int8 writes) — exact, ConvRot included (it mixes input columns only).
 3. Anything finer than the scales: the codes (fp8, int8) or the fp8 block scales (nvfp4) of the reached part
-   are requantised, rounded to nearest even and clipped as the format does. Of the two ways, the one that
-   rounds fewer values *without clipping any* is taken:
+   are requantised, rounded to nearest even and clipped as the format does, in one of two ways:
    - plain: only the reached part is requantised by its factor (it may exceed the format's largest value);
    - raised: the outer scale takes the largest factor F, the values it applies to keep their codes, and
      every other value is requantised by its factor / F ≤ 1, which cannot clip.
-   A tensor without an outer scale (plain fp8) has only the plain way; what it clips is counted and reported.
+   A way that rounds fewer values and clips none is taken; when plain rounds fewer but would clip, the way
+   whose baked weight is nearer to the requested one in total squared error (what a linear layer's output
+   error follows) is taken. A tensor without an outer scale (plain fp8) has only the plain way. Whatever is
+   clipped is counted and reported, never silent.
 4. mxfp8 (power-of-two block scales, no outer scale): a block's exponent takes ⌈log2 f⌉ of its largest
    factor (exact), its codes the rest, f / 2^⌈log2 f⌉ ≤ 1 (one rounding each, nothing clips). A power-of-two
    factor is exact.
@@ -33,9 +35,9 @@ import numpy as np
 from ..edits import Edit, Segment
 from ..errors import CkptbendError
 from . import codecs, measure, ops
+from .measure import MATERIAL
 from .comfy_quant import FORMATS, FP8, QuantLayer, layers_of, logical_shape
 
-MATERIAL = 0.01        # an achieved factor further than 1 % from the requested one is reported
 UNITS = {"F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2", "I8": "int8"}
 
 
@@ -58,7 +60,7 @@ class _Chains:
     """The segments reaching each row and each column of a weight (their factors apply in that order)."""
 
     def __init__(self, segments, rows: int, cols: int, key: str):
-        self.segments, self.rows, self.cols = tuple(segments), [()] * rows, [()] * cols
+        self.segments, self.rows, self.cols, self._products = tuple(segments), [()] * rows, [()] * cols, {}
         for i, s in enumerate(self.segments):
             if s.rows is not None and s.cols is not None:
                 raise CkptbendError(f"{key}: a range of rows and columns at once cannot reach a quantised weight")
@@ -72,7 +74,11 @@ class _Chains:
         return tuple(r for i in chain for r in self.segments[i].reasons)
 
     def products(self, axis: str) -> np.ndarray:
-        return np.array([math.prod(self.factors(c)) for c in getattr(self, axis)], dtype=np.float64)
+        """The product of each row's (column's) factors."""
+        if axis not in self._products:
+            of_chain = {c: math.prod(self.factors(c)) for c in set(getattr(self, axis))}
+            self._products[axis] = np.array([of_chain[c] for c in getattr(self, axis)], dtype=np.float64)
+        return self._products[axis]
 
     def same(self, axis: str) -> bool:
         """Whether every row (column) has the same factors (from whichever entries)."""
@@ -92,6 +98,14 @@ class _Chains:
 
     def reached(self, axis: str) -> bool:
         return any(getattr(self, axis))
+
+    def disjoint(self, key: str) -> tuple:
+        """The factors as segments that do not overlap: runs of rows (or columns) with one chain."""
+        if self.reached("rows") and self.reached("cols"):
+            raise CkptbendError(f"{key}: rows and columns at once cannot reach this quantised weight")
+        axis = "cols" if self.reached("cols") else "rows"
+        return tuple(_segment(axis, a, b, self.factors(c), ", ".join(self.reasons(c)))
+                     for a, b, c in _runs(getattr(self, axis)) if c)
 
     def of(self, chain) -> tuple:
         """(factors, reasons) of a chain."""
@@ -133,24 +147,31 @@ def _in_units(segments, unit: int) -> tuple:
     return tuple(replace(s, cols=(s.cols[0] // unit, s.cols[1] // unit)) if s.cols else s for s in segments)
 
 
-def _raise_wins(chains: _Chains, plain_clips) -> bool:
-    """Whether raising the outer scale by the largest factor beats requantising only the reached part."""
+def _choose(chains: _Chains, probe, plain: dict, raised: dict, kind: str) -> dict:
+    """Plain or raised requantisation (module docstring, 3): a way that rounds fewer values and clips none is
+    taken; when the plain way rounds fewer but would clip, the one with the smaller total squared error."""
     pr, pc = chains.products("rows"), chains.products("cols")
     if pr.max() * pc.max() <= 1:
-        return False                           # every factor ≤ 1: the reached part cannot clip
+        return plain                           # every factor ≤ 1: nothing can clip, nothing to raise
     vr, nr = np.unique(pr, return_counts=True)
     vc, nc = np.unique(pc, return_counts=True)
     untouched = sum(int(a) * int(b) for x, a in zip(vr, nr) for y, b in zip(vc, nc) if x * y == 1)
-    plain = pr.size * pc.size - untouched
-    raised = pr.size * pc.size - int((pr == pr.max()).sum()) * int((pc == pc.max()).sum())
-    return raised < plain or plain_clips() > 0
+    rounded_plain = pr.size * pc.size - untouched
+    rounded_raised = pr.size * pc.size - int((pr == pr.max()).sum()) * int((pc == pc.max()).sum())
+    if rounded_raised < rounded_plain:
+        return raised
+    found = probe(plain, kind)
+    if not found.saturated:
+        return plain
+    return raised if probe(raised, kind).error <= found.error else plain
 
 
 def _top(chains: _Chains) -> tuple:
     """(factors, reasons) of the largest factor: its chain, and the entries of every row and column giving it."""
     pr, pc = chains.products("rows"), chains.products("cols")
     factors = chains.factors(chains.rows[int(np.argmax(pr))] + chains.cols[int(np.argmax(pc))])
-    tops = [c for c, p in zip(chains.rows, pr) if p == pr.max()] + [c for c, p in zip(chains.cols, pc) if p == pc.max()]
+    top_r, top_c = pr.max(), pc.max()
+    tops = [c for c, p in zip(chains.rows, pr) if p == top_r] + [c for c, p in zip(chains.cols, pc) if p == top_c]
     return factors, tuple(dict.fromkeys(r for c in dict.fromkeys(tops) for r in chains.reasons(c)))
 
 
@@ -162,13 +183,12 @@ def _fp8(cf, q, parts, chains, probe):
     whole = chains.uniform()
     if whole is not None:
         return {outer: _edit(cf, outer, [_via(whole, q.format.outer)])}, None
-    dtype = parts["weight"][1].dtype
-    plain = {q.weight: _edit(cf, q.weight, chains.segments, ops.Codes(dtype, chains.segments))}
-    if not _raise_wins(chains, lambda: probe(plain, "codes").saturated):
-        return plain, "codes"
+    dtype, segments = parts["weight"][1].dtype, chains.disjoint(q.weight)
+    plain = {q.weight: _edit(cf, q.weight, segments, ops.Codes(dtype, segments))}
     ratios = tuple(_ratio_segments(chains, "rows") + _ratio_segments(chains, "cols"))
-    return {q.weight: _edit(cf, q.weight, ratios, ops.Codes(dtype, ratios)),
-            outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}, "codes"
+    raised = {q.weight: _edit(cf, q.weight, ratios, ops.Codes(dtype, ratios)),
+              outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}
+    return _choose(chains, probe, plain, raised, "codes"), "codes"
 
 
 def _int8(cf, q, parts, chains, probe):
@@ -182,26 +202,26 @@ def _int8(cf, q, parts, chains, probe):
     else:   # rows: their channels' scales (exact)
         on_scale = [Segment((a, b), chains.factors(c), tuple(f"{r} (via weight_scale)" for r in chains.reasons(c)))
                     for a, b, c in _runs(chains.rows) if c]
-    changes, measure = {}, None
+
+    def with_scale(changes, segments):
+        if not segments:
+            return changes
+        expand = math.prod(scale.shape) == 1 and any(s.rows for s in segments)
+        op = ops.Expand(scale.dtype, rows, tuple(segments)) if expand else None
+        note = f"; the per-tensor scale made one per output channel, [{rows}, 1]" if expand else None
+        return {**changes, outer: _edit(cf, outer, segments, op, note)}
+
     if chains.same("cols"):
         on_scale += [_via(chains.common("cols"), "weight_scale")] if chains.cols[0] else []
-    else:
-        _check_groups(chains, q.convrot, "ConvRot rotation group", q.weight)
-        cols_only = _Chains([s for s in chains.segments if s.cols], rows, len(chains.cols), q.weight)
-        plain = {q.weight: _edit(cf, q.weight, cols_only.segments, ops.Codes("I8", cols_only.segments))}
-        if _raise_wins(cols_only, lambda: probe(plain, "codes").saturated):
-            ratios = tuple(_ratio_segments(cols_only, "cols"))
-            plain = {q.weight: _edit(cf, q.weight, ratios, ops.Codes("I8", ratios))}
-            on_scale.append(_via(_top(cols_only), "weight_scale", "the largest factor, "))
-        changes, measure = plain, "codes"
-    if not on_scale:
-        return changes, measure
-    per_tensor = math.prod(scale.shape) == 1
-    expand = per_tensor and any(s.rows for s in on_scale)
-    op = ops.Expand(scale.dtype, rows, tuple(on_scale)) if expand else None
-    changes[outer] = _edit(cf, outer, on_scale, op, f"; the per-tensor scale made one per output channel, [{rows}, 1]"
-                           if expand else None)
-    return changes, measure
+        return with_scale({}, on_scale), None
+    _check_groups(chains, q.convrot, "ConvRot rotation group", q.weight)
+    cols_only = _Chains([s for s in chains.segments if s.cols], rows, len(chains.cols), q.weight)
+    segments = cols_only.disjoint(q.weight)
+    plain = with_scale({q.weight: _edit(cf, q.weight, segments, ops.Codes("I8", segments))}, on_scale)
+    ratios = tuple(_ratio_segments(cols_only, "cols"))
+    raised = with_scale({q.weight: _edit(cf, q.weight, ratios, ops.Codes("I8", ratios))},
+                        [*on_scale, _via(_top(cols_only), "weight_scale", "the largest factor, ")])
+    return _choose(cols_only, probe, plain, raised, "codes"), "codes"
 
 
 def _nvfp4(cf, q, parts, chains, probe):
@@ -214,12 +234,11 @@ def _nvfp4(cf, q, parts, chains, probe):
     def blocks_of(segments):   # shown in the weight's columns, applied to the grid's blocks
         return _edit(cf, grid_name, segments, ops.BlockScales(rows, blocks, _in_units(segments, 16)))
 
-    plain = {grid_name: blocks_of(chains.segments)}
-    if not _raise_wins(chains, lambda: probe(plain, "nvfp4").saturated):
-        return plain, "nvfp4"
+    plain = {grid_name: blocks_of(chains.disjoint(q.weight))}
     ratios = tuple(_ratio_segments(chains, "rows") + _ratio_segments(chains, "cols"))
-    return {grid_name: blocks_of(ratios),
-            outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}, "nvfp4"
+    raised = {grid_name: blocks_of(ratios),
+              outer: _edit(cf, outer, [_via(_top(chains), q.format.outer, "the largest factor, ")])}
+    return _choose(chains, probe, plain, raised, "nvfp4"), "nvfp4"
 
 
 def _power_split(f: float) -> tuple[int, float]:
@@ -304,8 +323,8 @@ def route(ckpt, by_tensor: dict) -> Routed:
             elif cf.header.tensor(key).dtype in FP8:
                 t = cf.header.tensor(key)
                 chains = _Chains(segs, t.shape[0] if t.shape else 1, math.prod(t.shape[1:]), key)
-                parts = {"weight": (None, t)}
-                plain = {key: _edit(cf, key, chains.segments, ops.Codes(t.dtype, chains.segments))}
+                parts, segments = {"weight": (None, t)}, chains.disjoint(key)
+                plain = {key: _edit(cf, key, segments, ops.Codes(t.dtype, segments))}
                 _finish(cf, key, f"{UNITS[t.dtype]} (no scale beside it)", parts, chains, (plain, "codes"), routed)
     return routed
 
@@ -343,8 +362,8 @@ def _finish(cf, key, label, parts, chains, decided, routed: Routed):
             op = changes[name].op
             unit = "its fp8 e4m3fn block scales (one per 16 columns)" if isinstance(op, ops.BlockScales) \
                 else UNITS[op.dtype]
-            changes[name] = replace(changes[name], note=f"{changes[name].note or ''}, requantised in {unit}: "
-                                    f"{count:,} rounded to nearest, {report.saturated:,} clipped")
+            changes[name] = replace(changes[name], note=f"{changes[name].note or ''}, requantised in {unit}; "
+                                    f"the tensor: {count:,} rounded to nearest, {report.saturated:,} clipped")
         routed.counts = tuple(a + b for a, b in zip(routed.counts, (1, sum(report.requantised.values()),
                                                                     report.saturated)))
         if report.saturated:
@@ -367,8 +386,10 @@ def _warnings(routed: Routed) -> list[str]:
     lines = []
     for label, found in routed.clipped.items():
         where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
-        lines.append(f"{where}: {sum(n for _, n in found):,} requantised values exceeded {label}'s largest value "
-                     "and were clipped to it (no scale beside them can take the factor)")
+        n = sum(n for _, n in found)
+        lines.append(f"{where}: {n:,} requantised value{'s' * (n != 1)} exceeded {label}'s largest value and "
+                     f"{'were' if n != 1 else 'was'} clipped to it (fewer lost so than by raising the scale, or "
+                     "there is no scale beside it)")
     for (reasons, f, label), found in routed.departed.items():
         where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
         got = [a for _, a, _, _ in found]
