@@ -49,8 +49,10 @@ class Plan:
     def summary(self) -> str:
         """'N tensors' and, where the format made the bake requantise, how much (for the one-line reports)."""
         tensors, rounded, clipped = self.requantised
-        extra = f" ({tensors} requantised: {rounded:,} values rounded to nearest, {clipped:,} clipped)" if tensors else ""
-        return f"{len(self.edits)} tensors{extra}"
+        if not tensors:
+            return f"{len(self.edits)} tensors"
+        return (f"{len(self.edits)} tensors ({tensors} requantised: {rounded:,} values rounded to nearest, "
+                f"{clipped:,} clipped)")
 
     def edits_for(self, rel: str) -> dict[str, Edit]:
         return {e.key: e for e in self.edits if e.file == rel}

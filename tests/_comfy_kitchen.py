@@ -37,7 +37,8 @@ def _params(fmt: str, conf: dict, scales: dict, shape):
     if fmt in ("float8_e4m3fn", "float8_e5m2"):
         return TensorCoreFP8Layout, TensorCoreFP8Layout.Params(scale=scales["weight_scale"], **common)
     if fmt == "int8_tensorwise":
-        rotation = {"convrot": True, "convrot_groupsize": conf.get("convrot_groupsize", 256)} if conf.get("convrot") else {}
+        rotation = {"convrot": True, "convrot_groupsize": conf.get("convrot_groupsize", 256)} \
+            if conf.get("convrot") else {}
         return TensorWiseINT8Layout, TensorWiseINT8Layout.Params(scale=scales["weight_scale"], **rotation, **common)
     if fmt == "nvfp4":
         return TensorCoreNVFP4Layout, TensorCoreNVFP4Layout.Params(

@@ -255,7 +255,8 @@ def test_scaled_fp8_rows_take_the_way_nearer_f_times_source_and_say_what_clips(f
     (tmp_path / way).mkdir()
     out, r = bake(src, tmp_path / way)
     after = load_file(str(out))
-    assert torch.equal(after[key + ".weight"].view(torch.uint8), (plain if way == "plain" else raised).view(torch.uint8))
+    expected = plain if way == "plain" else raised
+    assert torch.equal(after[key + ".weight"].view(torch.uint8), expected.view(torch.uint8))
     assert torch.equal(after[key + ".scale_weight"], state[key + ".scale_weight"] * (1.5 if way == "raised" else 1))
     assert ("clipped to it" in r.stderr) == (way == "plain")     # the bake says it too
 

@@ -179,8 +179,9 @@ def _find_layers(rel: str, header) -> dict[str, QuantLayer]:
         for suffix in ("scale_weight", "weight_scale"):
             scale = f"{layer}.{suffix}"
             if scale in names and _is_scalar(header.tensor(scale)):
+                missing = "scaled_fp8 marker" if suffix == "scale_weight" else "comfy_quant entry"
                 label = "scaled fp8 (fp8 × scale_weight)" if marked and suffix == "scale_weight" else \
-                    f"fp8 × per-tensor {suffix} (no {'scaled_fp8 marker' if suffix == 'scale_weight' else 'comfy_quant entry'})"
+                    f"fp8 × per-tensor {suffix} (no {missing})"
                 fmt = replace(FORMATS["scaled_fp8"], outer=suffix, label=label)
                 found[t.name] = QuantLayer(rel, layer, fmt, None, "marker" if marked else "beside")
                 break

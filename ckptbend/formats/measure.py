@@ -143,7 +143,7 @@ def _compare_pairs(before, after, chains) -> tuple[float, tuple]:
     scale = [float(ops.outer_rows(*parts["outer"], 1)[0, 0]) if "outer" in parts else 1.0 for parts in (before, after)]
     value = codecs.values(t.dtype).astype(np.float64)
     axis = "cols" if chains.reached("cols") else "rows"
-    runs = _runs_of(list(zip(getattr(chains, axis), chains.products(axis))))
+    runs = ops.runs(list(zip(getattr(chains, axis), chains.products(axis))))
     counts = [np.zeros(65536, dtype=np.int64) for _ in runs]
     step = max(1, _CHUNK // max(1, codes[0].shape[1]))
     for r0 in range(0, rows, step):                  # in chunks of rows: bounded memory
@@ -167,12 +167,3 @@ def _compare_pairs(before, after, chains) -> tuple[float, tuple]:
                 ratio = y[x != 0] / x[x != 0]
                 lo[i], hi[i] = min(lo[i], ratio.min()), max(hi[i], ratio.max())
     return error, tuple((sxy / sxx, lo[i], hi[i]) if sxx else None for i, (sxy, sxx) in enumerate(sums))
-
-
-def _runs_of(values):
-    out, start = [], 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            out.append((start, i, values[start]))
-            start = i
-    return out

@@ -16,6 +16,16 @@ from ..arithmetic import scale_bytes, to_float64
 from . import codecs
 
 
+def runs(values) -> list:
+    """(first, end, value) of each run of equal consecutive values."""
+    out, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append((start, i, values[start]))
+            start = i
+    return out
+
+
 def _rows(x, shape):
     return x.reshape(shape[0], -1) if len(shape) else x.reshape(1, -1)
 

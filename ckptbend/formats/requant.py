@@ -1,4 +1,5 @@
-"""How a factor reaches a quantised weight — the rule, per format (README: "Quantised files").
+"""How a factor reaches a quantised weight — the rule, per format (docs/formats.md, "ComfyUI's quantised
+safetensors").
 
 A weight's factors form a map over its elements: each row and each column has a chain of factors. The
 most exact place for them, in this order:
@@ -105,7 +106,7 @@ class _Chains:
             raise CkptbendError(f"{key}: rows and columns at once cannot reach this quantised weight")
         axis = "cols" if self.reached("cols") else "rows"
         return tuple(_segment(axis, a, b, self.factors(c), ", ".join(self.reasons(c)))
-                     for a, b, c in _runs(getattr(self, axis)) if c)
+                     for a, b, c in ops.runs(getattr(self, axis)) if c)
 
     def of(self, chain) -> tuple:
         """(factors, reasons) of a chain."""
@@ -118,15 +119,6 @@ def _via(found: tuple, outer: str, why: str = "") -> Segment:
     return Segment(None, factors, (f"{', '.join(reasons)} ({why}via {outer})",))
 
 
-def _runs(values):
-    out, start = [], 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            out.append((start, i, values[start]))
-            start = i
-    return out
-
-
 def _span(axis, a, b) -> dict:
     return {"rows": (a, b), "cols": None} if axis == "rows" else {"rows": None, "cols": (a, b)}
 
@@ -135,7 +127,7 @@ def _ratio_segments(chains: _Chains, axis: str) -> list:
     """Raised requantisation: every row (column) by its factor / the axis's largest, where that is not 1."""
     products = chains.products(axis)
     top, out = products.max(), []
-    for a, b, p in _runs(list(products)):
+    for a, b, p in ops.runs(list(products)):
         if p != top:
             why = chains.reasons(getattr(chains, axis)[a]) or ("not in a range",)
             text = f"{', '.join(why)}: ×{p:g} overall, the scale taking ×{top:g}"
@@ -201,7 +193,7 @@ def _int8(cf, q, parts, chains, probe):
         on_scale = [_via(chains.common("rows"), "weight_scale")] if chains.rows[0] else []
     else:   # rows: their channels' scales (exact)
         on_scale = [Segment((a, b), chains.factors(c), tuple(f"{r} (via weight_scale)" for r in chains.reasons(c)))
-                    for a, b, c in _runs(chains.rows) if c]
+                    for a, b, c in ops.runs(chains.rows) if c]
 
     def with_scale(changes, segments):
         if not segments:
@@ -264,11 +256,11 @@ def _mxfp8(cf, q, parts, chains, probe):
         split = [_power_split(p) for p in products]
         shift, ratio = [k for k, _ in split], [r for _, r in split]
     width = 32 if axis == "cols" else 1
-    runs = [(a, b, k) for a, b, k in _runs(shift) if k]
+    runs = [(a, b, k) for a, b, k in ops.runs(shift) if k]
     shown = [_segment(axis, a * width, b * width, (2.0 ** k,), "the exponent's share") for a, b, k in runs]
     grid = ops.Exponents(rows, blocks, **{"block_shifts" if axis == "cols" else "row_shifts": tuple(runs)})
     changes = {grid_name: _edit(cf, grid_name, shown, grid, " (power-of-two block scales: exact)")}
-    codes = tuple(_segment(axis, a, b, (r,), "the rest after the exponent") for a, b, r in _runs(ratio) if r != 1)
+    codes = tuple(_segment(axis, a, b, (r,), "the rest after the exponent") for a, b, r in ops.runs(ratio) if r != 1)
     if not codes:
         return changes, None
     changes[q.weight] = _edit(cf, q.weight, codes, ops.Codes(weight.dtype, codes))
@@ -284,7 +276,7 @@ def _check_groups(chains: _Chains, group: int | None, what: str, key: str):
     """Column factors must be whole over each group of `group` columns the format shares a value across."""
     if not group:
         return
-    for a, b, _ in _runs(chains.cols):
+    for a, b, _ in ops.runs(chains.cols):
         if a % group or (b % group and b != len(chains.cols)):
             raise CkptbendError(f"{key}: a column range ending at {a if a % group else b} cuts its {what}s of "
                                 f"{group} columns; refusing")
