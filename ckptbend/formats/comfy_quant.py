@@ -156,7 +156,8 @@ def layers_of(rel: str, header) -> dict[str, QuantLayer]:
     stat = os.stat(path)
     key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, rel)
     if key not in _CACHE:
-        _CACHE.clear()   # one file at a time is what a run asks about
+        if len(_CACHE) > 64:     # a run asks about one checkpoint's few files
+            _CACHE.clear()
         _CACHE[key] = _find_layers(rel, header)
     return _CACHE[key]
 
