@@ -122,7 +122,7 @@ def test_tiled_block_scale_layout_is_comfy_kitchens():
         grid = torch.arange(1, rows * cols + 1, dtype=torch.int32).reshape(rows, cols)   # padding stays 0
         theirs = to_blocked(grid, flatten=True)
         mine = torch.zeros(math.prod(codecs.tiled_shape(rows, cols)), dtype=torch.int32)
-        mine[torch.from_numpy(codecs.tiled_index(rows, cols).reshape(-1))] = grid.reshape(-1)
+        mine[torch.from_numpy(codecs.tiled_index(rows, cols).reshape(-1).copy())] = grid.reshape(-1)
         assert torch.equal(mine, theirs)
 
 

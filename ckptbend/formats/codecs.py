@@ -119,14 +119,17 @@ def e8m0(exponents: np.ndarray) -> np.ndarray:
     return values
 
 
+@functools.lru_cache(maxsize=64)
 def tiled_index(rows: int, cols: int) -> np.ndarray:
-    """Where entry (r, c) of a [rows, cols] scale grid sits in its tiled storage (flat index)."""
+    """Where entry (r, c) of a [rows, cols] scale grid sits in its tiled storage (flat index; shared, read-only)."""
     r = np.arange(rows)[:, None]
     c = np.arange(cols)[None, :]
     tiles_per_row = -(-cols // 4)
     tile = (r // 128) * tiles_per_row + c // 4
     inner = r % 128
-    return tile * 512 + (inner % 32) * 16 + (inner // 32) * 4 + c % 4
+    index = tile * 512 + (inner % 32) * 16 + (inner // 32) * 4 + c % 4
+    index.flags.writeable = False
+    return index
 
 
 def tiled_shape(rows: int, cols: int) -> tuple[int, int]:

@@ -127,9 +127,9 @@ def _ratio_segments(chains: _Chains, axis: str) -> list:
     """Raised requantisation: every row (column) by its factor / the axis's largest, where that is not 1."""
     products = chains.products(axis)
     top, out = products.max(), []
-    for a, b, p in ops.runs(list(products)):
+    for a, b, (chain, p) in ops.runs(list(zip(getattr(chains, axis), products))):
         if p != top:
-            why = chains.reasons(getattr(chains, axis)[a]) or ("not in a range",)
+            why = chains.reasons(chain) or ("not in a range",)
             text = f"{', '.join(why)}: ×{p:g} overall, the scale taking ×{top:g}"
             out.append(_segment(axis, a, b, (p / top,), text))
     return out
