@@ -72,7 +72,9 @@ def _parts(cut, shape) -> list[tuple[str, tuple]]:
     return parts
 
 
-def _ratio_lines(key, a: np.ndarray, b: np.ndarray, cut=None) -> list[str]:
+def _ratio_lines(key, a: np.ndarray, b: np.ndarray, cut=None, rounding: float = 0.0) -> list[str]:
+    """`rounding`: the largest deviation a requantisation in the tensor's format can leave (relative to the
+    largest value), below which a part still counts as scaled."""
     a, b = np.atleast_1d(a), np.atleast_1d(b)    # a 0-D scale compares as one value
     lines = []
     for label, index in _parts(cut, a.shape):
@@ -82,9 +84,15 @@ def _ratio_lines(key, a: np.ndarray, b: np.ndarray, cut=None) -> list[str]:
         denom = float(x @ x)
         ratio = float(x @ y) / denom if denom else float("nan")
         residual = float(np.abs(y - ratio * x).max()) / max(float(np.abs(x).max()), 1e-30)
-        shape = "scaled" if residual < 1e-2 else "changed (not a pure scale)"
+        shape = "scaled" if residual < 1e-2 else "scaled, within its format's rounding" if residual <= rounding \
+            else "changed (not a pure scale)"
         lines.append(f"{key}{label}: ×{ratio:.6g} {shape}, max deviation {residual:.2e}")
     return lines
+
+
+# Half a step of each code format, relative to the largest value it holds: e4m3 (also nvfp4's block scales,
+# mxfp8's codes) 2^-4, e5m2 2^-3, int8 1/254.
+ROUNDING = {"F8_E4M3": 2 ** -4, "F8_E5M2": 2 ** -3, "I8": 1 / 254}
 
 
 def _layers(cf) -> dict:
@@ -107,7 +115,7 @@ def _effective_lines(prefix, q, parts_a, parts_b, cut) -> list[str]:
     a, b = (ops.effective(kind, parts, 0, rows).astype(np.float64) for parts in (parts_a, parts_b))
     basis = ", in ConvRot's rotated basis" if q.convrot else ""
     label = f"{q.weight} (effective: {q.format.label}{basis})"
-    return [prefix + line for line in _ratio_lines(label, a, b, cut)]
+    return [prefix + line for line in _ratio_lines(label, a, b, cut, ROUNDING.get(parts_a["weight"][1].dtype, 2 ** -4))]
 
 
 def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
