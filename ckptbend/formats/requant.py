@@ -49,7 +49,7 @@ class Routed:
     edits: dict = field(default_factory=dict)
     taken: set = field(default_factory=set)
     counts: tuple = (0, 0, 0)          # tensors requantised, values rounded, values clipped
-    clipped: dict = field(default_factory=dict)    # format → [(tensor, values clipped)]
+    clipped: dict = field(default_factory=dict)    # (what was requantised, why plain) → [(tensor, values clipped)]
     departed: dict = field(default_factory=dict)   # (reasons, factor, format) → [(where, achieved, lowest, highest)]
 
     @property
@@ -356,10 +356,12 @@ def _finish(cf, key, label, parts, chains, decided, routed: Routed):
                 else UNITS[op.dtype]
             changes[name] = replace(changes[name], note=f"{changes[name].note or ''}, requantised in {unit}; "
                                     f"the tensor: {count:,} rounded to nearest, {report.saturated:,} clipped")
+            codes = "fp8 e4m3fn block scales" if isinstance(op, ops.BlockScales) else f"{UNITS[op.dtype]} codes"
         routed.counts = tuple(a + b for a, b in zip(routed.counts, (1, sum(report.requantised.values()),
                                                                     report.saturated)))
         if report.saturated:
-            routed.clipped.setdefault(label, []).append((key, report.saturated))
+            why = "raising the scale would lose more, in least squares" if "outer" in parts else "no scale beside it"
+            routed.clipped.setdefault((codes, why), []).append((key, report.saturated))
         for seg, measured in zip(chains.segments, report.achieved):
             if measured is not None and abs(measured[0] - 1) > MATERIAL:
                 f = math.prod(seg.factors)
@@ -376,12 +378,11 @@ def _where(seg) -> str:
 def _warnings(routed: Routed) -> list[str]:
     """One line per kind of loss: what was clipped, and which factors could not be held finely."""
     lines = []
-    for label, found in routed.clipped.items():
+    for (codes, why), found in routed.clipped.items():
         where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
         n = sum(n for _, n in found)
-        lines.append(f"{where}: {n:,} requantised value{'s' * (n != 1)} exceeded {label}'s largest value and "
-                     f"{'were' if n != 1 else 'was'} clipped to it (fewer lost so than by raising the scale, or "
-                     "there is no scale beside it)")
+        lines.append(f"{where}: {n:,} requantised {codes} exceeded the largest one and {'were' if n != 1 else 'was'} "
+                     f"clipped to it ({why})")
     for (reasons, f, label), found in routed.departed.items():
         where = found[0][0] if len(found) == 1 else f"{len(found)} tensors, e.g. {found[0][0]}"
         got = [a for _, a, _, _ in found]
