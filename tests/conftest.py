@@ -45,3 +45,12 @@ def synth_file(tmp_path_factory):
             made[arch, layout, dtype] = write_checkpoint(root / name, arch, layout=layout, dtype=dtype)
         return made[arch, layout, dtype]
     return get
+
+
+def pytest_configure(config):
+    # A shell without job control starts background commands with SIGINT ignored, and that is inherited
+    # (by this process and every CLI it starts). The Ctrl-C tests need Python's usual handler.
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
