@@ -197,12 +197,18 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
     if found_naming is None:
         return []
     naming, prefix = found_naming
+    return block_sites(cf, files, COMPILED[naming], prefix)
+
+
+def block_sites(cf: CheckpointFile, files, table, prefix: str) -> list[Site]:
+    """The sites of one file's double (D) and single (S) blocks by a compiled table of (pattern, proj, stream,
+    part) rows (Flux.2 shares this engine with its own table)."""
     found = []
     for t in cf.header.tensors:
         if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix):
             continue
         key = t.name[len(prefix):]
-        for pattern, proj, stream, part in COMPILED[naming]:
+        for pattern, proj, stream, part in table:
             if m := pattern.match(key):
                 single = m["group"] == "single"
                 span, fused = _span(files, cf, t.name, part) if part else (None, None)
