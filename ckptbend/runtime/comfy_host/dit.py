@@ -37,7 +37,7 @@ def patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout
     replaced = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for name, index, layer in layout.blocks:         # all of them: Flux's double blocks give the text length
         m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
-    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout.patch))
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout))
     # Read only now: set_model_patch_replace puts a new transformer_options dict in place each time.
     options = m.model_options["transformer_options"]
     options["optimized_attention_override"] = _dit_override(specs, columns, layout,
@@ -55,16 +55,33 @@ def _tag_block(layer: int, previous):
     return replace
 
 
-def _record_call(patch):
+def _record_call(layout):
+    """Each model call's grid; on NextDiT (no block arguments to read) also its text length, the context padded to
+    layout.pad (Lumina 2: none), and its joint length, text and image tokens each padded up."""
     def wrapper(executor, x, *args, **kwargs):
         # ComfyUI calls wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, …)
         options = args[4] if len(args) > 4 else kwargs["transformer_options"]
         frames = x.shape[2] if x.ndim == 5 else 1
-        grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), patch))   # ComfyUI pads up
+        grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), layout.patch))   # ComfyUI pads up
         options[DIT_CALL] = {"grid": grid, "text": None}
+        if layout.kind == "nextdit":
+            context = args[2] if len(args) > 2 else kwargs["c_crossattn"]
+            text, image = context.shape[1], grid[0] * grid[1] * grid[2]
+            if layout.pad:
+                text, image = text + (-text) % layout.pad, image + (-image) % layout.pad
+            options[DIT_CALL].update(text=text, joint=text + image)
         return executor(x, *args, **kwargs)
 
     return wrapper
+
+
+def _nextdit_layer(options, call, length):
+    """The main block a NextDiT attention call is in (transformer_options["block_index"], written by its loop), or
+    None: a refiner's call (text or image alone, before the loop), or a joint length other than this call's text and
+    image (Z-Image's omni edit, with reference images and SigLIP tokens)."""
+    if options.get("block_type") != "double" or "block_index" not in options or length != call.get("joint"):
+        return None
+    return options["block_index"]
 
 
 def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, steps=None):
@@ -72,14 +89,21 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         out = previous(func, q, k, v, *args, **kwargs) if previous is not None else func(q, k, v, *args, **kwargs)
         options = kwargs.get("transformer_options") or {}
         tag, call = options.get(DIT_TAG), options.get(DIT_CALL)
-        if tag is None or call is None:
+        if call is None or options.get(SAG_PASS):
             return out
-        index = tag["calls"][0]
-        tag["calls"][0] += 1
-        if index != layout.text_call or options.get(SAG_PASS):
-            return out
+        if layout.kind == "nextdit":
+            layer = _nextdit_layer(options, call, q.shape[2] if kwargs.get("skip_reshape") else q.shape[1])
+            if layer is None:
+                return out
+        else:
+            if tag is None:
+                return out
+            index, layer = tag["calls"][0], tag["layer"]
+            tag["calls"][0] += 1
+            if index != layout.text_call:
+                return out
         step = (steps or step_counter({}, 0))(options)
-        active = bending.active_entries(specs, step, tag["layer"])
+        active = bending.active_entries(specs, step, layer)
         rows = chunk_rows(options["cond_or_uncond"], 0, q.shape[0])
         if not active or not rows:
             return out
@@ -106,7 +130,7 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
                              "is bending_prompt the prompt you encode?")
         bent_attention.bend_rows(oh, qh, kh, vh, rows, bias=None if mask is None else logit_bias(mask), entries=active,
                           token_indices=here, grid_hw=(h, w),
-                          step_index=step, layer_index=tag["layer"], frames=frames if frames > 1 else None,
+                          step_index=step, layer_index=layer, frames=frames if frames > 1 else None,
                           text=text, queries=queries)
         return out
 

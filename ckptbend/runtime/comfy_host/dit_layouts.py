@@ -7,7 +7,7 @@ ComfyUI that renames a class keeps working.
 
 from __future__ import annotations
 
-from .tokens import QWEN_KEY
+from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN_KEY
 
 
 class DiTLayout:
@@ -15,9 +15,10 @@ class DiTLayout:
     of a block is the text attention, whether it is joint ([text; image] keys and queries), the patch
     (frames, rows, cols) and the tokenizer key of the text it attends to."""
 
-    def __init__(self, kind, blocks, text_call, joint, patch, text_key):
+    def __init__(self, kind, blocks, text_call, joint, patch, text_key, pad=None):
         self.kind, self.blocks, self.text_call, self.joint = kind, blocks, text_call, joint
         self.patch, self.text_key = patch, text_key
+        self.pad = pad          # NextDiT: text and image tokens each padded to a multiple of it (Z-Image: 32)
 
 
 def dit_layout(diffusion_model) -> DiTLayout:
@@ -26,7 +27,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
     blocks; the dual blocks' second call is image self-attention) and Qwen-Image (transformer_blocks, joint
     [text; image], mask passed positionally: None). Layers count the blocks in order.
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
-    bent (token_columns)."""
+    bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
+    told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
+    Gemma 2 tokens."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -46,6 +49,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
         return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+    if hasattr(dm, "layers") and hasattr(dm, "context_refiner") and hasattr(dm, "cap_embedder"):   # NextDiT
+        pad = getattr(dm, "pad_tokens_multiple", None)
+        return DiTLayout("nextdit", [], 0, True, patch3(dm.patch_size), QWEN3_KEY if pad else GEMMA2_KEY, pad)
     if hasattr(dm, "transformer_blocks") and hasattr(dm, "txt_norm"):              # Qwen-Image
         blocks = [("double_block", i, i) for i in range(len(dm.transformer_blocks))]
         return DiTLayout("qwen", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), QWEN_KEY)
@@ -53,4 +59,4 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     f"SD3/SD3.5 and Qwen-Image; this model's diffusion_model is a {name}")
+                     f"SD3/SD3.5, Qwen-Image, Z-Image and Lumina 2; this model's diffusion_model is a {name}")

@@ -56,6 +56,8 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
 def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
     if key == QWEN_KEY:
         return _qwen_columns(clip, words, tokens, empty)
+    if key in WHOLE_TEXT_KEYS:
+        return _whole_text_columns(clip, words, tokens, empty, key)
     special = set(_token_ids(empty, key))
     prompt = _token_ids(tokens, key)
 
@@ -99,3 +101,32 @@ def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, lis
 
     return bend_tokens.token_columns(words, _qwen_text(_token_ids(tokens, QWEN_KEY)),
                                  lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))
+
+
+# Z-Image and Lumina 2: every token the tokenizer gives is a text key of the joint attention, column 0 the first.
+# Z-Image's tokenizer puts the prompt into Qwen3's chat template ("<|im_start|>user\n", the prompt,
+# "<|im_end|>\n<|im_start|>assistant\n") with weights disabled; Lumina 2's Gemma 2 tokenizer puts <bos> first (its
+# system prompt is the text node's, part of the text encoded).
+QWEN3_KEY, GEMMA2_KEY = "qwen3_4b", "gemma2_2b"
+WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY)
+
+
+def _whole_text_columns(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
+    """word → its columns among all the tokens, searched from where the prompt's tokens part from the empty
+    prompt's (a word of a template or system prompt before it is not the prompt's). A word is found spelled after a
+    space or bare (byte-level BPE and SentencePiece spell them apart), tokenised in place as the prompt is."""
+    blank = _token_ids(empty, key)
+
+    def start(ids):
+        return next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
+
+    def spell(text):
+        ids = _token_ids(clip.tokenize(text), key)
+        at = start(ids)
+        return ids[at:len(ids) - (len(blank) - at)]
+
+    prompt = _token_ids(tokens, key)
+    at = start(prompt)
+    found = bend_tokens.token_columns(words, prompt[at:],
+                                      lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))
+    return {w: [at + j for j in js] for w, js in found.items()}

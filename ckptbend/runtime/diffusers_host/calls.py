@@ -21,6 +21,8 @@ class Call:
     sag_probs: torch.Tensor | None = None      # SAG: unconditional probabilities at SAG_SITE
     sag_heads: int | None = None
     n_text: int | None = None                  # joint models: the text tokens (encoder_hidden_states)
+    spans: list | None = None                  # single-stream models, per item: (first image query, first text
+                                               # key, text tokens)
 
 
 def scheduler_position(scheduler, t: float) -> int | None:

@@ -50,6 +50,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
+    if session.single:
+        return _single_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -81,6 +83,40 @@ def _qwen_columns(session, prompt) -> dict[str, list[int]]:
     words = list(dict.fromkeys(e.token for e in session.entries))
     return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
+
+def _single_columns(session, arguments) -> dict[str, list[int]]:
+    """Z-Image: the prompt as the user's turn of the tokenizer's own chat template with the generation prompt
+    (ZImagePipeline: apply_chat_template, enable_thinking=True; Qwen3's template then adds no think block); Lumina 2:
+    system prompt + " <Prompt Start> " + prompt, Gemma 2's <bos> first (Lumina2Pipeline). Both feed every token
+    (up to max_sequence_length) to the transformer: column 0 is the first. A word is found spelled after a space
+    or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier in the prompt (not in the
+    template or system prompt before it)."""
+    pipe, tokenizer = session.pipe, session.pipe.tokenizer
+    limit = arguments.get("max_sequence_length") or (512 if session.single == "zimage" else 256)
+    system = arguments.get("system_prompt") or getattr(pipe, "system_prompt", None)
+
+    def text(prompt):
+        if session.single == "zimage":
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=True)
+        return f"{system} <Prompt Start> {prompt}"
+
+    def spell(word):
+        return tokenizer(word, add_special_tokens=False)["input_ids"]
+
+    def ids(prompt):
+        return tokenizer(text(prompt), truncation=True, max_length=limit)["input_ids"]
+
+    def columns(prompt):          # searched from where the prompt's tokens part from the empty prompt's
+        found, empty = ids(prompt), ids("")
+        start = next((i for i, (a, b) in enumerate(zip(found, empty)) if a != b), min(len(found), len(empty)))
+        at = tokens.token_columns(words, found[start:], lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
+        return {w: [start + j for j in js] for w, js in at.items()}
+
+    words = list(dict.fromkeys(e.token for e in session.entries))
+    prompt = arguments["prompt"]
+    return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
 
 def _columns(session, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:
     # PixArt lower-cases (and may clean) prompts before tokenising: search what the encoder sees.

@@ -10,13 +10,15 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
+from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
 from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
-BENDABLE = "UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5 and Qwen-Image"
+BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image "
+            "and Lumina 2")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ class Session:
         self.prompt_embeds: torch.Tensor | None = None           # the last encoded prompt (conditional)
         self.call: Call | None = None
         self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
+        self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -153,6 +156,9 @@ class Session:
 
     def _before_model(self, module, args, kwargs):
         if self._in_sag_call:                 # SAG's extra call keeps this step's description
+            return None
+        if self.single:
+            self.call = describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
