@@ -305,5 +305,5 @@ def test_flux2_is_never_taken_for_flux1_and_flux1_never_for_flux2(synth_file, fi
     state.pop("double_stream_modulation_img.lin.weight")   # Flux.2 blocks without its marker: not Flux.1 either
     path = files("flux2_dev", "single").parent / "no-marker.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CkptbendError, match="not a supported checkpoint layout"):
+    with pytest.raises(CkptbendError, match="Flux-style double/single blocks, but not Flux.1, Flux.2"):
         detect(path)

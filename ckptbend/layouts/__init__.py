@@ -16,6 +16,8 @@ module has:
                           class it does not know (config: the unet/transformer config.json, for families
                           named by its sizes); without one, the model sub-folder's weights are identified
     has_qk_norm(files)    whether q/k multipliers on its unet.* sites are cancelled by a qk-norm
+    refuse_unknown(header)  optional: asked when no family identified a file; raises a one-line error for a
+                          relative of the family's models that ckptbend must not take for one of them
 
 Families are asked in order; the first that identifies a file wins (DiT families come before the SD
 UNets, whose `model.diffusion_model.` prefix they share). Adding a model family is one new module plus
@@ -64,6 +66,8 @@ def _config(path: Path) -> dict:
 def _identify(path: Path, header) -> Identified:
     found = next((found for f in FAMILIES if (found := f.identify(header))), None)
     if found is None:
+        for f in FAMILIES:
+            getattr(f, "refuse_unknown", lambda header: None)(header)
         raise CkptbendError(NO_ATTENTION.format(path=path))
     return found
 

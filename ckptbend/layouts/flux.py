@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import CkptbendError
 from .text_encoders import TEXT_ENCODERS
 from .types import CheckpointFile, Identified, Site
 from .validate import shape_in, weight_of
@@ -94,25 +95,39 @@ NAMINGS = {"bfl": BFL, "tencent": TENCENT, "diffusers": DIFFUSERS}
 COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, table in NAMINGS.items()}
 
 # Architectures: (name, naming, keys that must all be present, keys that must all be absent), after the
-# model prefix; first match wins. Flux.2 (model-level `single_stream_modulation`) is not this family.
+# model prefix; first match wins. Flux.2 (model-level modulation) is layouts/flux2.py's. Flux.1 always has its
+# pooled-text input (`vector_in` / `text_embedder`): Flux-style models without one (LongCat-Image) or with a
+# SwiGLU MLP (Ovis-Image) are other models, refused below rather than named Flux.1. Chroma1-HD is Chroma's
+# layout (diffusers' Chroma single-file default is Chroma1-HD); Chroma Radiance is Chroma's blocks in pixel
+# space: `img_in_patch` (a conv) for `img_in` and a NeRF-style MLP head (`nerf_*`, no attention) for
+# `final_layer` (ComfyUI's ChromaRadiance builds its blocks from Chroma's classes).
 _BFL_DOUBLE, _DIFF_SINGLE = "double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"
 _REFINER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
-_FLUX2 = ("single_stream_modulation.lin.weight",)
+_GUIDANCE_LAYER = "distilled_guidance_layer.in_proj.weight"
+_OTHERS = ("single_stream_modulation.lin.weight", "double_blocks.0.img_mlp.gate_proj.weight")   # Flux.2, Ovis
 ARCHITECTURES = (
     ("hunyuan-video", "tencent", ("double_blocks.0.img_attn_k_norm.weight", _REFINER), ()),
     ("hunyuan-video", "bfl", (_BFL_DOUBLE, _REFINER), ()),          # as ComfyUI saves it (model.model.)
-    ("chroma", "bfl", (_BFL_DOUBLE, "distilled_guidance_layer.in_proj.weight"), _FLUX2),
-    ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "guidance_in.in_layer.weight"), _FLUX2),
-    ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight"), _FLUX2),
+    ("chroma-radiance", "bfl", (_BFL_DOUBLE, _GUIDANCE_LAYER, "img_in_patch.weight", "nerf_blocks.0.norm.scale"), _OTHERS),
+    ("chroma", "bfl", (_BFL_DOUBLE, _GUIDANCE_LAYER, "img_in.weight", "final_layer.linear.weight"), _OTHERS),
+    ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "vector_in.in_layer.weight", "guidance_in.in_layer.weight"), _OTHERS),
+    ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight", "vector_in.in_layer.weight"), _OTHERS),
     ("hunyuan-video", "diffusers", (_DIFF_SINGLE, "context_embedder.token_refiner.refiner_blocks.0.norm1.weight"), ()),
-    ("chroma", "diffusers", (_DIFF_SINGLE, "distilled_guidance_layer.in_proj.weight"), ()),
-    ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.guidance_embedder.linear_1.weight"), ()),
-    ("flux-schnell", "diffusers", (_DIFF_SINGLE, "x_embedder.weight"), ()),
+    ("chroma", "diffusers", (_DIFF_SINGLE, _GUIDANCE_LAYER), ()),
+    ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
+                               "time_text_embed.guidance_embedder.linear_1.weight"), ()),
+    ("flux-schnell", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"), ()),
 )
+# Flux-style blocks of a model none of the rows above describes: refused by name, never taken for Flux.1.
+UNKNOWN_RELATIVE = ("{path}: Flux-style double/single blocks, but not Flux.1, Flux.2, Chroma, Chroma Radiance or "
+                    "HunyuanVideo as ckptbend knows them ({why}); refusing rather than guessing its attention layout")
+RELATIVES = (("img_mlp.gate_proj.", "a SwiGLU MLP: Ovis-Image"), ("context_embedder_norm.", "a text RMSNorm: Ovis-Image"),
+             ("", "no pooled-text input: LongCat-Image or another Flux derivative"))
 # recipe `architecture` name → the detected architectures it covers ("flux": dev, schnell, and a diffusers
-# folder that does not say which; the two share their blocks).
+# folder that does not say which; the two share their blocks; "chroma": Chroma and Radiance, the same blocks).
 ARCHITECTURE_NAMES = {"flux": ("flux", "flux-dev", "flux-schnell"), "flux-dev": ("flux-dev",),
-                      "flux-schnell": ("flux-schnell",), "chroma": ("chroma",), "hunyuan-video": ("hunyuan-video",)}
+                      "flux-schnell": ("flux-schnell",), "chroma": ("chroma", "chroma-radiance"),
+                      "chroma-radiance": ("chroma-radiance",), "hunyuan-video": ("hunyuan-video",)}
 # diffusers transformer class → architecture (a folder does not say dev or schnell: FluxPipeline serves both).
 FOLDER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
                         "HunyuanVideoTransformer3DModel": "hunyuan-video"}
@@ -156,6 +171,16 @@ def _component(key: str, prefix: str) -> str | None:
     if key.startswith(VAE_PREFIXES):
         return "vae"
     return "dit" if key.startswith(prefix) else None
+
+
+def refuse_unknown(header) -> None:
+    """Asked when no family identified a file: Flux-style blocks of a model none of ARCHITECTURES describes
+    (Flux.2 is layouts/flux2.py's) are refused by name."""
+    names = set(header.names)
+    prefix = _model_prefix(names)
+    if prefix + _BFL_DOUBLE in names or prefix + _DIFF_SINGLE in names:
+        why = next(why for mark, why in RELATIVES if any(n.startswith(prefix) and mark in n for n in names))
+        raise CkptbendError(UNKNOWN_RELATIVE.format(path=header.path, why=why))
 
 
 def identify(header) -> Identified | None:

@@ -57,7 +57,7 @@ MARKS = {
 }
 KLEIN_SIZES = {3072: "4b", 4096: "9b"}
 VARIANTS = ("flux2-dev", "flux2-klein", *(f"flux2-klein-{s}" for s in KLEIN_SIZES.values()))
-ARCHITECTURE_NAMES = {"flux2": VARIANTS, "flux2-dev": ("flux2-dev",), "flux2-klein": VARIANTS[1:],
+ARCHITECTURE_NAMES = {"flux2": ("flux2", *VARIANTS), "flux2-dev": ("flux2-dev",), "flux2-klein": VARIANTS[1:],
                       **{name: (name,) for name in VARIANTS[2:]}}
 TRANSFORMER_CLASS = "Flux2Transformer2DModel"
 DIFFUSERS_PIPELINES = {}   # Flux2Pipeline / Flux2KleinPipeline folders are read sub-folder by sub-folder

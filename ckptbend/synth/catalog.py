@@ -8,7 +8,7 @@ GENERATORS = {
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
     "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
-    "flux": (("flux_dev", "flux_schnell", "chroma", "hunyuan_video"),
+    "flux": (("flux_dev", "flux_schnell", "chroma", "chroma_radiance", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers")),
     "sd3": (("sd3_medium", "sd35_medium", "sd35_large"), _DIT_LAYOUTS),
     "qwen_image": (("qwen_image",), _DIT_LAYOUTS),

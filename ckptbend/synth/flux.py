@@ -34,7 +34,7 @@ from ..errors import CkptbendError
 
 from .catalog import GENERATORS, QUANTISED
 from .files import write_safetensors, write_weights
-from .flux_names import comfy_hunyuan_name, flux_to_original, hunyuan_to_original
+from .flux_names import comfy_hunyuan_name, flux_to_original, hunyuan_to_original, radiance_head
 from .quantised import quantise
 from .text_encoders import hf_clip_state_dict
 
@@ -50,6 +50,9 @@ CONFIGS = {   # arch → (diffusers class, tiny kwargs, full kwargs)
     "chroma": ("ChromaTransformer2DModel",
                {k: v for k, v in _TINY_FLUX.items() if k != "pooled_projection_dim"}
                | {"approximator_num_channels": 16, "approximator_hidden_dim": H, "approximator_layers": 2}, {}),
+    "chroma_radiance": ("ChromaTransformer2DModel",   # Chroma's blocks; the pixel-space head: flux_names.radiance_head
+                        {k: v for k, v in _TINY_FLUX.items() if k != "pooled_projection_dim"}
+                        | {"approximator_num_channels": 16, "approximator_hidden_dim": H, "approximator_layers": 2}, {}),
     "hunyuan_video": ("HunyuanVideoTransformer3DModel",
                       dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=24,
@@ -58,12 +61,13 @@ CONFIGS = {   # arch → (diffusers class, tiny kwargs, full kwargs)
 # Text encoders per arch: component → (ComfyUI name, diffusers sub-folder)
 TEXT = {"flux_dev": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
         "flux_schnell": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
-        "chroma": {"t5xxl": "text_encoder"},
+        "chroma": {"t5xxl": "text_encoder"}, "chroma_radiance": {"t5xxl": "text_encoder"},
         "hunyuan_video": {"llama": "text_encoder", "clip_l": "text_encoder_2"}}
 PIPELINES = {"flux_dev": "FluxPipeline", "flux_schnell": "FluxPipeline", "chroma": "ChromaPipeline",
              "hunyuan_video": "HunyuanVideoPipeline"}
 COMFY_MODEL_PREFIX = {"hunyuan_video": "model.model."}
-COMFY_TEXT_PREFIX = {"chroma": "cond_stage_model."}
+COMFY_TEXT_PREFIX = {"chroma": "cond_stage_model.", "chroma_radiance": "cond_stage_model."}
+NO_DIFFUSERS = ("chroma_radiance",)   # no diffusers class: original names only
 COMFY_VAE_PREFIX = {"chroma": "first_stage_model.", "flux_dev": "vae.", "flux_schnell": "vae."}
 _TINY_TEXT = dict(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=H, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
 _TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=2, latent_channels=16,
@@ -98,7 +102,10 @@ def build_transformer(arch: str, size: str = "tiny", seed: int = 0):
 
 
 def to_original(arch: str, state: dict) -> dict:
-    """diffusers state dict → the original file's names (BFL for Flux/Chroma, Tencent for HunyuanVideo)."""
+    """diffusers state dict → the original file's names (BFL for Flux/Chroma, Tencent for HunyuanVideo; Chroma
+    Radiance: Chroma's blocks with its pixel-space head in place of `img_in` / `final_layer`)."""
+    if arch == "chroma_radiance":
+        return radiance_head(flux_to_original(state))
     return hunyuan_to_original(state) if arch == "hunyuan_video" else flux_to_original(state)
 
 
@@ -204,6 +211,8 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
         raise CkptbendError(f"synth: {arch} at size {size!r} is written in the single layout only")
     if shard_size is not None:
         raise CkptbendError("synth: shard_size is not supported for this architecture")
+    if arch in NO_DIFFUSERS and layout in ("transformer_diffusers", "diffusers"):
+        raise CkptbendError(f"synth: {arch} has no diffusers class, so no {layout} layout (use single or comfy)")
     dtype = torch.float32 if dtype is None or form else dtype
     path = Path(path)
     transformer = build_transformer(arch, size, seed)

@@ -90,6 +90,37 @@ def flux_to_original(sd: dict) -> dict:
     return o
 
 
+# Chroma Radiance's pixel-space parts, as ComfyUI's ChromaRadiance (comfy/ldm/chroma_radiance, read at 0.3.64 and
+# built at full size: patch 16, NeRF width 64, MLP ratio 4, 4 NeRF blocks, 8 DCT frequencies, conv head) holds
+# them: `img_in_patch` (a Conv2d over pixel patches) replaces `img_in`, and a NeRF-style MLP head, whose
+# per-patch weights `param_generator` makes from the transformer's output, replaces `final_layer`. No attention.
+RADIANCE = dict(patch=2, width=4, ratio=2, depth=2, freqs=2, channels=3)   # tiny
+
+
+def radiance_shapes(h: int, patch: int, width: int, ratio: int, depth: int, freqs: int, channels: int) -> dict:
+    """name → shape of Radiance's pixel-space tensors for transformer width h."""
+    shapes = {"img_in_patch.weight": (h, channels, patch, patch), "img_in_patch.bias": (h,),
+              "nerf_image_embedder.embedder.0.weight": (width, channels + freqs ** 2),
+              "nerf_image_embedder.embedder.0.bias": (width,),
+              "nerf_final_layer_conv.norm.scale": (width,), "nerf_final_layer_conv.conv.weight": (channels, width, 3, 3),
+              "nerf_final_layer_conv.conv.bias": (channels,)}
+    for i in range(depth):   # the GLU MLP's fc1 gate, fc1 value and fc2, per patch
+        shapes.update({f"nerf_blocks.{i}.param_generator.weight": (3 * width * width * ratio, h),
+                       f"nerf_blocks.{i}.param_generator.bias": (3 * width * width * ratio,),
+                       f"nerf_blocks.{i}.norm.scale": (width,)})
+    return shapes
+
+
+def radiance_head(original: dict, seed: int = 0) -> dict:
+    """Chroma's original state dict → Chroma Radiance's: `img_in` and `final_layer` replaced by the pixel-space
+    parts (seeded random; norm scales around 1)."""
+    g = torch.Generator().manual_seed(seed + 5)
+    out = {k: v for k, v in original.items() if not k.startswith(("img_in.", "final_layer."))}
+    for name, shape in radiance_shapes(original["txt_in.weight"].shape[0], **RADIANCE).items():
+        out[name] = 0.5 + torch.rand(shape, generator=g) if name.endswith(".scale") else torch.randn(shape, generator=g) * 0.3
+    return out
+
+
 _HY_TOP = {
     "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
     "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
