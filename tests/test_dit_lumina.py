@@ -198,3 +198,12 @@ def test_a_nextdit_with_unknown_parts_is_refused_not_taken_for_z_image(tmp_path,
     assert says in str(e.value) and "\n" not in str(e.value)
     result = run("inspect", str(tmp_path / "x.safetensors"))
     assert result.returncode != 0 and says in result.stderr
+
+
+def test_z_image_omni_siglip_refiners_are_their_own_blocks(tmp_path):
+    model = ZImageTransformer2DModel(**CONFIGS["z_image"], siglip_feat_dim=8)
+    save_file(FAMILIES["z_image"].to_original(model.state_dict()), str(tmp_path / "omni.safetensors"))
+    ckpt = detect(tmp_path / "omni.safetensors")
+    refiner = {(s.block, s.attn, s.proj, s.stream) for s in ckpt.sites if s.key.startswith("siglip_refiner.")}
+    assert ckpt.architecture == "z-image-omni"
+    assert refiner == {(f"R0{i}", "self", p, "image") for i in range(2) for p in ("q", "k", "v", "out")}
