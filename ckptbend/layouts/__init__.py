@@ -33,11 +33,11 @@ from pathlib import Path
 
 from ..errors import CkptbendError
 from ..safetensors_io import Header, read_header
-from . import flux, flux2, ltx_video, qwen_image, sd3, sd_unet, text_encoders, wan
+from . import flux, flux2, ltx_video, lumina, qwen_image, sd3, sd_unet, text_encoders, wan
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 from .validate import check_sites
 
-FAMILIES = (flux, flux2, sd3, qwen_image, wan, ltx_video, sd_unet, text_encoders)
+FAMILIES = (flux, flux2, sd3, qwen_image, wan, ltx_video, lumina, sd_unet, text_encoders)
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 ARCHITECTURE_NAMES = {name: covers for f in FAMILIES for name, covers in f.ARCHITECTURE_NAMES.items()}
 
@@ -206,7 +206,8 @@ def detect(path) -> Checkpoint:
     return Checkpoint(path, kind, arch, tuple(files), sites, qk_norm, tuple(folder_notes) + left_alone)
 
 
-GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "double": 0, "single": 1}
+# refiner: blocks that prepare one token group before the main blocks (Lumina 2 / Z-Image)
+GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "refiner": -1, "double": 0, "single": 1}
 
 
 def blocks_with_attention(ckpt: Checkpoint, sites=None) -> list[str]:

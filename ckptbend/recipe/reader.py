@@ -15,7 +15,7 @@ from ..errors import CkptbendError
 from ..layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS
 from .canonical import _toml
 from .schema import (ARCHITECTURE, BEND_COMMON, BEND_MODE_PARAMS, BEND_PARAMS, BLOCK_GROUPS, BLOCK_LABEL, DIT_BLOCK_GROUPS,
-                     DIT_BLOCK_LABEL, MULTIPLIER_SECTIONS,
+                     DIT_BLOCK_KINDS, DIT_BLOCK_LABEL, MULTIPLIER_SECTIONS,
                      MULTIPLY_KEYS, NAME_SLUG, QK_WARN_PRODUCT, RENORMALIZE, SAG_PARAMS, SCHEMA_VERSION, SECTION_SELECTORS,
                      SECTIONS, SELECTORS, SIMPLE_EXPANDS, SIMPLE_FIXED, SLOTHFUL_PARAMS, SLOTHFUL_SIMPLE,
                      SLOTHFUL_SIMPLE_PARAMS, TOP_LEVEL_KEYS, Param, bend_params, multiply_params)
@@ -193,7 +193,7 @@ def _check_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:
 def _dit_block_order(label: str) -> tuple[int, int]:
     if label in DIT_BLOCK_GROUPS:
         return DIT_BLOCK_GROUPS.index(label) - len(DIT_BLOCK_GROUPS), 0
-    return "DSJB".index(label[0]), int(label[1:])
+    return DIT_BLOCK_KINDS.index(label[0]), int(label[1:])
 
 
 def _check_dit_blocks(r: _Reader, where: str, p: Param, value) -> tuple[str, ...]:

@@ -30,9 +30,12 @@ BLOCK_GROUPS = ("input", "middle", "output")
 # (SD 1.x has IN00-IN11 / OUT00-OUT11, SDXL IN00-IN08 / OUT00-OUT08); the planner checks existence.
 BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
 # Diffusion transformers: D = Flux/HunyuanVideo double block, S = single block, J = SD3 joint block,
-# B = a block of a model with one kind (Wan, Qwen-Image, LTX-Video). docs/recipes.md lists them per model.
+# B = a block of a model with one kind (Wan, Qwen-Image, LTX-Video; Lumina 2 / Z-Image main layers), and
+# Lumina 2 / Z-Image's refiners: N = noise (image), C = context (caption), R = SigLIP reference image.
+# docs/recipes.md lists them per model. DIT_BLOCK_KINDS orders labels of different kinds.
 DIT_BLOCK_GROUPS = ("double", "single")
-DIT_BLOCK_LABEL = re.compile(r"[DSJB][0-9]{2,3}")
+DIT_BLOCK_KINDS = "DSJBNCR"
+DIT_BLOCK_LABEL = re.compile(f"[{DIT_BLOCK_KINDS}][0-9]{{2,3}}")
 STREAMS = ("image", "text")
 NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
