@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 
 from .types import CheckpointFile, Identified, Site
-from .wan import identified, is_family, model_prefix
+from . import ltx2
+from .wan import identified, is_family, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit", "unet")
 ORIGINAL_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"   # ComfyUI's detection key
@@ -33,6 +34,9 @@ ATTENTION = re.compile(r"(?:^|\.)transformer_blocks\.(?P<i>\d+)\.(?P<attn>attn1|
 DIT_ATTN = {"attn1": "self", "attn2": "cross"}
 DIT_PROJ = {"q_norm": "q", "norm_q": "q", "k_norm": "k", "norm_k": "k", "to_v": "v", "to_out.0": "out"}
 NODE_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}
+# What a block may hold: a file with more (LTX-2's audio stream, a future variant) is not taken for LTX-Video.
+BLOCK_PARTS = ("attn1", "attn2", "ff", "scale_shift_table", "norm1", "norm2")
+ATTENTION_PARTS = ("to_q", "to_k", "to_v", "to_out", "q_norm", "k_norm", "norm_q", "norm_k")
 
 SIZES = {2048: "2b", 4096: "13b"}   # inner width (32 heads × 64 or × 128)
 DIFFUSERS_PIPELINES = {name: {"transformer": "dit", "text_encoder": "t5xxl"}
@@ -58,6 +62,8 @@ def identify(header) -> Identified | None:
     needs = ORIGINAL_NEEDS if key == ORIGINAL_KEY else DIFFUSERS_NEEDS
     if not all(prefix + n in names for n in needs):
         return None
+    refuse_unknown_modules(header, prefix, "LTX-Video", {"transformer_blocks": BLOCK_PARTS},
+                           {"attn1": ATTENTION_PARTS, "attn2": ATTENTION_PARTS})
     q = prefix + "transformer_blocks.0.attn1.to_q.weight"
     shape = header.tensor(q).shape if q in names else ()
     inner = shape[0] if len(shape) == 2 else 0     # any other rank: validate refuses the file
@@ -65,7 +71,8 @@ def identify(header) -> Identified | None:
 
 
 def _is_ltx(files) -> bool:
-    return is_family(files, (ORIGINAL_KEY, DIFFUSERS_KEY))
+    """LTX-Video, not LTX-2 (whose `audio_adaln_single` ends like LTX-Video's detection key)."""
+    return is_family(files, (ORIGINAL_KEY, DIFFUSERS_KEY)) and ltx2.sites_prefix(files) is None
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:

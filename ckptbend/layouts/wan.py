@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from ..errors import CkptbendError
 from .text_encoders import all_in_one_component
 from .types import CheckpointFile, Identified, Site
 
@@ -102,6 +103,23 @@ def components_of(names, prefix: str) -> dict[str, str]:
         elif n.startswith(prefix):
             out[n] = "dit"
     return out
+
+
+def refuse_unknown_modules(header, prefix: str, name: str, blocks: dict, parts: dict, top: tuple = ()) -> None:
+    """Refuse, in one line, a model file with a part its family does not know, rather than take it for the known
+    model and leave that part silently alone: `top` the model's top-level modules (empty: any), `blocks`
+    container → the modules a block `container.N.` may hold, `parts` module → its sub-modules."""
+    for n in header.names:
+        if not n.startswith(prefix) or all_in_one_component(n) or n.startswith(VAE_PREFIX):
+            continue
+        path = n[len(prefix):].split(".")
+        unknown = top and path[0] not in top
+        if path[0] in blocks and len(path) > 2 and path[1].isdigit():
+            module = path[2]
+            unknown = module not in blocks[path[0]] or (module in parts and len(path) > 3 and path[3] not in parts[module])
+        if unknown:
+            raise CkptbendError(f"{header.path}: {name} with a part ckptbend does not know ({n}); refusing rather "
+                                f"than bake it as {name} and leave that part alone")
 
 
 def identified(header, prefix: str, arch: str) -> Identified:

@@ -36,7 +36,7 @@ BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
 DIT_BLOCK_GROUPS = ("double", "single")
 DIT_BLOCK_KINDS = "DSJBNCR"
 DIT_BLOCK_LABEL = re.compile(f"[{DIT_BLOCK_KINDS}][0-9]{{2,3}}")
-STREAMS = ("image", "text")
+STREAMS = ("image", "text", "video", "audio")   # video / audio: LTX-2's two streams
 NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
 
@@ -81,7 +81,7 @@ MULTIPLY_KEYS = {
 UNET_BLOCKS = Param("blocks", "blocks", default=())           # block labels / group names
 DIT_BLOCKS = Param("blocks", "dit_blocks", default=())
 DEPTH = Param("depth", "index_list", default=())              # transformer index inside a block
-STREAM = Param("stream", "choice", default=None, choices=STREAMS)   # one token stream of a joint attention
+STREAM = Param("stream", "choice", default=None, choices=STREAMS)   # one token stream (of a joint attention; LTX-2's)
 CLIP_ENCODERS_PARAM = Param("encoders", "encoders", default=(), choices=CLIP_ENCODERS)
 LARGE_ENCODERS_PARAM = Param("encoders", "encoders", default=(), choices=LARGE_ENCODERS)
 SECTION_SELECTORS = {
@@ -90,8 +90,8 @@ SECTION_SELECTORS = {
     "unet.temporal": (UNET_BLOCKS, DEPTH),
     "clip": (CLIP_ENCODERS_PARAM,),
     "dit.joint": (DIT_BLOCKS, STREAM),
-    "dit.self": (DIT_BLOCKS,),
-    "dit.cross": (DIT_BLOCKS,),
+    "dit.self": (DIT_BLOCKS, STREAM),
+    "dit.cross": (DIT_BLOCKS, STREAM),
     "text": (LARGE_ENCODERS_PARAM,),
 }
 SELECTORS = ("blocks", "depth", "encoders", "stream")

@@ -14,6 +14,7 @@ GENERATORS = {
     "qwen_image": (("qwen_image",), _DIT_LAYOUTS),
     "flux2": (("flux2_dev", "flux2_klein"), _DIT_LAYOUTS),
     "lumina": (("z_image", "lumina2"), _DIT_LAYOUTS),
+    "ltx2": (("ltx2", "ltx2_3", "ltx2_5"), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
