@@ -12,6 +12,9 @@ GENERATORS = {
              ("single", "comfy", "transformer_diffusers", "diffusers")),
     "sd3": (("sd3_medium", "sd35_medium", "sd35_large"), _DIT_LAYOUTS),
     "qwen_image": (("qwen_image",), _DIT_LAYOUTS),
+    # a large text encoder alone (layouts/text_encoder_forms.py names them as ComfyUI does)
+    "large_text_encoders": (("t5xxl", "umt5xxl", "byt5_small", "llama", "qwen25_7b", "mistral3_24b", "qwen3_4b",
+                             "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
