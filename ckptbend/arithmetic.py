@@ -1,6 +1,7 @@
 """The one arithmetic rule of a bake, as ComfyUI applies a weight patch with strength_model = s:
 upcast the stored tensor to float32, multiply (factor after factor), round to nearest back to the
-stored dtype.
+stored dtype. A weight the model uses as (w + offset) (Gemma 3's qk-norm) has the offset added before the
+factors and taken off after them, in the same float32 (Segment.offset).
 
 numpy does it for fp32 / fp16 / bf16 / fp64 (importing torch costs more than copying a 2 GB file);
 torch only for fp8. A 16-bit dtype has only 65,536 values, so fp16 and bf16 tensors are scaled through
@@ -48,20 +49,24 @@ def _part(rows_view, seg):
 
 def _multiply(work: np.ndarray, segments, dtype) -> None:
     for seg in segments:
-        part = _part(work, seg)
+        part, offset = _part(work, seg), getattr(seg, "offset", 0.0)
+        if offset:
+            part += dtype(offset)
         for f in seg.factors:
             part *= dtype(f)
+        if offset:
+            part -= dtype(offset)
 
 
-_Whole = namedtuple("_Whole", "rows factors")
+_Whole = namedtuple("_Whole", "rows factors offset")
 
 
 @functools.lru_cache(maxsize=256)
-def _table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
+def _table(dtype: str, factors: tuple[float, ...], offset: float = 0.0) -> np.ndarray:
     """The rule applied to every 16-bit pattern of `dtype`: scaled[bits] is the result for bits."""
     every = bytearray(np.arange(65536, dtype=np.uint16).tobytes())
     with np.errstate(over="ignore", invalid="ignore"):
-        _scale_with_numpy(every, dtype, (65536,), [_Whole(None, factors)])
+        _scale_with_numpy(every, dtype, (65536,), [_Whole(None, factors, offset)])
     return np.frombuffer(every, dtype=np.uint16)
 
 
@@ -92,7 +97,7 @@ def scale_bytes(raw, dtype: str, shape: tuple[int, ...], segments):
     if dtype in ("F16", "BF16"):
         rows = _rows_view(np.frombuffer(raw, dtype=np.uint16), shape)
         for seg in segments:
-            _look_up(_part(rows, seg), _table(dtype, tuple(seg.factors)))
+            _look_up(_part(rows, seg), _table(dtype, tuple(seg.factors), getattr(seg, "offset", 0.0)))
         return raw
     with np.errstate(over="ignore", invalid="ignore"):   # inf and NaN follow IEEE, as in torch
         return _scale_with_numpy(raw, dtype, shape, segments)
@@ -122,9 +127,13 @@ def _scale_with_torch(raw: bytearray, torch_name: str, shape, segments) -> bytea
     t = torch.frombuffer(raw, dtype=stored)
     work = t.to(torch.float32).reshape(shape[0] if len(shape) else 1, -1)
     for seg in segments:
-        part = _part(work, seg)
+        part, offset = _part(work, seg), getattr(seg, "offset", 0.0)
+        if offset:                       # (never add 0: it would turn -0.0 into +0.0)
+            part.add_(offset)
         for f in seg.factors:
             part.mul_(f)
+        if offset:
+            part.sub_(offset)
     # fp8 has no inf: saturate instead of producing NaN (ComfyUI rounds fp8 stochastically;
     # ckptbend rounds to nearest so that a bake is reproducible byte for byte).
     info = torch.finfo(stored)

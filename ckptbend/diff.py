@@ -123,6 +123,8 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
     if a.kind != b.kind or (folders and [f.rel for f in a.files] != [f.rel for f in b.files]):
         raise CkptbendError(f"{a.path} and {b.path} have different layouts ({a.kind} vs {b.kind})")
     lines, cuts = [], fused_ranges(a)
+    # a norm weight the model uses as (w + offset) (Gemma 3's qk-norm) is compared as it acts
+    offsets = {(s.file, s.key): s.offset for s in a.sites if s.offset}
     for fa, fb in zip(a.files, b.files):
         path_a = a.path / fa.rel if a.kind == "diffusers-folder" else a.path
         path_b = b.path / fb.rel if b.kind == "diffusers-folder" else b.path
@@ -150,8 +152,10 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                 if ta.dtype not in SCALABLE:
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
-                    cut = cuts.get((fa.rel, ta.name))
+                    cut, offset = cuts.get((fa.rel, ta.name)), offsets.get((fa.rel, ta.name), 0.0)
+                    label = f"{ta.name} (as w + {offset:g})" if offset else ta.name
                     lines.extend(prefix + line for line in _ratio_lines(
-                        ta.name, to_float64(raw_a, ta.dtype, ta.shape), to_float64(raw_b, ta.dtype, ta.shape), cut))
+                        label, to_float64(raw_a, ta.dtype, ta.shape) + offset,
+                        to_float64(raw_b, ta.dtype, ta.shape) + offset, cut))
         lines.extend(f"{prefix}{name}: only in {b.path.name}" for name in tb)
     return lines

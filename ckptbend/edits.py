@@ -12,6 +12,7 @@ class Segment:
     factors: tuple[float, ...]     # applied one after another in float32, like chained nodes
     reasons: tuple[str, ...]       # e.g. "unet.self.q"
     cols: tuple[int, int] | None = None   # None: every column (a 2-D weight's input columns otherwise)
+    offset: float = 0.0            # the stored w acts as (w + offset): (w + offset) is scaled, offset taken back off
 
     @property
     def whole(self) -> bool:

@@ -17,7 +17,7 @@ from .formats import requant
 from .layouts import Checkpoint, Site, blocks_with_attention, label_runs
 from .layouts.text_encoders import CLIP_ENCODERS, LARGE_ENCODERS, TEXT_ENCODERS
 from .layouts.validate import folder
-from .arithmetic import SCALABLE
+from .arithmetic import NUMPY_STORAGE as FLOAT_STORAGE, SCALABLE
 from .recipe.schema import ARCHITECTURES, QK_WARN_PRODUCT
 
 
@@ -63,7 +63,7 @@ class Plan:
             for seg in e.segments:
                 rows = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else ""
                 cols = f" columns {seg.cols[0]}:{seg.cols[1]}" if seg.cols else ""
-                factors = " × ".join(f"{f:g}" for f in seg.factors)
+                factors = " × ".join(f"{f:g}" for f in seg.factors) + (f" of (w + {seg.offset:g})" if seg.offset else "")
                 where = f"{e.file}: " if self.checkpoint.kind == "diffusers-folder" else ""
                 note = e.note if e.note is not None else ""
                 lines.append(f"{where}{e.key}{rows}{cols}  ×{factors}  ({', '.join(seg.reasons)}{note})")
@@ -153,6 +153,16 @@ def _qk_warnings(ckpt: Checkpoint, recipe, applied: dict) -> list[str]:
     return warnings
 
 
+def _refuse_offsets_outside_floats(ckpt: Checkpoint, by_tensor: dict) -> None:
+    """A weight used as (w + offset) is scaled in float32 from fp32/fp16/bf16 only: fp8 and the quantised
+    formats' rules scale codes and scales, which have no offset."""
+    dtypes = {(f.rel, t.name): t.dtype for f in ckpt.files for t in f.header.tensors}
+    for where, segs in by_tensor.items():
+        if any(seg.offset for seg in segs) and dtypes[where] not in FLOAT_STORAGE:
+            raise CkptbendError(f"{where[1]}: a norm weight used as (w + {segs[0].offset:g}), stored as "
+                                f"{dtypes[where]}; ckptbend scales such a weight only in F32, F16 or BF16")
+
+
 def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     labels_read_for(recipe, ckpt)
     warnings: list[str] = []
@@ -183,7 +193,7 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                 if ckpt.qk_norm and section in ("unet.self", "unet.cross") and recipe_key in ("q", "k") and hits:
                     _qk_norm_cancels(name, recipe_key, factor, section, ckpt, warnings)
                 for s in hits:
-                    slot = found.setdefault((s.file, s.key, s.rows, s.cols), [[], []])
+                    slot = found.setdefault((s.file, s.key, s.rows, s.cols), [[], [], s.offset])
                     slot[0].append(factor)
                     slot[1].append(f"{section}.{recipe_key}")
                     if recipe_key in ("q", "k"):
@@ -193,8 +203,9 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
 
     # Group segments per tensor, keeping file order (the order tensors will be written in).
     by_tensor: dict[tuple[str, str], list[Segment]] = {}
-    for (file, key, rows, cols), (factors, reasons) in found.items():
-        by_tensor.setdefault((file, key), []).append(Segment(rows, tuple(factors), tuple(reasons), cols))
+    for (file, key, rows, cols), (factors, reasons, offset) in found.items():
+        by_tensor.setdefault((file, key), []).append(Segment(rows, tuple(factors), tuple(reasons), cols, offset))
+    _refuse_offsets_outside_floats(ckpt, by_tensor)
     by_tensor = {k: sorted(segs, key=lambda s: (s.rows or (0, 0), s.cols or (0, 0))) for k, segs in by_tensor.items()}
     # Quantised layers (and plain fp8 tensors): their format's rule decides which of their tensors change, and how.
     quantised = requant.route(ckpt, by_tensor)

@@ -7,6 +7,7 @@ from collections import Counter
 
 from .errors import CkptbendError
 from .layouts import Checkpoint, blocks_with_attention
+from .layouts.text_encoders import scales as text_encoder_scales
 from .formats import comfy_quant
 from .verify import recorded_recipe
 
@@ -60,6 +61,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "dtypes": dict(dtypes),
         "attention_blocks": per_block,
         "text_encoder_attention_layers": {c: len(v) for c, v in encoders.items()},
+        "text_encoder_notes": {c: note for c in encoders if (note := text_encoder_scales(c))},
         "qk_norm": ckpt.qk_norm,
         "attention_components": sorted({s.component for s in ckpt.sites}),
         "left_alone": list(ckpt.left_alone),
@@ -115,7 +117,8 @@ def format_text(info: dict) -> str:
             qk = " qk-norm" if b.get("qk_norm") else ""
             lines.append(f"    {label:<5} {depth}{' '.join(b['attn'])}{streams}{qk}")
     for c, n in info["text_encoder_attention_layers"].items():
-        lines.append(f"  {c}: {n} attention layers")
+        note = info["text_encoder_notes"].get(c)
+        lines.append(f"  {c}: {n} attention layers" + (f" ({note})" if note else ""))
     lines.extend(f"  left alone:   {part}" for part in info["left_alone"])
     if info["quantisation"]:
         lines.append(f"  quantisation: {info['quantisation']}")

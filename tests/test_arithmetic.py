@@ -93,3 +93,17 @@ def test_table_look_up_in_steps_covers_every_element(name):
     got = torch.frombuffer(scale_bytes(raw, name, (rows, cols), [Segment((1, 6), (1.7,), ())]), dtype=t.dtype)
     expected = torch_reference(t, (1.7,), (1, 6))
     assert torch.equal(got.view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16", "F64", "F8_E4M3"])
+def test_offset_scales_w_plus_offset(name):
+    """A weight used as (w + 1) (Gemma 3's qk-norm): w' = f·(w + 1) − 1 in float32, then rounded once."""
+    t = edge_values(DTYPES[name])[12:2000]            # finite values
+    raw = bytearray(t.view(torch.uint8).numpy().tobytes())
+    got = torch.frombuffer(scale_bytes(raw, name, tuple(t.shape), [Segment(None, (1.3, 0.9), (), None, 1.0)]),
+                           dtype=t.dtype)
+    work = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    expected = ((work + 1) * 1.3 * 0.9 - 1)
+    if t.dtype.itemsize == 1:
+        expected = expected.clamp(torch.finfo(t.dtype).min, torch.finfo(t.dtype).max)
+    assert torch.equal(got.view(torch.uint8), expected.to(t.dtype).view(torch.uint8))

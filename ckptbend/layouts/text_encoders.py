@@ -1,10 +1,11 @@
-"""Text encoders, as data: CLIP-L / CLIP-G (HF names), OpenCLIP ViT-H / ViT-bigG (OpenCLIP names, fused
-in_proj), and the large encoders of DiT models: T5-XXL, UMT5-XXL (T5 names), Qwen2.5-VL-7B and Llama-3-8B
-(HF decoder names).
+"""Text encoders: CLIP-L / CLIP-G (HF names), OpenCLIP ViT-H / ViT-bigG (OpenCLIP names, fused in_proj), and
+the large encoders of DiT models (text_encoder_forms.py: T5-XXL, UMT5-XXL, ByT5 in T5 names; Llama 3 / 3.1,
+Mistral Small 3.x, Qwen2.5-VL, Qwen3, Qwen3-VL, Gemma 2 and Gemma 3 in transformers' decoder names).
 
 A projection is found by key suffix, as ComfyUI's CLIPAttentionMultiply finds CLIP's; OpenCLIP's
-fused `attn.in_proj_weight` / `in_proj_bias` hold q, k and v as three row ranges. None of these
-encoders normalises q or k, so every factor scales projection rows (dit-layouts.md §11).
+fused `attn.in_proj_weight` / `in_proj_bias` hold q, k and v as three row ranges. CLIP, T5 and the plain decoder
+LLMs do not normalise q or k, so every factor scales projection rows; in Qwen3 and Gemma 3, q and k scale their
+qk-norm weights, and in Gemma a norm over the attention output cancels v and out (dit-layouts.md §11).
 """
 
 from __future__ import annotations
@@ -12,28 +13,30 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from ..errors import CkptbendError
+from ..formats.comfy_quant import logical_shapes
+from . import text_encoder_forms as forms
+from .text_encoder_forms import LLM_SUFFIX, T5_SUFFIX
 from .types import CheckpointFile, Identified, Site
 from .validate import fused_width
 
 CLIP_ENCODERS = ("clip_l", "clip_g", "clip_h")                   # the [clip] section (CLIPAttentionMultiply)
-LARGE_ENCODERS = ("t5xxl", "umt5xxl", "qwen25_7b", "llama")      # the [text] section; ComfyUI's names
+LARGE_ENCODERS = tuple(forms.LARGE)                              # the [text] section; ComfyUI's names
 COMPONENTS = TEXT_ENCODERS = CLIP_ENCODERS + LARGE_ENCODERS
 TEXT_ENCODER_WIDTHS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 
 HF_CLIP_SUFFIX = re.compile(r"(?:^|\.)self_attn\.(?P<proj>q_proj|k_proj|v_proj|out_proj)\.(?:weight|bias)$")
 OPENCLIP_SUFFIX = re.compile(r"(?:^|\.)resblocks\.\d+\.attn\.(?P<proj>in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
-T5_SUFFIX = re.compile(r"(?:^|\.)encoder\.block\.\d+\.layer\.0\.SelfAttention\.(?P<proj>q|k|v|o)\.weight$")
-# Decoder-only LLMs: the language model's layers only (Qwen2.5-VL's vision tower is `visual.blocks.N.attn`).
-LLM_SUFFIX = re.compile(r"(?:^|\.)layers\.\d+\.self_attn\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?:weight|bias)$")
 PROJ_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "out", "o_proj": "out",
-              "out_proj.weight": "out", "out_proj.bias": "out", "q": "q", "k": "k", "v": "v", "o": "out"}
+              "out_proj.weight": "out", "out_proj.bias": "out", "q": "q", "k": "k", "v": "v", "o": "out",
+              "q_norm": "q", "k_norm": "k"}
 FUSED_ORDER = ("q", "k", "v")
 SUFFIX_OF = {"clip_l": (HF_CLIP_SUFFIX, OPENCLIP_SUFFIX), "clip_g": (HF_CLIP_SUFFIX, OPENCLIP_SUFFIX),
-             "clip_h": (HF_CLIP_SUFFIX, OPENCLIP_SUFFIX), "t5xxl": (T5_SUFFIX,), "umt5xxl": (T5_SUFFIX,),
-             "qwen25_7b": (LLM_SUFFIX,), "llama": (LLM_SUFFIX,)}
+             "clip_h": (HF_CLIP_SUFFIX, OPENCLIP_SUFFIX)} | {name: form.sites for name, form in forms.LARGE.items()}
 
 # Parts a text encoder's file may hold besides the encoder's own layers, which no section reaches: a full
-# T5's decoder, the vision tower of a vision-language model (LLaVA, Qwen2.5-VL) or of a full CLIP model.
+# T5's decoder, the vision tower of a vision-language model (LLaVA, Qwen2.5-VL, Qwen3-VL, Gemma 3, Mistral 3) or
+# of a full CLIP model.
 NOT_THE_ENCODER = re.compile(r"(?:^|\.)(?P<part>decoder|vision_model|vision_tower|visual|multi_modal_projector)\.")
 PART_NAMES = {"decoder": "decoder", "vision_model": "vision tower", "vision_tower": "vision tower",
               "visual": "vision tower", "multi_modal_projector": "vision projector"}
@@ -41,9 +44,14 @@ PART_NAMES = {"decoder": "decoder", "vision_model": "vision tower", "vision_towe
 # ComfyUI's all-in-one files: `text_encoders.<name>.transformer.…` (DiT families use it for their files).
 ALL_IN_ONE = re.compile(r"text_encoders\.(?P<name>" + "|".join(TEXT_ENCODERS) + r")\.")
 
-# diffusers text-encoder folders, by the transformers model_type in their config.json.
-MODEL_TYPES = {"t5": "t5xxl", "umt5": "umt5xxl", "qwen2_5_vl": "qwen25_7b", "llama": "llama", "llava": "llama"}
 CLIP_MODEL_TYPES = ("clip_text_model", "clip")
+
+# Decoder LLM files ckptbend refuses by name rather than take for an encoder it knows: (key suffix, why).
+UNKNOWN_LLMS = (
+    ("layer_scalar", "a Gemma 4 text encoder (its layers carry layer_scalar), which ckptbend does not bake yet"),
+    ("self_attn.qkv_proj.weight", "a decoder LLM with fused self_attn.qkv_proj, whose q/k/v rows depend on head "
+                                  "counts the file does not hold; ckptbend bakes separate q_proj/k_proj/v_proj"),
+)
 
 # Text encoders live inside other families' files and folders, or alone (identify).
 SINGLE_FILE_PREFIXES = ()
@@ -57,7 +65,7 @@ def all_in_one_component(key: str) -> str | None:
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    """The text encoders' attention projections in one file."""
+    """The text encoders' attention projections (and qk-norm weights) in one file."""
     found = []
     for t in cf.header.tensors:
         component = cf.components.get(t.name)
@@ -70,7 +78,10 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
             for i, proj in enumerate(FUSED_ORDER):
                 found.append(Site(cf.rel, t.name, component, "self", proj, rows=(i * d, (i + 1) * d), fused=3 * d))
         else:
-            found.append(Site(cf.rel, t.name, component, "self", PROJ_NAMES[m["proj"]]))
+            proj, form = PROJ_NAMES[m["proj"]], forms.LARGE.get(component)
+            inert = form.inert if form and proj in ("v", "out") else None
+            offset = form.norm_offset if form and m["proj"].endswith("_norm") else 0.0
+            found.append(Site(cf.rel, t.name, component, "self", proj, inert=inert, offset=offset))
     return found
 
 
@@ -87,21 +98,54 @@ def set_aside(files: list[CheckpointFile]) -> tuple[list[CheckpointFile], tuple[
     return out, notes
 
 
-def _large_kind(names) -> str | None:
+def _has(names, suffix: str) -> bool:
+    return any(n.endswith(suffix) for n in names)
+
+
+def _llm_kind(header, names) -> str:
+    """A decoder LLM's encoder, told by its form as ComfyUI's detection tells it (post_feedforward_layernorm:
+    Gemma; q_norm: Qwen3 / Gemma 3; q/k/v biases: Qwen2.5-VL; q_proj rows other than the width: Mistral 3 —
+    Llama's q spans the width), then by width among one form's sizes."""
+    for suffix, what in UNKNOWN_LLMS:
+        if _has(names, suffix):
+            raise CkptbendError(f"{header.path}: {what}; refusing")
+    shapes = logical_shapes(header)
+    q = next((n for n in names if n.endswith("self_attn.q_proj.weight")), None)
+    norm = next((n for n in names if n.endswith("input_layernorm.weight")), None)
+    width = shapes[q][1] if q else shapes[norm][0] if norm else None
+    if _has(names, "post_feedforward_layernorm.weight"):
+        return forms.by_width("gemma3", width) if _has(names, "self_attn.q_norm.weight") else "gemma2_2b"
+    if _has(names, "self_attn.q_norm.weight"):
+        vision = any(NOT_THE_ENCODER.search(n) for n in header.names)
+        return forms.by_width("qwen3vl" if vision else "qwen3", width)
+    if _has(names, "self_attn.k_proj.bias"):
+        return "qwen25_7b"
+    return "llama" if q is None or shapes[q][0] == width else forms.by_width("mistral3", width)
+
+
+def _t5_kind(header, names) -> str:
+    """UMT5 keeps a relative-position table in every block, T5 only in block 0; ByT5 reads bytes (384 tokens)."""
+    if _has(names, "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"):
+        return "umt5xxl"
+    embedding = next((n for n in names if n.endswith(("shared.weight", "embed_tokens.weight"))), None)
+    k = next(n for n in names if n.endswith("SelfAttention.k.weight"))
+    rows = header.tensor(embedding).shape[0] if embedding else logical_shapes(header)[k][0]
+    return "byt5_small" if rows == forms.BYT5_VOCABULARY else "t5xxl"
+
+
+def _large_kind(header, names) -> str | None:
     names = [n for n in names if not NOT_THE_ENCODER.search(n)]
     if any(T5_SUFFIX.search(n) for n in names):
-        # UMT5 keeps a relative-position table in every block, T5 only in block 0.
-        umt5 = any(n.endswith("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight") for n in names)
-        return "umt5xxl" if umt5 else "t5xxl"
+        return _t5_kind(header, names)
     if any(LLM_SUFFIX.search(n) and n.endswith("o_proj.weight") for n in names):
-        return "qwen25_7b" if any(n.endswith("self_attn.k_proj.bias") for n in names) else "llama"
+        return _llm_kind(header, names)
     return None
 
 
 def bare_kind(header) -> str | None:
     """Which text encoder a file saved alone holds, or None."""
     names = [n for n in header.names if not NOT_THE_ENCODER.search(n)]   # e.g. a CLIP vision tower alone: none
-    if large := _large_kind(names):
+    if large := _large_kind(header, names):
         return large
     hf, openclip = any(HF_CLIP_SUFFIX.search(n) for n in names), any(OPENCLIP_SUFFIX.search(n) for n in names)
     if not (hf or openclip) or not any(n.endswith("token_embedding.weight") for n in names):
@@ -130,9 +174,10 @@ def identify(header) -> Identified | None:
 
 def folder_component(default: str, config: dict) -> str:
     """A diffusers text-encoder folder's component: the pipeline's default, refined by its config
-    (SD 2.x's text_encoder is OpenCLIP-H in HF names: told from CLIP-L by its activation)."""
-    if config.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[config["model_type"]]
+    (SD 2.x's text_encoder is OpenCLIP-H in HF names: told from CLIP-L by its activation; a large encoder's
+    size by its width)."""
+    if kind := forms.of_config(config):
+        return kind
     if default == "clip_l" and config.get("hidden_act") == "gelu":
         return "clip_h"
     return default
@@ -145,7 +190,7 @@ def folder_components(configs: dict[str, dict]) -> dict[str, str]:
     text_encoder_2 with no text_encoder (the SDXL refiner), is CLIP-G; a lone gelu one is OpenCLIP-H (SD 2.x);
     any other is CLIP-L. A sub-folder of another model_type is left out, so it is copied unchanged."""
     clips = [sub for sub, c in configs.items() if c.get("model_type") in CLIP_MODEL_TYPES]
-    found = {sub: MODEL_TYPES[c["model_type"]] for sub, c in configs.items() if c.get("model_type") in MODEL_TYPES}
+    found = {sub: kind for sub, c in configs.items() if (kind := forms.of_config(c))}
     for i, sub in enumerate(clips):
         config = configs[sub]
         if config.get("hidden_size") in TEXT_ENCODER_WIDTHS:
@@ -159,6 +204,17 @@ def folder_components(configs: dict[str, dict]) -> dict[str, str]:
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:
     return None
+
+
+def scales(component: str) -> str | None:
+    """What [text] q/k and v/out reach in an encoder where that is not simply its projections (for inspect)."""
+    form = forms.LARGE.get(component)
+    if form is None:
+        return None
+    notes = ["q/k scale the q_norm/k_norm weights" + (", used as 1 + w" if form.norm_offset else "")
+             ] if forms.LLM_QK_NORM in form.sites else []
+    notes += ["v/out cancelled by post_attention_layernorm"] if form.inert else []
+    return "; ".join(notes) or None
 
 
 def has_qk_norm(files) -> bool:

@@ -29,6 +29,8 @@ class Site:
     stream: str | None = None    # image | text: the token stream of a joint attention; None: both
     inert: str | None = None     # why a factor here cannot change the output (structurally dead), or None
     fused: int | None = None     # the length the fused axis must have (3·h rows for q|k|v): detection checks it
+    offset: float = 0.0          # a norm weight w the model uses as (w + offset) (Gemma 3's qk-norm: 1): factors
+                                 # scale (w + offset), so w becomes f·(w + offset) − offset
 
     @property
     def bias(self) -> bool:
