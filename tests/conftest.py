@@ -1,5 +1,7 @@
 """Test-wide settings."""
 
+import os
+
 import pytest
 
 
@@ -54,3 +56,34 @@ def pytest_configure(config):
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# --- Memory per module: CKPTBEND_TEST_RSS=1 python3 -m pytest prints, after the run, this process's resident
+# memory after each test module and the peak so far (what stays alive between modules is what adds up).
+
+_RSS_AFTER = []
+
+
+def _rss_mib():
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize() >> 20
+    except OSError:                 # not Linux: the peak only
+        now = None
+    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    if os.environ.get("CKPTBEND_TEST_RSS") == "1" and (nextitem is None or nextitem.path != item.path):
+        _RSS_AFTER.append((item.path.name, *_rss_mib()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _RSS_AFTER:
+        terminalreporter.section("resident memory after each module (MiB): now, peak so far")
+        for name, now, peak in _RSS_AFTER:
+            terminalreporter.write_line(f"{name:<40} {now if now is not None else '?':>7} {peak:>7}")

@@ -458,8 +458,8 @@ def test_full_width_ranges_are_the_ones_diffusers_cuts(tmp_path):
     assert ranges["single_blocks.0.linear2.weight", "out"] == (None, (0, 3072))
     assert len({s.block for s in ckpt.sites}) == 19 + 38
 
-    def tagged(shape):   # row i holds i (zero-stride: no memory)
-        return torch.arange(shape[0], dtype=torch.float32).reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
+    def tagged(shape):   # row i holds i; one column: the converter cuts rows only, and copies what it cuts
+        return torch.arange(shape[0], dtype=torch.float32).reshape(-1, *([1] * (len(shape) - 1)))
     stub = {k: tagged(v.shape) for k, v in state.items()}
     converted = convert_flux_transformer_checkpoint_to_diffusers(stub)   # unpatched: its own width 3072
     for diffusers_key, source, (rows, _) in (
