@@ -167,7 +167,7 @@ def test_words_are_found_in_the_text_the_pipeline_encodes(family):
     tokenizer = cq.qwen_tokenizer()
     tokenizer.chat_template = QWEN3_TEMPLATE
     pipe = types.SimpleNamespace(tokenizer=tokenizer, system_prompt="You are a photo assistant.")
-    session = types.SimpleNamespace(pipe=pipe, single=family, joint=None,
+    session = types.SimpleNamespace(pipe=pipe, single=family, joint=None, qwen21=False,
                                     entries=[bending.as_spec({**ENTRY, "token": w}) for w in ("sunset", "a")])
     prompt = "a romantic kiss at sunset"
     found = dh.prompts._locate(session, {"prompt": prompt})
