@@ -156,24 +156,29 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content
                   "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")   # Qwen3's, abridged
 
 
-@pytest.mark.parametrize("family", ["zimage", "lumina2"])
+@pytest.mark.parametrize("family", ["zimage", "lumina2", "hunyuan15"])
 def test_words_are_found_in_the_text_the_pipeline_encodes(family):
     """Z-Image: the user turn of the tokenizer's chat template (Qwen3 with its generation prompt); Lumina 2: the
-    system prompt, " <Prompt Start> ", then the prompt. The columns count every token from the first, as both
-    models attend to them; the first word is spelled bare, the others after a space (byte-level BPE); a word of the
-    system prompt is not taken for the prompt's."""
+    system prompt, " <Prompt Start> ", then the prompt; HunyuanVideo 1.5: system and user turns, its crop_start
+    tokens (the system turn) dropped. The columns count every token the model sees from the first; the first word
+    is spelled bare, the others after a space (byte-level BPE); a word of the system prompt is not the prompt's."""
     import comfy_standin_qwen as cq
 
     tokenizer = cq.qwen_tokenizer()
     tokenizer.chat_template = QWEN3_TEMPLATE
-    pipe = types.SimpleNamespace(tokenizer=tokenizer, system_prompt="You are a photo assistant.")
-    session = types.SimpleNamespace(pipe=pipe, single=family, joint=None,
+    system = "You are a photo assistant."
+    crop = len(tokenizer(f"<|im_start|>system\n{system}<|im_end|>\n")["input_ids"])
+    pipe = types.SimpleNamespace(tokenizer=tokenizer, system_prompt=system, system_message=system,
+                                 prompt_template_encode_start_idx=crop, tokenizer_max_length=1000)
+    session = types.SimpleNamespace(pipe=pipe, single=None if family == "hunyuan15" else family, joint=None,
+                                    qwen21=False, hunyuan15=family == "hunyuan15",
                                     entries=[bending.as_spec({**ENTRY, "token": w}) for w in ("sunset", "a")])
     prompt = "a romantic kiss at sunset"
     found = dh.prompts._locate(session, {"prompt": prompt})
-    text = ("<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n" if family == "zimage"
-            else "You are a photo assistant. <Prompt Start> " + prompt)
+    text = {"zimage": "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n",
+            "lumina2": f"{system} <Prompt Start> " + prompt,
+            "hunyuan15": "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n"}[family]
     pieces = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
     assert [pieces[j] for j in found["sunset"]] == ["Ġsun", "set"]
-    assert [pieces[j] for j in found["a"]] == (["a"] if family == "zimage" else ["Ġa"])
-    assert found["a"][0] == (3 if family == "zimage" else len(pieces) - 6)     # the prompt's, not the system's
+    assert [pieces[j] for j in found["a"]] == (["Ġa"] if family == "lumina2" else ["a"])
+    assert found["a"][0] == (len(pieces) - 6 if family == "lumina2" else 3)     # the prompt's, not the system's

@@ -56,15 +56,16 @@ def _tag_block(layer: int, previous):
 
 
 def _record_call(layout):
-    """Each model call's grid; on NextDiT (no block arguments to read) also its text length, the context padded to
-    layout.pad (Lumina 2: none), and its joint length, text and image tokens each padded up."""
+    """Each model call's grid; where the blocks are told by the host (NextDiT, Qwen-Image 2.x: no block arguments to
+    read) also its text length (the context; NextDiT pads it to layout.pad, Lumina 2 not) and its joint length, text
+    and image tokens (NextDiT: each padded up)."""
     def wrapper(executor, x, *args, **kwargs):
         # ComfyUI calls wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, …)
         options = args[4] if len(args) > 4 else kwargs["transformer_options"]
         frames = x.shape[2] if x.ndim == 5 else 1
         grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), layout.patch))   # ComfyUI pads up
         options[DIT_CALL] = {"grid": grid, "text": None}
-        if layout.kind == "nextdit":
+        if layout.kind in HOST_TAGGED:
             context = args[2] if len(args) > 2 else kwargs["c_crossattn"]
             text, image = context.shape[1], grid[0] * grid[1] * grid[2]
             if layout.pad:
@@ -75,12 +76,24 @@ def _record_call(layout):
     return wrapper
 
 
-def _nextdit_layer(options, call, length):
-    """The main block a NextDiT attention call is in (transformer_options["block_index"], written by its loop), or
-    None: a refiner's call (text or image alone, before the loop), or a joint length other than this call's text and
-    image (Z-Image's omni edit, with reference images and SigLIP tokens)."""
-    if options.get("block_type") != "double" or "block_index" not in options or length != call.get("joint"):
+HOST_TAGGED = {"nextdit": "double", "qwen21": "single"}    # kind → transformer_options["block_type"] of its blocks
+
+
+def _host_tagged_layer(kind, options, call, n_queries, n_keys):
+    """The block an attention call of a model whose loop writes transformer_options["block_index"] is in, or None
+    for a call not bent. NextDiT: the main blocks' joint call (not a refiner's: text or image alone, before the
+    loop; nor a longer one: Z-Image's omni edit with reference images and SigLIP tokens). Qwen-Image 2.x: the
+    target image's call (its queries the image tokens alone, against text and image keys: its block-causal prefix
+    calls and the prefix-cached ones alike); with reference images among the keys it refuses."""
+    if options.get("block_type") != HOST_TAGGED[kind] or "block_index" not in options:
         return None
+    if kind == "nextdit":
+        return options["block_index"] if n_queries == n_keys == call.get("joint") else None
+    if n_queries != call["joint"] - call["text"]:
+        return None
+    if n_keys != call["joint"]:
+        raise ValueError("Attention Bending on Qwen-Image 2.x bends text-to-image sampling only: reference images "
+                         "sit among the text tokens and shift the word's columns")
     return options["block_index"]
 
 
@@ -91,8 +104,9 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         tag, call = options.get(DIT_TAG), options.get(DIT_CALL)
         if call is None or options.get(SAG_PASS):
             return out
-        if layout.kind == "nextdit":
-            layer = _nextdit_layer(options, call, q.shape[2] if kwargs.get("skip_reshape") else q.shape[1])
+        if layout.kind in HOST_TAGGED:
+            lengths = (q.shape[2], k.shape[2]) if kwargs.get("skip_reshape") else (q.shape[1], k.shape[1])
+            layer = _host_tagged_layer(layout.kind, options, call, *lengths)
             if layer is None:
                 return out
         else:
@@ -117,6 +131,8 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         if layout.joint:
             n_text = call["text"]
             text, queries = slice(0, n_text), slice(n_text, n_text + n_image)
+            if layout.kind == "qwen21":                  # the target image's queries alone
+                queries = slice(0, n_image)
         else:
             text, queries = slice(None), slice(None)
             if qh.shape[2] != n_image:

@@ -7,7 +7,7 @@ ComfyUI that renames a class keeps working.
 
 from __future__ import annotations
 
-from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN_KEY
+from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
 
 
 class DiTLayout:
@@ -29,7 +29,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
-    Gemma 2 tokens."""
+    Gemma 2 tokens. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
+    block told alike; the target image's call is bent."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -55,8 +56,11 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if hasattr(dm, "transformer_blocks") and hasattr(dm, "txt_norm"):              # Qwen-Image
         blocks = [("double_block", i, i) for i in range(len(dm.transformer_blocks))]
         return DiTLayout("qwen", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), QWEN_KEY)
+    if hasattr(dm, "transformer_blocks") and hasattr(dm, "txt_in") and hasattr(dm, "modulation"):   # Qwen-Image 2.x
+        return DiTLayout("qwen21", [], 0, True, (1, 1, 1), QWEN3VL_KEY)
     if hasattr(dm, "joint_blocks"):                                                 # SD3, SD3.5
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     f"SD3/SD3.5, Qwen-Image, Z-Image and Lumina 2; this model's diffusion_model is a {name}")
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image and Lumina 2; this model's diffusion_model is "
+                     f"a {name}")

@@ -107,25 +107,33 @@ def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, lis
 # Z-Image's tokenizer puts the prompt into Qwen3's chat template ("<|im_start|>user\n", the prompt,
 # "<|im_end|>\n<|im_start|>assistant\n") with weights disabled; Lumina 2's Gemma 2 tokenizer puts <bos> first (its
 # system prompt is the text node's, part of the text encoded).
-QWEN3_KEY, GEMMA2_KEY = "qwen3_4b", "gemma2_2b"
-WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY)
+# Qwen-Image 2.x's Qwen3-VL tokenizer: the prompt in a chat template after a system turn, which its encoder drops
+# (every token before the second <|im_start|>): column 0 is the user turn's <|im_start|>.
+QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY = "qwen3_4b", "gemma2_2b", "qwen3vl_8b"
+WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY)
+
+
+def _kept(ids: list, key) -> list:
+    """The tokens the model attends to: Qwen-Image 2.x's from the second <|im_start|>, the others all."""
+    starts = [i for i, t in enumerate(ids) if t == QWEN_IM_START][:2] if key == QWEN3VL_KEY else []
+    return ids[starts[1]:] if len(starts) > 1 else ids
 
 
 def _whole_text_columns(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
     """word → its columns among all the tokens, searched from where the prompt's tokens part from the empty
     prompt's (a word of a template or system prompt before it is not the prompt's). A word is found spelled after a
     space or bare (byte-level BPE and SentencePiece spell them apart), tokenised in place as the prompt is."""
-    blank = _token_ids(empty, key)
+    blank = _kept(_token_ids(empty, key), key)
 
     def start(ids):
         return next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
 
     def spell(text):
-        ids = _token_ids(clip.tokenize(text), key)
+        ids = _kept(_token_ids(clip.tokenize(text), key), key)
         at = start(ids)
         return ids[at:len(ids) - (len(blank) - at)]
 
-    prompt = _token_ids(tokens, key)
+    prompt = _kept(_token_ids(tokens, key), key)
     at = start(prompt)
     found = bend_tokens.token_columns(words, prompt[at:],
                                       lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))

@@ -7,6 +7,8 @@ import inspect
 
 from .cross import cross_attention
 from .joint import JOINT_MODELS, joint_attention
+from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
+from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
 from .single import SINGLE_MODELS, single_attention, single_modules
 from .unet import self_attention
 
@@ -28,8 +30,11 @@ def sites_of(model) -> list[Site]:
     """Every attn1 / attn2 of the model's transformer blocks, in execution order (UNet: down, mid, up);
     on a joint model (JOINT_MODELS) its blocks' joint attentions `attn` instead, in order (Flux: double
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
-    if type(model).__name__ in SINGLE_MODELS:     # Z-Image, Lumina 2: the main blocks' attention
-        return [Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(single_modules(model))]
+    single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
+              **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}}
+    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5: one per block
+        return [Site(n, m, False, None, layer, joint=True)
+                for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in JOINT_MODELS:
         found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "attn" and hasattr(m, "processor")]
         return [Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(found)]
@@ -71,6 +76,10 @@ class Processor:
         if session.call is None:              # called outside a model forward
             return original()
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        if self.site.joint and session.hunyuan15:
+            return hunyuan15_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.qwen21:
+            return qwen21_attention(session, self.site, attn, given, original)
         if self.site.joint and session.single:
             return single_attention(session, self.site, attn, given, original)
         if self.site.joint:

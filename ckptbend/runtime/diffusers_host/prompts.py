@@ -50,7 +50,7 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
-    if session.single:
+    if session.single or session.qwen21 or session.hunyuan15:
         return _single_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
@@ -88,24 +88,36 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
     """Z-Image: the prompt as the user's turn of the tokenizer's own chat template with the generation prompt
     (ZImagePipeline: apply_chat_template, enable_thinking=True; Qwen3's template then adds no think block); Lumina 2:
     system prompt + " <Prompt Start> " + prompt, Gemma 2's <bos> first (Lumina2Pipeline). Both feed every token
-    (up to max_sequence_length) to the transformer: column 0 is the first. A word is found spelled after a space
-    or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier in the prompt (not in the
-    template or system prompt before it)."""
-    pipe, tokenizer = session.pipe, session.pipe.tokenizer
-    limit = arguments.get("max_sequence_length") or (512 if session.single == "zimage" else 256)
+    (up to max_sequence_length) to the transformer: column 0 is the first. Qwen-Image 2.x: its text-to-image
+    template, the system turn's _drop_idx tokens dropped (column 0 is the user turn's <|im_start|>); HunyuanVideo
+    1.5: system and user turns of its chat template, crop_start (108) tokens dropped. A word is
+    found spelled after a space or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier
+    in the prompt (not in the template or system prompt before it)."""
+    pipe = session.pipe
+    family = "qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else session.single
+    tokenizer = pipe.processor.tokenizer if family == "qwen21" else pipe.tokenizer
+    drop = {"qwen21": getattr(pipe, "_drop_idx", 0), "hunyuan15": getattr(pipe, "prompt_template_encode_start_idx", 0)}
+    drop = drop.get(family, 0)
+    limit = {"zimage": 512, "lumina2": 256, "hunyuan15": getattr(pipe, "tokenizer_max_length", 1000) + drop}
+    limit = arguments.get("max_sequence_length") or limit.get(family, 1 << 20)
     system = arguments.get("system_prompt") or getattr(pipe, "system_prompt", None)
 
     def text(prompt):
-        if session.single == "zimage":
+        if family == "zimage":
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True, enable_thinking=True)
+        if family == "hunyuan15":           # an empty prompt is " " (format_text_input)
+            turns = [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt or " "}]
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        if family == "qwen21":
+            return pipe.prompt_template_t2i.format(prompt)
         return f"{system} <Prompt Start> {prompt}"
 
     def spell(word):
         return tokenizer(word, add_special_tokens=False)["input_ids"]
 
     def ids(prompt):
-        return tokenizer(text(prompt), truncation=True, max_length=limit)["input_ids"]
+        return tokenizer(text(prompt), truncation=True, max_length=limit)["input_ids"][drop:]
 
     def columns(prompt):          # searched from where the prompt's tokens part from the empty prompt's
         found, empty = ids(prompt), ids("")

@@ -10,6 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
+from . import hunyuan15, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -17,8 +18,8 @@ from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
-BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image "
-            "and Lumina 2")
+BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
+            "Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class Session:
         self.call: Call | None = None
         self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
         self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
+        self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
+        self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -183,6 +186,10 @@ class Session:
             step=step_of(scheduler, position),
             alpha_cumprod=alpha_cumprod_at(scheduler, t, position) if self.sag or self.slothful else None,
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
+        if self.qwen21 and self.entries:
+            qwen21.describe(self.call, kwargs)
+        if self.hunyuan15 and self.entries:
+            hunyuan15.describe(self.call, kwargs)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
@@ -193,7 +200,8 @@ class Session:
         if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
-        if (flag is True or flag is None and self.joint) and batch == n and torch.is_tensor(text):
+        separate = self.joint or self.qwen21 or self.hunyuan15     # pipelines whose CFG runs two calls, no flag
+        if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
         return False, list(range(batch))
