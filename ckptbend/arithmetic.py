@@ -70,6 +70,11 @@ def _table(dtype: str, factors: tuple[float, ...], offset: float = 0.0) -> np.nd
     return np.frombuffer(every, dtype=np.uint16)
 
 
+def rule_table(dtype: str, factors: tuple[float, ...]) -> np.ndarray:
+    """The rule's result for every bit pattern of a 16-bit dtype (F16, BF16): what the pattern becomes (read-only)."""
+    return _table(dtype, tuple(factors))
+
+
 # Elements per table look-up: the indices (widened to intp by numpy) and results stay in the CPU cache,
 # ~2.5× faster than one look-up over a whole tensor (bin/bench --profile, "edited tensors: scale").
 LOOKUP_STEP = 1 << 17

@@ -394,7 +394,8 @@ def maps(maps_file, output, force):
               help="File form; not every architecture has every layout.")
 @click.option("--dtype", default="fp16", show_default=True, type=click.Choice(synth_catalog.DTYPE_NAMES),
               help="Floating dtype, or one of ComfyUI's quantised forms (diffusion transformers; single-file "
-                   "layouts such as single and comfy): " + ", ".join(synth_catalog.QUANTISED) + ".")
+                   "layouts such as single and comfy): " + ", ".join(synth_catalog.QUANTISED) + "; or a GGUF file "
+                   "of the model alone, as ComfyUI-GGUF writes it: " + ", ".join(synth_catalog.GGUF) + ".")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def synth(arch, output, layout, dtype, seed, force):

@@ -1,7 +1,8 @@
 """Compare two checkpoints (per-tensor ratios of what differs) or two recipes (values that differ).
 
 A quantised layer (ComfyUI's scaled fp8 or comfy_quant formats) is compared by its effective weight, codes ×
-scales, on one line — not tensor by tensor, since a bake moves its factors between codes and scales."""
+scales, on one line — not tensor by tensor, since a bake moves its factors between codes and scales. A GGUF
+tensor is compared by its values as gguf-py dequantises them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from .arithmetic import SCALABLE, to_float64
 from .errors import CkptbendError
-from .formats import comfy_quant
+from .formats import comfy_quant, ggml
+from .gguf_io import GGUFHeader
 from .layouts import Checkpoint
 
 
@@ -34,6 +36,18 @@ def diff_recipes(a, b) -> list[str]:
     fa, fb = _flatten(tomllib.loads(a.canonical())), _flatten(tomllib.loads(b.canonical()))
     return [f"{k}: {fa.get(k, '(default)')} → {fb.get(k, '(default)')}"
             for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
+
+
+def _readable(header, t) -> bool:
+    if isinstance(header, GGUFHeader):
+        return ggml.why_not(t.dtype) is None
+    return t.dtype in SCALABLE
+
+
+def _values(raw, header, t) -> np.ndarray:
+    if isinstance(header, GGUFHeader):
+        return ggml.values(raw, t.dtype, t.shape, header.stored[t.name])
+    return to_float64(raw, t.dtype, t.shape)
 
 
 def _read(path, header, t):
@@ -149,13 +163,13 @@ def diff_checkpoints(a: Checkpoint, b: Checkpoint) -> list[str]:
                 raw_a, raw_b = _read(path_a, fa.header, ta), _read(path_b, fb.header, other)
                 if raw_a == raw_b:
                     continue
-                if ta.dtype not in SCALABLE:
+                if not _readable(fa.header, ta):
                     lines.append(f"{prefix}{ta.name}: differs ({ta.dtype})")
                 else:
                     cut, offset = cuts.get((fa.rel, ta.name)), offsets.get((fa.rel, ta.name), 0.0)
                     label = f"{ta.name} (as w + {offset:g})" if offset else ta.name
                     lines.extend(prefix + line for line in _ratio_lines(
-                        label, to_float64(raw_a, ta.dtype, ta.shape) + offset,
-                        to_float64(raw_b, ta.dtype, ta.shape) + offset, cut))
+                        label, _values(raw_a, fa.header, ta) + offset, _values(raw_b, fb.header, other) + offset,
+                        cut))
         lines.extend(f"{prefix}{name}: only in {b.path.name}" for name in tb)
     return lines

@@ -8,7 +8,8 @@ from collections import Counter
 from .errors import CkptbendError
 from .layouts import Checkpoint, blocks_with_attention
 from .layouts.text_encoders import scales as text_encoder_scales
-from .formats import comfy_quant
+from .formats import comfy_quant, ggml
+from .gguf_io import GGUFHeader
 from .verify import recorded_recipe
 
 TEXT_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")   # HF / OpenCLIP / T5 layer index
@@ -75,7 +76,13 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 def _quantisation(ckpt: Checkpoint, dtypes: Counter) -> str | None:
-    """The quantised layers by format (ComfyUI's comfy_quant formats, scaled fp8), and other fp8 tensors."""
+    """The quantised layers by format (ComfyUI's comfy_quant formats, scaled fp8), and other fp8 tensors; a GGUF
+    file's quantised ggml types."""
+    if any(isinstance(f.header, GGUFHeader) for f in ckpt.files):
+        types = sorted((n, t) for t, n in dtypes.items() if t not in ggml.FLOAT_TYPES)
+        parts = [f"{t} ×{n} tensor{'s' * (n != 1)}" + ("" if ggml.why_not(t) is None else " (cannot be scaled)")
+                 for n, t in reversed(types)]
+        return "GGUF: " + ("; ".join(parts) or "no quantised tensors")
     layers = comfy_quant.summary(ckpt.files)
     quantised = {name for f in ckpt.files for q in comfy_quant.layers_of(f.rel, f.header).values()
                  for name in q.tensors.values()}

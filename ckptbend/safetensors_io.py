@@ -64,6 +64,10 @@ class Header:
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
 
+    def to_bytes(self, metadata: dict[str, str], tensors) -> bytes:
+        """An output's header (everything before its data section) with this metadata and tensor table."""
+        return header_bytes(metadata, tensors)
+
 
 def _fail(path, why: str):
     raise CkptbendError(f"{path}: not a valid safetensors file: {why}")

@@ -13,7 +13,6 @@ from .errors import CkptbendError
 from .layouts import detect
 from .plan import make_plan
 from .recipe import parse_recipe
-from .safetensors_io import header_bytes
 
 
 def recorded_recipe(ckpt):
@@ -78,8 +77,8 @@ def verify(output_path, source_path, source_sha256: str | None = None) -> list[s
                                 "(a different source file?)")
             out.seek(0)
             data_sha256 = data_hash.hexdigest() if "modelspec.hash_sha256" in meta else None
-            expected = header_bytes(final_metadata(meta, source_digest, data_sha256),
-                                    output_table(cf.header, edits))
+            expected = cf.header.to_bytes(final_metadata(meta, source_digest, data_sha256),
+                                          output_table(cf.header, edits))
             if out.read(len(expected)) != expected:
                 problems.append(f"{cf.rel}: header or metadata differs from the recomputed bake")
     if src_ckpt.kind == "diffusers-folder":

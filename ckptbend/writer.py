@@ -26,7 +26,7 @@ from .hash_cache import HASH_CHUNK
 from .output import start_writeback
 from .plan import Edit
 from .provenance import final_metadata
-from .safetensors_io import Header, header_bytes, retabled
+from .safetensors_io import Header, retabled
 
 CHUNK = 16 * 1024 * 1024
 COPY_STEP = 64 * 1024 * 1024    # bytes per copy_file_range call: large, but progress and writeback move
@@ -289,7 +289,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
     straightforward equivalent (used by verify), so every verify also checks this path byte for byte.
     """
     tensors = output_table(header, edits)
-    header_size = len(header_bytes(meta, tensors))   # the final header has the same length
+    header_size = len(header.to_bytes(meta, tensors))   # the final header has the same length
     dst_fd, base = out.fileno(), header_size
     at = {t.name: t.begin for t in tensors}          # where each tensor goes in the output's data
     runs = list(_runs(header, edits))
@@ -338,7 +338,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         progress.update(header.data_start)
     with profile.phase("final header"):
         # Written once, last: no page is dirtied twice, and a torn file has no valid-looking header.
-        final = header_bytes(final_metadata(meta, source_sha256, data_sha256), tensors)
+        final = header.to_bytes(final_metadata(meta, source_sha256, data_sha256), tensors)
         assert len(final) == header_size
         _pwrite_all(dst_fd, final, 0)
     return source_sha256, data_sha256

@@ -35,7 +35,8 @@ import numpy as np
 
 from ..edits import Edit, Segment
 from ..errors import CkptbendError
-from . import codecs, measure, ops
+from ..gguf_io import GGUFHeader
+from . import codecs, ggml, measure, ops
 from .measure import MATERIAL
 from .comfy_quant import FORMATS, FP8, QuantLayer, layers_of, logical_shape
 
@@ -298,6 +299,9 @@ def route(ckpt, by_tensor: dict) -> Routed:
     for cf in ckpt.files:
         mine = {key: segs for (file, key), segs in by_tensor.items() if file == cf.rel}
         if not mine:
+            continue
+        if isinstance(cf.header, GGUFHeader):     # GGUF: its tensor types' rule (formats/ggml.py)
+            ggml.route_file(cf, mine, routed)
             continue
         layers = layers_of(cf.rel, cf.header)
         for key, segs in mine.items():

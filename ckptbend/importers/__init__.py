@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptbend.errors import CkptbendError
+from ckptbend.gguf_io import is_gguf
 
 from .comfy import Options, workflow_draft
 from .draft import Draft
@@ -35,7 +36,7 @@ def import_recipe(source: Path, opts: Options = Options()) -> Imported:
     source = Path(source)
     if not source.exists():
         raise CkptbendError(f"{source}: no such file")
-    if source.is_dir() or source.suffix == ".safetensors":
+    if source.is_dir() or source.suffix == ".safetensors" or is_gguf(source):
         draft = _checkpoint_draft(source, opts.name)
     else:
         with open(source, "rb") as f:

@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 
 from ..errors import CkptbendError
+from .. import gguf_io
 from ..safetensors_io import Header, read_header
 from . import flux, flux2, ltx2, ltx_video, lumina, qwen_image, sd3, sd_unet, text_encoders, wan
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
@@ -61,6 +62,41 @@ def _config(path: Path) -> dict:
         return read_json_object(path) if path.is_file() else {}
     except CkptbendError:
         return {}
+
+
+# ComfyUI-GGUF's `general.architecture` names (its loader's list) → the architectures ckptbend tells apart.
+GGUF_ARCHITECTURES = {
+    "flux": ("flux-dev", "flux-schnell", "chroma"), "sd1": ("sd1", "sd2"), "sdxl": ("sdxl-base", "sdxl-refiner"),
+    "sd3": ("sd3-medium", "sd35-medium", "sd35-large"), "ltxv": ("ltx-video",), "hyvid": ("hunyuan-video",),
+    "wan": ("wan",), "qwen_image": ("qwen-image",),
+    "aura": (), "hidream": (), "cosmos": (), "lumina2": (),                 # families ckptbend has no layout for
+}
+GGUF_TEXT = ("t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl")   # llama.cpp's names: no layout yet
+
+
+def read_file_header(path: Path) -> Header:
+    """A single file's header: GGUF by its magic, otherwise safetensors (a file that is neither says what it is)."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.read_header(path)
+    if (what := gguf_io.other_format(path)) is not None:
+        raise CkptbendError(f"{path}: not a valid safetensors file, nor GGUF: it is {what}")
+    return read_header(path)
+
+
+def _gguf_named(path: Path, header) -> tuple[str, ...] | None:
+    """The architectures a GGUF's `general.architecture` (ComfyUI-GGUF's name) allows its tensors to be; None for a
+    file without one (stable-diffusion.cpp's), told by its tensors alone."""
+    named = header.architecture
+    if named is None:
+        return None
+    if named in GGUF_TEXT:
+        raise CkptbendError(f"{path}: a GGUF text encoder in llama.cpp's tensor names (general.architecture = "
+                            f"{named!r}); ckptbend does not read those yet")
+    covers = GGUF_ARCHITECTURES.get(named)
+    if not covers:
+        why = "ckptbend has no layout for this family" if covers == () else "not one of ComfyUI-GGUF's names"
+        raise CkptbendError(f"{path}: general.architecture is {named!r}: {why}")
+    return covers
 
 
 def _identify(path: Path, header) -> Identified:
@@ -195,8 +231,12 @@ def detect(path) -> Checkpoint:
     elif not path.exists():
         raise CkptbendError(f"{path}: no such file or folder")
     else:
-        header = read_header(path)
+        header = read_file_header(path)
+        covers = _gguf_named(path, header) if isinstance(header, gguf_io.GGUFHeader) else None
         found = _identify(path, header)
+        if covers and not found.architecture.startswith(covers):
+            raise CkptbendError(f"{path}: general.architecture says {header.architecture!r}, but its tensors are "
+                                f"{found.architecture}'s; refusing to guess")
         kind, arch = found.kind, found.architecture
         files, folder_notes = [CheckpointFile(path.name, header, found.components)], []
     files, left_alone = text_encoders.set_aside(files)

@@ -42,7 +42,7 @@ diffusers. They are derived from generative-models (``sgm``) module definitions,
 import importlib
 
 from ..errors import CkptbendError
-from .catalog import ARCHES, LAYOUTS, generator_of
+from .catalog import ARCHES, GGUF, LAYOUTS, generator_of
 
 # Imported on first use (PEP 562), so that `ckptbend synth --help` and the catalog need no torch.
 _EXPORTS = {
@@ -74,5 +74,26 @@ def write_checkpoint(path, arch: str, layout: str = "single", size: str = "tiny"
     if layout not in LAYOUTS:
         raise CkptbendError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
     generator = importlib.import_module(f"{__name__}.{module}")
+    if dtype in GGUF:
+        return _write_gguf(generator, path, arch, layout, dtype, seed)
     return generator.write_checkpoint(path, arch, layout=layout, size=size, dtype=dtype, seed=seed,
                                       shard_size=shard_size)
+
+
+def _write_gguf(generator, path, arch: str, layout: str, form: str, seed: int):
+    """The model of `arch` as a GGUF file (synth/gguf.py): its single-file form, written in float32 beside the
+    output and read back, then written in GGUF."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .gguf import write_model
+
+    if layout != "single":
+        raise CkptbendError(f"synth: {form} writes the GGUF file of the model alone; it has no layout {layout!r}")
+    with tempfile.TemporaryDirectory(dir=Path(path).absolute().parent) as tmp:
+        single = generator.write_checkpoint(Path(tmp) / "single.safetensors", arch, layout="single", size="tiny",
+                                            dtype=None, seed=seed, shard_size=None)
+        state = load_file(str(single))
+    return write_model(path, state, form, arch, seed)
