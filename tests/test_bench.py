@@ -27,6 +27,18 @@ def test_bench_smoke_run(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the temporary folder must be cleaned up"
 
 
+def test_bench_gguf_smoke_run(tmp_path):
+    """The GGUF case (a Q8_0 Flux file; full size is generated streaming) at its tiny size."""
+    r = subprocess.run([sys.executable, ROOT / "bin" / "bench", "--size", "gguf-tiny", "--runs", "1", "--no-sweep",
+                        "--dir", tmp_path], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in ("generated gguf-tiny.gguf", "ckptbend bake", "ratio ckptbend bake / cp:",
+                 "ratio ckptbend bake (default: fsync) / cp + sync:"):
+        assert line in r.stdout
+    assert "naive" not in r.stdout
+    assert list(tmp_path.iterdir()) == [], "the temporary folder must be cleaned up"
+
+
 def test_runtime_bench_smoke_run():
     r = subprocess.run([sys.executable, ROOT / "bin" / "bench-runtime", "--model", "tiny", "--size", "64",
                         "--steps", "2", "--runs", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)

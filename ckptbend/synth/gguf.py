@@ -134,3 +134,29 @@ def write_model(path, state: dict, form: str, arch: str, seed: int = 0, small: i
         data = encode(t.float().numpy().reshape(stored), qtype, rng)
         entries.append((key, qtype, data.shape, data.dtype, data.nbytes, lambda data=data: data))
     return write_gguf(path, name, entries, orig_shapes)
+
+
+def _random_q8_0(shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Q8_0 bytes [rows, bytes] of random codes under small random fp16 scales (fast: a benchmark's data)."""
+    rows, count = shape[0], math.prod(shape) // 32
+    blocks = np.empty((count, 34), dtype=np.uint8)
+    blocks[:, 2:] = np.frombuffer(rng.bytes(count * 32), dtype=np.uint8).reshape(count, 32)
+    blocks[:, :2] = (rng.random(count, dtype=np.float32) * 1e-3 + 1e-4).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def write_large(path, shapes: dict, arch: str, seed: int = 0) -> Path:
+    """A large GGUF file of a model's tensor shapes (name → torch shape), generated and written one tensor at a
+    time (a benchmark's: memory stays at one tensor): Q8_0 of random codes where ComfyUI-GGUF's converter
+    quantises, F32 of random values where it keeps F32."""
+    name, rng, entries = COMFY_ARCH[arch], np.random.default_rng(seed), []
+    for key, shape in shapes.items():
+        qtype, stored, _ = tensor_type(key, tuple(shape), "q8_0", name)
+        if qtype == "Q8_0":
+            byte_shape = (stored[0], math.prod(stored[1:]) // 32 * 34)
+            entries.append((key, qtype, byte_shape, np.uint8, math.prod(byte_shape),
+                            lambda stored=stored: _random_q8_0(stored, rng)))
+        else:
+            entries.append((key, "F32", tuple(stored), np.float32, 4 * math.prod(stored),
+                            lambda stored=stored: rng.standard_normal(stored, dtype=np.float32) * 0.1))
+    return write_gguf(path, name, entries)
