@@ -218,6 +218,9 @@ def route_file(cf, mine: dict, routed) -> None:
             routed.edits[(cf.rel, key)] = Edit(cf.rel, key, tuple(segs), Floats(t.dtype, size, tuple(segs)),
                                                f"; {t.dtype} values")
             continue
+        if any(s.offset for s in segs):       # a norm weight used as (w + offset): not a pure scale of its values
+            raise CkptbendError(f"{key}: a weight the model uses as (w + {segs[0].offset:g}) stored as {t.dtype}: its "
+                                "block scales cannot take that factor; refusing")
         bt = BLOCK_TYPES[t.dtype]
         rows, cols = (t.shape[0], math.prod(t.shape[1:])) if t.shape else (1, 1)
         if any(s.rows is not None and s.cols is not None for s in segs):

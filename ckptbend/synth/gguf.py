@@ -28,7 +28,9 @@ FORMS = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0":
          "gguf-f16": "F16", "gguf-bf16": "BF16", "gguf-k_m": "K_M"}
 assert tuple(FORMS) == GGUF
 # ckptbend's synthetic architectures → ComfyUI-GGUF's `general.architecture`
-COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "hunyuan_video": "hyvid",
+COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "chroma_radiance": "flux",
+              "flux2_dev": "flux", "flux2_klein": "flux", "z_image": "lumina2", "lumina2": "lumina2", "ltx2": "ltxv",
+              "ltx2_3": "ltxv", "ltx2_5": "ltxv", "hunyuan_video": "hyvid",
               "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3_medium": "sd3",
               "sd35_medium": "sd3", "sd35_large": "sd3", "wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v": "wan",
               "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image"}
