@@ -68,7 +68,7 @@ def _found(names) -> tuple[str, str] | None:
 
 
 def _refuse_unknown_parts(path, names, prefix: str) -> None:
-    for n in names:
+    for n in sorted(names):   # the first in name order: the same message every time
         if n.startswith(prefix) and UNKNOWN.search(n[len(prefix):]):
             raise CkptbendError(REFUSED.format(path=path, key=n))
 
