@@ -142,5 +142,6 @@ def test_quantised_files_bake_to_the_hooked_dequantised_model(files, tmp_path, f
 def test_inspect_and_diffusers_folder(files):
     r = run("inspect", files("comfy"))
     assert r.returncode == 0 and "architecture: krea2" in r.stdout and "B01   joint qk-norm" in r.stdout
+    assert "model.diffusion_model.blocks.N.attn.qknorm.qnorm.scale (used as w + 1)" in r.stdout
     ckpt = detect(files("diffusers"))
     assert (ckpt.kind, ckpt.architecture, ckpt.components) == ("diffusers-folder", "krea2", ["dit"])
