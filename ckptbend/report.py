@@ -19,6 +19,7 @@ INDEX = re.compile(r"\.\d+\.")
 def _dit_qk_targets(ckpt: Checkpoint) -> list[str]:
     """What the DiT's q/k factors scale, one name per kind (block index as N): norm weights with qk-norm."""
     return sorted({INDEX.sub(".N.", s.key) + (f" rows {s.rows[0]}:{s.rows[1]}" if s.rows else "")
+                   + (f" (used as w + {s.offset:g})" if s.offset else "")
                    for s in ckpt.sites if s.component == "dit" and s.proj in ("q", "k")})
 
 

@@ -36,7 +36,7 @@ BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
 DIT_BLOCK_GROUPS = ("double", "single")
 DIT_BLOCK_KINDS = "DSJBNCR"
 DIT_BLOCK_LABEL = re.compile(f"[{DIT_BLOCK_KINDS}][0-9]{{2,3}}")
-STREAMS = ("image", "text", "video", "audio")   # video / audio: LTX-2's two streams
+STREAMS = ("image", "text", "video", "audio", "reference")   # LTX-2's two streams; Flux.3's reference images
 NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 QK_WARN_PRODUCT = 4.0    # q·k above this multiplies attention logits enough to risk fp16 overflow
 

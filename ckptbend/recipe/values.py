@@ -40,7 +40,7 @@ class MultiplyEntry:
     blocks: tuple[str, ...] = ()             # block labels or groups; () = all
     depth: tuple[int, ...] = ()              # transformer depth inside a block; () = all
     encoders: tuple[str, ...] = ()           # clip / text only; () = all
-    stream: str | None = None                # dit.joint only: "image" | "text"; None = both (and single blocks)
+    stream: str | None = None                # dit.joint, dit.self: "image" | "text" | "reference"; None = all
 
     def factor(self, key: str) -> float:
         return dict(self.factors).get(key, 1.0)

@@ -88,6 +88,20 @@ def build_full(name: str):
         return diffusers.Flux2Transformer2DModel(**FULL[name])
 
 
+# (arch, size) → released config, for full-size files (BFL names, the `single` layout; values drawn while writing)
+FULL_SIZES = {("flux2_dev", "full"): "flux2-dev", ("flux2_klein", "full"): "flux2-klein-9b",
+              ("flux2_klein", "4b"): "flux2-klein-4b"}
+
+
 def write_checkpoint(path, arch, layout="single", size="tiny", dtype=None, seed=0, shard_size=None):
+    if (arch, size) in FULL_SIZES:
+        import numpy as np
+
+        from ..errors import CkptbendError
+        from .files import write_safetensors
+        if layout != "single" or shard_size is not None or dtype in dit.QUANTISED:
+            raise CkptbendError(f"synth: {arch} at size {size!r} is written in the single layout, plain dtypes only")
+        state = to_original(build_full(FULL_SIZES[arch, size]).state_dict())
+        return write_safetensors(path, state, dtype or torch.bfloat16, np.random.default_rng(seed))
     family = FAMILIES.get(arch, FAMILIES["flux2_klein"])   # an unknown arch: dit.write_checkpoint names it
     return dit.write_checkpoint(family, path, arch, layout, size, dtype, seed, shard_size)
