@@ -11,7 +11,7 @@ GENERATORS = {
     "flux": (("flux_dev", "flux_schnell", "chroma", "chroma_radiance", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers")),
     "sd3": (("sd3_medium", "sd35_medium", "sd35_large"), _DIT_LAYOUTS),
-    "qwen_image": (("qwen_image",), _DIT_LAYOUTS),
+    "qwen_image": (("qwen_image", "qwen_image_layered", "qwen_image_21"), _DIT_LAYOUTS),
     "flux2": (("flux2_dev", "flux2_klein"), _DIT_LAYOUTS),
     "lumina": (("z_image", "lumina2"), _DIT_LAYOUTS),
     "ltx2": (("ltx2", "ltx2_3", "ltx2_5"), _DIT_LAYOUTS),
