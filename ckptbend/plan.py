@@ -91,10 +91,11 @@ def _unmatched(message: str, allow_missing: bool, warnings: list[str]):
 
 
 def _qk_norm_cancels(name, recipe_key, factor, section, ckpt: Checkpoint, warnings: list[str]):
-    """q/k factors of a UNet node on a model that normalises q and k after projection. On a DiT (LTX-Video)
+    """q/k factors of a UNet node on a model that normalises q and k after projection. On a DiT (LTX-Video, HiDream)
     the bake keeps ComfyUI's literal meaning, so it stays bit-identical to the node, and warns."""
     if any(s.component == "dit" for s in ckpt.sites):
-        dit = "[dit.self]" if section == "unet.self" else "[dit.cross]"
+        joint_only = {s.attn for s in ckpt.sites if s.component == "dit"} == {"joint"}   # HiDream
+        dit = "[dit.joint]" if joint_only else "[dit.self]" if section == "unet.self" else "[dit.cross]"
         warnings.append(f"{name}: {recipe_key} = {factor:g} is cancelled by this model's qk-norm, as with "
                         f"ComfyUI's node; {dit} scales the norm weight instead, which does act")
         return
