@@ -207,7 +207,7 @@ def detect(path) -> Checkpoint:
 
 
 # refiner: blocks that prepare one token group before the main blocks (Lumina 2 / Z-Image)
-GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "refiner": -1, "double": 0, "single": 1}
+GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "refiner": -1, "double": 0, "single": 1, "vace": 1}
 
 
 def blocks_with_attention(ckpt: Checkpoint, sites=None) -> list[str]:
