@@ -19,6 +19,7 @@ GENERATORS = {
     "large_text_encoders": (("t5xxl", "umt5xxl", "byt5_small", "llama", "qwen25_7b", "mistral3_24b", "qwen3_4b",
                              "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
     "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),
+    "kandinsky5": (("kandinsky5",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
