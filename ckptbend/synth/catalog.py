@@ -20,6 +20,7 @@ GENERATORS = {
                              "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
     "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),
     "kandinsky5": (("kandinsky5",), _DIT_LAYOUTS),
+    "minimax_h3": (("minimax_h3",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
