@@ -95,6 +95,18 @@ def test_each_factor_alone_on_one_block(tmp_path, synth_file, model, proj):
             forward(copy.deepcopy(model).double()))
 
 
+def test_a_vsa_file_is_refused(tmp_path, synth_file):
+    """ComfyUI knows VSA-trained H3 files by `attn.to_gate_compress`; diffusers has no such branch to prove a rule on."""
+    from safetensors.torch import save_file
+
+    from ckptbend.errors import CkptbendError
+    state = load_file(synth_file(ARCH))
+    state["blocks.0.attn.to_gate_compress.weight"] = torch.zeros(2, 24)
+    save_file(state, tmp_path / "vsa.safetensors")
+    with pytest.raises(CkptbendError, match="MiniMax H3 with a part ckptbend does not know"):
+        detect(tmp_path / "vsa.safetensors")
+
+
 def test_inspect_and_a_stream_matches_nothing(tmp_path, synth_file):
     r = run("inspect", synth_file(ARCH, "single_prefixed"))
     assert r.returncode == 0 and "architecture: minimax-h3" in r.stdout and "B01   joint" in r.stdout

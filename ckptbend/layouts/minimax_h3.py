@@ -28,8 +28,8 @@ PROJ = {"q_norm": "q", "norm_q": "q", "k_norm": "k", "norm_k": "k", "qkv_proj": 
         "out_proj": "out", "to_out.0": "out"}
 _PARTS = ("norm1", "norm2", "attn", "mlp", "ff", "adaln_proj")
 BLOCKS = {"blocks": _PARTS, "transformer_blocks": _PARTS}
-_ATTENTION = ("qkv_proj", "q_norm", "k_norm", "out_proj", "to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out",
-              "to_gate_compress")
+# A VSA-trained file's `to_gate_compress` (a gated sparse-attention branch, not in diffusers) is refused, unread.
+_ATTENTION = ("qkv_proj", "q_norm", "k_norm", "out_proj", "to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out")
 PARTS = {"attn": _ATTENTION}
 ARCHITECTURE = "minimax-h3"
 ARCHITECTURE_NAMES = {ARCHITECTURE: (ARCHITECTURE,)}
