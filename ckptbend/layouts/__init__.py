@@ -34,11 +34,13 @@ from pathlib import Path
 from ..errors import CkptbendError
 from .. import gguf_io
 from ..safetensors_io import Header, read_header
-from . import flux, flux2, flux3, hidream, krea2, ltx2, ltx_video, lumina, qwen_image, sd3, sd_unet, text_encoders, wan
+from . import (flux, flux2, flux3, hidream, kandinsky5, krea2, ltx2, ltx_video, lumina, minimax_h3, qwen_image, sd3,
+               sd_unet, text_encoders, wan)
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 from .validate import check_sites
 
-FAMILIES = (flux, flux2, flux3, krea2, sd3, qwen_image, wan, ltx2, ltx_video, lumina, hidream, sd_unet, text_encoders)
+FAMILIES = (flux, flux2, flux3, krea2, sd3, qwen_image, wan, ltx2, ltx_video, kandinsky5, minimax_h3, lumina, hidream,
+            sd_unet, text_encoders)
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 ARCHITECTURE_NAMES = {name: covers for f in FAMILIES for name, covers in f.ARCHITECTURE_NAMES.items()}
 
@@ -247,7 +249,7 @@ def detect(path) -> Checkpoint:
 
 
 # refiner: blocks that prepare one token group before the main blocks (Lumina 2 / Z-Image)
-GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "refiner": -1, "double": 0, "single": 1}
+GROUP_ORDER = {"input": 0, "middle": 1, "output": 2, "refiner": -1, "double": 0, "single": 1, "vace": 1}
 
 
 def blocks_with_attention(ckpt: Checkpoint, sites=None) -> list[str]:

@@ -14,6 +14,12 @@ Names come in three spellings: BFL's (Flux, Chroma; also HunyuanVideo as ComfyUI
 (HunyuanVideo's own release) and diffusers' (all three, one table). HunyuanVideo's text token refiner
 (`txt_in.individual_token_refiner`, no qk-norm) is a pre-processing of the text embedding, not the joint
 attention: no section reaches it.
+
+HunyuanVideo 1.5 (8.3B; diffusers `HunyuanVideo15Transformer3DModel`, ComfyUI's HunyuanVideo class with
+`cond_type_embedding`, `byt5_in`, `vision_in`) keeps HunyuanVideo's double block and has no single blocks:
+54 double blocks, 16 heads × 128, the same per-head qk-norm and the same rule, image | text streams joined
+[image; text]. Its ByT5 projection (`byt5_in`, diffusers `context_embedder_2`) and image projection hold no
+attention. Tencent's own file is taken to split q, k and v (`img_attn_q/k/v`): v then scales `img_attn_v` whole.
 """
 
 from __future__ import annotations
@@ -91,7 +97,11 @@ DIFFUSERS = (
     (_DS + r"attn\.to_v\.(?:weight|bias)", "v", None, None),
     (_DS + r"proj_out\.weight", "out", None, OUT_PROJ_OUT),
 )
-NAMINGS = {"bfl": BFL, "tencent": TENCENT, "diffusers": DIFFUSERS}
+# HunyuanVideo 1.5 as Tencent releases it (*names unverified on a real file*): q, k and v in separate projections.
+TENCENT15 = tuple(_double({"image": _D + "img_attn_", "text": _D + "txt_attn_"},
+                          {"q": r"q_norm\.weight", "k": r"k_norm\.weight", "v": r"v\.(?:weight|bias)",
+                           "out": r"proj\.(?:weight|bias)"}))
+NAMINGS = {"bfl": BFL, "tencent": TENCENT, "tencent15": TENCENT15, "diffusers": DIFFUSERS}
 COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, table in NAMINGS.items()}
 
 # Architectures: (name, naming, keys that must all be present, keys that must all be absent), after the
@@ -105,7 +115,12 @@ _BFL_DOUBLE, _DIFF_SINGLE = "double_blocks.0.img_attn.norm.key_norm.scale", "sin
 _REFINER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
 _GUIDANCE_LAYER = "distilled_guidance_layer.in_proj.weight"
 _OTHERS = ("single_stream_modulation.lin.weight", "double_blocks.0.img_mlp.gate_proj.weight")   # Flux.2, Ovis
+_HV15, _HV15_DIFFUSERS = "cond_type_embedding.weight", "cond_type_embed.weight"   # ComfyUI's / diffusers' key
 ARCHITECTURES = (
+    ("hunyuan-video-1.5", "tencent15", ("double_blocks.0.img_attn_v.weight", _REFINER), ()),
+    ("hunyuan-video-1.5", "tencent", ("double_blocks.0.img_attn_k_norm.weight", _REFINER, _HV15), ()),
+    ("hunyuan-video-1.5", "bfl", (_BFL_DOUBLE, _REFINER, _HV15), ()),
+    ("hunyuan-video-1.5", "diffusers", ("transformer_blocks.0.attn.norm_added_k.weight", _HV15_DIFFUSERS), ()),
     ("hunyuan-video", "tencent", ("double_blocks.0.img_attn_k_norm.weight", _REFINER), ()),
     ("hunyuan-video", "bfl", (_BFL_DOUBLE, _REFINER), ()),          # as ComfyUI saves it (model.model.)
     ("chroma-radiance", "bfl", (_BFL_DOUBLE, _GUIDANCE_LAYER, "img_in_patch.weight", "nerf_blocks.0.norm.scale"), _OTHERS),
@@ -127,10 +142,12 @@ RELATIVES = (("img_mlp.gate_proj.", "a SwiGLU MLP: Ovis-Image"), ("context_embed
 # folder that does not say which; the two share their blocks; "chroma": Chroma and Radiance, the same blocks).
 ARCHITECTURE_NAMES = {"flux": ("flux", "flux-dev", "flux-schnell"), "flux-dev": ("flux-dev",),
                       "flux-schnell": ("flux-schnell",), "chroma": ("chroma", "chroma-radiance"),
-                      "chroma-radiance": ("chroma-radiance",), "hunyuan-video": ("hunyuan-video",)}
+                      "chroma-radiance": ("chroma-radiance",), "hunyuan-video": ("hunyuan-video",),
+                      "hunyuan-video-1.5": ("hunyuan-video-1.5",)}
 # diffusers transformer class → architecture (a folder does not say dev or schnell: FluxPipeline serves both).
 FOLDER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
-                        "HunyuanVideoTransformer3DModel": "hunyuan-video"}
+                        "HunyuanVideoTransformer3DModel": "hunyuan-video",
+                        "HunyuanVideo15Transformer3DModel": "hunyuan-video-1.5"}
 
 # Where the model sits in a file: ComfyUI writes `model.diffusion_model.` (HunyuanVideo: `model.model.`);
 # released files have no prefix. Text encoders and VAE of ComfyUI all-in-one files (Chroma keeps the

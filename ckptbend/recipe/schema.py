@@ -32,9 +32,9 @@ BLOCK_LABEL = re.compile(r"(?:IN|OUT)[0-9]{2}|M00")
 # Diffusion transformers: D = Flux/HunyuanVideo double block, S = single block, J = SD3 joint block,
 # B = a block of a model with one kind (Wan, Qwen-Image, LTX-Video; Lumina 2 / Z-Image main layers), and
 # Lumina 2 / Z-Image's refiners: N = noise (image), C = context (caption), R = SigLIP reference image.
-# docs/recipes.md lists them per model. DIT_BLOCK_KINDS orders labels of different kinds.
-DIT_BLOCK_GROUPS = ("double", "single")
-DIT_BLOCK_KINDS = "DSJBNCR"
+# V = Wan VACE's blocks. docs/recipes.md lists them per model. DIT_BLOCK_KINDS orders labels of different kinds.
+DIT_BLOCK_GROUPS = ("double", "single", "vace")
+DIT_BLOCK_KINDS = "DSJBNCRV"
 DIT_BLOCK_LABEL = re.compile(f"[{DIT_BLOCK_KINDS}][0-9]{{2,3}}")
 STREAMS = ("image", "text", "video", "audio", "reference")   # LTX-2's two streams; Flux.3's reference images
 NAME_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

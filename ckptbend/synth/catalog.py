@@ -6,7 +6,7 @@ _DIT_LAYOUTS = ("single", "single_prefixed", "comfy", "transformer_diffusers", "
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
-    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "ltx_video"),
+    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "wan_vace", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
     "flux": (("flux_dev", "flux_schnell", "chroma", "chroma_radiance", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers")),
@@ -21,6 +21,9 @@ GENERATORS = {
                              "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
     "flux3": (("flux3_klein", "flux3_klein_base"), _DIT_LAYOUTS[:-1]),   # no diffusers pipeline
     "krea2": (("krea2",), _DIT_LAYOUTS),
+    "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),
+    "kandinsky5": (("kandinsky5",), _DIT_LAYOUTS),
+    "minimax_h3": (("minimax_h3",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))

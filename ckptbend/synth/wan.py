@@ -43,6 +43,9 @@ ARCHES = {
     # Wan 2.2 TI2V-5B: 48 latent channels in and out; A14B I2V expert: 36 input channels, no image encoder.
     "wan22_ti2v": ("WanTransformer3DModel", dict(_WAN, in_channels=48, out_channels=48), "umt5xxl", "WanPipeline"),
     "wan22_i2v": ("WanTransformer3DModel", dict(_WAN, in_channels=36), "umt5xxl", "WanImageToVideoPipeline"),
+    # Wan VACE: its VACE blocks (`vace_blocks`) feed hints to main blocks 0 and 1.
+    "wan_vace": ("WanVACETransformer3DModel", dict(_WAN, in_channels=4, vace_layers=[0, 1], vace_in_channels=8),
+                 "umt5xxl", "WanVACEPipeline"),
     "ltx_video": ("LTXVideoTransformer3DModel", dict(in_channels=8, out_channels=8, num_attention_heads=2,
                                                      attention_head_dim=16, cross_attention_dim=32, num_layers=2,
                                                      caption_channels=24), "t5xxl", "LTXPipeline"),
@@ -80,8 +83,10 @@ def _wan_name(key: str) -> str:
         return "head.head." + key.removeprefix("proj_out.")
     for a, b in WAN_RENAMES:
         key = key.replace(a, b)
-    key = re.sub(r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation", key)
-    return re.sub(r"^(blocks\.\d+)\.norm2\.", r"\1.norm3.", key)   # diffusers' norm2 is the original norm3
+    key = re.sub(r"^((?:vace_)?blocks\.\d+)\.scale_shift_table$", r"\1.modulation", key)
+    key = re.sub(r"^(vace_blocks\.\d+)\.proj_in\.", r"\1.before_proj.", key)    # VACE's block input / output
+    key = re.sub(r"^(vace_blocks\.\d+)\.proj_out\.", r"\1.after_proj.", key)
+    return re.sub(r"^((?:vace_)?blocks\.\d+)\.norm2\.", r"\1.norm3.", key)   # diffusers' norm2 is the original norm3
 
 
 def _ltx_name(key: str) -> str:
