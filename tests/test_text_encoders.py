@@ -157,7 +157,9 @@ def test_released_widths_and_configs_name_the_encoder():
              ({"model_type": "gemma3", "text_config": {"hidden_size": 3840}}, "gemma3_12b"),
              ({"model_type": "gemma3_text", "hidden_size": 2560}, "gemma3_4b"), ({"model_type": "gemma2"}, "gemma2_2b"),
              ({"model_type": "mistral3", "text_config": {"hidden_size": 5120}}, "mistral3_24b"),
-             ({"model_type": "t5", "vocab_size": 384}, "byt5_small"), ({"model_type": "t5", "vocab_size": 32128}, "t5xxl"),
+             ({"model_type": "t5", "d_model": 1472, "num_heads": 6, "d_kv": 64, "vocab_size": 1510}, "byt5_small"),
+             ({"model_type": "t5", "d_model": 4096, "num_heads": 64, "d_kv": 64}, "t5xxl"),
+             ({"model_type": "qwen2_5_vl_text", "hidden_size": 3584}, "qwen25_7b"),
              ({"model_type": "llama"}, "llama"), ({"model_type": "gemma4"}, None)]
     assert [forms.of_config(c) for c, _ in cases] == [name for _, name in cases]
 

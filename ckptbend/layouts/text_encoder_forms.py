@@ -65,12 +65,17 @@ BY_WIDTH = {
 }
 
 # diffusers text-encoder folders, by the transformers model_type in their config.json: a name, or a BY_WIDTH form
-# (the width read from the config, or its text_config). T5's model_type also covers ByT5 (vocabulary 384).
-MODEL_TYPES = {"t5": "t5xxl", "umt5": "umt5xxl", "qwen2_5_vl": "qwen25_7b", "llama": "llama", "llava": "llama",
+# (the width read from the config, or its text_config). T5's model_type also covers ByT5 (`byt5`).
+MODEL_TYPES = {"t5": "t5", "umt5": "umt5xxl", "qwen2_5_vl": "qwen25_7b", "qwen2_5_vl_text": "qwen25_7b",
+               "llama": "llama", "llava": "llama",
                "mistral3": "mistral3", "mistral": "mistral3", "ministral3": "mistral3", "qwen3": "qwen3",
                "qwen3_vl": "qwen3vl", "qwen3_vl_text": "qwen3vl", "gemma2": "gemma2_2b", "gemma3": "gemma3",
                "gemma3_text": "gemma3"}
-BYT5_VOCABULARY = 384   # ByT5's bytes + specials, at every size; ComfyUI tells its glyph encoder by 384 k rows
+
+# ByT5 is told from T5 by its attention width: every ByT5 size projects its wide model width (small: 1472) to
+# fewer q/k/v rows (small: 6 heads × 64 = 384, ComfyUI's own test), where T5 and UMT5 keep heads × 64 = width.
+def is_byt5(attention_rows, width) -> bool:
+    return attention_rows != width
 
 
 def by_width(form: str, width) -> str:
@@ -81,8 +86,10 @@ def by_width(form: str, width) -> str:
 def of_config(config: dict) -> str | None:
     """The encoder a transformers config.json describes, or None for a model_type ckptbend does not know."""
     kind = MODEL_TYPES.get(config.get("model_type"))
-    if kind == "t5" or kind == "t5xxl":
-        return "byt5_small" if config.get("vocab_size") == BYT5_VOCABULARY else "t5xxl"
+    if kind == "t5":
+        # (transformers' T5Config defaults where a key is missing: 8 heads × 64 = 512 wide)
+        rows, width = config.get("num_heads", 8) * config.get("d_kv", 64), config.get("d_model", 512)
+        return "byt5_small" if is_byt5(rows, width) else "t5xxl"
     if kind in BY_WIDTH:
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         return by_width(kind, config.get("hidden_size", text.get("hidden_size")))

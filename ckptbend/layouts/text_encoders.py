@@ -124,13 +124,12 @@ def _llm_kind(header, names) -> str:
 
 
 def _t5_kind(header, names) -> str:
-    """UMT5 keeps a relative-position table in every block, T5 only in block 0; ByT5 reads bytes (384 tokens)."""
+    """UMT5 keeps a relative-position table in every block, T5 only in block 0; ByT5's q is narrower than its
+    width (text_encoder_forms.is_byt5)."""
     if _has(names, "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"):
         return "umt5xxl"
-    embedding = next((n for n in names if n.endswith(("shared.weight", "embed_tokens.weight"))), None)
-    k = next(n for n in names if n.endswith("SelfAttention.k.weight"))
-    rows = header.tensor(embedding).shape[0] if embedding else logical_shapes(header)[k][0]
-    return "byt5_small" if rows == forms.BYT5_VOCABULARY else "t5xxl"
+    q = next(n for n in names if n.endswith("SelfAttention.q.weight"))
+    return "byt5_small" if forms.is_byt5(*logical_shapes(header)[q]) else "t5xxl"
 
 
 def _large_kind(header, names) -> str | None:

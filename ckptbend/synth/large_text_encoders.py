@@ -1,6 +1,6 @@
 """The large text encoders of DiT models as tiny real transformers models, and their tensors under the
 names released files use: T5-XXL, UMT5-XXL and ByT5 (`encoder.block.N.layer.0.SelfAttention.{q,k,v,o}`; ByT5's
-vocabulary of 384 bytes and specials), Llama-3 and Mistral Small 3 (`model.layers.N.self_attn.{q,k,v,o}_proj`,
+vocabulary of 384 bytes and specials, and q/k/v narrower than its width), Llama-3 and Mistral Small 3 (`model.layers.N.self_attn.{q,k,v,o}_proj`,
 no biases; Mistral's q rows = heads × 128 differ from its width, as here), Qwen2.5-VL (the same with q/k/v
 biases, plus its vision tower `visual.…`), Qwen3 (q_norm / k_norm), Qwen3-VL (transformers 5 names
 `model.language_model.…`, `model.visual.…`, as ComfyUI's qwen3vl files have them), Gemma 2 and Gemma 3
@@ -28,7 +28,7 @@ TINY = {
                            temporal_patch_size=1, in_channels=3),
         text_config=dict(num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                          **_TINY_LM))),
-    "byt5_small": ("T5EncoderModel", "T5Config", dict(_TINY_T5, vocab_size=384)),
+    "byt5_small": ("T5EncoderModel", "T5Config", dict(_TINY_T5, vocab_size=384, d_kv=8)),   # q 16 rows, width 32
     "mistral3_24b": ("MistralForCausalLM", "MistralConfig", dict(_TINY_GQA, head_dim=12)),
     "qwen3_4b": ("Qwen3ForCausalLM", "Qwen3Config", _TINY_GQA),
     "qwen3vl_4b": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", dict(
