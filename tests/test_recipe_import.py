@@ -667,10 +667,9 @@ def test_clip_multiply_on_llm_text_encoders_bakes_what_comfyuis_node_patches(tmp
 
 
 @pytest.mark.parametrize("loader, widgets, fragment", [
-    ("LTXAVTextEncoderLoader", {"text_encoder": "gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors",
-                                "ckpt_name": "ltx-2.5.safetensors"},
-     "also scales the q, k and v of the LLM text encoder 'gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors', "
-     "which a recipe's [text] cannot reach"),
+    ("CLIPLoader", {"clip_name": "qwen3.5_9b_w4a8_gptq.safetensors", "type": "stable_diffusion"},
+     "also scales the q, k and v of the LLM text encoder 'qwen3.5_9b_w4a8_gptq.safetensors', which a recipe's [text] "
+     "cannot reach"),
     ("CLIPLoader", {"clip_name": "my_text_encoder.safetensors", "type": "stable_diffusion"},
      "cannot tell from its name which encoder it is"),
     ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"},

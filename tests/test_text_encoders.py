@@ -107,7 +107,7 @@ def _changed(before_path, after_path):
     return {k for k in before if not torch.equal(before[k], after[k])}, before, after
 
 
-@pytest.mark.parametrize("name", ["qwen3_4b", "qwen3vl_4b", "gemma3_12b"])
+@pytest.mark.parametrize("name", ["qwen3_4b", "qwen3vl_4b", "gemma3_12b", "gemma4_12b"])
 def test_qk_norm_encoders_scale_the_norm_weights(tmp_path, name):
     """q/k on q_norm/k_norm (a factor on q_proj/k_proj would be cancelled by the norm); Gemma 3's weight acts
     as (1 + w), so w' = f·(1 + w) − 1."""
@@ -132,20 +132,23 @@ def _moved(model, name, factors, ids):
     return moved, plain.abs().max()
 
 
-@pytest.mark.parametrize("name", ["gemma2_2b", "gemma3_12b"])
+@pytest.mark.parametrize("name", ["gemma2_2b", "gemma3_12b", "gemma4_12b"])
 def test_gemma_v_and_out_are_cancelled_and_warned(tmp_path, name):
-    """Gemma's post_attention_layernorm normalises o_proj's output: v and out factors only move its eps (with
-    eps 0 they cancel to rounding; with the model's eps, tiny random weights, they move the output < 5% as
-    much as a q factor does), and the plan says so."""
+    """Gemma's post_attention_layernorm normalises o_proj's output (Gemma 4's v_norm v too): v and out factors
+    only move their eps (with eps 0 they cancel to rounding; with the model's eps, tiny random weights, they move
+    the output < 5% as much as a q factor does), and the plan says so."""
     model = lte.build(name, seed=5)
     src = _write(tmp_path, name, state=lte.file_state_dict(name, model))
     warnings = make_plan(parse_recipe('schema = 1\nname = "t"\n[text]\nv = 1.6\nout = 0.5\n'), detect(src)).warnings
     assert len(warnings) == 2 and all("has no effect" in w and "post_attention_layernorm" in w for w in warnings)
+    assert ("v_norm" in warnings[0]) == (name == "gemma4_12b")
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     assert _moved(model, name, {"v": 1.6, "out": 0.5}, ids)[0] < 0.05 * _moved(model, name, {"q": 1.6}, ids)[0]
     for module_name, module in model.named_modules():
-        if module_name.endswith("post_attention_layernorm"):
-            module.eps = 0.0
+        if module_name.endswith(("post_attention_layernorm", "v_norm")):
+            for eps in ("eps", "variance_epsilon"):     # Gemma 2/3's name, Gemma 4's
+                if hasattr(module, eps):
+                    setattr(module, eps, 0.0)
     moved, scale = _moved(model, name, {"v": 1.6, "out": 0.5}, ids)
     assert moved < 1e-5 * scale
 
@@ -160,14 +163,16 @@ def test_released_widths_and_configs_name_the_encoder():
              ({"model_type": "t5", "d_model": 1472, "num_heads": 6, "d_kv": 64, "vocab_size": 1510}, "byt5_small"),
              ({"model_type": "t5", "d_model": 4096, "num_heads": 64, "d_kv": 64}, "t5xxl"),
              ({"model_type": "qwen2_5_vl_text", "hidden_size": 3584}, "qwen25_7b"),
-             ({"model_type": "llama"}, "llama"), ({"model_type": "gemma4"}, None)]
+             ({"model_type": "gemma4_unified", "text_config": {"hidden_size": 3840}}, "gemma4_12b"),
+             ({"model_type": "llama"}, "llama"), ({"model_type": "qwen3_5"}, None)]
     assert [forms.of_config(c) for c, _ in cases] == [name for _, name in cases]
 
 
-@pytest.mark.parametrize("suffix, says", [("layer_scalar", "Gemma 4"), ("self_attn.qkv_proj.weight", "fused")])
+@pytest.mark.parametrize("suffix, says", [("linear_attn.A_log", "Qwen3.5"), ("self_attn.sinks", "GPT-OSS"),
+                                          ("self_attn.qkv_proj.weight", "fused")])
 def test_llms_it_does_not_know_are_refused_by_name(tmp_path, suffix, says):
-    state = lte.file_state_dict("gemma2_2b", lte.build("gemma2_2b"))
-    state[f"model.layers.0.{suffix}"] = torch.ones(1 if suffix == "layer_scalar" else (4, 4))
+    state = lte.file_state_dict("qwen3_4b", lte.build("qwen3_4b"))
+    state[f"model.layers.0.{suffix}"] = torch.ones(4, 4)
     with pytest.raises(CkptbendError, match=says):
         detect(_write(tmp_path, "gemma2_2b", state=state))
 

@@ -2,8 +2,8 @@
 projections of the CLIP encoders (a recipe's [clip]) and q, k, v of a decoder LLM text encoder
 (HunyuanVideo's and HiDream's Llama, Qwen-Image's Qwen2.5-VL, Flux.2's Mistral, Lumina 2's Gemma 2: a
 recipe's [text] with `encoders`, q/k/v only: the LLM's output projection is named o_proj, which the node's
-key pattern misses); T5, UMT5 and ByT5 are untouched. In an LLM with qk-norm (Qwen3, Qwen3-VL, Gemma 3)
-the node's q and k land on q_proj / k_proj, where the norm cancels them: only its v is imported (a
+key pattern misses); T5, UMT5 and ByT5 are untouched. In an LLM with qk-norm (Qwen3, Qwen3-VL, Gemma 3,
+Gemma 4) the node's q and k land on q_proj / k_proj, where the norm cancels them: only its v is imported (a
 recipe's [text] q/k would scale the norm weights, which does act). Which encoders the CLIP holds is read
 from its loader's file names (nodes.ENCODER_FILES).
 """
@@ -54,7 +54,7 @@ def clip_multiply(node: Node, values: dict, loader: Node | None, source: str) ->
     foreign = [f for f, kind in files.items() if kind == "llm"]
     if changes_qkv and (unknown or foreign):
         what = (f"the LLM text encoder {foreign[0]!r}, which a recipe's [text] cannot reach (it knows T5, UMT5, "
-                "Qwen2.5-VL 7B, Llama 3 8B, Mistral Small 3, Qwen3, Qwen3-VL, Gemma 2 2B and Gemma 3)") if foreign else \
+                "Qwen2.5-VL 7B, Llama 3 8B, Mistral Small 3, Qwen3, Qwen3-VL, Gemma 2 2B, Gemma 3 and Gemma 4)") if foreign else \
             f"{unknown[0]!r} if it is an LLM text encoder, and ckptbend cannot tell from its name which encoder it is"
         raise CkptbendError(f"{source}: {node} (q {qkv['q']:g}, k {qkv['k']:g}, v {qkv['v']:g}) also scales the "
                             f"q, k and v of {what}")

@@ -17,7 +17,7 @@ GENERATORS = {
     "ltx2": (("ltx2", "ltx2_3", "ltx2_5"), _DIT_LAYOUTS),
     # a large text encoder alone (layouts/text_encoder_forms.py names them as ComfyUI does)
     "large_text_encoders": (("t5xxl", "umt5xxl", "byt5_small", "llama", "qwen25_7b", "mistral3_24b", "qwen3_4b",
-                             "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
+                             "qwen3vl_4b", "gemma2_2b", "gemma3_12b", "gemma4_12b"), ("single", "comfy", "diffusers")),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))

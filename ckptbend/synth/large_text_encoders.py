@@ -39,6 +39,11 @@ TINY = {
                                           "mrope_interleaved": True}, **_TINY_GQA))),
     "gemma2_2b": ("Gemma2ForCausalLM", "Gemma2Config", _TINY_GEMMA),
     "gemma3_12b": ("Gemma3ForCausalLM", "Gemma3TextConfig", _TINY_GEMMA),
+    # 3 layers: sliding, global (k_eq_v: v from k_proj, 1 kv head), and one reusing the global layer's k/v
+    "gemma4_12b": ("Gemma4ForCausalLM", "Gemma4TextConfig", dict(
+        _TINY_GEMMA, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
+        global_head_dim=16, attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=1,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=64)),
 }
 ENCODERS = tuple(TINY)
 
