@@ -155,7 +155,8 @@ def test_gemma_v_and_out_are_cancelled_and_warned(tmp_path, name):
 
 def test_released_widths_and_configs_name_the_encoder():
     """A diffusers folder's config names its encoder, a size by its width as ComfyUI's detection does."""
-    cases = [({"model_type": "qwen3", "hidden_size": 4096}, "qwen3_8b"), ({"model_type": "qwen3", "hidden_size": 2560}, "qwen3_4b"),
+    cases = [({"model_type": "qwen3", "hidden_size": 4096}, "qwen3_8b"),
+             ({"model_type": "qwen3", "hidden_size": 2560}, "qwen3_4b"),
              ({"model_type": "qwen3_vl", "text_config": {"hidden_size": 4096}}, "qwen3vl_8b"),
              ({"model_type": "gemma3", "text_config": {"hidden_size": 3840}}, "gemma3_12b"),
              ({"model_type": "gemma3_text", "hidden_size": 2560}, "gemma3_4b"), ({"model_type": "gemma2"}, "gemma2_2b"),
@@ -180,7 +181,8 @@ def test_llms_it_does_not_know_are_refused_by_name(tmp_path, suffix, says):
 def test_mistral3_vision_language_names(tmp_path):
     """Mistral3ForConditionalGeneration's own file names (`language_model.model.…`, a Pixtral vision tower and
     projector): the language model is Mistral Small 3 (q rows ≠ width), the rest left alone."""
-    state = {f"language_model.{k}": v for k, v in lte.file_state_dict("mistral3_24b", lte.build("mistral3_24b")).items()}
+    model = lte.build("mistral3_24b")
+    state = {f"language_model.{k}": v for k, v in lte.file_state_dict("mistral3_24b", model).items()}
     state |= {"vision_tower.transformer.layers.0.attention.q_proj.weight": torch.ones(8, 8),
               "multi_modal_projector.linear_1.weight": torch.ones(8, 8)}
     ckpt = detect(_write(tmp_path, "m", state=state))

@@ -54,7 +54,8 @@ def clip_multiply(node: Node, values: dict, loader: Node | None, source: str) ->
     foreign = [f for f, kind in files.items() if kind == "llm"]
     if changes_qkv and (unknown or foreign):
         what = (f"the LLM text encoder {foreign[0]!r}, which a recipe's [text] cannot reach (it knows T5, UMT5, "
-                "Qwen2.5-VL 7B, Llama 3 8B, Mistral Small 3, Qwen3, Qwen3-VL, Gemma 2 2B, Gemma 3 and Gemma 4)") if foreign else \
+                "Qwen2.5-VL 7B, Llama 3 8B, Mistral Small 3, Qwen3, Qwen3-VL, Gemma 2 2B, Gemma 3 and Gemma 4)") \
+            if foreign else \
             f"{unknown[0]!r} if it is an LLM text encoder, and ckptbend cannot tell from its name which encoder it is"
         raise CkptbendError(f"{source}: {node} (q {qkv['q']:g}, k {qkv['k']:g}, v {qkv['v']:g}) also scales the "
                             f"q, k and v of {what}")

@@ -1,8 +1,9 @@
 """Text encoders as data: the encoders ckptbend knows (ComfyUI's names for them), the form each one's file has,
 and what a factor scales in that form. text_encoders.py reads it.
 
-Forms (docs/formats.md, "What each factor scales in a large text encoder"; the decoder LLMs' keys are transformers' `layers.N.self_attn.*`, with or without
-`model.`, `model.language_model.` or `language_model.model.` in front):
+Forms (docs/formats.md, "What each factor scales in a large text encoder"; the decoder LLMs' keys are
+transformers' `layers.N.self_attn.*`, with or without `model.`, `model.language_model.` or
+`language_model.model.` in front):
 
 - T5 (T5-XXL, UMT5-XXL, ByT5): `encoder.block.N.layer.0.SelfAttention.{q,k,v,o}`, no biases, no qk-norm.
 - Decoder LLM (Llama 3 / 3.1, Mistral Small 3.x, Ministral 3, Qwen2.5-VL): `{q,k,v,o}_proj`, q/k/v biases in

@@ -1,7 +1,7 @@
 """The large text encoders of DiT models as tiny real transformers models, and their tensors under the
 names released files use: T5-XXL, UMT5-XXL and ByT5 (`encoder.block.N.layer.0.SelfAttention.{q,k,v,o}`; ByT5's
-vocabulary of 384 bytes and specials, and q/k/v narrower than its width), Llama-3 and Mistral Small 3 (`model.layers.N.self_attn.{q,k,v,o}_proj`,
-no biases; Mistral's q rows = heads × 128 differ from its width, as here), Qwen2.5-VL (the same with q/k/v
+vocabulary of 384 bytes and specials, and q/k/v narrower than its width), Llama-3 and Mistral Small 3
+(`model.layers.N.self_attn.{q,k,v,o}_proj`, no biases; Mistral's q rows = heads × 128 differ from its width, as here), Qwen2.5-VL (the same with q/k/v
 biases, plus its vision tower `visual.…`), Qwen3 (q_norm / k_norm), Qwen3-VL (transformers 5 names
 `model.language_model.…`, `model.visual.…`, as ComfyUI's qwen3vl files have them), Gemma 2 and Gemma 3
 (`post_attention_layernorm` on the attention output; Gemma 3's qk-norm). Every model has fewer k/v heads than
