@@ -36,7 +36,8 @@ TINY = {
                            deepstack_visual_indexes=[0], patch_size=2, spatial_merge_size=1, temporal_patch_size=1,
                            num_position_embeddings=16),
         text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True}, **_TINY_GQA))),
+                                          "mrope_interleaved": True}, bos_token_id=1, eos_token_id=2,
+                         **_TINY_GQA))),
     "gemma2_2b": ("Gemma2ForCausalLM", "Gemma2Config", _TINY_GEMMA),
     "gemma3_12b": ("Gemma3ForCausalLM", "Gemma3TextConfig", _TINY_GEMMA),
     # 3 layers: sliding, global (k_eq_v: v from k_proj, 1 kv head), and one reusing the global layer's k/v
