@@ -214,3 +214,21 @@ def test_gemma3_norm_weights_bake_in_float_files_only(tmp_path):
     fp8 = write_checkpoint(tmp_path / "fp8.safetensors", "gemma3_12b", dtype=torch.float8_e4m3fn)
     with pytest.raises(CkptbendError, match=r"used as \(w \+ 1\), stored as F8_E4M3"):
         make_plan(recipe, detect(fp8))
+
+
+@pytest.mark.parametrize("extra, width, q_rows, expected", [
+    ((), 32, 32, "llama"), ((), 5120, 8, "mistral3_24b"), ((), 3072, 8, "ministral3_3b"),
+    (("self_attn.q_norm",), 2560, 8, "qwen3_4b"), (("self_attn.q_norm",), 4096, 8, "qwen3_8b"),
+    (("post_feedforward_layernorm",), 2304, 8, "gemma2_2b"),
+    (("post_feedforward_layernorm", "self_attn.q_norm"), 3840, 8, "gemma3_12b"),
+    (("post_feedforward_layernorm", "self_attn.q_norm", "layer_scalar"), 3840, 8, "gemma4_12b"),
+])
+def test_a_released_width_names_the_size(tmp_path, extra, width, q_rows, expected):
+    """One layer's q_proj at the released width (a few rows: small files) tells which encoder and which size a
+    decoder LLM file is, as ComfyUI's detection does; Llama's q spans its width, Mistral's does not."""
+    layer = "model.layers.0."
+    state = {layer + "self_attn.q_proj.weight": torch.zeros(q_rows, width, dtype=torch.float16),
+             layer + "self_attn.o_proj.weight": torch.zeros(8, q_rows, dtype=torch.float16),
+             layer + "input_layernorm.weight": torch.ones(width)}
+    state |= {layer + part + ".weight" if part != "layer_scalar" else layer + part: torch.ones(1) for part in extra}
+    assert detect(_write(tmp_path, "w", state=state)).architecture == f"{expected}-only"
