@@ -63,7 +63,8 @@ class Plan:
             for seg in e.segments:
                 rows = f" rows {seg.rows[0]}:{seg.rows[1]}" if seg.rows else ""
                 cols = f" columns {seg.cols[0]}:{seg.cols[1]}" if seg.cols else ""
-                factors = " × ".join(f"{f:g}" for f in seg.factors) + (f" of (w + {seg.offset:g})" if seg.offset else "")
+                factors = " × ".join(f"{f:g}" for f in seg.factors)
+                factors += f" of (w + {seg.offset:g})" if seg.offset else ""
                 where = f"{e.file}: " if self.checkpoint.kind == "diffusers-folder" else ""
                 note = e.note if e.note is not None else ""
                 lines.append(f"{where}{e.key}{rows}{cols}  ×{factors}  ({', '.join(seg.reasons)}{note})")

@@ -627,7 +627,10 @@ def comfyui_clip_multiply(keys) -> dict[str, float]:
 def text_encoder_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("te")
     files = {"clip_l": write_checkpoint(folder / "clip_l.safetensors", "sd1", layout="text_encoder")}
-    for kind, name in (("llama", "llava_llama3_fp8_scaled.safetensors"), ("qwen25_7b", "qwen_2.5_vl_7b_fp8_scaled.safetensors")):
+    for kind, name in (("llama", "llava_llama3_fp8_scaled.safetensors"), ("qwen25_7b", "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+                       ("mistral3_24b", "mistral_3_small_flux2_bf16.safetensors"), ("qwen3_4b", "qwen_3_4b.safetensors"),
+                       ("gemma2_2b", "gemma_2_2b_it_elm_bf16.safetensors"),
+                       ("gemma3_12b", "gemma_3_12B_it_fp4_mixed.safetensors")):
         save_file(lte.file_state_dict(kind, lte.build(kind)), folder / name)
         files[kind] = folder / name
     return files
@@ -637,25 +640,35 @@ def text_encoder_files(tmp_path_factory):
     ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "llava_llama3_fp8_scaled.safetensors",
                         "type": "hunyuan_video"}, ("clip_l", "llama")),
     ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"}, ("qwen25_7b",)),
+    ("CLIPLoader", {"clip_name": "mistral_3_small_flux2_bf16.safetensors", "type": "flux2"}, ("mistral3_24b",)),
+    ("CLIPLoader", {"clip_name": "gemma_2_2b_it_elm_bf16.safetensors", "type": "lumina2"}, ("gemma2_2b",)),
+    ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}, ("qwen3_4b",)),
+    ("LTXAVTextEncoderLoader", {"text_encoder": "gemma_3_12B_it_fp4_mixed.safetensors", "ckpt_name": "ltx-2.safetensors"},
+     ("gemma3_12b",)),
 ])
 def test_clip_multiply_on_llm_text_encoders_bakes_what_comfyuis_node_patches(tmp_path, text_encoder_files, loader,
                                                                             widgets, kinds):
-    """HunyuanVideo's Llama and Qwen-Image's Qwen2.5-VL: the node scales their q, k, v (not o_proj)."""
+    """HunyuanVideo's Llama, Qwen-Image's Qwen2.5-VL, Flux.2's Mistral, Lumina 2's Gemma 2: the node scales their
+    q, k, v (not o_proj). Z-Image's Qwen3 and LTX-2's Gemma 3 normalise q and k after q_proj / k_proj, which
+    cancels the node's q and k there: v alone is imported, and the import says so."""
     workflow = copy.deepcopy(API)
     workflow["13"] = {"class_type": loader, "inputs": widgets}
     workflow["7"]["inputs"].update(CLIP_FACTORS, clip=["13", 0])
-    recipe = imported(write(tmp_path / "w.json", workflow)).recipe
+    result = imported(write(tmp_path / "w.json", workflow))
     for kind in kinds:
         ckpt = detect(text_encoder_files[kind])
-        edits = make_plan(recipe, ckpt, allow_missing=True).edits
+        edits = make_plan(result.recipe, ckpt, allow_missing=True).edits
         baked = {e.key: math.prod(f for seg in e.segments for f in seg.factors) for e in edits}
         expected = comfyui_clip_multiply(t.name for f in ckpt.files for t in f.header.tensors)
+        if kind in ("qwen3_4b", "gemma3_12b"):
+            expected = {k: f for k, f in expected.items() if ".v_proj." in k}
+            assert "whose qk-norm cancels them" in result.text
         assert baked == pytest.approx(expected) and len(expected) > 0, kind
 
 
 @pytest.mark.parametrize("loader, widgets, fragment", [
-    ("LTXAVTextEncoderLoader", {"text_encoder": "gemma_3_12B_it_fp4_mixed.safetensors", "ckpt_name": "ltx-2.safetensors"},
-     "also scales the q, k and v of the LLM text encoder 'gemma_3_12B_it_fp4_mixed.safetensors', which a recipe's [text] "
+    ("CLIPLoader", {"clip_name": "qwen3.5_9b_w4a8_gptq.safetensors", "type": "stable_diffusion"},
+     "also scales the q, k and v of the LLM text encoder 'qwen3.5_9b_w4a8_gptq.safetensors', which a recipe's [text] "
      "cannot reach"),
     ("CLIPLoader", {"clip_name": "my_text_encoder.safetensors", "type": "stable_diffusion"},
      "cannot tell from its name which encoder it is"),

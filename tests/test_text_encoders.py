@@ -107,7 +107,7 @@ def _changed(before_path, after_path):
     return {k for k in before if not torch.equal(before[k], after[k])}, before, after
 
 
-@pytest.mark.parametrize("name", ["qwen3_4b", "qwen3vl_4b", "gemma3_12b"])
+@pytest.mark.parametrize("name", ["qwen3_4b", "qwen3vl_4b", "gemma3_12b", "gemma4_12b"])
 def test_qk_norm_encoders_scale_the_norm_weights(tmp_path, name):
     """q/k on q_norm/k_norm (a factor on q_proj/k_proj would be cancelled by the norm); Gemma 3's weight acts
     as (1 + w), so w' = f·(1 + w) − 1."""
@@ -132,40 +132,48 @@ def _moved(model, name, factors, ids):
     return moved, plain.abs().max()
 
 
-@pytest.mark.parametrize("name", ["gemma2_2b", "gemma3_12b"])
+@pytest.mark.parametrize("name", ["gemma2_2b", "gemma3_12b", "gemma4_12b"])
 def test_gemma_v_and_out_are_cancelled_and_warned(tmp_path, name):
-    """Gemma's post_attention_layernorm normalises o_proj's output: v and out factors only move its eps (with
-    eps 0 they cancel to rounding; with the model's eps, tiny random weights, they move the output < 5% as
-    much as a q factor does), and the plan says so."""
+    """Gemma's post_attention_layernorm normalises o_proj's output (Gemma 4's v_norm v too): v and out factors
+    only move their eps (with eps 0 they cancel to rounding; with the model's eps, tiny random weights, they move
+    the output < 5% as much as a q factor does), and the plan says so."""
     model = lte.build(name, seed=5)
     src = _write(tmp_path, name, state=lte.file_state_dict(name, model))
     warnings = make_plan(parse_recipe('schema = 1\nname = "t"\n[text]\nv = 1.6\nout = 0.5\n'), detect(src)).warnings
     assert len(warnings) == 2 and all("has no effect" in w and "post_attention_layernorm" in w for w in warnings)
+    assert ("v_norm" in warnings[0]) == (name == "gemma4_12b")
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     assert _moved(model, name, {"v": 1.6, "out": 0.5}, ids)[0] < 0.05 * _moved(model, name, {"q": 1.6}, ids)[0]
     for module_name, module in model.named_modules():
-        if module_name.endswith("post_attention_layernorm"):
-            module.eps = 0.0
+        if module_name.endswith(("post_attention_layernorm", "v_norm")):
+            for eps in ("eps", "variance_epsilon"):     # Gemma 2/3's name, Gemma 4's
+                if hasattr(module, eps):
+                    setattr(module, eps, 0.0)
     moved, scale = _moved(model, name, {"v": 1.6, "out": 0.5}, ids)
     assert moved < 1e-5 * scale
 
 
 def test_released_widths_and_configs_name_the_encoder():
     """A diffusers folder's config names its encoder, a size by its width as ComfyUI's detection does."""
-    cases = [({"model_type": "qwen3", "hidden_size": 4096}, "qwen3_8b"), ({"model_type": "qwen3", "hidden_size": 2560}, "qwen3_4b"),
+    cases = [({"model_type": "qwen3", "hidden_size": 4096}, "qwen3_8b"),
+             ({"model_type": "qwen3", "hidden_size": 2560}, "qwen3_4b"),
              ({"model_type": "qwen3_vl", "text_config": {"hidden_size": 4096}}, "qwen3vl_8b"),
              ({"model_type": "gemma3", "text_config": {"hidden_size": 3840}}, "gemma3_12b"),
              ({"model_type": "gemma3_text", "hidden_size": 2560}, "gemma3_4b"), ({"model_type": "gemma2"}, "gemma2_2b"),
              ({"model_type": "mistral3", "text_config": {"hidden_size": 5120}}, "mistral3_24b"),
-             ({"model_type": "t5", "vocab_size": 384}, "byt5_small"), ({"model_type": "t5", "vocab_size": 32128}, "t5xxl"),
-             ({"model_type": "llama"}, "llama"), ({"model_type": "gemma4"}, None)]
+             ({"model_type": "t5", "d_model": 1472, "num_heads": 6, "d_kv": 64, "vocab_size": 1510}, "byt5_small"),
+             ({"model_type": "t5", "d_model": 4096, "num_heads": 64, "d_kv": 64}, "t5xxl"),
+             ({"model_type": "qwen2_5_vl_text", "hidden_size": 3584}, "qwen25_7b"),
+             ({"model_type": "gemma4_unified", "text_config": {"hidden_size": 3840}}, "gemma4_12b"),
+             ({"model_type": "llama"}, "llama"), ({"model_type": "qwen3_5"}, None)]
     assert [forms.of_config(c) for c, _ in cases] == [name for _, name in cases]
 
 
-@pytest.mark.parametrize("suffix, says", [("layer_scalar", "Gemma 4"), ("self_attn.qkv_proj.weight", "fused")])
+@pytest.mark.parametrize("suffix, says", [("linear_attn.A_log", "Qwen3.5"), ("self_attn.sinks", "GPT-OSS"),
+                                          ("self_attn.qkv_proj.weight", "fused")])
 def test_llms_it_does_not_know_are_refused_by_name(tmp_path, suffix, says):
-    state = lte.file_state_dict("gemma2_2b", lte.build("gemma2_2b"))
-    state[f"model.layers.0.{suffix}"] = torch.ones(1 if suffix == "layer_scalar" else (4, 4))
+    state = lte.file_state_dict("qwen3_4b", lte.build("qwen3_4b"))
+    state[f"model.layers.0.{suffix}"] = torch.ones(4, 4)
     with pytest.raises(CkptbendError, match=says):
         detect(_write(tmp_path, "gemma2_2b", state=state))
 
@@ -173,7 +181,8 @@ def test_llms_it_does_not_know_are_refused_by_name(tmp_path, suffix, says):
 def test_mistral3_vision_language_names(tmp_path):
     """Mistral3ForConditionalGeneration's own file names (`language_model.model.…`, a Pixtral vision tower and
     projector): the language model is Mistral Small 3 (q rows ≠ width), the rest left alone."""
-    state = {f"language_model.{k}": v for k, v in lte.file_state_dict("mistral3_24b", lte.build("mistral3_24b")).items()}
+    model = lte.build("mistral3_24b")
+    state = {f"language_model.{k}": v for k, v in lte.file_state_dict("mistral3_24b", model).items()}
     state |= {"vision_tower.transformer.layers.0.attention.q_proj.weight": torch.ones(8, 8),
               "multi_modal_projector.linear_1.weight": torch.ones(8, 8)}
     ckpt = detect(_write(tmp_path, "m", state=state))
@@ -205,3 +214,21 @@ def test_gemma3_norm_weights_bake_in_float_files_only(tmp_path):
     fp8 = write_checkpoint(tmp_path / "fp8.safetensors", "gemma3_12b", dtype=torch.float8_e4m3fn)
     with pytest.raises(CkptbendError, match=r"used as \(w \+ 1\), stored as F8_E4M3"):
         make_plan(recipe, detect(fp8))
+
+
+@pytest.mark.parametrize("extra, width, q_rows, expected", [
+    ((), 32, 32, "llama"), ((), 5120, 8, "mistral3_24b"), ((), 3072, 8, "ministral3_3b"),
+    (("self_attn.q_norm",), 2560, 8, "qwen3_4b"), (("self_attn.q_norm",), 4096, 8, "qwen3_8b"),
+    (("post_feedforward_layernorm",), 2304, 8, "gemma2_2b"),
+    (("post_feedforward_layernorm", "self_attn.q_norm"), 3840, 8, "gemma3_12b"),
+    (("post_feedforward_layernorm", "self_attn.q_norm", "layer_scalar"), 3840, 8, "gemma4_12b"),
+])
+def test_a_released_width_names_the_size(tmp_path, extra, width, q_rows, expected):
+    """One layer's q_proj at the released width (a few rows: small files) tells which encoder and which size a
+    decoder LLM file is, as ComfyUI's detection does; Llama's q spans its width, Mistral's does not."""
+    layer = "model.layers.0."
+    state = {layer + "self_attn.q_proj.weight": torch.zeros(q_rows, width, dtype=torch.float16),
+             layer + "self_attn.o_proj.weight": torch.zeros(8, q_rows, dtype=torch.float16),
+             layer + "input_layernorm.weight": torch.ones(width)}
+    state |= {layer + part + ".weight" if part != "layer_scalar" else layer + part: torch.ones(1) for part in extra}
+    assert detect(_write(tmp_path, "w", state=state)).architecture == f"{expected}-only"

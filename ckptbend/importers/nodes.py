@@ -102,10 +102,27 @@ ENCODER_FILES = (
     (r"clip[_-]?h\b|clip[_-]?h[_-]|vit[_-]?h", "clip_h"),
     (r"qwen[_.-]?2[._]?5[_.-]?vl[_.-]?7b|qwen25[_.-]?7b", "qwen25_7b"),
     (r"llava[_.-]?llama[_.-]?3|llama[_.-]?3(\.1)?[_.-]?8b", "llama"),
+    (r"mistral[_.-]?3[_.-]?small|mistral[_.-]?small[_.-]?3", "mistral3_24b"),   # mistral_3_small_flux2_*
+    (r"ministral[_.-]?3[_.-]?3b", "ministral3_3b"),
+    (r"qwen[_.-]?3[_.-]?vl[_.-]?4b", "qwen3vl_4b"),
+    (r"qwen[_.-]?3[_.-]?vl[_.-]?8b", "qwen3vl_8b"),
+    (r"qwen[_.-]?3[_.-]?vl[_.-]?32b", "qwen3vl_32b"),
+    (r"qwen[_.-]?3[_.-]?4b", "qwen3_4b"),
+    (r"qwen[_.-]?3[_.-]?8b", "qwen3_8b"),
+    (r"qwen[_.-]?3[_.-]?0?6b", "qwen3_06b"),
+    (r"gemma[_.-]?2[_.-]?2b", "gemma2_2b"),
+    (r"gemma[_.-]?3[_.-]?12b", "gemma3_12b"),
+    (r"gemma[_.-]?3[_.-]?4b", "gemma3_4b"),
+    (r"gemma[_.-]?4[_.-]?12b", "gemma4_12b"),
+    (r"gemma[_.-]?4[_.-]?e4b", "gemma4_e4b"),
+    (r"gemma[_.-]?4[_.-]?e2b", "gemma4_e2b"),
+    (r"gemma[_.-]?4[_.-]?31b", "gemma4_31b"),
     (r"qwen|gemma|mistral|llama|olmo|phi|glm", "llm"),       # an LLM the [text] section does not know
 )
 CLIP_KINDS = ("clip_l", "clip_g", "clip_h")
-LLM_KINDS = ("qwen25_7b", "llama")                           # the [text] section's decoder LLMs
+LLM_KINDS = ("qwen25_7b", "llama", "mistral3_24b", "ministral3_3b", "qwen3_06b", "qwen3_4b", "qwen3_8b",
+             "qwen3vl_4b", "qwen3vl_8b", "qwen3vl_32b", "gemma2_2b", "gemma3_4b", "gemma3_12b", "gemma4_e2b",
+             "gemma4_e4b", "gemma4_12b", "gemma4_31b")                                  # [text]'s LLMs
 
 @dataclass(frozen=True)
 class Sampler:

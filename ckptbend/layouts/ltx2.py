@@ -33,7 +33,7 @@ keeps the static prompt table without `prompt_adaln_single` (or drops the video 
 
 File forms: original / ComfyUI names bare or under `model.diffusion_model.` (released files also hold `vae.`,
 `audio_vae.`, `vocoder.`, copied unchanged); diffusers names in one file; diffusers folders (`transformer/`;
-the Gemma 3 text encoder and `connectors/` are sub-folders ckptbend leaves alone).
+the Gemma 3 / Gemma 4 `text_encoder/` is text_encoders.py's, `connectors/` a sub-folder ckptbend leaves alone).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ SIZES = {"ltx-2": "19b", "ltx-2.3": "22b", "ltx-2.5": "22b"}
 FULL_WIDTHS = (4096, 2048)   # video and audio inner widths of the released models
 ARCHITECTURE_NAMES = {**{v: (v, f"{v}-{SIZES[v]}") for v in VERSIONS}, **{f"{v}-{SIZES[v]}": (f"{v}-{SIZES[v]}",)
                                                                          for v in VERSIONS}}
-DIFFUSERS_PIPELINES: dict = {}   # LTX2 pipelines are read sub-folder by sub-folder (Gemma 3: not ckptbend's)
+DIFFUSERS_PIPELINES: dict = {}   # LTX2 pipelines are read sub-folder by sub-folder (Gemma: by its config)
 TRANSFORMER_CLASS = "LTX2VideoTransformer3DModel"
 
 

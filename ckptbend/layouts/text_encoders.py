@@ -1,11 +1,12 @@
 """Text encoders: CLIP-L / CLIP-G (HF names), OpenCLIP ViT-H / ViT-bigG (OpenCLIP names, fused in_proj), and
 the large encoders of DiT models (text_encoder_forms.py: T5-XXL, UMT5-XXL, ByT5 in T5 names; Llama 3 / 3.1,
-Mistral Small 3.x, Qwen2.5-VL, Qwen3, Qwen3-VL, Gemma 2 and Gemma 3 in transformers' decoder names).
+Mistral Small 3.x, Qwen2.5-VL, Qwen3, Qwen3-VL, Gemma 2, 3 and 4 in transformers' decoder names).
 
 A projection is found by key suffix, as ComfyUI's CLIPAttentionMultiply finds CLIP's; OpenCLIP's
 fused `attn.in_proj_weight` / `in_proj_bias` hold q, k and v as three row ranges. CLIP, T5 and the plain decoder
-LLMs do not normalise q or k, so every factor scales projection rows; in Qwen3 and Gemma 3, q and k scale their
-qk-norm weights, and in Gemma a norm over the attention output cancels v and out (dit-layouts.md §11).
+LLMs do not normalise q or k, so every factor scales projection rows; in Qwen3 and Gemma 3 / 4, q and k scale
+their qk-norm weights, and in Gemma a norm over the attention output cancels v and out (docs/formats.md, "What
+each factor scales in a large text encoder").
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ CLIP_MODEL_TYPES = ("clip_text_model", "clip")
 
 # Decoder LLM files ckptbend refuses by name rather than take for an encoder it knows: (key suffix, why).
 UNKNOWN_LLMS = (
-    ("layer_scalar", "a Gemma 4 text encoder (its layers carry layer_scalar), which ckptbend does not bake yet"),
+    ("linear_attn.A_log", "a Qwen3.5 / Qwen3-Next text encoder (linear-attention layers), which ckptbend does not "
+                          "bake yet"),
+    ("self_attn.sinks", "a GPT-OSS text encoder (attention sinks), which ckptbend does not bake yet"),
     ("self_attn.qkv_proj.weight", "a decoder LLM with fused self_attn.qkv_proj, whose q/k/v rows depend on head "
                                   "counts the file does not hold; ckptbend bakes separate q_proj/k_proj/v_proj"),
 )
@@ -104,8 +107,8 @@ def _has(names, suffix: str) -> bool:
 
 def _llm_kind(header, names) -> str:
     """A decoder LLM's encoder, told by its form as ComfyUI's detection tells it (post_feedforward_layernorm:
-    Gemma; q_norm: Qwen3 / Gemma 3; q/k/v biases: Qwen2.5-VL; q_proj rows other than the width: Mistral 3 —
-    Llama's q spans the width), then by width among one form's sizes."""
+    Gemma, with layer_scalar Gemma 4; q_norm: Qwen3 / Gemma 3; q/k/v biases: Qwen2.5-VL; q_proj rows other than
+    the width: Mistral 3 — Llama's q spans the width), then by width among one form's sizes."""
     for suffix, what in UNKNOWN_LLMS:
         if _has(names, suffix):
             raise CkptbendError(f"{header.path}: {what}; refusing")
@@ -114,6 +117,8 @@ def _llm_kind(header, names) -> str:
     norm = next((n for n in names if n.endswith("input_layernorm.weight")), None)
     width = shapes[q][1] if q else shapes[norm][0] if norm else None
     if _has(names, "post_feedforward_layernorm.weight"):
+        if _has(names, "layer_scalar"):
+            return forms.by_width("gemma4", width)
         return forms.by_width("gemma3", width) if _has(names, "self_attn.q_norm.weight") else "gemma2_2b"
     if _has(names, "self_attn.q_norm.weight"):
         vision = any(NOT_THE_ENCODER.search(n) for n in header.names)
@@ -124,13 +129,12 @@ def _llm_kind(header, names) -> str:
 
 
 def _t5_kind(header, names) -> str:
-    """UMT5 keeps a relative-position table in every block, T5 only in block 0; ByT5 reads bytes (384 tokens)."""
+    """UMT5 keeps a relative-position table in every block, T5 only in block 0; ByT5's q is narrower than its
+    width (text_encoder_forms.is_byt5)."""
     if _has(names, "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"):
         return "umt5xxl"
-    embedding = next((n for n in names if n.endswith(("shared.weight", "embed_tokens.weight"))), None)
-    k = next(n for n in names if n.endswith("SelfAttention.k.weight"))
-    rows = header.tensor(embedding).shape[0] if embedding else logical_shapes(header)[k][0]
-    return "byt5_small" if rows == forms.BYT5_VOCABULARY else "t5xxl"
+    q = next(n for n in names if n.endswith("SelfAttention.q.weight"))
+    return "byt5_small" if forms.is_byt5(*logical_shapes(header)[q]) else "t5xxl"
 
 
 def _large_kind(header, names) -> str | None:
@@ -213,7 +217,8 @@ def scales(component: str) -> str | None:
         return None
     notes = ["q/k scale the q_norm/k_norm weights" + (", used as 1 + w" if form.norm_offset else "")
              ] if forms.LLM_QK_NORM in form.sites else []
-    notes += ["v/out cancelled by post_attention_layernorm"] if form.inert else []
+    notes += [f"v/out cancelled by {'v_norm and ' if form is forms.GEMMA4 else ''}post_attention_layernorm"
+              ] if form.inert else []
     return "; ".join(notes) or None
 
 

@@ -18,7 +18,7 @@ GENERATORS = {
     "hidream": (("hidream",), _DIT_LAYOUTS),
     # a large text encoder alone (layouts/text_encoder_forms.py names them as ComfyUI does)
     "large_text_encoders": (("t5xxl", "umt5xxl", "byt5_small", "llama", "qwen25_7b", "mistral3_24b", "qwen3_4b",
-                             "qwen3vl_4b", "gemma2_2b", "gemma3_12b"), ("single", "comfy", "diffusers")),
+                             "qwen3vl_4b", "gemma2_2b", "gemma3_12b", "gemma4_12b"), ("single", "comfy", "diffusers")),
     "flux3": (("flux3_klein", "flux3_klein_base"), _DIT_LAYOUTS[:-1]),   # no diffusers pipeline
     "krea2": (("krea2",), _DIT_LAYOUTS),
     "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),

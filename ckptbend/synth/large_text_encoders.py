@@ -1,7 +1,7 @@
 """The large text encoders of DiT models as tiny real transformers models, and their tensors under the
 names released files use: T5-XXL, UMT5-XXL and ByT5 (`encoder.block.N.layer.0.SelfAttention.{q,k,v,o}`; ByT5's
-vocabulary of 384 bytes and specials), Llama-3 and Mistral Small 3 (`model.layers.N.self_attn.{q,k,v,o}_proj`,
-no biases; Mistral's q rows = heads × 128 differ from its width, as here), Qwen2.5-VL (the same with q/k/v
+vocabulary of 384 bytes and specials, and q/k/v narrower than its width), Llama-3 and Mistral Small 3
+(`model.layers.N.self_attn.{q,k,v,o}_proj`, no biases; Mistral's q rows = heads × 128 differ from its width, as here), Qwen2.5-VL (the same with q/k/v
 biases, plus its vision tower `visual.…`), Qwen3 (q_norm / k_norm), Qwen3-VL (transformers 5 names
 `model.language_model.…`, `model.visual.…`, as ComfyUI's qwen3vl files have them), Gemma 2 and Gemma 3
 (`post_attention_layernorm` on the attention output; Gemma 3's qk-norm). Every model has fewer k/v heads than
@@ -28,7 +28,7 @@ TINY = {
                            temporal_patch_size=1, in_channels=3),
         text_config=dict(num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                          **_TINY_LM))),
-    "byt5_small": ("T5EncoderModel", "T5Config", dict(_TINY_T5, vocab_size=384)),
+    "byt5_small": ("T5EncoderModel", "T5Config", dict(_TINY_T5, vocab_size=384, d_kv=8)),   # q 16 rows, width 32
     "mistral3_24b": ("MistralForCausalLM", "MistralConfig", dict(_TINY_GQA, head_dim=12)),
     "qwen3_4b": ("Qwen3ForCausalLM", "Qwen3Config", _TINY_GQA),
     "qwen3vl_4b": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", dict(
@@ -36,9 +36,15 @@ TINY = {
                            deepstack_visual_indexes=[0], patch_size=2, spatial_merge_size=1, temporal_patch_size=1,
                            num_position_embeddings=16),
         text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True}, **_TINY_GQA))),
+                                          "mrope_interleaved": True}, bos_token_id=1, eos_token_id=2,
+                         **_TINY_GQA))),
     "gemma2_2b": ("Gemma2ForCausalLM", "Gemma2Config", _TINY_GEMMA),
     "gemma3_12b": ("Gemma3ForCausalLM", "Gemma3TextConfig", _TINY_GEMMA),
+    # 3 layers: sliding, global (k_eq_v: v from k_proj, 1 kv head), and one reusing the global layer's k/v
+    "gemma4_12b": ("Gemma4ForCausalLM", "Gemma4TextConfig", dict(
+        _TINY_GEMMA, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
+        global_head_dim=16, attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=1,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=64)),
 }
 ENCODERS = tuple(TINY)
 
