@@ -361,12 +361,13 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
 
 def test_hunyuan_video_is_refused_not_taken_for_flux():
     """ComfyUI's HunyuanVideo has Flux's double_blocks / single_blocks, but its text goes through a token refiner
-    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: the layout says so in one line."""
+    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: 1.0 (no ByT5 branch, Llama tokens) is
+    refused in one line (1.5 is reached: test_comfy_hunyuan.py)."""
     from torch import nn
 
     model = nn.Module()
     model.double_blocks, model.single_blocks, model.patch_size = nn.ModuleList(), nn.ModuleList(), (1, 2, 2)
     model.txt_in = nn.Module()
     model.txt_in.individual_token_refiner = nn.Module()
-    with pytest.raises(ValueError, match="does not reach HunyuanVideo"):
+    with pytest.raises(ValueError, match="does not reach HunyuanVideo 1.0"):
         comfy_host.dit_layout(model)

@@ -29,7 +29,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
-    Gemma 2 tokens. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
+    Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
+    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
     block told alike; the target image's call is bent."""
     dm = diffusion_model
     name = type(dm).__name__
@@ -43,8 +44,13 @@ def dit_layout(diffusion_model) -> DiTLayout:
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
         return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
     if hasattr(dm, "double_blocks") and hasattr(getattr(dm, "txt_in", None), "individual_token_refiner"):
-        raise ValueError("Attention Bending does not reach HunyuanVideo yet (its double and single blocks attend over "
-                         "[image; text] tokens of a Llama encoder, unlike Flux's [text; T5])")
+        if getattr(dm, "byt5_in", None) is None:         # HunyuanVideo 1.0: no ByT5 glyph branch
+            raise ValueError("Attention Bending does not reach HunyuanVideo 1.0 (its text keys are Llama tokens cut "
+                             "from a template whose columns the node does not find yet); HunyuanVideo 1.5 is reached")
+        n = len(dm.double_blocks)                       # HunyuanVideo 1.5: [image; Qwen2.5-VL prompt; ByT5 glyphs]
+        blocks = [("double_block", i, i) for i in range(n)]
+        blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
+        return DiTLayout("hunyuan", blocks, 0, True, patch3(dm.patch_size), QWEN_KEY)
     if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
         n = len(dm.double_blocks)
         blocks = [("double_block", i, i) for i in range(n)]
@@ -62,5 +68,6 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image and Lumina 2; this model's diffusion_model is "
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5; this model's "
+                     "diffusion_model is "
                      f"a {name}")
