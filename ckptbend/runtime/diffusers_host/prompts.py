@@ -52,6 +52,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _qwen_columns(session, arguments["prompt"])
     if session.single or session.qwen21 or session.hunyuan15:
         return _single_columns(session, arguments)
+    if hasattr(pipe, "connectors"):
+        return _ltx2_columns(session, arguments["prompt"])
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -83,6 +85,23 @@ def _qwen_columns(session, prompt) -> dict[str, list[int]]:
     words = list(dict.fromkeys(e.token for e in session.entries))
     return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
+
+def _ltx2_columns(session, prompt) -> dict[str, list[int]]:
+    """LTX-2: Gemma 3's tokens of the stripped prompt, <bos> first, left-padded; its text connector moves the valid
+    tokens to the front (learnable registers fill the rest), so column 0 is <bos>. A connector without registers
+    would leave them after the padding, at an offset per prompt: refused."""
+    pipe, tokenizer = session.pipe, session.pipe.tokenizer
+    if getattr(getattr(pipe.connectors, "video_connector", None), "learnable_registers", 0) is None:
+        raise ValueError("Attention Bending on LTX-2 needs its text connector's learnable registers (without them "
+                         "each prompt's tokens sit after its own padding)")
+    words = list(dict.fromkeys(e.token for e in session.entries))
+
+    def spell(word):
+        return tokenizer(word, add_special_tokens=False)["input_ids"]
+
+    return same_columns([tokens.token_columns(words, tokenizer(p.strip())["input_ids"], lambda w: tokens.Alternatives(
+        (spell(" " + w), spell(w)))) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
 
 def _single_columns(session, arguments) -> dict[str, list[int]]:
     """Z-Image: the prompt as the user's turn of the tokenizer's own chat template with the generation prompt

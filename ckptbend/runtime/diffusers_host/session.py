@@ -19,7 +19,7 @@ from .unet import before_mid, sag_correction
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -180,9 +180,14 @@ class Session:
         packed = packed_grid(kwargs) if x.ndim == 3 else None
         if packed is not None:
             height, width = token_hw = packed
+        frames = x.shape[2] // frame_patch if x.ndim == 5 else None
+        if x.ndim == 3 and kwargs.get("num_frames") and kwargs.get("height") and kwargs.get("width"):   # LTX-2
+            height, width = kwargs["height"], kwargs["width"]
+            token_hw = (height // row_patch, width // column_patch)
+            frames = kwargs["num_frames"] // getattr(module.config, "patch_size_t", 1)
         self.call = Call(
             latent_hw=(height, width), token_hw=token_hw,
-            frames=x.shape[2] // frame_patch if x.ndim == 5 else None, cfg=cfg, cond_rows=cond_rows,
+            frames=frames, cfg=cfg, cond_rows=cond_rows,
             step=step_of(scheduler, position),
             alpha_cumprod=alpha_cumprod_at(scheduler, t, position) if self.sag or self.slothful else None,
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
