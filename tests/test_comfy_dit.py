@@ -371,3 +371,16 @@ def test_hunyuan_video_is_refused_not_taken_for_flux():
     model.txt_in.individual_token_refiner = nn.Module()
     with pytest.raises(ValueError, match="does not reach HunyuanVideo 1.0"):
         comfy_host.dit_layout(model)
+
+
+def test_ltx2_is_refused_with_its_reason():
+    """ComfyUI's LTX-2 (LTXAV) blocks carry an audio stream beside the video one; its latent packs both, so the node
+    cannot read the video grid: one line says so (the diffusers host bends the video stream)."""
+    from torch import nn
+
+    model = nn.Module()
+    block = nn.Module()
+    block.attn2, block.audio_attn2 = nn.Module(), nn.Module()
+    model.transformer_blocks = nn.ModuleList([block])
+    with pytest.raises(ValueError, match="does not reach LTX-2: its latent packs video and audio"):
+        comfy_host.dit_layout(model)

@@ -39,6 +39,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         return (1, *size) if len(size) == 2 else size
 
+    blocks = getattr(dm, "transformer_blocks", None) or ()
+    if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
+        raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
+                         "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
