@@ -23,7 +23,8 @@ class DiTLayout:
 
 def dit_layout(diffusion_model) -> DiTLayout:
     """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
-    CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
+    CLIP-image attention), Flux.1/Chroma/Flux.2 (double then single blocks, joint; Flux.2's text key is the wired
+    CLIP's only one, Mistral 3 or Klein's Qwen3) and SD3/SD3.5 (joint
     blocks; the dual blocks' second call is image self-attention) and Qwen-Image (transformer_blocks, joint
     [text; image], mask passed positionally: None). Layers count the blocks in order.
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
@@ -55,11 +56,12 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
         return DiTLayout("hunyuan", blocks, 0, True, patch3(dm.patch_size), QWEN_KEY)
-    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
+    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma, Flux.2
         n = len(dm.double_blocks)
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
-        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+        flux2 = hasattr(dm, "double_stream_modulation_img")       # Flux.2's shared modulations: Mistral 3 / Qwen3 text
+        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), None if flux2 else "t5xxl")
     if hasattr(dm, "layers") and hasattr(dm, "context_refiner") and hasattr(dm, "cap_embedder"):   # NextDiT
         pad = getattr(dm, "pad_tokens_multiple", None)
         return DiTLayout("nextdit", [], 0, True, patch3(dm.patch_size), QWEN3_KEY if pad else GEMMA2_KEY, pad)
