@@ -361,12 +361,26 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
 
 def test_hunyuan_video_is_refused_not_taken_for_flux():
     """ComfyUI's HunyuanVideo has Flux's double_blocks / single_blocks, but its text goes through a token refiner
-    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: the layout says so in one line."""
+    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: 1.0 (no ByT5 branch, Llama tokens) is
+    refused in one line (1.5 is reached: test_comfy_hunyuan.py)."""
     from torch import nn
 
     model = nn.Module()
     model.double_blocks, model.single_blocks, model.patch_size = nn.ModuleList(), nn.ModuleList(), (1, 2, 2)
     model.txt_in = nn.Module()
     model.txt_in.individual_token_refiner = nn.Module()
-    with pytest.raises(ValueError, match="does not reach HunyuanVideo"):
+    with pytest.raises(ValueError, match="does not reach HunyuanVideo 1.0"):
+        comfy_host.dit_layout(model)
+
+
+def test_ltx2_is_refused_with_its_reason():
+    """ComfyUI's LTX-2 (LTXAV) blocks carry an audio stream beside the video one; its latent packs both, so the node
+    cannot read the video grid: one line says so (the diffusers host bends the video stream)."""
+    from torch import nn
+
+    model = nn.Module()
+    block = nn.Module()
+    block.attn2, block.audio_attn2 = nn.Module(), nn.Module()
+    model.transformer_blocks = nn.ModuleList([block])
+    with pytest.raises(ValueError, match="does not reach LTX-2: its latent packs video and audio"):
         comfy_host.dit_layout(model)

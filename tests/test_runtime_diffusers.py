@@ -166,7 +166,7 @@ BEND = {"token": "sunset", "mode": "translate", "translate_x": -0.5, "translate_
 def test_imports_only_torch_stdlib_and_the_runtime():
     for path in Path(dh.__file__).parent.glob("*.py"):
         roots = imported_roots(path)
-        assert roots <= {"__future__", "dataclasses", "functools", "inspect", "warnings", "typing", "torch", "."}, path
+        assert roots <= {"__future__", "dataclasses", "functools", "inspect", "warnings", "typing", "math", "torch", "."}, path
 
 
 def test_unknown_keys_and_bad_values_are_clear_errors(sd):

@@ -4,7 +4,8 @@ joint attention without biases; single blocks: q, k, v and the MLP from one fuse
 The reference is the model's own processors with diffusers' attention call replaced by an explicit softmax whose
 image-query × text-key block is bent by bending.bend_probs and whose rows are renormalised over all keys: every
 bent call equals it, and a call outside the step window, or at strength 0, is bit-identical to the plain model.
-Finding a word in Flux.2's Mistral / Qwen3 chat template is not built yet: the columns are given by hand."""
+The words are found in Flux.2's Mistral 3 / Qwen3 (Klein) chat templates (last test); the sampling tests give the
+columns by hand."""
 
 import types
 
@@ -87,11 +88,34 @@ def test_strength_zero_and_outside_the_step_window_are_bit_identical(flux2):
     assert not torch.equal(sample(flux2, step=1, dynamic={"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}), plain)
 
 
-def test_a_flux2_prompt_is_refused_until_its_template_is_read(flux2):
-    _, _, pipe = flux2
-    session = dh.apply(pipe, {"bending": [ENTRY]})
-    try:
-        with pytest.raises(ValueError, match="Flux.2 does not find words"):
-            dh.prompts._locate(session, {"prompt": "a lake at sunset"})
-    finally:
-        dh.remove(pipe)
+QWEN3 = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+         "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")          # Qwen3's, abridged
+MISTRAL = ("{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]{% else %}[INST]{% endif %}"
+           "{% for c in m.content %}{{ c.text }}{% endfor %}{% if m.role == 'system' %}[/SYSTEM_PROMPT]"
+           "{% else %}[/INST]{% endif %}{% endfor %}")                                           # Mistral 3's form
+
+
+@pytest.mark.parametrize("pipeline, padding", [("klein", "right"), ("mistral", "right"), ("mistral", "left")])
+def test_words_are_found_in_flux2s_chat_templates(pipeline, padding):
+    """Flux2KleinPipeline: the prompt in Qwen3's template without thinking; Flux2Pipeline: Mistral 3's with the
+    pipeline's system message. All max_sequence_length (512) tokens are attended, padding included: a word's columns
+    count from the first token, plus the padding when the tokenizer pads on the left. (A tiny byte-level BPE
+    tokenizer stands in for both; the templates are the models' forms.)"""
+    import comfy_standin_qwen as cq
+
+    tokenizer = cq.qwen_tokenizer()
+    tokenizer.chat_template, tokenizer.padding_side = (QWEN3 if pipeline == "klein" else MISTRAL), padding
+    pipe = types.SimpleNamespace(tokenizer=tokenizer)
+    if pipeline == "mistral":
+        pipe.system_message = "You are a photo assistant."
+    session = types.SimpleNamespace(pipe=pipe, joint="flux2", single=None, qwen21=False, hunyuan15=False,
+                                    entries=[bending.as_spec(ENTRY)])
+    found = dh.prompts._locate(session, {"prompt": "a romantic kiss at sunset"})
+    text = ("<|im_start|>user\na romantic kiss at sunset<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+            if pipeline == "klein" else
+            "[SYSTEM_PROMPT]You are a photo assistant.[/SYSTEM_PROMPT][INST]a romantic kiss at sunset[/INST]")
+    ids = tokenizer(text)["input_ids"]
+    pad = 512 - len(ids) if padding == "left" else 0
+    assert tokenizer.convert_ids_to_tokens([ids[j - pad] for j in found["sunset"]]) == ["Ġsun", "set"]
+    assert min(found["sunset"]) >= pad

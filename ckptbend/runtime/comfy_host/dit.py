@@ -65,8 +65,10 @@ def _record_call(layout):
         frames = x.shape[2] if x.ndim == 5 else 1
         grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), layout.patch))   # ComfyUI pads up
         options[DIT_CALL] = {"grid": grid, "text": None}
+        context = args[2] if len(args) > 2 else kwargs.get("c_crossattn")
+        if layout.kind == "hunyuan":                     # the prompt's tokens, before the ByT5 glyphs
+            options[DIT_CALL]["prompt"] = context.shape[1]
         if layout.kind in HOST_TAGGED:
-            context = args[2] if len(args) > 2 else kwargs["c_crossattn"]
             text, image = context.shape[1], grid[0] * grid[1] * grid[2]
             if layout.pad:
                 text, image = text + (-text) % layout.pad, image + (-image) % layout.pad
@@ -133,6 +135,9 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             text, queries = slice(0, n_text), slice(n_text, n_text + n_image)
             if layout.kind == "qwen21":                  # the target image's queries alone
                 queries = slice(0, n_image)
+            if layout.kind == "hunyuan":                 # [(reference;) image; prompt; glyphs]
+                first = kh.shape[2] - n_text
+                text, queries = slice(first, first + call["prompt"]), slice(first - n_image, first)
         else:
             text, queries = slice(None), slice(None)
             if qh.shape[2] != n_image:

@@ -23,13 +23,15 @@ class DiTLayout:
 
 def dit_layout(diffusion_model) -> DiTLayout:
     """Wan 2.1/2.2 (T2V: call 1 of a block is the text cross-attention; I2V/FLF: call 2, after the
-    CLIP-image attention), Flux.1/Chroma (double then single blocks, joint) and SD3/SD3.5 (joint
+    CLIP-image attention), Flux.1/Chroma/Flux.2 (double then single blocks, joint; Flux.2's text key is the wired
+    CLIP's only one, Mistral 3 or Klein's Qwen3) and SD3/SD3.5 (joint
     blocks; the dual blocks' second call is image self-attention) and Qwen-Image (transformer_blocks, joint
     [text; image], mask passed positionally: None). Layers count the blocks in order.
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
-    Gemma 2 tokens. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
+    Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
+    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
     block told alike; the target image's call is bent."""
     dm = diffusion_model
     name = type(dm).__name__
@@ -38,18 +40,28 @@ def dit_layout(diffusion_model) -> DiTLayout:
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         return (1, *size) if len(size) == 2 else size
 
+    blocks = getattr(dm, "transformer_blocks", None) or ()
+    if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
+        raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
+                         "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
         return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
     if hasattr(dm, "double_blocks") and hasattr(getattr(dm, "txt_in", None), "individual_token_refiner"):
-        raise ValueError("Attention Bending does not reach HunyuanVideo yet (its double and single blocks attend over "
-                         "[image; text] tokens of a Llama encoder, unlike Flux's [text; T5])")
-    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma
+        if getattr(dm, "byt5_in", None) is None:         # HunyuanVideo 1.0: no ByT5 glyph branch
+            raise ValueError("Attention Bending does not reach HunyuanVideo 1.0 (its text keys are Llama tokens cut "
+                             "from a template whose columns the node does not find yet); HunyuanVideo 1.5 is reached")
+        n = len(dm.double_blocks)                       # HunyuanVideo 1.5: [image; Qwen2.5-VL prompt; ByT5 glyphs]
+        blocks = [("double_block", i, i) for i in range(n)]
+        blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
+        return DiTLayout("hunyuan", blocks, 0, True, patch3(dm.patch_size), QWEN_KEY)
+    if hasattr(dm, "double_blocks"):                                                # Flux, Chroma, Flux.2
         n = len(dm.double_blocks)
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
-        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), "t5xxl")
+        flux2 = hasattr(dm, "double_stream_modulation_img")       # Flux.2's shared modulations: Mistral 3 / Qwen3 text
+        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), None if flux2 else "t5xxl")
     if hasattr(dm, "layers") and hasattr(dm, "context_refiner") and hasattr(dm, "cap_embedder"):   # NextDiT
         pad = getattr(dm, "pad_tokens_multiple", None)
         return DiTLayout("nextdit", [], 0, True, patch3(dm.patch_size), QWEN3_KEY if pad else GEMMA2_KEY, pad)
@@ -62,5 +74,6 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image and Lumina 2; this model's diffusion_model is "
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5; this model's "
+                     "diffusion_model is "
                      f"a {name}")

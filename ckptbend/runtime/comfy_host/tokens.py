@@ -33,6 +33,8 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
     """
     text, _marked = bend_tokens.parse_marked_prompt(prompt)
     tokens, empty = clip.tokenize(text), clip.tokenize("")
+    if key is None and len(tokens) == 1:          # the wired CLIP's only encoder (Flux.2: Mistral 3 or Qwen3)
+        key = next(iter(tokens))
     keys = key if isinstance(key, tuple) else (key,)
     try:
         found = _columns_of(clip, words, tokens, empty, keys[0])
@@ -110,7 +112,9 @@ def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, lis
 # Qwen-Image 2.x's Qwen3-VL tokenizer: the prompt in a chat template after a system turn, which its encoder drops
 # (every token before the second <|im_start|>): column 0 is the user turn's <|im_start|>.
 QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY = "qwen3_4b", "gemma2_2b", "qwen3vl_8b"
-WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY)
+# Flux.2: Mistral 3 ([SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]prompt[/INST], a start token) or Klein's Qwen3 (its chat
+# template with an empty think block, padded to 512): every token is a text key too.
+WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY, "qwen3_8b", "mistral3_24b")
 
 
 def _kept(ids: list, key) -> list:

@@ -13,6 +13,10 @@ from .single import SINGLE_MODELS, single_attention, single_modules
 from .unet import self_attention
 
 BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}   # ComfyUI's names
+# Wan VACE's control blocks: their cross-attentions read the control video's tokens, and the hosts run them in
+# different orders (diffusers all before the main blocks, ComfyUI each after its main block, outside the block
+# replaces), so no one layer numbering fits both: left unbent in both; their hints add into the bent main blocks.
+UNBENT_BRANCHES = ("vace_blocks.",)
 EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
 
 
@@ -38,8 +42,8 @@ def sites_of(model) -> list[Site]:
     if type(model).__name__ in JOINT_MODELS:
         found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "attn" and hasattr(m, "processor")]
         return [Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(found)]
-    found = [(n, m) for n, m in model.named_modules()
-             if n.rsplit(".", 1)[-1] in ("attn1", "attn2") and hasattr(m, "processor")]
+    found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("attn1", "attn2")
+             and hasattr(m, "processor") and not n.startswith(UNBENT_BRANCHES)]
     found.sort(key=lambda nm: EXECUTION_ORDER.get(nm[0].split(".")[0], 0))      # stable
     sites, layer = [], 0
     for name, module in found:

@@ -42,16 +42,15 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
     given), which follow the tokenizer_max_length CLIP tokens in the context."""
     pipe = session.pipe
-    if session.joint == "flux2":
-        raise ValueError("Attention Bending on Flux.2 does not find words in its Mistral / Qwen3 chat template yet; "
-                         "its attention is reached (session.token_indices may be set by hand)")
     if session.joint == "flux":                       # Chroma: T5 is its only tokenizer
         t5 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
-    if session.single or session.qwen21 or session.hunyuan15:
+    if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2":
         return _single_columns(session, arguments)
+    if hasattr(pipe, "connectors"):
+        return _ltx2_columns(session, arguments["prompt"])
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -84,21 +83,42 @@ def _qwen_columns(session, prompt) -> dict[str, list[int]]:
     return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
 
+def _ltx2_columns(session, prompt) -> dict[str, list[int]]:
+    """LTX-2: Gemma 3's tokens of the stripped prompt, <bos> first, left-padded; its text connector moves the valid
+    tokens to the front (learnable registers fill the rest), so column 0 is <bos>. A connector without registers
+    would leave them after the padding, at an offset per prompt: refused."""
+    pipe, tokenizer = session.pipe, session.pipe.tokenizer
+    if getattr(getattr(pipe.connectors, "video_connector", None), "learnable_registers", 0) is None:
+        raise ValueError("Attention Bending on LTX-2 needs its text connector's learnable registers (without them "
+                         "each prompt's tokens sit after its own padding)")
+    words = list(dict.fromkeys(e.token for e in session.entries))
+
+    def spell(word):
+        return tokenizer(word, add_special_tokens=False)["input_ids"]
+
+    return same_columns([tokens.token_columns(words, tokenizer(p.strip())["input_ids"], lambda w: tokens.Alternatives(
+        (spell(" " + w), spell(w)))) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
 def _single_columns(session, arguments) -> dict[str, list[int]]:
     """Z-Image: the prompt as the user's turn of the tokenizer's own chat template with the generation prompt
     (ZImagePipeline: apply_chat_template, enable_thinking=True; Qwen3's template then adds no think block); Lumina 2:
     system prompt + " <Prompt Start> " + prompt, Gemma 2's <bos> first (Lumina2Pipeline). Both feed every token
     (up to max_sequence_length) to the transformer: column 0 is the first. Qwen-Image 2.x: its text-to-image
     template, the system turn's _drop_idx tokens dropped (column 0 is the user turn's <|im_start|>); HunyuanVideo
-    1.5: system and user turns of its chat template, crop_start (108) tokens dropped. A word is
+    1.5: system and user turns of its chat template, crop_start (108) tokens dropped; Flux.2: Mistral 3's chat
+    template with the pipeline's system message, or (Klein) Qwen3's without thinking, all max_sequence_length
+    tokens attended (a left-padding tokenizer shifts the prompt by its padding). A word is
     found spelled after a space or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier
     in the prompt (not in the template or system prompt before it)."""
     pipe = session.pipe
-    family = "qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else session.single
+    family = ("qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else
+              "flux2" if session.joint == "flux2" else session.single)
     tokenizer = pipe.processor.tokenizer if family == "qwen21" else pipe.tokenizer
     drop = {"qwen21": getattr(pipe, "_drop_idx", 0), "hunyuan15": getattr(pipe, "prompt_template_encode_start_idx", 0)}
     drop = drop.get(family, 0)
-    limit = {"zimage": 512, "lumina2": 256, "hunyuan15": getattr(pipe, "tokenizer_max_length", 1000) + drop}
+    limit = {"zimage": 512, "lumina2": 256, "flux2": 512,
+             "hunyuan15": getattr(pipe, "tokenizer_max_length", 1000) + drop}
     limit = arguments.get("max_sequence_length") or limit.get(family, 1 << 20)
     system = arguments.get("system_prompt") or getattr(pipe, "system_prompt", None)
 
@@ -111,19 +131,29 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
             return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         if family == "qwen21":
             return pipe.prompt_template_t2i.format(prompt)
+        if family == "flux2":               # Flux2KleinPipeline: Qwen3, no thinking
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=False)
         return f"{system} <Prompt Start> {prompt}"
 
     def spell(word):
         return tokenizer(word, add_special_tokens=False)["input_ids"]
 
     def ids(prompt):
+        if family == "flux2" and hasattr(pipe, "system_message"):     # Flux2Pipeline: Mistral 3, its system turn
+            turns = [{"role": "system", "content": [{"type": "text", "text": pipe.system_message}]},
+                     {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}]
+            return list(tokenizer.apply_chat_template(turns, add_generation_prompt=False, tokenize=True,
+                                                      return_dict=True, truncation=True, max_length=limit)["input_ids"])
         return tokenizer(text(prompt), truncation=True, max_length=limit)["input_ids"][drop:]
 
     def columns(prompt):          # searched from where the prompt's tokens part from the empty prompt's
         found, empty = ids(prompt), ids("")
         start = next((i for i, (a, b) in enumerate(zip(found, empty)) if a != b), min(len(found), len(empty)))
         at = tokens.token_columns(words, found[start:], lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
-        return {w: [start + j for j in js] for w, js in at.items()}
+        # Flux.2 attends to all max_sequence_length tokens, padding included: left padding shifts the prompt
+        pad = limit - len(found) if family == "flux2" and getattr(tokenizer, "padding_side", "") == "left" else 0
+        return {w: [pad + start + j for j in js] for w, js in at.items()}
 
     words = list(dict.fromkeys(e.token for e in session.entries))
     prompt = arguments["prompt"]

@@ -44,7 +44,8 @@ def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=sdpa,
     """AttnProcessor2_0 (WanAttnProcessor) for a transformer block's attention (plain), with the
     key/value inputs given separately (Slothful passes reduced ones; the query keeps every token)
     and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending). image: Wan
-    I2V's CLIP-image tokens, attended through add_k_proj / add_v_proj and added to the text's result."""
+    I2V's CLIP-image tokens, attended through add_k_proj / add_v_proj and added to the text's result. LTX-2's
+    gated attention (to_gate_logits) scales each head's output by 2·sigmoid of its gate, as LTX2AudioVideoAttnProcessor."""
     residual = hidden_states
     bias = None
     if attention_mask is not None:
@@ -53,6 +54,9 @@ def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=sdpa,
     k = qk_norm(getattr(attn, "norm_k", None), attn.to_k(k_in), attn.heads)
     v = attn.to_v(v_in)
     out = attend(q, k, v, attn.heads, bias).to(q.dtype)
+    gate = getattr(attn, "to_gate_logits", None)          # LTX-2's gated attention: a gate per head and token
+    if gate is not None:
+        out = (out.unflatten(2, (attn.heads, -1)) * (2.0 * torch.sigmoid(gate(hidden_states))).unsqueeze(-1)).flatten(2)
     if image is not None:
         k_img, v_img = attn.norm_added_k(attn.add_k_proj(image)), attn.add_v_proj(image)
         out = out + sdpa(q, k_img, v_img, attn.heads).to(q.dtype)

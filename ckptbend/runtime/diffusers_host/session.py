@@ -18,8 +18,17 @@ from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
+# Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
+NOT_REACHED = {
+    "HiDreamImageTransformer2DModel": "its text keys are T5 tokens plus a different Llama layer's tokens in every "
+                                      "block (a word has several columns per block), which the host does not map yet",
+    "Kandinsky5Transformer3DModel": "its visual tokens may be flattened in fractal blocks for sparse attention, and "
+                                    "its Qwen2.5-VL template's columns are not found yet",
+    "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
+                                      "columns are not found yet (HunyuanVideo 1.5 is reached)",
+}
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -142,8 +151,9 @@ class Session:
         """One model's processors and its pre / post hooks (every model shares this session's state)."""
         sites = sites_of(model)
         if self.entries and not any(site.cross or site.joint for site in sites):
+            why = NOT_REACHED.get(type(model).__name__, f"it bends {BENDABLE}")
             raise ValueError(f"Attention Bending does not reach the text attention of a {type(model).__name__} "
-                             f"(it bends {BENDABLE}); the recipe's [[bending]] would do nothing")
+                             f"({why}); the recipe's [[bending]] would do nothing")
         for site in sites:
             original = site.module.processor
             site.module.set_processor(Processor(self, site, original))
@@ -180,9 +190,14 @@ class Session:
         packed = packed_grid(kwargs) if x.ndim == 3 else None
         if packed is not None:
             height, width = token_hw = packed
+        frames = x.shape[2] // frame_patch if x.ndim == 5 else None
+        if x.ndim == 3 and kwargs.get("num_frames") and kwargs.get("height") and kwargs.get("width"):   # LTX-2
+            height, width = kwargs["height"], kwargs["width"]
+            token_hw = (height // row_patch, width // column_patch)
+            frames = kwargs["num_frames"] // getattr(module.config, "patch_size_t", 1)
         self.call = Call(
             latent_hw=(height, width), token_hw=token_hw,
-            frames=x.shape[2] // frame_patch if x.ndim == 5 else None, cfg=cfg, cond_rows=cond_rows,
+            frames=frames, cfg=cfg, cond_rows=cond_rows,
             step=step_of(scheduler, position),
             alpha_cumprod=alpha_cumprod_at(scheduler, t, position) if self.sag or self.slothful else None,
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
