@@ -232,3 +232,17 @@ def test_a_released_width_names_the_size(tmp_path, extra, width, q_rows, expecte
              layer + "input_layernorm.weight": torch.ones(width)}
     state |= {layer + part + ".weight" if part != "layer_scalar" else layer + part: torch.ones(1) for part in extra}
     assert detect(_write(tmp_path, "w", state=state)).architecture == f"{expected}-only"
+
+
+def test_inspect_names_the_encoder_and_where_q_k_land(tmp_path):
+    from ckptbend.report import describe, format_text
+
+    state = {f"text_encoders.gemma3_12b.transformer.{k}": v
+             for k, v in lte.file_state_dict("gemma3_12b", lte.build("gemma3_12b")).items()}
+    state |= {f"text_encoders.qwen3_4b.transformer.{k}": v
+              for k, v in lte.file_state_dict("qwen3_4b", lte.build("qwen3_4b")).items()}
+    text = format_text(describe(detect(_write(tmp_path, "two", state=state))))
+    assert "architecture: qwen3_4b+gemma3_12b-only" in text
+    assert "qwen3_4b: 2 attention layers (q/k scale the q_norm/k_norm weights)" in text
+    assert ("gemma3_12b: 2 attention layers (q/k scale the q_norm/k_norm weights, used as 1 + w; v/out cancelled "
+            "by post_attention_layernorm)") in text
