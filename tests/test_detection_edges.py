@@ -83,7 +83,7 @@ def test_what_a_folder_holds_beyond_what_ckptbend_knows_is_left_alone_and_said(t
     def edit(d):
         model_class(d, "FluxSomethingNewPipeline")
         config = json.loads((d / "text_encoder_2" / "config.json").read_text())
-        (d / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "model_type": "gemma4"}))
+        (d / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_5"}))
         (d / "controlnet").mkdir()
         save_file({"w": torch.ones(2)}, d / "controlnet" / "diffusion_pytorch_model.safetensors")
     ckpt = detect(variant(tmp_path, folders("flux_dev"), edit))
