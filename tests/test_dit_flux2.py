@@ -301,6 +301,11 @@ def test_released_sizes_are_named_and_cut_where_diffusers_cuts(tmp_path, name, w
     assert v.tolist() == list(map(float, range(*ranges[f"double_blocks.{double - 1}.txt_attn.qkv.weight", "v"])))
 
 
+def test_full_sizes_are_single_files_only(tmp_path):
+    with pytest.raises(CkptbendError, match="single layout"):
+        write_checkpoint(tmp_path / "m.safetensors", "flux2_klein", "comfy", size="4b")
+
+
 def test_flux2_is_never_taken_for_flux1_and_flux1_never_for_flux2(synth_file, files):
     assert detect(synth_file("flux_dev")).architecture == "flux-dev"
     state = load_file(str(files("flux2_dev", "single")))
