@@ -206,3 +206,28 @@ def test_a_stream_selector_on_a_model_without_streams_matches_nothing(synth_file
     (tmp_path / "r.toml").write_text('schema = 1\nname = "r"\n[dit.self]\nstream = "reference"\nv = 1.2\n')
     r = run("bake", tmp_path / "r.toml", synth_file("wan21_t2v"), "-o", tmp_path / "o.safetensors")
     assert r.returncode == 2 and "matches no" in r.stderr
+
+
+@pytest.mark.parametrize("flow_map,name", [(True, "flux3-klein"), (False, "flux3-klein-base")])
+def test_released_config_is_named_from_its_header(tmp_path, flow_map, name):
+    """diffusers' default Flux3Transformer2DModel config is klein's (h 3072, 5 per-mode blocks, 28 single blocks):
+    built on the meta device, written as a header-only sparse file in BFL names, named and labelled."""
+    from ckptbend.synth.flux3 import to_original
+
+    with torch.device("meta"):
+        model = Flux3Transformer2DModel(flow_map=flow_map)
+    state = to_original(model.state_dict())
+    header, offset = {}, 0
+    for k, v in state.items():
+        n = 2 * v.numel()
+        header[k], offset = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + n]}, offset + n
+    blob = json.dumps(header).encode()
+    path = tmp_path / "klein.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+    ckpt = detect(path)
+    assert ckpt.architecture == name
+    labels = sorted({s.block for s in ckpt.sites})
+    assert labels == [f"D{i:02d}" for i in range(5)] + [f"S{i:02d}" for i in range(28)]
+    assert {s.stream for s in ckpt.sites if s.block == "D04"} == {"image", "reference", "text"}

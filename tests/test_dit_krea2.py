@@ -145,3 +145,24 @@ def test_inspect_and_diffusers_folder(files):
     assert "model.diffusion_model.blocks.N.attn.qknorm.qnorm.scale (used as w + 1)" in r.stdout
     ckpt = detect(files("diffusers"))
     assert (ckpt.kind, ckpt.architecture, ckpt.components) == ("diffusers-folder", "krea2", ["dit"])
+
+
+def test_released_config_is_named_from_its_header(tmp_path):
+    """diffusers' default Krea2Transformer2DModel config (h 6144, 28 blocks) on the meta device, original names,
+    a header-only sparse file: named krea2, B00–B27, the text fusion's attention left alone."""
+    from ckptbend.synth.krea2 import to_original
+
+    with torch.device("meta"):
+        state = to_original(Krea2Transformer2DModel().state_dict())
+    header, offset = {}, 0
+    for k, v in state.items():
+        n = 2 * v.numel()
+        header[k], offset = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + n]}, offset + n
+    blob = json.dumps(header).encode()
+    path = tmp_path / "krea2.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+    ckpt = detect(path)
+    assert ckpt.architecture == "krea2" and sorted({s.block for s in ckpt.sites}) == [f"B{i:02d}" for i in range(28)]
+    assert len(ckpt.sites) == 28 * 4 and not any(s.key.startswith("txtfusion.") for s in ckpt.sites)
