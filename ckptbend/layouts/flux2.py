@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import re
 
-from .flux import BFL, DIFFUSERS, MODEL_PREFIXES, Part, block_sites
-from .text_encoders import all_in_one_component
+from .dit_files import component, find_model
+from .flux import BFL, DIFFUSERS, Part, block_sites
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -61,7 +61,6 @@ ARCHITECTURE_NAMES = {"flux2": ("flux2", *VARIANTS), "flux2-dev": ("flux2-dev",)
                       **{name: (name,) for name in VARIANTS[2:]}}
 TRANSFORMER_CLASS = "Flux2Transformer2DModel"
 DIFFUSERS_PIPELINES = {}   # Flux2Pipeline / Flux2KleinPipeline folders are read sub-folder by sub-folder
-VAE_PREFIX = "vae."
 
 
 def architecture(width: int, guidance: bool) -> str:
@@ -74,21 +73,7 @@ def architecture(width: int, guidance: bool) -> str:
 
 def _found(names) -> tuple[str, str] | None:
     """(naming, model prefix) of a Flux.2 transformer among `names`, or None."""
-    for prefix in ("", *MODEL_PREFIXES):
-        for naming, (mark, _, _) in MARKS.items():
-            if prefix + mark in names:
-                return naming, prefix
-    return None
-
-
-def _component(key: str, prefix: str) -> str | None:
-    if c := all_in_one_component(key):
-        return c
-    if key.startswith(VAE_PREFIX):
-        return "vae"
-    if key.startswith("text_encoders."):
-        return None          # an encoder the text-encoder family does not know: copied unchanged
-    return "dit" if key.startswith(prefix) else None
+    return find_model(names, {naming: marks[0] for naming, marks in MARKS.items()})
 
 
 def identify(header) -> Identified | None:
@@ -99,7 +84,7 @@ def identify(header) -> Identified | None:
     naming, prefix = found
     _, width_key, guidance_key = MARKS[naming]
     width = header.tensor(prefix + width_key).shape[0] if prefix + width_key in names else 0
-    components = {n: c for n in header.names if (c := _component(n, prefix))}
+    components = {n: c for n in header.names if (c := component(n, prefix))}
     only_model = set(components.values()) == {"dit"}
     return Identified("dit" if only_model else "single-file", architecture(width, prefix + guidance_key in names),
                       components)

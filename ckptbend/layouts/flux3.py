@@ -26,8 +26,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CkptbendError
-from .flux import MODEL_PREFIXES
-from .text_encoders import all_in_one_component
+from .dit_files import component, find_model
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -60,25 +59,13 @@ def architecture(width: int, flow_map: bool) -> str:
 
 
 def _found(names) -> tuple[str, str] | None:
-    for prefix in ("", *MODEL_PREFIXES):
-        for naming, (mark, _, _) in MARKS.items():
-            if prefix + mark in names:
-                return naming, prefix
-    return None
+    return find_model(names, {naming: marks[0] for naming, marks in MARKS.items()})
 
 
 def _refuse_unknown_parts(path, names, prefix: str) -> None:
     for n in sorted(names):   # the first in name order: the same message every time
         if n.startswith(prefix) and UNKNOWN.search(n[len(prefix):]):
             raise CkptbendError(REFUSED.format(path=path, key=n))
-
-
-def _component(key: str, prefix: str) -> str | None:
-    if c := all_in_one_component(key):
-        return c
-    if key.startswith("vae."):
-        return "vae"
-    return None if key.startswith("text_encoders.") else "dit" if key.startswith(prefix) else None
 
 
 def identify(header) -> Identified | None:
@@ -90,7 +77,7 @@ def identify(header) -> Identified | None:
     _refuse_unknown_parts(header.path, names, prefix)
     _, flow_key, width_key = MARKS[naming]
     width = header.tensor(prefix + width_key).shape[0] if prefix + width_key in names else 0
-    components = {n: c for n in header.names if (c := _component(n, prefix))}
+    components = {n: c for n in header.names if (c := component(n, prefix))}
     only_model = set(components.values()) == {"dit"}
     return Identified("dit" if only_model else "single-file", architecture(width, prefix + flow_key in names), components)
 

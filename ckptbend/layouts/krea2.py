@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .flux import MODEL_PREFIXES
-from .text_encoders import all_in_one_component
+from .dit_files import component, find_model
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -42,26 +41,14 @@ NORM_OFFSET = 1.0   # Krea2RMSNorm multiplies by (1 + weight)
 
 
 def _found(names) -> tuple[str, str] | None:
-    for prefix in ("", *MODEL_PREFIXES):
-        for naming, mark in MARKS.items():
-            if prefix + mark in names:
-                return naming, prefix
-    return None
-
-
-def _component(key: str, prefix: str) -> str | None:
-    if c := all_in_one_component(key):
-        return c
-    if key.startswith("vae."):
-        return "vae"
-    return None if key.startswith("text_encoders.") else "dit" if key.startswith(prefix) else None
+    return find_model(names, MARKS)
 
 
 def identify(header) -> Identified | None:
     found = _found(set(header.names))
     if found is None:
         return None
-    components = {n: c for n in header.names if (c := _component(n, found[1]))}
+    components = {n: c for n in header.names if (c := component(n, found[1]))}
     only_model = set(components.values()) == {"dit"}
     return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
 
