@@ -96,7 +96,8 @@ def test_each_factor_alone_on_one_block(tmp_path, synth_file, model, proj):
 
 
 def test_a_vsa_file_is_refused(tmp_path, synth_file):
-    """ComfyUI knows VSA-trained H3 files by `attn.to_gate_compress`; diffusers has no such branch to prove a rule on."""
+    """ComfyUI knows VSA-trained H3 files by `attn.to_gate_compress`; diffusers has no such branch to prove a
+    rule on."""
     from safetensors.torch import save_file
 
     from ckptbend.errors import CkptbendError

@@ -1,8 +1,9 @@
 """Wan 2.2's extras: VACE's `vace_blocks` (self-attention over the control video and cross-attention to the text)
-baked by the Wan rule and proven against the real `WanVACETransformer3DModel`; Animate 2's wrapped blocks found
-and named (checked against diffusers' own converter), its attentions baked by the Wan rule (shown on each attention module of
-the real `WanAnimate2Transformer3DModel`: its full generation pass needs compiled flex attention); Fun Control and camera models named; and every Wan file with
-a part ckptbend does not know (S2V, HuMo, Animate 1, ...) refused in one line instead of baked as plain Wan."""
+baked by the Wan rule and proven against the real `WanVACETransformer3DModel`; Animate 2's wrapped blocks found and
+named (checked against diffusers' own converter) and baked by the Wan rule (shown on each attention module of the
+real `WanAnimate2Transformer3DModel`: its full generation pass needs compiled flex attention); Fun Control and camera
+models named; and every Wan file with a part ckptbend does not know (S2V, HuMo, Animate 1, ...) refused in one line
+instead of baked as plain Wan."""
 
 import copy
 

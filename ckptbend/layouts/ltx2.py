@@ -101,7 +101,8 @@ def identify(header) -> Identified | None:
     if found is None:
         return None
     prefix, key = found
-    refuse_unknown_modules(header, prefix, NAME, {"transformer_blocks": BLOCK_PARTS}, {p: ATTENTION_PARTS for p in MODULES})
+    refuse_unknown_modules(header, prefix, NAME, {"transformer_blocks": BLOCK_PARTS},
+                           {p: ATTENTION_PARTS for p in MODULES})
     return identified(header, prefix, _arch_of(header, prefix, key == DIFFUSERS_KEY))
 
 
