@@ -169,6 +169,19 @@ def test_ltx2_with_an_unknown_attention_part_is_refused(tmp_path, synth_file):
         detect(tmp_path / "odd.safetensors")
 
 
+def test_text_connectors_are_left_alone_and_said_to_be(tmp_path, synth_file):
+    """Released files carry the text connectors inside the model (diffusers' converter drops them)."""
+    state = {"model.diffusion_model." + k: v for k, v in load_file(synth_file("ltx2")).items()}
+    for stream in ("video", "audio"):
+        key = f"model.diffusion_model.{stream}_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight"
+        state[key] = torch.zeros(8, 8)
+    save_file(state, tmp_path / "x.safetensors")
+    ckpt = detect(tmp_path / "x.safetensors")
+    assert not any("connector" in s.key for s in ckpt.sites)
+    assert [n.split(" (")[0] for n in ckpt.left_alone] == ["1 tensors of LTX-2's video text connector",
+                                                            "1 tensors of LTX-2's audio text connector"]
+
+
 # --- equivalence: baked == run-time multiplication ----------------------------------------------------------
 
 @pytest.mark.parametrize("arch, layout", [("ltx2", "single"), ("ltx2_3", "single_prefixed"),
