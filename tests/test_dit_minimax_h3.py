@@ -77,7 +77,8 @@ def test_named_and_blocks_found(synth_file, model, layout):
     assert {(s.attn, s.proj, s.stream) for s in ckpt.sites if s.block == "B01"} == {
         ("joint", p, None) for p in FACTORS}
     assert not any("refiner" in s.key for s in ckpt.sites)
-    assert [n.split(" (")[0].split(" ", 1)[1] for n in ckpt.left_alone] == ["tensors of MiniMax H3's text token refiner"]
+    notes = [n.split(" (")[0].split(" ", 1)[1] for n in ckpt.left_alone]
+    assert notes == ["tensors of MiniMax H3's text token refiner"]
 
 
 @pytest.mark.parametrize("layout", ["single_prefixed", "transformer_diffusers", "diffusers"])
