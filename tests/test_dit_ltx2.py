@@ -182,6 +182,28 @@ def test_text_connectors_are_left_alone_and_said_to_be(tmp_path, synth_file):
                                                             "1 tensors of LTX-2's audio text connector"]
 
 
+def test_a_released_all_in_one_file_bakes_its_model_only(tmp_path, synth_file):
+    """Lightricks' release holds the model under `model.diffusion_model.` beside the video VAE, the audio VAE, the
+    vocoder and the text projection: only the model's attention is scaled, every other tensor is copied as it is."""
+    state = load_file(synth_file("ltx2_3", "single_prefixed"))
+    extras = {"vae.per_channel_statistics.mean-of-means": torch.randn(8),
+              "audio_vae.per_channel_statistics.mean-of-means": torch.randn(4),
+              "vocoder.conv_pre.weight": torch.randn(4, 4, 3), "text_embedding_projection.aggregate_embed.weight":
+              torch.randn(6, 6)}
+    save_file({**state, **extras}, tmp_path / "release.safetensors")
+    ckpt = detect(tmp_path / "release.safetensors")
+    assert ckpt.architecture == "ltx-2.3" and ckpt.kind == "single-file"
+    bake(recipe('[dit.cross]\nk = 1.5\n[dit.joint]\nv = 0.5\n'), tmp_path / "release.safetensors",
+         tmp_path / "out.safetensors", durable=False)
+    after = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in extras.items())
+    changed = {k for k, v in state.items() if not torch.equal(after[k], v)}
+    assert changed == {f"model.diffusion_model.transformer_blocks.{b}.{m}.{t}" for b in (0, 1)
+                       for m, t in (("attn2", "k_norm.weight"), ("audio_attn2", "k_norm.weight"),
+                                    ("audio_to_video_attn", "to_v.weight"), ("audio_to_video_attn", "to_v.bias"),
+                                    ("video_to_audio_attn", "to_v.weight"), ("video_to_audio_attn", "to_v.bias"))}
+
+
 # --- equivalence: baked == run-time multiplication ----------------------------------------------------------
 
 @pytest.mark.parametrize("arch, layout", [("ltx2", "single"), ("ltx2_3", "single_prefixed"),
