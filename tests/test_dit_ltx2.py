@@ -251,6 +251,14 @@ def test_unet_sections_are_comfyui_literal_on_both_streams(tmp_path, synth_file)
     assert len(plan.warnings) == 1 and "cancelled by this model's qk-norm" in plan.warnings[0]
 
 
+def test_qk_warning_counts_each_streams_own_attention(synth_file):
+    """Video queries never meet audio keys in [dit.self]: q 3 on video and k 2 on audio multiply nowhere."""
+    ckpt = detect(synth_file("ltx2"))
+    apart = make_plan(recipe('[[dit.self]]\nstream = "video"\nq = 3\n[[dit.self]]\nstream = "audio"\nk = 2\n'), ckpt)
+    met = make_plan(recipe('[[dit.self]]\nstream = "audio"\nq = 3\n[[dit.self]]\nstream = "audio"\nk = 2\n'), ckpt)
+    assert not apart.warnings and any("q x k up to 6" in w for w in met.warnings)
+
+
 def test_inspect_names_model_blocks_and_streams(synth_file):
     r = run("inspect", synth_file("ltx2_5", "single_prefixed"))
     assert r.returncode == 0, r.stderr
