@@ -127,8 +127,9 @@ def _attention(s: Site) -> tuple:
     """The attention (one softmax, or one set of queries: Wan I2V's text and image keys) a q/k site feeds:
     its block, depth and attention in a UNet or DiT (every stream of a joint attention alike), its layer's
     attention module in a text encoder; within one model (a diffusers sub-folder)."""
-    if s.block is not None:
-        return folder(s.file), s.component, s.block, s.depth, s.attn, s.temporal
+    if s.block is not None:   # a self or cross attention per stream (LTX-2's video and audio) is its own softmax
+        stream = s.stream if s.attn != "joint" else None
+        return folder(s.file), s.component, s.block, s.depth, s.attn, s.temporal, stream
     return folder(s.file), s.component, s.key.rsplit(".", 2)[0]
 
 

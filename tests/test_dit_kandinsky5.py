@@ -72,6 +72,7 @@ def test_layouts_are_named_and_their_blocks_found(synth_file, model, layout):
     assert ckpt.architecture == "kandinsky5" and blocks_with_attention(ckpt) == ["B00", "B01"]
     assert {(s.attn, s.proj) for s in ckpt.sites if s.block == "B01"} == set(FACTORS)
     assert not any("text_transformer_blocks" in s.key for s in ckpt.sites)
+    assert [n.split(" (")[0] for n in ckpt.left_alone] == ["14 tensors of Kandinsky 5's text blocks"]   # 1 block
     loaded = load(path, layout).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 

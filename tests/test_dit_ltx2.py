@@ -169,6 +169,41 @@ def test_ltx2_with_an_unknown_attention_part_is_refused(tmp_path, synth_file):
         detect(tmp_path / "odd.safetensors")
 
 
+def test_text_connectors_are_left_alone_and_said_to_be(tmp_path, synth_file):
+    """Released files carry the text connectors inside the model (diffusers' converter drops them)."""
+    state = {"model.diffusion_model." + k: v for k, v in load_file(synth_file("ltx2")).items()}
+    for stream in ("video", "audio"):
+        key = f"model.diffusion_model.{stream}_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight"
+        state[key] = torch.zeros(8, 8)
+    save_file(state, tmp_path / "x.safetensors")
+    ckpt = detect(tmp_path / "x.safetensors")
+    assert not any("connector" in s.key for s in ckpt.sites)
+    assert [n.split(" (")[0] for n in ckpt.left_alone] == ["1 tensors of LTX-2's video text connector",
+                                                            "1 tensors of LTX-2's audio text connector"]
+
+
+def test_a_released_all_in_one_file_bakes_its_model_only(tmp_path, synth_file):
+    """Lightricks' release holds the model under `model.diffusion_model.` beside the video VAE, the audio VAE, the
+    vocoder and the text projection: only the model's attention is scaled, every other tensor is copied as it is."""
+    state = load_file(synth_file("ltx2_3", "single_prefixed"))
+    extras = {"vae.per_channel_statistics.mean-of-means": torch.randn(8),
+              "audio_vae.per_channel_statistics.mean-of-means": torch.randn(4),
+              "vocoder.conv_pre.weight": torch.randn(4, 4, 3), "text_embedding_projection.aggregate_embed.weight":
+              torch.randn(6, 6)}
+    save_file({**state, **extras}, tmp_path / "release.safetensors")
+    ckpt = detect(tmp_path / "release.safetensors")
+    assert ckpt.architecture == "ltx-2.3" and ckpt.kind == "single-file"
+    bake(recipe('[dit.cross]\nk = 1.5\n[dit.joint]\nv = 0.5\n'), tmp_path / "release.safetensors",
+         tmp_path / "out.safetensors", durable=False)
+    after = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in extras.items())
+    changed = {k for k, v in state.items() if not torch.equal(after[k], v)}
+    assert changed == {f"model.diffusion_model.transformer_blocks.{b}.{m}.{t}" for b in (0, 1)
+                       for m, t in (("attn2", "k_norm.weight"), ("audio_attn2", "k_norm.weight"),
+                                    ("audio_to_video_attn", "to_v.weight"), ("audio_to_video_attn", "to_v.bias"),
+                                    ("video_to_audio_attn", "to_v.weight"), ("video_to_audio_attn", "to_v.bias"))}
+
+
 # --- equivalence: baked == run-time multiplication ----------------------------------------------------------
 
 @pytest.mark.parametrize("arch, layout", [("ltx2", "single"), ("ltx2_3", "single_prefixed"),
@@ -214,6 +249,14 @@ def test_unet_sections_are_comfyui_literal_on_both_streams(tmp_path, synth_file)
                                           for m in ("attn1", "audio_attn1") for p in ("to_q", "to_v")
                                           for wb in ("weight", "bias")}
     assert len(plan.warnings) == 1 and "cancelled by this model's qk-norm" in plan.warnings[0]
+
+
+def test_qk_warning_counts_each_streams_own_attention(synth_file):
+    """Video queries never meet audio keys in [dit.self]: q 3 on video and k 2 on audio multiply nowhere."""
+    ckpt = detect(synth_file("ltx2"))
+    apart = make_plan(recipe('[[dit.self]]\nstream = "video"\nq = 3\n[[dit.self]]\nstream = "audio"\nk = 2\n'), ckpt)
+    met = make_plan(recipe('[[dit.self]]\nstream = "audio"\nq = 3\n[[dit.self]]\nstream = "audio"\nk = 2\n'), ckpt)
+    assert not apart.warnings and any("q x k up to 6" in w for w in met.warnings)
 
 
 def test_inspect_names_model_blocks_and_streams(synth_file):

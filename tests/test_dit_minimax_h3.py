@@ -77,6 +77,8 @@ def test_named_and_blocks_found(synth_file, model, layout):
     assert {(s.attn, s.proj, s.stream) for s in ckpt.sites if s.block == "B01"} == {
         ("joint", p, None) for p in FACTORS}
     assert not any("refiner" in s.key for s in ckpt.sites)
+    notes = [n.split(" (")[0].split(" ", 1)[1] for n in ckpt.left_alone]
+    assert notes == ["tensors of MiniMax H3's text token refiner"]
 
 
 @pytest.mark.parametrize("layout", ["single_prefixed", "transformer_diffusers", "diffusers"])
@@ -96,7 +98,8 @@ def test_each_factor_alone_on_one_block(tmp_path, synth_file, model, proj):
 
 
 def test_a_vsa_file_is_refused(tmp_path, synth_file):
-    """ComfyUI knows VSA-trained H3 files by `attn.to_gate_compress`; diffusers has no such branch to prove a rule on."""
+    """ComfyUI knows VSA-trained H3 files by `attn.to_gate_compress`; diffusers has no such branch to prove a
+    rule on."""
     from safetensors.torch import save_file
 
     from ckptbend.errors import CkptbendError

@@ -1,7 +1,9 @@
 """Wan 2.2's extras: VACE's `vace_blocks` (self-attention over the control video and cross-attention to the text)
-baked by the Wan rule and proven against the real `WanVACETransformer3DModel`; Animate 2's wrapped blocks found
-and named (checked against diffusers' own converter); Fun Control and camera models named; and every Wan file with
-a part ckptbend does not know (S2V, HuMo, Animate 1, ...) refused in one line instead of baked as plain Wan."""
+baked by the Wan rule and proven against the real `WanVACETransformer3DModel`; Animate 2's wrapped blocks found and
+named (checked against diffusers' own converter) and baked by the Wan rule (shown on each attention module of the
+real `WanAnimate2Transformer3DModel`: its full generation pass needs compiled flex attention); Fun Control and camera
+models named; and every Wan file with a part ckptbend does not know (S2V, HuMo, Animate 1, ...) refused in one line
+instead of baked as plain Wan."""
 
 import copy
 
@@ -153,3 +155,40 @@ def test_a_wan_file_with_an_unknown_part_is_refused(tmp_path, synth_file, key, w
         detect(tmp_path / "x.safetensors")
     r = run("inspect", tmp_path / "x.safetensors")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def attention_outputs(model, hooks=None):
+    """Every block's self-attention (Animate 2's dense reference pass, `kv_cache_mode="extract"`: its generation pass
+    needs compiled flex attention) and cross-attention (text and CLIP image), on fixed inputs, in float64."""
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVLayerCache
+
+    m = copy.deepcopy(model).double()
+    for (attn, proj), f in (hooks or {}).items():
+        names = {"q": ["norm_q"], "k": ["norm_k"], "v": ["to_v"], "out": ["to_out.0"]}[proj]
+        names += {("cross", "k"): ["norm_added_k"], ("cross", "v"): ["add_v_proj"]}.get((attn, proj), [])
+        for b in (0, 1):
+            for name in names:
+                m.get_submodule(f"blocks.{b}.{attn}_attn.{name}").register_forward_hook(lambda mod, a, o, f=f: o * f)
+    g = torch.Generator().manual_seed(8)
+    x, text, image = (torch.randn(1, n, 32, generator=g, dtype=torch.float64) for n in (8, 5, 3))
+    grid = torch.tensor([[2, 2, 2]])
+    out = []
+    for block in m.blocks:
+        out.append(block.self_attn(x, rotary_emb=m._rope_freqs((0, 0, 0), x.device), grid_sizes=grid,
+                                   kv_cache=WanAnimate2KVLayerCache(), kv_cache_mode="extract"))
+        out.append(block.cross_attn(x, encoder_hidden_states=text, encoder_hidden_states_image=image))
+    return torch.cat([o.flatten() for o in out])
+
+
+def test_animate2_attentions_bake_by_the_wan_rule(tmp_path):
+    model = diffusers.WanAnimate2Transformer3DModel(in_dim=8, dim=32, ffn_dim=48, freq_dim=32, text_dim=24, out_dim=4,
+                                                    num_heads=2, num_layers=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():        # norm weights around 1, so q/k factors on them show
+            p.copy_(0.5 + torch.rand(p.shape) if p.ndim == 1 and "norm" in name else torch.randn(p.shape) * 0.3)
+    save_file({k: v.contiguous() for k, v in animate2_original(model).items()}, tmp_path / "a2.safetensors")
+    bake(recipe(body(FACTORS)), tmp_path / "a2.safetensors", tmp_path / "out.safetensors", durable=False)
+    baked = diffusers.WanAnimate2Transformer3DModel.from_config(model.config).eval()
+    load_strict(baked, convert_wan_animate_2_transformer_to_diffusers(load_file(tmp_path / "out.safetensors")))
+    with torch.no_grad():
+        compare(attention_outputs(baked), attention_outputs(model, FACTORS), attention_outputs(model))

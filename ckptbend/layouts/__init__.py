@@ -16,6 +16,8 @@ module has:
                           class it does not know (config: the unet/transformer config.json, for families
                           named by its sizes); without one, the model sub-folder's weights are identified
     has_qk_norm(files)    whether q/k multipliers on its unet.* sites are cancelled by a qk-norm
+    NOT_REACHED           (optional) (module, what it is): attention-bearing parts of its model no section reaches
+                          (text connectors, token refiners), counted for `inspect` and every bake's notes
     refuse_unknown(header)  optional: asked when no family identified a file; raises a one-line error for a
                           relative of the family's models that ckptbend must not take for one of them
 
@@ -222,6 +224,19 @@ def _sites(files) -> tuple[Site, ...]:
     return tuple(found)
 
 
+def _not_reached(arch: str, files) -> tuple[str, ...]:
+    """One note per part of the detected model that its family says no section reaches, with its tensor count."""
+    notes = []
+    for family in FAMILIES:
+        if not any(arch in covers for covers in family.ARCHITECTURE_NAMES.values()):
+            continue
+        for module, what in getattr(family, "NOT_REACHED", ()):
+            found = [n for f in files for n, c in f.components.items() if c == "dit" and f".{module}." in f".{n}"]
+            if found:
+                notes.append(f"{len(found)} tensors of {what} ({found[0][:found[0].index(module) + len(module)]}…)")
+    return tuple(notes)
+
+
 def detect(path) -> Checkpoint:
     """Open a checkpoint (a .safetensors file or a diffusers folder) and find its attention sites."""
     path = Path(path)
@@ -242,6 +257,7 @@ def detect(path) -> Checkpoint:
         kind, arch = found.kind, found.architecture
         files, folder_notes = [CheckpointFile(path.name, header, found.components)], []
     files, left_alone = text_encoders.set_aside(files)
+    left_alone += _not_reached(arch, files)
     sites = _sites(files)
     # A qk-norm in the UNet (or behind a DiT's UNet-node sites), or DiT q/k sites that are norm weights.
     qk_norm = any(f.has_qk_norm(files) for f in FAMILIES) or any(s.component == "dit" and s.norm for s in sites)

@@ -37,6 +37,7 @@ ARCHITECTURE = "kandinsky5"
 ARCHITECTURE_NAMES = {ARCHITECTURE: (ARCHITECTURE, *SIZES.values()), **{n: (n,) for n in SIZES.values()}}
 DIFFUSERS_PIPELINES: dict = {}   # read sub-folder by sub-folder (its Qwen2.5-VL and CLIP-L encoders by their configs)
 TRANSFORMER_CLASS = "Kandinsky5Transformer3DModel"
+NOT_REACHED = (("text_transformer_blocks", "Kandinsky 5's text blocks (self-attention over the text features)"),)
 
 
 def architecture(width: int) -> str:

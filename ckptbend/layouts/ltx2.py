@@ -71,6 +71,8 @@ ARCHITECTURE_NAMES = {**{v: (v, f"{v}-{SIZES[v]}") for v in VERSIONS}, **{f"{v}-
                                                                          for v in VERSIONS}}
 DIFFUSERS_PIPELINES: dict = {}   # LTX2 pipelines are read sub-folder by sub-folder (Gemma: by its config)
 TRANSFORMER_CLASS = "LTX2VideoTransformer3DModel"
+NOT_REACHED = (("video_embeddings_connector", "LTX-2's video text connector (a transformer over the text features)"),
+               ("audio_embeddings_connector", "LTX-2's audio text connector (a transformer over the text features)"))
 
 
 def version(gated_prompt: bool, prompt_adaln: bool, ff_bias: bool) -> str:
@@ -101,7 +103,8 @@ def identify(header) -> Identified | None:
     if found is None:
         return None
     prefix, key = found
-    refuse_unknown_modules(header, prefix, NAME, {"transformer_blocks": BLOCK_PARTS}, {p: ATTENTION_PARTS for p in MODULES})
+    refuse_unknown_modules(header, prefix, NAME, {"transformer_blocks": BLOCK_PARTS},
+                           {p: ATTENTION_PARTS for p in MODULES})
     return identified(header, prefix, _arch_of(header, prefix, key == DIFFUSERS_KEY))
 
 

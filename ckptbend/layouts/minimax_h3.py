@@ -35,6 +35,7 @@ ARCHITECTURE = "minimax-h3"
 ARCHITECTURE_NAMES = {ARCHITECTURE: (ARCHITECTURE,)}
 DIFFUSERS_PIPELINES: dict = {}
 TRANSFORMER_CLASS = "MiniMaxH3Transformer3DModel"
+NOT_REACHED = (("token_refiner", "MiniMax H3's text token refiner (self-attention over the text)"),)
 
 
 def _found(names) -> str | None:

@@ -36,7 +36,8 @@ VAE_PREFIX = "vae."
 
 # Block (main or VACE's; Animate 2's original `block.` wrapper), index, attention, and the tensor's role, in
 # original and diffusers names (Animate 2's diffusers file keeps `self_attn` / `cross_attn` around `to_v`).
-ATTENTION = re.compile(r"(?:^|\.)(?P<vace>vace_)?blocks\.(?P<i>\d+)\.(?:block\.)?(?P<attn>self_attn|cross_attn|attn1|attn2)\."
+ATTENTION = re.compile(r"(?:^|\.)(?P<vace>vace_)?blocks\.(?P<i>\d+)\.(?:block\.)?"
+                       r"(?P<attn>self_attn|cross_attn|attn1|attn2)\."
                        r"(?P<t>norm_q\.weight|norm_k\.weight|norm_k_img\.weight|norm_added_k\.weight|"
                        r"(?:v|o|v_img|to_v|to_out\.0|add_v_proj)\.(?:weight|bias))$")
 ATTN = {"self_attn": "self", "cross_attn": "cross", "attn1": "self", "attn2": "cross"}
@@ -154,7 +155,8 @@ def refuse_unknown_modules(header, prefix: str, name: str, blocks: dict, parts: 
         unknown = top and path[0] not in top
         if path[0] in blocks and len(path) > 2 and path[1].isdigit():
             module = path[2]
-            unknown = module not in blocks[path[0]] or (module in parts and len(path) > 3 and path[3] not in parts[module])
+            unknown = module not in blocks[path[0]] or (
+                module in parts and len(path) > 3 and path[3] not in parts[module])
         if unknown:
             what = (known_as or {}).get(path[0], name)
             raise CkptbendError(f"{header.path}: {what} with a part ckptbend does not know ({n}); refusing rather "
