@@ -51,7 +51,8 @@ ARCHES = {
                                                      caption_channels=24), "t5xxl", "LTXPipeline"),
 }
 LAYOUTS = ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")
-TEXT_CONFIG = dict(vocab_size=64, d_model=24, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+# heads × d_kv = d_model, as in every released T5 and UMT5 (ckptbend tells ByT5 by a narrower attention)
+TEXT_CONFIG = dict(vocab_size=64, d_model=24, d_kv=12, d_ff=48, num_layers=2, num_heads=2,
                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
 TEXT_CLASS = {"umt5xxl": ("UMT5EncoderModel", "UMT5Config"), "t5xxl": ("T5EncoderModel", "T5Config")}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, *QUANTISED)
