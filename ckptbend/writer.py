@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import queue
 import threading
@@ -43,6 +44,26 @@ def _edited(raw, t, edit: Edit):
     if edit.op is not None:
         return edit.op.apply(raw, t.shape)[0]
     return scale_bytes(raw, t.dtype, t.shape, edit.segments)
+
+
+def _in_place(edit: Edit) -> bool:
+    """A format's operation that changes a few bytes of its tensor where they lie (GGUF's block scales): the tensor
+    is copied by the kernel with the rest and patched in the output, never read into this process."""
+    return getattr(edit.op, "in_place", False)
+
+
+def _patch(fd: int, offset: int, t, edit: Edit) -> None:
+    """Run an in-place operation on a tensor already copied to [offset, offset + t.nbytes) of the output."""
+    start, failure = offset - offset % mmap.ALLOCATIONGRANULARITY, None
+    with mmap.mmap(fd, offset - start + t.nbytes, offset=start) as mapped:
+        view = memoryview(mapped)[offset - start:]
+        try:
+            edit.op.apply(view, t.shape)       # its views of the mapping are gone when it returns
+        except BaseException as e:             # ... or when its frames go: the mapping closes only after them
+            failure = e.with_traceback(None)
+        view.release()
+    if failure is not None:
+        raise failure
 
 
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
@@ -259,6 +280,14 @@ class _HashBehind:
         self._worker.cancel()
 
 
+class _Uncounted:
+    """Progress that counts nothing (a range is counted once it is final)."""
+
+    @staticmethod
+    def update(n: int):
+        pass
+
+
 class _Written:
     """Progress of the output's data section: the bar, and the hash behind the writer if there is one."""
 
@@ -303,7 +332,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         hasher = None if cached else _Background(_timed_sha256, src_fd, 0, before.st_size)
         # The scaling (numpy and pread release the GIL) hides behind the kernel copy on a second core.
         edited = [(t, edits[t.name], header.data_start + begin, base + at[t.name])
-                  for t, begin, _, _ in runs if t is not None]
+                  for t, begin, _, _ in runs if t is not None and not _in_place(edits[t.name])]
         scaler = _ScaledAhead(src_fd, edited)
         # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
         behind = _HashBehind(dst_fd, base) if "modelspec.hash_sha256" in meta else None
@@ -315,6 +344,14 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
                     with profile.phase("kernel copy of untouched tensors"):
                         _copy_range(src_fd, dst_fd, header.data_start + begin, base + at[first], end - begin, written,
                                     durable)
+                elif _in_place(edits[t.name]):
+                    with profile.phase("edited tensors: kernel copy, patched in place"):
+                        _copy_range(src_fd, dst_fd, header.data_start + begin, base + at[t.name], end - begin,
+                                    _Uncounted, False)
+                        _patch(dst_fd, base + at[t.name], t, edits[t.name])
+                        if durable:
+                            start_writeback(dst_fd, base + at[t.name], end - begin)
+                    written.update(end - begin)
                 else:
                     written.update(scaler.write_next(dst_fd, base + at[t.name], durable))
             with profile.phase("waiting for the source hash"):

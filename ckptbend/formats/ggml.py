@@ -146,6 +146,7 @@ class Blocks:
     cols: int
     segments: tuple
     cut: tuple = ()
+    in_place = True               # changes the bytes it is given (the writer patches the output where it lies)
 
     def apply(self, raw, shape):
         bt = BLOCK_TYPES[self.type]
@@ -192,6 +193,7 @@ class Floats:
     type: str
     size: int
     segments: tuple
+    in_place = True
 
     def apply(self, raw, shape):
         view = memoryview(raw)
