@@ -139,7 +139,7 @@ def read_header(path) -> GGUFHeader:
     except OSError as e:
         raise CkptbendError(f"{path}: cannot read: {e.strerror or e}") from None
     except Exception as e:     # gguf-py's reader on a damaged file: whatever it raises, one line
-        _fail(path, str(e) or type(e).__name__)
+        _fail(path, f"truncated or damaged ({str(e) or type(e).__name__})")
     if reader.byte_order != "I":
         _fail(path, "big-endian GGUF files are not supported")
     version = int(reader.fields["GGUF.version"].parts[0][0])

@@ -267,3 +267,29 @@ def test_neither_safetensors_nor_gguf_says_what_it_is(tmp_path):
     (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(4))
     r = run("inspect", tmp_path / "t.gguf")
     assert r.returncode != 0 and "not a valid GGUF file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "not a valid GGUF file: truncated or damaged (cannot reshape"),
+    ("orig_shape", "comfy.gguf.orig_shape.double_blocks.0.img_attn.qkv.weight = [7, 7] does not hold the tensor's "
+                   "3072 elements"),
+    ("header", "not a valid GGUF file"),
+])
+def test_a_damaged_gguf_is_one_line(made, tmp_path, damage, message):
+    src = made("flux", "q8_0")
+    data = src.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    if damage == "truncated":
+        bad.write_bytes(data[:-4096])
+    elif damage == "header":
+        bad.write_bytes(data[:200])
+    else:
+        reader = gguf.GGUFReader(src)
+        entries = [(t.name, t.tensor_type.name, np.array(t.data).shape, np.array(t.data).dtype, int(t.n_bytes),
+                    lambda t=t: np.array(t.data)) for t in reader.tensors]
+        write_gguf(bad, "flux", entries, {"double_blocks.0.img_attn.qkv.weight": (7, 7)})
+    for command in (("inspect", bad), ("bake", tmp_path / "r.toml", bad, "-o", tmp_path / "o.gguf")):
+        (tmp_path / "r.toml").write_text(FLUX)
+        r = run(*command)
+        assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o.gguf").exists()
