@@ -85,7 +85,8 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
     """Bake each RECIPE into the checkpoint INPUT.
 
     INPUT is a .safetensors file (single-file SD 1.x/2.x/XL/SVD, Flux, SD3/3.5, Wan, Qwen-Image,
-    HunyuanVideo or LTX-Video; UNet-, transformer- or text-encoder-only) or a diffusers model folder.
+    HunyuanVideo or LTX-Video; UNet-, transformer- or text-encoder-only), a diffusers model folder, or a
+    GGUF file of a UNet or transformer (ComfyUI-GGUF's; the output is GGUF too).
     The input is never modified; an output appears only when complete.
 
     \b

@@ -162,6 +162,18 @@ def test_dry_run_verify_diff_provenance_and_import(made, tmp_path):
     assert run("verify", tmp_path / "bad.gguf", "--source", src).returncode == 1
 
 
+def test_a_sweep_writes_gguf_outputs_that_verify(made, tmp_path):
+    src = made("wan", "q8_0")
+    (tmp_path / "r.toml").write_text(WAN)
+    r = run("bake", tmp_path / "r.toml", src, "-o", tmp_path / "grid", "--grid", "dit.self.v=1.0,2.0", "-q")
+    assert r.returncode == 0, r.stderr
+    outs = sorted((tmp_path / "grid").iterdir())
+    assert [p.suffix for p in outs] == [".gguf", ".gguf"]
+    for out in outs:
+        assert run("verify", out, "--source", src).returncode == 0
+        assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "wan"
+
+
 # --- hand-made files: cut blocks, refusals -----------------------------------------------------------------
 
 def _flux_file(path, made, types: dict, arch_name="flux"):
