@@ -262,7 +262,7 @@ def test_a_block_scale_past_fp16_is_refused(made, tmp_path):
 
 
 @pytest.mark.parametrize("arch_name, message", [
-    ("hidream", "general.architecture is 'hidream': ckptbend has no layout for this family"),
+    ("cosmos", "general.architecture is 'cosmos': ckptbend has no layout for this family"),
     ("sdxl", "general.architecture says 'sdxl', but its tensors are flux-dev's; refusing to guess"),
     ("t5", "a GGUF text encoder in llama.cpp's tensor names"),
 ])

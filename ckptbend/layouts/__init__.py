@@ -70,10 +70,11 @@ def _config(path: Path) -> dict:
 
 # ComfyUI-GGUF's `general.architecture` names (its loader's list) → the architectures ckptbend tells apart.
 GGUF_ARCHITECTURES = {
-    "flux": ("flux-dev", "flux-schnell", "chroma", "flux2"), "sd1": ("sd1", "sd2"), "sdxl": ("sdxl-base", "sdxl-refiner"),
+    "flux": ("flux-dev", "flux-schnell", "chroma", "flux2", "flux3", "krea2"), "sd1": ("sd1", "sd2"),
+    "sdxl": ("sdxl-base", "sdxl-refiner"),
     "sd3": ("sd3-medium", "sd35-medium", "sd35-large"), "ltxv": ("ltx-video", "ltx-2"), "hyvid": ("hunyuan-video",),
-    "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"),
-    "aura": (), "hidream": (), "cosmos": (),                                 # families ckptbend has no layout for
+    "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"), "hidream": ("hidream",),
+    "aura": (), "cosmos": (),                                                # families ckptbend has no layout for
 }
 GGUF_TEXT = ("t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl")   # llama.cpp's names: no layout yet
 

@@ -30,7 +30,9 @@ assert tuple(FORMS) == GGUF
 # ckptbend's synthetic architectures → ComfyUI-GGUF's `general.architecture`
 COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "chroma_radiance": "flux",
               "flux2_dev": "flux", "flux2_klein": "flux", "z_image": "lumina2", "lumina2": "lumina2", "ltx2": "ltxv",
-              "ltx2_3": "ltxv", "ltx2_5": "ltxv", "hunyuan_video": "hyvid",
+              "ltx2_3": "ltxv", "ltx2_5": "ltxv", "hunyuan_video": "hyvid", "hunyuan_video15": "hyvid",
+              "flux3_klein": "flux", "flux3_klein_base": "flux", "krea2": "flux", "hidream": "hidream",
+              "wan_vace": "wan", "qwen_image_layered": "qwen_image", "qwen_image_21": "qwen_image",
               "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3_medium": "sd3",
               "sd35_medium": "sd3", "sd35_large": "sd3", "wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v": "wan",
               "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image"}
