@@ -34,6 +34,7 @@ from ..errors import CkptbendError
 from .catalog import QUANTISED
 from .files import write_safetensors, write_weights
 from .quantised import quantise
+from . import large_text_encoders as large
 from .text_encoders import hf_clip_state_dict
 
 MODEL_PREFIX = "model.diffusion_model."
@@ -85,6 +86,8 @@ def text_file_state(name: str, model) -> dict:
     some modules in its state dicts; files keep the old names, which `from_pretrained` maps."""
     if name.startswith("clip"):
         return hf_clip_state_dict(model)
+    if name not in TEXT_ENCODERS:
+        return large.file_state_dict(name, model)
     state = model.state_dict()
     if name == "qwen25_7b":
         return {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
@@ -131,7 +134,8 @@ def build_text_encoders(family: Family, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=[]):
         for i, name in enumerate(family.text_encoders):
             torch.manual_seed(seed + 10 + i)
-            models[name] = TEXT_ENCODERS[name]().eval()
+            # the 2026 families' encoders (Qwen3, Gemma 2, Llama 3.1, ...) are the text-encoder generator's
+            models[name] = TEXT_ENCODERS[name]().eval() if name in TEXT_ENCODERS else large.build(name, seed + 10 + i)
     return models
 
 
