@@ -27,6 +27,9 @@ CONFIGS = {
                     cap_feat_dim=24, **_ROPE),
 }
 ARCHES = tuple(CONFIGS)
+# Z-Image (base and turbo) as released: 30 + 2 + 2 blocks of 3840 = 30 heads × 128, Qwen3-4B's 2560-wide features
+# (diffusers' defaults; ComfyUI's axes_lens, which hold no parameters): 6.15 B parameters.
+FULL = {"z_image": dict(axes_lens=[1536, 512, 512])}
 
 _QKV = re.compile(r"^(?P<block>.+\.(?:attention|attn))\.to_q\.weight$")
 
@@ -63,6 +66,7 @@ def _original(renames):
 
 def _family(cls: str, arch: str, renames, pipeline: str, encoder: str) -> dit.Family:
     return dit.Family(transformer_class=cls, configs={arch: CONFIGS[arch]}, to_original=_original(renames),
+                      full_configs={a: c for a, c in FULL.items() if a == arch},
                       text_encoders={encoder: "text_encoder"}, pipeline=pipeline, vae_prefix="vae.",
                       scheduler={"shift": 3.0, "use_dynamic_shifting": False})
 
