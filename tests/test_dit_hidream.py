@@ -123,7 +123,7 @@ def test_inspect(tmp_path):
     assert {k: (v["attn"], v["streams"]) for k, v in info["attention_blocks"].items()} == {
         **{f"D0{i}": (["attn1", "joint"], ["image", "text"]) for i in range(2)},
         **{f"S0{i}": (["attn1", "joint"], []) for i in range(2)}}
-    assert info["text_encoder_attention_layers"] == {"clip_l": 2, "clip_g": 2, "t5xxl": 2}
+    assert info["text_encoder_attention_layers"] == {"clip_l": 2, "clip_g": 2, "t5xxl": 2, "llama": 2}
     assert f"{MODEL_PREFIX}double_stream_blocks.N.block.attn1.q_rms_norm_t.weight" in info["dit_qk_targets"]
 
 

@@ -43,7 +43,7 @@ BLOCKS = {"N": "noise_refiner", "C": "context_refiner", "B": "layers"}
 def to_diffusers(arch, state: dict, layout: str):
     # diffusers' Lumina 2 converter fails on `model.diffusion_model.` keys (it renames them, then reads the
     # old names): the prefix is removed first, for both
-    state = {k.removeprefix(MODEL_PREFIX): v.double() for k, v in state.items()}
+    state = {k.removeprefix(MODEL_PREFIX): v.double() for k, v in state.items() if not k.startswith("text_encoders.")}
     mapped = state if layout == "transformer_diffusers" else CONVERTERS[arch](state)
     return load_strict(CLASSES[arch](**CONFIGS[arch]).double(), mapped)
 
@@ -95,7 +95,8 @@ def test_layout_maps_strict_to_the_real_class(tmp_path, arch, layout):
     reference = build(FAMILIES[arch], arch).double().state_dict()
     assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference)
     ckpt = detect(path)
-    assert (ckpt.architecture, ckpt.kind, ckpt.qk_norm) == (ARCHITECTURE[arch], "dit", True)
+    assert (ckpt.architecture, ckpt.kind, ckpt.qk_norm) == (
+        ARCHITECTURE[arch], "single-file" if layout == "comfy" else "dit", True)
 
 
 @pytest.mark.parametrize("arch", list(CLASSES))
@@ -175,13 +176,13 @@ def test_inspect_names_model_blocks_and_what_q_k_scale(tmp_path, arch):
                                             ("context_refiner", "layers", "noise_refiner") for n in "qk")
 
 
-def test_text_encoder_keys_of_an_all_in_one_file_are_not_the_model(tmp_path):
-    state = load_file(str(write_checkpoint(tmp_path / "m.safetensors", "z_image", "comfy")))
-    encoder = "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight"
-    save_file({**state, encoder: torch.ones(8, 8)}, str(tmp_path / "aio.safetensors"))
-    ckpt = detect(tmp_path / "aio.safetensors")
-    assert ckpt.architecture == "z-image" and ckpt.files[0].components.get(encoder) != "dit"
-    assert all(s.key.startswith(MODEL_PREFIX) for s in ckpt.sites if s.component == "dit")
+@pytest.mark.parametrize("arch, encoder", [("z_image", "qwen3_4b"), ("lumina2", "gemma2_2b")])
+def test_the_text_encoder_of_an_all_in_one_file_is_its_own(tmp_path, arch, encoder):
+    ckpt = detect(write_checkpoint(tmp_path / "aio.safetensors", arch, "comfy"))
+    assert set(ckpt.components) == {"dit", encoder}
+    for section, prefix in (("text", f"text_encoders.{encoder}."), ("dit.joint", MODEL_PREFIX)):
+        plan = make_plan(recipe(f"[{section}]\nq = 1.1\n"), ckpt)
+        assert plan.edits and all(e.key.startswith(prefix) for e in plan.edits)
 
 
 @pytest.mark.parametrize("extra, missing, says", [

@@ -16,6 +16,7 @@ GENERATORS = {
     "lumina": (("z_image", "lumina2"), _DIT_LAYOUTS),
     "ltx2": (("ltx2", "ltx2_3", "ltx2_5"), _DIT_LAYOUTS),
     "hidream": (("hidream",), _DIT_LAYOUTS),
+    "ernie_image": (("ernie_image",), _DIT_LAYOUTS),
     # a large text encoder alone (layouts/text_encoder_forms.py names them as ComfyUI does)
     "large_text_encoders": (("t5xxl", "umt5xxl", "byt5_small", "llama", "qwen25_7b", "mistral3_24b", "qwen3_4b",
                              "qwen3vl_4b", "gemma2_2b", "gemma3_12b", "gemma4_12b"), ("single", "comfy", "diffusers")),

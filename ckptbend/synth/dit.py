@@ -34,6 +34,7 @@ from ..errors import CkptbendError
 from .catalog import QUANTISED
 from .files import write_safetensors, write_weights
 from .quantised import quantise
+from . import large_text_encoders as large
 from .text_encoders import hf_clip_state_dict
 
 MODEL_PREFIX = "model.diffusion_model."
@@ -85,6 +86,8 @@ def text_file_state(name: str, model) -> dict:
     some modules in its state dicts; files keep the old names, which `from_pretrained` maps."""
     if name.startswith("clip"):
         return hf_clip_state_dict(model)
+    if name not in TEXT_ENCODERS:
+        return large.file_state_dict(name, model)
     state = model.state_dict()
     if name == "qwen25_7b":
         return {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
@@ -102,6 +105,7 @@ class Family:
     vae_prefix: str                     # in ComfyUI's all-in-one file
     vae: Callable | None = None         # () → (diffusers VAE model, its original state dict) or None
     scheduler: dict = field(default_factory=dict)
+    full_configs: dict = field(default_factory=dict)   # arch → the released config (size "full": single files)
 
 
 def build(family: Family, arch: str, seed: int = 0):
@@ -131,7 +135,8 @@ def build_text_encoders(family: Family, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=[]):
         for i, name in enumerate(family.text_encoders):
             torch.manual_seed(seed + 10 + i)
-            models[name] = TEXT_ENCODERS[name]().eval()
+            # the 2026 families' encoders (Qwen3, Gemma 2, Llama 3.1, ...) are the text-encoder generator's
+            models[name] = TEXT_ENCODERS[name]().eval() if name in TEXT_ENCODERS else large.build(name, seed + 10 + i)
     return models
 
 
@@ -191,10 +196,15 @@ def _write_folder(root: Path, family: Family, arch, model, dtype, seed, shard_si
 
 def write_checkpoint(family: Family, path, arch: str, layout: str = "single", size: str = "tiny", dtype=None,
                      seed: int = 0, shard_size=None) -> Path:
-    """Write a tiny checkpoint of `arch` in `layout` (see the module docstring) and return its path."""
+    """Write a tiny checkpoint of `arch` in `layout` (see the module docstring) and return its path; size "full"
+    (where the family gives a released config): the transformer alone at full size, built on the meta device
+    and its values drawn while writing (memory stays small), in the single layouts."""
     dtype = torch.float32 if dtype is None else dtype
+    full = size == "full" and arch in family.full_configs
     problem = next((message for bad, message in (
-        (size != "tiny", f"synth: {arch} is generated tiny only"),
+        (size != "tiny" and not full, f"synth: {arch} is generated tiny only"),
+        (full and (layout not in ("single", "single_prefixed") or dtype in QUANTISED),
+         f"synth: {arch} at full size is written in the single layouts, in a torch dtype"),
         (arch not in family.configs, f"unknown architecture {arch!r} (one of {', '.join(family.configs)})"),
         (layout not in LAYOUTS, f"synth: {arch} has no layout {layout!r} (one of {', '.join(LAYOUTS)})"),
         (dtype not in DTYPES, f"synth: unsupported dtype {dtype}"),
@@ -202,6 +212,14 @@ def write_checkpoint(family: Family, path, arch: str, layout: str = "single", si
     ) if bad), None)
     if problem:
         raise CkptbendError(problem)
+    if full:
+        import diffusers
+        import numpy as np
+
+        with torch.device("meta"):
+            model = getattr(diffusers, family.transformer_class)(**family.full_configs[arch])
+        state = _model_state(family, arch, layout, model, dtype)
+        return write_safetensors(path, state, dtype, np.random.default_rng(seed))
     model = build(family, arch, seed)
     if layout == "diffusers":
         return _write_folder(Path(path), family, arch, model, dtype, seed, shard_size)

@@ -2,8 +2,8 @@
 
 Its single-file names are diffusers' own (diffusers' converter only strips `model.diffusion_model.`), so
 `to_original` keeps them. h 32 = 2 heads × 16, 2 double-stream and 2 single-stream blocks, a mixture of two
-experts (one active) in each feed-forward. ComfyUI's all-in-one file carries CLIP-L, CLIP-G and T5-XXL under
-`text_encoders.` (its fourth encoder, Llama 3.1, is not written here); no VAE (ckptbend leaves a VAE alone).
+experts (one active) in each feed-forward. ComfyUI's all-in-one file carries its four text encoders, CLIP-L,
+CLIP-G, T5-XXL and Llama 3.1, under `text_encoders.`; no VAE (ckptbend leaves a VAE alone).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ARCHES = tuple(CONFIGS)
 
 FAMILY = dit.Family(
     transformer_class="HiDreamImageTransformer2DModel", configs=CONFIGS, to_original=dict,
-    text_encoders={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
+    text_encoders={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3", "llama": "text_encoder_4"},
     pipeline="HiDreamImagePipeline", vae_prefix="vae.", scheduler={"shift": 3.0, "use_dynamic_shifting": False})
 
 

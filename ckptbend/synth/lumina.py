@@ -5,8 +5,9 @@
 `convert_lumina2_to_diffusers`; the tests run them on the result): to_q | to_k | to_v fused into
 `attention.qkv`, `to_out.0` → `out`, `norm_q/k` → `q_norm/k_norm`, and Lumina 2's other renamings.
 Z-Image: h 64 = 4 heads × 16, 2 refiner blocks of each kind and 2 main layers; Lumina 2 the same with 2
-kv heads (grouped k and v, as the real 24 / 8). The all-in-one file carries neither text encoder (Qwen3-4B,
-Gemma-2-2B) nor VAE here: text encoders are their own tables' business, and ckptbend leaves a VAE alone.
+kv heads (grouped k and v, as the real 24 / 8). The all-in-one file and the folder carry the tiny text encoder
+(Qwen3-4B for Z-Image, Gemma-2-2B for Lumina 2; the text-encoder tables find their attention), no VAE
+(ckptbend leaves a VAE alone).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ CONFIGS = {
                     cap_feat_dim=24, **_ROPE),
 }
 ARCHES = tuple(CONFIGS)
+# Z-Image (base and turbo) as released: 30 + 2 + 2 blocks of 3840 = 30 heads × 128, Qwen3-4B's 2560-wide features
+# (diffusers' defaults; ComfyUI's axes_lens, which hold no parameters): 6.15 B parameters.
+FULL = {"z_image": dict(axes_lens=[1536, 512, 512])}
 
 _QKV = re.compile(r"^(?P<block>.+\.(?:attention|attn))\.to_q\.weight$")
 
@@ -60,14 +64,15 @@ def _original(renames):
     return to_original
 
 
-def _family(cls: str, arch: str, renames, pipeline: str) -> dit.Family:
+def _family(cls: str, arch: str, renames, pipeline: str, encoder: str) -> dit.Family:
     return dit.Family(transformer_class=cls, configs={arch: CONFIGS[arch]}, to_original=_original(renames),
-                      text_encoders={}, pipeline=pipeline, vae_prefix="vae.",
+                      full_configs={a: c for a, c in FULL.items() if a == arch},
+                      text_encoders={encoder: "text_encoder"}, pipeline=pipeline, vae_prefix="vae.",
                       scheduler={"shift": 3.0, "use_dynamic_shifting": False})
 
 
-FAMILIES = {"z_image": _family("ZImageTransformer2DModel", "z_image", _ZIMAGE, "ZImagePipeline"),
-            "lumina2": _family("Lumina2Transformer2DModel", "lumina2", _LUMINA2, "Lumina2Pipeline")}
+FAMILIES = {"z_image": _family("ZImageTransformer2DModel", "z_image", _ZIMAGE, "ZImagePipeline", "qwen3_4b"),
+            "lumina2": _family("Lumina2Transformer2DModel", "lumina2", _LUMINA2, "Lumina2Pipeline", "gemma2_2b")}
 
 
 def write_checkpoint(path, arch, layout="single", size="tiny", dtype=None, seed=0, shard_size=None):
