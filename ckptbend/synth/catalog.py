@@ -24,6 +24,7 @@ GENERATORS = {
     "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),
     "kandinsky5": (("kandinsky5",), _DIT_LAYOUTS),
     "minimax_h3": (("minimax_h3",), _DIT_LAYOUTS),
+    "ideogram4": (("ideogram4",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
