@@ -6,7 +6,7 @@ _DIT_LAYOUTS = ("single", "single_prefixed", "comfy", "transformer_diffusers", "
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
-    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "wan_vace", "ltx_video"),
+    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "wan_vace", "skyreels_v2", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
     "flux": (("flux_dev", "flux_schnell", "chroma", "chroma_radiance", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers")),
