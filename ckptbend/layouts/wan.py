@@ -11,8 +11,11 @@ cross-attention to the same text) whose outputs are added to main blocks as hint
 `[dit.self]` / `[dit.cross]` like the main blocks', labelled V00… (group `vace`). Animate 2's original file
 wraps each block in `blocks.N.block.`; its blocks are Wan blocks (self-attention also over cached reference
 tokens, projected by the same weights). Fun Control's `ref_conv` and the camera models' `control_adapter`
-only embed an extra input (no attention). Any other part (S2V's audio blocks, HuMo, Animate 1's face
-adapter, SCAIL, …) is refused in one line, never baked as plain Wan with that part left alone.
+only embed an extra input (no attention); SkyReels V2's `fps_embedding` / `fps_projection` (diffusion-forcing
+models) only add to the timestep modulation and name the file `skyreels-v2-…`. A SkyReels V2 file without them and a
+ChronoEdit file have exactly Wan 2.1's keys and blocks (ChronoEdit changes only RoPE, a config value): their single
+files are named by that layout, their diffusers folders by class. Any other part (S2V's audio blocks, HuMo,
+Animate 1's face adapter, SCAIL, …) is refused in one line, never baked as plain Wan with that part left alone.
 
 File forms: original (Wan-AI / ComfyUI) names, bare or under `model.diffusion_model.`; ComfyUI
 all-in-one files (`text_encoders.umt5xxl.transformer.…`, `vae.…`); diffusers names in one file; diffusers
@@ -47,7 +50,7 @@ PROJ = {"norm_q": "q", "norm_k": "k", "norm_k_img": "k", "norm_added_k": "k", "v
 # What a Wan file may hold: top-level modules, what a (VACE) block holds, what an attention holds.
 TOP = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head", "img_emb",
        "condition_embedder", "proj_out", "scale_shift_table", "norm_out", "vace_patch_embedding", "vace_blocks",
-       "ref_conv", "control_adapter", "scaled_fp8")
+       "ref_conv", "control_adapter", "fps_embedding", "fps_projection", "scaled_fp8")
 _BLOCK_PARTS = ("self_attn", "cross_attn", "attn1", "attn2", "norm1", "norm2", "norm3", "ffn", "modulation",
                 "scale_shift_table", "block", "before_proj", "after_proj", "proj_in", "proj_out")
 _ATTENTION_PARTS = ("q", "k", "v", "o", "norm_q", "norm_k", "k_img", "v_img", "norm_k_img", "to_q", "to_k", "to_v",
@@ -61,18 +64,21 @@ ATTENTION_PARTS = {a: _ATTENTION_PARTS for a in ("self_attn", "cross_attn", "att
 # The extras ckptbend bakes, by their detection key after the prefix (ComfyUI's keys; Animate 2: its wrapper).
 EXTRAS = (("vace_patch_embedding.weight", "wan-vace"), ("blocks.0.block.self_attn.q.weight", "wan-animate2"),
           ("blocks.0.self_attn.to_q.weight", "wan-animate2"), ("ref_conv.weight", "wan22-fun-control"),
-          ("control_adapter.conv.weight", "wan-camera"))
+          ("control_adapter.conv.weight", "wan-camera"), ("fps_embedding.weight", "skyreels-v2"))
 
 # Widths of the released sizes; the name keeps only the variant for other widths (tiny test files).
 SIZES = {1536: "1.3b", 3072: "5b", 5120: "14b"}
-VARIANTS = ("wan21-t2v", "wan21-i2v", "wan21-flf2v", "wan22-ti2v", "wan22-i2v", *dict.fromkeys(n for _, n in EXTRAS))
+VARIANTS = ("wan21-t2v", "wan21-i2v", "wan21-flf2v", "wan22-ti2v", "wan22-i2v", *dict.fromkeys(n for _, n in EXTRAS),
+            "chronoedit")
 DIFFUSERS_PIPELINES = {
     "WanPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
     "WanImageToVideoPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
     "WanVACEPipeline": {"transformer": "dit", "transformer_2": "dit", "text_encoder": "umt5xxl"},
 }
 TRANSFORMER_CLASS = "WanTransformer3DModel"
-EXTRA_CLASSES = {"WanVACETransformer3DModel": "wan-vace", "WanAnimate2Transformer3DModel": "wan-animate2"}
+# SkyReels V2 and ChronoEdit are Wan blocks (the same attention processor and keys); diffusers names them by class.
+EXTRA_CLASSES = {"WanVACETransformer3DModel": "wan-vace", "WanAnimate2Transformer3DModel": "wan-animate2",
+                 "SkyReelsV2Transformer3DModel": "skyreels-v2", "ChronoEditTransformer3DModel": "chronoedit"}
 
 
 def architecture(width: int, in_channels: int, out_channels: int, image: bool, first_last: bool,

@@ -6,7 +6,7 @@ _DIT_LAYOUTS = ("single", "single_prefixed", "comfy", "transformer_diffusers", "
 GENERATORS = {
     "sd": (("sd1", "sd2", "sdxl", "sdxl_refiner", "svd"),
            ("single", "diffusers", "unet", "unet_bare", "unet_diffusers", "text_encoder", "text_encoder_openclip")),
-    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "wan_vace", "ltx_video"),
+    "wan": (("wan21_t2v", "wan21_i2v", "wan22_ti2v", "wan22_i2v", "wan_vace", "skyreels_v2", "ltx_video"),
             ("single", "comfy", "transformer_diffusers", "diffusers", "text_encoder")),
     "flux": (("flux_dev", "flux_schnell", "chroma", "chroma_radiance", "hunyuan_video"),
              ("single", "comfy", "transformer_diffusers", "diffusers")),
@@ -25,6 +25,9 @@ GENERATORS = {
     "hunyuan_video15": (("hunyuan_video15",), ("transformer_diffusers", "diffusers")),
     "kandinsky5": (("kandinsky5",), _DIT_LAYOUTS),
     "minimax_h3": (("minimax_h3",), _DIT_LAYOUTS),
+    "ideogram4": (("ideogram4",), _DIT_LAYOUTS),
+    "cosmos": (("cosmos_predict2",), _DIT_LAYOUTS),
+    "anima": (("anima",), _DIT_LAYOUTS[:3]),   # diffusers keeps its text adapter in another model
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))

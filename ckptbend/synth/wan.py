@@ -46,6 +46,9 @@ ARCHES = {
     # Wan VACE: its VACE blocks (`vace_blocks`) feed hints to main blocks 0 and 1.
     "wan_vace": ("WanVACETransformer3DModel", dict(_WAN, in_channels=4, vace_layers=[0, 1], vace_in_channels=8),
                  "umt5xxl", "WanVACEPipeline"),
+    # SkyReels V2 diffusion forcing: Wan blocks, and an fps embedding added to the timestep modulation.
+    "skyreels_v2": ("SkyReelsV2Transformer3DModel", dict(_WAN, in_channels=4, inject_sample_info=True), "umt5xxl",
+                    "SkyReelsV2DiffusionForcingPipeline"),
     "ltx_video": ("LTXVideoTransformer3DModel", dict(in_channels=8, out_channels=8, num_attention_heads=2,
                                                      attention_head_dim=16, cross_attention_dim=32, num_layers=2,
                                                      caption_channels=24), "t5xxl", "LTXPipeline"),
@@ -72,6 +75,7 @@ WAN_RENAMES = (
     (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
     (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
     ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("fps_projection.net.0.proj", "fps_projection.0"), ("fps_projection.net.2", "fps_projection.2"),   # SkyReels' names
 )
 # diffusers → original (the inverse of convert_ltx_transformer_checkpoint_to_diffusers).
 LTX_RENAMES = (("proj_in", "patchify_proj"), ("time_embed", "adaln_single"), ("norm_q", "q_norm"), ("norm_k", "k_norm"))
