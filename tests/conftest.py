@@ -1,8 +1,17 @@
 """Test-wide settings."""
 
 import os
+import sys
 
 import pytest
+
+# The tests' models are tiny: torch's intra-op threads only add synchronisation (3x the CPU time of the
+# SAG/bending tests on the 2-core machine), here and in the CLIs and scripts the tests start. A value
+# already set wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:      # imported before this file (by a plugin): the variable comes too late
+        sys.modules["torch"].set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +67,41 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# --- Memory per module: CKPTBEND_TEST_RSS=1 python3 -m pytest prints, after the run, this process's resident
-# memory after each test module and the peak so far (what stays alive between modules is what adds up).
+# --- Cost per module: CKPTBEND_TEST_RSS=1 python3 -m pytest prints, after the run, each module's wall and CPU
+# seconds (this process and the commands it started) and the resident memory after it and the peak so far
+# (what stays alive between modules is what adds up). docs/benchmarks.md holds a measured table.
 
-_RSS_AFTER = []
+_COSTS, _MARK = [], []
 
 
-def _rss_mib():
+def _now():
     import resource
+    import time
 
+    used = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     try:
         with open("/proc/self/statm") as f:
-            now = int(f.read().split()[1]) * resource.getpagesize() >> 20
+            rss = int(f.read().split()[1]) * resource.getpagesize() >> 20
     except OSError:                 # not Linux: the peak only
-        now = None
-    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        rss = None
+    return time.monotonic(), used, rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+
+
+def _record(name):
+    if os.environ.get("CKPTBEND_TEST_RSS") == "1":
+        now = _now()
+        if _MARK:
+            _COSTS.append((name, now[0] - _MARK[0][0], now[1] - _MARK[0][1], *now[2:]))
+        _MARK[:] = [now]
+
+
+def pytest_sessionstart(session):
+    _record(None)
+
+
+def pytest_collection_finish(session):
+    _record("(collection: imports)")
 
 
 def _release_memory():
@@ -93,12 +122,12 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     if nextitem is None or nextitem.path != item.path:     # the module's fixtures are torn down by now
         _release_memory()
-        if os.environ.get("CKPTBEND_TEST_RSS") == "1":
-            _RSS_AFTER.append((item.path.name, *_rss_mib()))
+        _record(item.path.name)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _RSS_AFTER:
-        terminalreporter.section("resident memory after each module (MiB): now, peak so far")
-        for name, now, peak in _RSS_AFTER:
-            terminalreporter.write_line(f"{name:<40} {now if now is not None else '?':>7} {peak:>7}")
+    if _COSTS:
+        terminalreporter.section("cost of each module: wall s, CPU s, resident MiB after it, peak MiB so far")
+        for name, wall, cpu, rss, peak in _COSTS:
+            terminalreporter.write_line(f"{name:<40} {wall:7.1f} {cpu:7.1f} {rss if rss is not None else '?':>7} "
+                                        f"{peak:>7}")
