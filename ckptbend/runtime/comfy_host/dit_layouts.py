@@ -44,6 +44,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
         raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
                          "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
+    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream
+        raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
+                         "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
+                         "diffusers host bends it)")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
