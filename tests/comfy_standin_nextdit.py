@@ -11,8 +11,9 @@ here, has no Z-Image; this follows the source as read, not a run:
   text), then the main `layers` over the joint tokens: before each, transformer_options["block_index"] = i and
   ["block_type"] = "double" are written (ComfyUI's loop has no "dit" block replace); no mask.
 - NextDiTHookedAttention: q, k, v, per-head RMS norms, RoPE, then comfy's optimized_attention_masked(q, k, v,
-  heads, None, skip_reshape=True, transformer_options=…) with [B, heads, L, d] (ComfyUI hands AttentionTensorContainers
-  that its wrap_attn unwraps before an override without container_function is called) → [B, L, heads·d], then out.
+  heads, None, skip_reshape=True, transformer_options=…) with [B, heads, L, d] (ComfyUI hands
+  AttentionTensorContainers that its wrap_attn unwraps before an override without container_function is called)
+  → [B, L, heads·d], then out.
   Every attention call, refiners included, carries transformer_options.
 """
 

@@ -14,7 +14,7 @@ import comfy_standin_qwen as cq
 from ckptbend.runtime import bending, comfy_host
 
 PROMPT = "a romantic kiss at {sunset}"
-HEIGHT, WIDTH, TEXT = 8, 12, 10               # latent 8×12 → grid 4×6 (24 tokens, padded to 32); 10 → 32 text tokens
+HEIGHT, WIDTH, TEXT = 8, 12, 10               # latent 8×12 → grid 4×6 (24 tokens, padded to 32); text 10 → 32
 N_TEXT, N_IMAGE = 32, 24
 ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
          "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
@@ -68,7 +68,8 @@ def test_words_are_found_among_all_the_template_tokens(clip):
     layout = comfy_host.dit_layout(cn.ZImageModel(cn.tiny_zimage()).diffusion_model)
     assert (layout.kind, layout.text_key, layout.pad, layout.blocks) == ("nextdit", "qwen3_4b", 32, [])
     columns = comfy_host.token_columns(clip, PROMPT, ["sunset", "a", "kiss"], layout.text_key)
-    pieces = clip.tokenizer.convert_ids_to_tokens([i for i, _ in clip.tokenize("a romantic kiss at sunset")["qwen3_4b"][0]])
+    ids = [i for i, _ in clip.tokenize("a romantic kiss at sunset")["qwen3_4b"][0]]
+    pieces = clip.tokenizer.convert_ids_to_tokens(ids)
     assert [pieces[j] for j in columns["sunset"]] == ["Ġsun", "set"]
     assert [pieces[j] for j in columns["a"]] == ["a"] and columns["a"] == [3]
     assert [pieces[j] for j in columns["kiss"]] == ["Ġkiss"]
@@ -164,7 +165,8 @@ def test_lumina2_bends_the_main_blocks_without_padding():
     m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=prompt)[0]
     sigmas, step = model.schedule(3), 1
     model.record = []
-    cs.calc_cond_batch(model, [cs.cond(cond), cs.cond(uncond)], latent(), sigmas[step:step + 1], m.sampling_options(sigmas))
+    cs.calc_cond_batch(model, [cs.cond(cond), cs.cond(uncond)], latent(), sigmas[step:step + 1],
+                       m.sampling_options(sigmas))
     assert [c["layer"] for c in model.record] == ["noise_refiner", "context_refiner", 0, 1]
     for call in model.record:
         plain = cs.attention_chunked(call["q"], call["k"], call["v"], 2, skip_reshape=True)
@@ -172,7 +174,8 @@ def test_lumina2_bends_the_main_blocks_without_padding():
             assert torch.equal(call["out"], plain)
             continue
         rows = comfy_host.common.chunk_rows(call["cond_or_uncond"], 0, 2)
-        assert torch.equal(call["out"][[r for r in range(2) if r not in rows]], plain[[r for r in range(2) if r not in rows]])
+        others = [r for r in range(2) if r not in rows]
+        assert torch.equal(call["out"][others], plain[others])
         assert torch.equal(call["out"][:, :n_text], plain[:, :n_text])
         assert_close(call["out"], explicit(call, rows, [ENTRY], columns, step, n_text), rtol=1e-4, atol=1e-5)
         assert (call["out"][:, n_text:] - plain[:, n_text:]).abs().max() > 1e-4

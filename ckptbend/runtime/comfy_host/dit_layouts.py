@@ -31,8 +31,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
     Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
-    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
-    block told alike; the target image's call is bent."""
+    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal
+    sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
+    bent."""
     dm = diffusion_model
     name = type(dm).__name__
 

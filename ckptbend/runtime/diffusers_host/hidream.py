@@ -52,7 +52,8 @@ def hidream_attention(session, site, attn, given, original):
         return original()
     if session.token_indices is None:
         raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
-    hidden, context, masks = given["hidden_states"], given.get("encoder_hidden_states"), given.get("hidden_states_masks")
+    hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
+    masks = given.get("hidden_states_masks")
     b, dtype = hidden.shape[0], hidden.dtype
 
     def stream(x, to_q, to_k, to_v, norm_q, norm_k):
