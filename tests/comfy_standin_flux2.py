@@ -44,7 +44,8 @@ class Flux2SingleHookedAttention:
         fused = attn.to_qkv_mlp_proj(hidden_states)
         qkv, mlp = fused.split([3 * attn.inner_dim, fused.shape[-1] - 3 * attn.inner_dim], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
-        q, k = (apply_rotary_emb(n(t), image_rotary_emb, sequence_dim=1) for n, t in ((attn.norm_q, q), (attn.norm_k, k)))
+        q = apply_rotary_emb(attn.norm_q(q), image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(attn.norm_k(k), image_rotary_emb, sequence_dim=1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         options = self.model.block_options
         out = cs.BACKEND.optimized_attention(q, k, v, attn.heads, skip_reshape=True, mask=self.model.block_mask,

@@ -11,8 +11,9 @@ here, has no Z-Image; this follows the source as read, not a run:
   text), then the main `layers` over the joint tokens: before each, transformer_options["block_index"] = i and
   ["block_type"] = "double" are written (ComfyUI's loop has no "dit" block replace); no mask.
 - NextDiTHookedAttention: q, k, v, per-head RMS norms, RoPE, then comfy's optimized_attention_masked(q, k, v,
-  heads, None, skip_reshape=True, transformer_options=…) with [B, heads, L, d] (ComfyUI hands AttentionTensorContainers
-  that its wrap_attn unwraps before an override without container_function is called) → [B, L, heads·d], then out.
+  heads, None, skip_reshape=True, transformer_options=…) with [B, heads, L, d] (ComfyUI hands
+  AttentionTensorContainers that its wrap_attn unwraps before an override without container_function is called)
+  → [B, L, heads·d], then out.
   Every attention call, refiners included, carries transformer_options.
 """
 
@@ -56,20 +57,23 @@ class NextDiTHookedAttention:
         return attn.to_out[0](out)
 
 
-def _padded(tokens, pad_token):
-    extra = (-tokens.shape[1]) % MULTIPLE
+def _padded(tokens, pad_token, multiple):
+    if not multiple:                                  # Lumina 2: no padding
+        return tokens
+    extra = (-tokens.shape[1]) % multiple
     return torch.cat([tokens, pad_token.to(tokens.dtype).expand(tokens.shape[0], extra, -1)], 1)
 
 
 class ZImageModel(cj.JointFlowModel):
-    """ComfyUI's BaseModel for Z-Image around a diffusers ZImageTransformer2DModel (module docstring)."""
+    """ComfyUI's BaseModel for Z-Image around a diffusers ZImageTransformer2DModel (module docstring); with
+    multiple=None, Lumina 2's NextDiT as ComfyUI runs it (the same loop, no padding: pad_tokens_multiple None)."""
 
-    def __init__(self, transformer, shift: float = 3.0):
+    def __init__(self, transformer, shift: float = 3.0, multiple: int | None = MULTIPLE):
         super().__init__(transformer, shift)
         dm = self.diffusion_model
         for name in ("layers", "context_refiner", "noise_refiner", "cap_embedder"):
             setattr(dm, name, getattr(transformer, name))
-        dm.pad_tokens_multiple = MULTIPLE
+        dm.pad_tokens_multiple = self.multiple = multiple      # None: Lumina 2's NextDiT (no padding)
         for name in ("layers", "context_refiner", "noise_refiner"):
             for block in getattr(transformer, name):
                 block.attention.set_processor(NextDiTHookedAttention(self, name))
@@ -79,10 +83,10 @@ class ZImageModel(cj.JointFlowModel):
         b, c, h, w = x.shape
         rows, cols = h // 2, w // 2
         adaln = tf.t_embedder((1 - sigma) * tf.t_scale)
-        text = _padded(tf.cap_embedder(context), tf.cap_pad_token)
+        text = _padded(tf.cap_embedder(context), tf.cap_pad_token, self.multiple)
         n_text = text.shape[1]
         image = x.view(b, c, rows, 2, cols, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, 4 * c)
-        image = _padded(tf.all_x_embedder["2-1"](image), tf.x_pad_token)
+        image = _padded(tf.all_x_embedder["2-1"](image), tf.x_pad_token, self.multiple)
         ids = torch.zeros(n_text + image.shape[1], 3, dtype=torch.long)
         ids[:n_text, 0] = torch.arange(n_text) + 1
         ids[n_text:n_text + rows * cols] = torch.stack([torch.full((rows * cols,), n_text + 1),

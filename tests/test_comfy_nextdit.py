@@ -14,7 +14,7 @@ import comfy_standin_qwen as cq
 from ckptbend.runtime import bending, comfy_host
 
 PROMPT = "a romantic kiss at {sunset}"
-HEIGHT, WIDTH, TEXT = 8, 12, 10               # latent 8×12 → grid 4×6 (24 tokens, padded to 32); 10 → 32 text tokens
+HEIGHT, WIDTH, TEXT = 8, 12, 10               # latent 8×12 → grid 4×6 (24 tokens, padded to 32); text 10 → 32
 N_TEXT, N_IMAGE = 32, 24
 ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
          "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
@@ -68,24 +68,25 @@ def test_words_are_found_among_all_the_template_tokens(clip):
     layout = comfy_host.dit_layout(cn.ZImageModel(cn.tiny_zimage()).diffusion_model)
     assert (layout.kind, layout.text_key, layout.pad, layout.blocks) == ("nextdit", "qwen3_4b", 32, [])
     columns = comfy_host.token_columns(clip, PROMPT, ["sunset", "a", "kiss"], layout.text_key)
-    pieces = clip.tokenizer.convert_ids_to_tokens([i for i, _ in clip.tokenize("a romantic kiss at sunset")["qwen3_4b"][0]])
+    ids = [i for i, _ in clip.tokenize("a romantic kiss at sunset")["qwen3_4b"][0]]
+    pieces = clip.tokenizer.convert_ids_to_tokens(ids)
     assert [pieces[j] for j in columns["sunset"]] == ["Ġsun", "set"]
     assert [pieces[j] for j in columns["a"]] == ["a"] and columns["a"] == [3]
     assert [pieces[j] for j in columns["kiss"]] == ["Ġkiss"]
 
 
-def explicit(call, rows, entries, columns, step):
+def explicit(call, rows, entries, columns, step, n_text=N_TEXT):
     """The node's result for one main-block call, computed independently: the backend's output, except the image
     queries (N_TEXT … N_TEXT + N_IMAGE) of the batch items `rows`, which come from the explicit fp32 softmax with
     the image × text block bent by bending.bend_probs and each row renormalised over all keys."""
     q, k, v = (call[n].float() for n in ("q", "k", "v"))
     out = cs.attention_chunked(call["q"], call["k"], call["v"], 2, skip_reshape=True).clone()
     probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[rows]
-    image = slice(N_TEXT, N_TEXT + N_IMAGE)
-    block = probs[:, :, image, :N_TEXT].reshape(-1, N_IMAGE, N_TEXT)
+    image = slice(n_text, n_text + N_IMAGE)
+    block = probs[:, :, image, :n_text].reshape(-1, N_IMAGE, n_text)
     unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
-    probs[:, :, image, :N_TEXT] = bending.bend_probs(block, columns, (HEIGHT // 2, WIDTH // 2), unrowed, step,
-                                                     call["layer"]).view(len(rows), 2, N_IMAGE, N_TEXT)
+    probs[:, :, image, :n_text] = bending.bend_probs(block, columns, (HEIGHT // 2, WIDTH // 2), unrowed, step,
+                                                     call["layer"]).view(len(rows), 2, N_IMAGE, n_text)
     if any(e["renormalize"] == "row" for e in entries):
         probs[:, :, image] /= probs[:, :, image].sum(-1, keepdim=True)
     bent = (probs[:, :, image] @ v[rows]).transpose(1, 2).flatten(2)
@@ -131,3 +132,50 @@ def test_zimage_unbent_steps_and_zero_strength_sample_bit_identically(zimage, cl
     zero = patched(zimage, clip, [ENTRY], bend1_strength=0.0)
     assert "optimized_attention_override" not in zero.model_options["transformer_options"]
     assert not torch.equal(cs.sample(patched(zimage, clip, [ENTRY, GAIN]), noise, cond, uncond, steps=3), plain)
+
+
+class GemmaCLIP:
+    """ComfyUI's Lumina 2 CLIP object, only tokenize(): Gemma 2's tokens with <bos> (id 2) first, weights enabled,
+    no padding (a byte-level BPE tokenizer stands in for Gemma's SentencePiece). The system prompt is the text
+    node's, part of the text."""
+
+    def __init__(self):
+        self.tokenizer = cq.qwen_tokenizer()
+
+    def tokenize(self, text):
+        return {"gemma2_2b": [[(i, 1.0) for i in [2] + self.tokenizer(text)["input_ids"]]]}
+
+
+def test_lumina2_bends_the_main_blocks_without_padding():
+    """Lumina 2's NextDiT: [text; image] unpadded, Gemma 2's key (column 0 is <bos>); the main blocks' image queries
+    are bent against the word's keys as the explicit bent softmax, the refiners' calls left alone."""
+    clip = GemmaCLIP()
+    model = cn.ZImageModel(cn.tiny_zimage(), multiple=None)
+    layout = comfy_host.dit_layout(model.diffusion_model)
+    assert (layout.kind, layout.text_key, layout.pad) == ("nextdit", "gemma2_2b", None)
+    prompt = "You are an assistant. <Prompt Start> " + PROMPT
+    columns = comfy_host.token_columns(clip, prompt, ["sunset"], layout.text_key)
+    pieces = clip.tokenizer.convert_ids_to_tokens([i for i, _ in clip.tokenize(prompt.replace("{", "").replace(
+        "}", ""))["gemma2_2b"][0]][1:])
+    assert [pieces[j - 1] for j in columns["sunset"]] == ["Ġsun", "set"]
+    n_text = len(clip.tokenize(prompt)["gemma2_2b"][0])
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = (torch.randn(1, n_text, 16, generator=g) for _ in range(2))
+    (cls,) = comfy_host.node_class_mappings({"bending": [ENTRY]}, "lumina bend", "56" * 32)[0].values()
+    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=prompt)[0]
+    sigmas, step = model.schedule(3), 1
+    model.record = []
+    cs.calc_cond_batch(model, [cs.cond(cond), cs.cond(uncond)], latent(), sigmas[step:step + 1],
+                       m.sampling_options(sigmas))
+    assert [c["layer"] for c in model.record] == ["noise_refiner", "context_refiner", 0, 1]
+    for call in model.record:
+        plain = cs.attention_chunked(call["q"], call["k"], call["v"], 2, skip_reshape=True)
+        if call["layer"] != 1:                                   # refiners, and layer 0 (not in the entry's layers)
+            assert torch.equal(call["out"], plain)
+            continue
+        rows = comfy_host.common.chunk_rows(call["cond_or_uncond"], 0, 2)
+        others = [r for r in range(2) if r not in rows]
+        assert torch.equal(call["out"][others], plain[others])
+        assert torch.equal(call["out"][:, :n_text], plain[:, :n_text])
+        assert_close(call["out"], explicit(call, rows, [ENTRY], columns, step, n_text), rtol=1e-4, atol=1e-5)
+        assert (call["out"][:, n_text:] - plain[:, n_text:]).abs().max() > 1e-4

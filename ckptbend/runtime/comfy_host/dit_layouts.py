@@ -31,8 +31,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
     Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
-    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal sequence [text; target image] of unpatched latent tokens, the
-    block told alike; the target image's call is bent."""
+    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal
+    sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
+    bent."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -44,6 +45,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
         raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
                          "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
+    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream
+        raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
+                         "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
+                         "diffusers host bends it)")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False

@@ -11,8 +11,12 @@ bending.py; these modules only wire it in:
   processor.py  the attention sites and the processor that stands in for each one's
   recompute.py  diffusers' AttnProcessor2_0 reproduced with two seams (reduced key/values, bent attention)
   unet.py       SAG and Slothful Attention on UNets
-  cross.py      Bending at text cross-attentions (UNets, Wan 2.x, PixArt)
-  joint.py      Bending at joint attentions over [text; image] tokens (Flux.1, Chroma, SD3.x, Qwen-Image)
+  cross.py      Bending at text cross-attentions (UNets, Wan 2.x and VACE's main blocks, PixArt, LTX-2's video)
+  joint.py      Bending at joint attentions over [text; image] tokens (Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image)
+  single.py     Bending at single-stream NextDiT attentions (Z-Image, Lumina 2)
+  qwen21.py     Bending at Qwen-Image 2.x's block-causal attentions (the target image's queries)
+  hunyuan15.py  Bending at HunyuanVideo 1.5's [video; context] attentions (a text offset per item)
+  hidream.py    Bending at HiDream's [image; T5, Llama, Llama] attentions (double- and single-stream blocks)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

@@ -53,8 +53,8 @@ def hunyuan15_attention(session, site, attn, given, original):
     rotary = given.get("image_rotary_emb")
     if rotary is not None:
         q, k = _rope(q, rotary), _rope(k, rotary)
-    cq, ck, cv = (heads(context, attn.add_q_proj, attn.norm_added_q), heads(context, attn.add_k_proj, attn.norm_added_k),
-                  heads(context, attn.add_v_proj, None))
+    cq, ck = heads(context, attn.add_q_proj, attn.norm_added_q), heads(context, attn.add_k_proj, attn.norm_added_k)
+    cv = heads(context, attn.add_v_proj, None)
     q, k, v = (torch.cat(p, 1) for p in ((q, cq), (k, ck), (v, cv)))
     b, length = q.shape[:2]
     keep = F.pad(given["attention_mask"], (length - given["attention_mask"].shape[1], 0), value=True).bool()

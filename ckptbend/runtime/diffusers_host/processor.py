@@ -7,6 +7,7 @@ import inspect
 
 from .cross import cross_attention
 from .joint import JOINT_MODELS, joint_attention
+from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
 from .single import SINGLE_MODELS, single_attention, single_modules
@@ -35,8 +36,8 @@ def sites_of(model) -> list[Site]:
     on a joint model (JOINT_MODELS) its blocks' joint attentions `attn` instead, in order (Flux: double
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
-              **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}}
-    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5: one per block
+              **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS}}
+    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in JOINT_MODELS:
@@ -80,6 +81,8 @@ class Processor:
         if session.call is None:              # called outside a model forward
             return original()
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        if self.site.joint and session.hidream:
+            return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:
             return hunyuan15_attention(session, self.site, attn, given, original)
         if self.site.joint and session.qwen21:

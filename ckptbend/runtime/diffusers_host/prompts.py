@@ -51,6 +51,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _single_columns(session, arguments)
     if hasattr(pipe, "connectors"):
         return _ltx2_columns(session, arguments["prompt"])
+    if getattr(session, "hidream", False):
+        return _hidream_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -82,6 +84,41 @@ def _qwen_columns(session, prompt) -> dict[str, list[int]]:
     words = list(dict.fromkeys(e.token for e in session.entries))
     return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
+
+def _hidream_columns(session, arguments) -> dict[str, list[int]]:
+    """HiDream: every block attends to [T5; Llama's last layer; Llama's layer for the block], each padded to
+    max_sequence_length (the tokenizer's limit if smaller): a word's T5 columns (tokenizer_3, of prompt_3) and its
+    Llama columns (tokenizer_4, of prompt_4) in both Llama parts; found in at least one of the two."""
+    pipe = session.pipe
+    limit = arguments.get("max_sequence_length") or 128
+    n_t5, n_llama = (min(limit, t.model_max_length) for t in (pipe.tokenizer_3, pipe.tokenizer_4))
+    llama, llama_prompt = pipe.tokenizer_4, arguments.get("prompt_4") or arguments["prompt"]
+
+    def llama_columns(word):                     # byte-level BPE: a word after a space or bare
+        def spell(text):
+            return llama(text, add_special_tokens=False)["input_ids"]
+
+        return same_columns([tokens.token_columns([word], llama(p, truncation=True, max_length=n_llama)["input_ids"],
+                                                  lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
+                             for p in ([llama_prompt] if isinstance(llama_prompt, str) else llama_prompt)])[word]
+
+    found = {}
+    for word in dict.fromkeys(e.token for e in session.entries):
+        columns = []
+        for find, offsets in ((lambda w: _columns(session, pipe.tokenizer_3, arguments.get("prompt_3")
+                                                  or arguments["prompt"], words=[w])[w], (0,)),
+                              (llama_columns, (n_t5, n_t5 + n_llama))):
+            try:
+                js = find(word)
+            except (ValueError, KeyError):
+                continue                         # not among this encoder's tokens (or a wildcard)
+            columns += [offset + j for offset in offsets for j in js]
+        if not columns and not tokens.is_wildcard(word):
+            raise ValueError(f"Token not found: '{word}'")
+        if columns:
+            found[word] = columns
+    return found
+
 
 def _ltx2_columns(session, prompt) -> dict[str, list[int]]:
     """LTX-2: Gemma 3's tokens of the stripped prompt, <bos> first, left-padded; its text connector moves the valid

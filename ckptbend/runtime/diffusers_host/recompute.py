@@ -45,7 +45,7 @@ def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=sdpa,
     key/value inputs given separately (Slothful passes reduced ones; the query keeps every token)
     and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending). image: Wan
     I2V's CLIP-image tokens, attended through add_k_proj / add_v_proj and added to the text's result. LTX-2's
-    gated attention (to_gate_logits) scales each head's output by 2·sigmoid of its gate, as LTX2AudioVideoAttnProcessor."""
+    gated attention (to_gate_logits) scales each head's output by 2·sigmoid of its gate, as its processor does."""
     residual = hidden_states
     bias = None
     if attention_mask is not None:

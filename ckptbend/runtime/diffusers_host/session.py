@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import hunyuan15, qwen21
+from . import hidream, hunyuan15, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -20,15 +20,13 @@ SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 # Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
 NOT_REACHED = {
-    "HiDreamImageTransformer2DModel": "its text keys are T5 tokens plus a different Llama layer's tokens in every "
-                                      "block (a word has several columns per block), which the host does not map yet",
     "Kandinsky5Transformer3DModel": "its visual tokens may be flattened in fractal blocks for sparse attention, and "
                                     "its Qwen2.5-VL template's columns are not found yet",
     "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
                                       "columns are not found yet (HunyuanVideo 1.5 is reached)",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5 and LTX-2's video stream")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, HiDream and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -132,6 +130,7 @@ class Session:
         self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
+        self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -174,7 +173,7 @@ class Session:
             self.call = describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
         # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
         # tokens' t is the largest (every other model passes one t for the whole call).
         t = float(torch.as_tensor(t).flatten().max())
@@ -205,6 +204,8 @@ class Session:
             qwen21.describe(self.call, kwargs)
         if self.hunyuan15 and self.entries:
             hunyuan15.describe(self.call, kwargs)
+        if self.hidream and self.entries:
+            hidream.describe(self.call, kwargs)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
