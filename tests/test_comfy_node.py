@@ -238,7 +238,8 @@ def test_stand_in_backend_differs_from_sdpa(model, monkeypatch):
     cs.install_comfy(monkeypatch, cs.Backend(cs.attention_sdpa))
     sdpa = cs.sample(cs.ModelPatcher(model), noise, cond, uncond, steps=2)
     assert not torch.equal(chunked, sdpa)
-    assert_close(chunked, sdpa, rtol=1e-4, atol=1e-4)
+    # Same maths, other float32 summation order: two sampler steps carry it to ~1.5e-4 on some CPUs' kernels.
+    assert_close(chunked, sdpa, rtol=1e-3, atol=1e-3)
 
 
 def test_sites_the_node_does_not_change_run_the_selected_backend(model, clip, monkeypatch):
