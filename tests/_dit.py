@@ -61,3 +61,18 @@ def run(*args):
 
     from ckptbend.cli import cli
     return _Result(CliRunner().invoke(cli, [str(a) for a in args], prog_name="ckptbend"))
+
+
+def gguf_state(path) -> dict:
+    """A GGUF file's tensors dequantised by gguf-py, in float64 and their torch shapes (ComfyUI-GGUF's orig_shape)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        field = reader.get_field(f"comfy.gguf.orig_shape.{t.name}")
+        shape = tuple(int(field.parts[i][0]) for i in field.data) if field else tuple(int(d) for d in reversed(t.shape))
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).reshape(shape)
+    return out

@@ -11,9 +11,10 @@ import torch
 from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from _dit import compare, dequantised, recipe, run
+from _dit import compare, dequantised, gguf_state, recipe, run
 from _helpers import load_strict
 from ckptbend.bake import bake
+from ckptbend.gguf_io import is_gguf
 from ckptbend.errors import CkptbendError
 from ckptbend.layouts import blocks_with_attention, detect
 from ckptbend.synth import cosmos as C
@@ -35,7 +36,8 @@ def load(path, layout):
     fresh = diffusers.CosmosTransformer3DModel(**CONFIG).eval()
     if layout == "diffusers":
         return load_strict(fresh, load_file(next((path / "transformer").glob("*.safetensors")))).double()
-    state = {k: v.float() for k, v in dequantised(path).items() if not k.startswith(("text_encoders.", "vae."))}
+    read = gguf_state if is_gguf(path) else dequantised
+    state = {k: v.float() for k, v in read(path).items() if not k.startswith(("text_encoders.", "vae."))}
     state = {k.removeprefix(PREFIX[0]): v for k, v in state.items() if "llm_adapter." not in k}
     if layout != "transformer_diffusers":
         state = convert_cosmos_transformer_checkpoint_to_diffusers(state)
@@ -130,3 +132,14 @@ def test_cosmos1_and_unknown_parts_are_refused(tmp_path, synth_file):
         detect(tmp_path / "img.safetensors")
     r = run("inspect", synth_file("anima", "comfy"))
     assert r.returncode == 0 and "architecture: anima" in r.stdout and "B01" in r.stdout
+
+
+@pytest.mark.parametrize("arch", ["cosmos_predict2", "anima"])
+def test_comfyui_gguf(tmp_path, synth_file, arch):
+    """ComfyUI-GGUF's `cosmos` files (Predict2 and Anima); × 0.5 on Q8_0's fp16 scales is exact."""
+    src = synth_file(arch, "single", "q8_0")
+    assert detect(src).architecture == arch.replace("_", "-")
+    bake(recipe(body("dit.cross", {"v": 0.5, "out": 0.5})), src, tmp_path / "q.gguf", durable=False)
+    plain = load(src, "single")
+    compare(forward(load(tmp_path / "q.gguf", "single")), forward(hooked(plain, "attn2", {"v": 0.5, "out": 0.5})),
+            forward(plain))

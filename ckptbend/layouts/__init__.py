@@ -36,13 +36,13 @@ from pathlib import Path
 from ..errors import CkptbendError
 from .. import gguf_io
 from ..safetensors_io import Header, read_header
-from . import (cosmos, ernie_image, flux, flux2, flux3, hidream, ideogram4, kandinsky5, krea2, ltx2, ltx_video, lumina,
-               minimax_h3, qwen_image, sd3, sd_unet, text_encoders, wan)
+from . import (auraflow, cosmos, ernie_image, flux, flux2, flux3, hidream, ideogram4, kandinsky5, krea2, ltx2,
+               ltx_video, lumina, minimax_h3, qwen_image, sd3, sd_unet, text_encoders, wan)
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 from .validate import check_sites
 
 FAMILIES = (flux, flux2, flux3, krea2, sd3, qwen_image, wan, ltx2, ltx_video, kandinsky5, minimax_h3, ideogram4, cosmos,
-            lumina, hidream, ernie_image, sd_unet, text_encoders)
+            auraflow, lumina, hidream, ernie_image, sd_unet, text_encoders)
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 ARCHITECTURE_NAMES = {name: covers for f in FAMILIES for name, covers in f.ARCHITECTURE_NAMES.items()}
 
@@ -74,7 +74,7 @@ GGUF_ARCHITECTURES = {
     "sdxl": ("sdxl-base", "sdxl-refiner"),
     "sd3": ("sd3-medium", "sd35-medium", "sd35-large"), "ltxv": ("ltx-video", "ltx-2"), "hyvid": ("hunyuan-video",),
     "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"), "hidream": ("hidream",),
-    "aura": (), "cosmos": (),                                                # families ckptbend has no layout for
+    "aura": ("auraflow",), "cosmos": ("cosmos-predict2", "anima"),
 }
 GGUF_TEXT = ("t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl")   # llama.cpp's names: no layout yet
 

@@ -1,8 +1,9 @@
 """Tiny Cosmos Predict2 checkpoints from diffusers' `CosmosTransformer3DModel`: h 32 = 2 heads × 16, 2 blocks, text
 width 24, no learnable position embedding (Predict2's `extra_pos_embedder` is not converted by diffusers' Cosmos 2.0
-table) and no padding-mask channel (diffusers resizes that mask with torchvision; the channel only widens `x_embedder`). `to_original` is the inverse of diffusers' `convert_cosmos_transformer_checkpoint_to_diffusers` (Cosmos 2.0
-names, written bare: NVIDIA's file puts them under `net.`, which the converter strips). Text encoder and VAE are not
-generated. Anima (synth/anima.py) adds its text adapter to this transformer."""
+table) and no padding-mask channel (diffusers resizes that mask with torchvision; the channel only widens
+`x_embedder`). `to_original` is the inverse of diffusers' `convert_cosmos_transformer_checkpoint_to_diffusers`
+(Cosmos 2.0 names, written bare: NVIDIA's file puts them under `net.`, which the converter strips). Text encoder and
+VAE are not generated. Anima (synth/anima.py) adds its text adapter to this transformer."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "chr
               "wan_vace": "wan", "qwen_image_layered": "qwen_image", "qwen_image_21": "qwen_image",
               "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3_medium": "sd3",
               "sd35_medium": "sd3", "sd35_large": "sd3", "wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v": "wan",
-              "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image"}
+              "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image", "auraflow": "aura",
+              "cosmos_predict2": "cosmos", "anima": "cosmos"}
 HIPREC = {"wan": (".modulation",), "ltxv": ("scale_shift_table",), "hidream": (".ff_i.gate.weight", "img_emb.emb_pos")}
 SHAPE_FIX = ("sd1", "sdxl")
 SMALL = 1024                # tensors of at most this many elements stay F32
