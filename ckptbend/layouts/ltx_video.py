@@ -20,7 +20,7 @@ import re
 
 from .types import CheckpointFile, Identified, Site
 from . import ltx2
-from .wan import identified, is_family, model_prefix, refuse_unknown_modules
+from .wan import identified, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit", "unet")
 ORIGINAL_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"   # ComfyUI's detection key
@@ -71,8 +71,12 @@ def identify(header) -> Identified | None:
 
 
 def _is_ltx(files) -> bool:
-    """LTX-Video, not LTX-2 (whose `audio_adaln_single` ends like LTX-Video's detection key)."""
-    return is_family(files, (ORIGINAL_KEY, DIFFUSERS_KEY)) and ltx2.sites_prefix(files) is None
+    """LTX-Video, not LTX-2 (whose `audio_adaln_single` ends like LTX-Video's detection key) nor Sana (whose diffusers
+    names share the diffusers key): the keys `identify` needs, in any file of the checkpoint."""
+    names = {n for f in files for n, c in f.components.items() if c == "dit"}
+    found = model_prefix(names, (ORIGINAL_KEY, DIFFUSERS_KEY))
+    needs = () if found is None else ORIGINAL_NEEDS if found[1] == ORIGINAL_KEY else DIFFUSERS_NEEDS
+    return found is not None and all(found[0] + n in names for n in needs) and ltx2.sites_prefix(files) is None
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
