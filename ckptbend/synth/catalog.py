@@ -29,7 +29,8 @@ GENERATORS = {
     "cosmos": (("cosmos_predict2",), _DIT_LAYOUTS),
     "anima": (("anima",), _DIT_LAYOUTS[:3]),
     "auraflow": (("auraflow",), _DIT_LAYOUTS),
-    "sana": (("sana",), _DIT_LAYOUTS),   # diffusers keeps its text adapter in another model
+    "sana": (("sana",), _DIT_LAYOUTS),
+    "mochi": (("mochi",), _DIT_LAYOUTS),   # diffusers keeps its text adapter in another model
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
