@@ -37,12 +37,13 @@ from ..errors import CkptbendError
 from .. import gguf_io
 from ..safetensors_io import Header, read_header
 from . import (auraflow, cosmos, ernie_image, flux, flux2, flux3, hidream, ideogram4, kandinsky5, krea2, ltx2,
-               ltx_video, lumina, minimax_h3, mochi, qwen_image, sana, sd3, sd_unet, text_encoders, wan)
+               ltx_video, lumina, minimax_h3, mochi, motif_video, qwen_image, sana, sd3, sd_unet, text_encoders, wan)
 from .types import Checkpoint, CheckpointFile, Identified, Site  # noqa: F401  (the package's public types)
 from .validate import check_sites
 
-FAMILIES = (flux, flux2, flux3, krea2, sd3, qwen_image, wan, ltx2, ltx_video, kandinsky5, minimax_h3, ideogram4, cosmos,
-            auraflow, sana, mochi, lumina, hidream, ernie_image, sd_unet, text_encoders)
+# Motif-Video first: its Flux-style dual/single blocks would be refused by Flux's check for unknown derivatives.
+FAMILIES = (motif_video, flux, flux2, flux3, krea2, sd3, qwen_image, wan, ltx2, ltx_video, kandinsky5, minimax_h3,
+            ideogram4, cosmos, auraflow, sana, mochi, lumina, hidream, ernie_image, sd_unet, text_encoders)
 DIFFUSERS_PIPELINES = {cls: subs for f in FAMILIES for cls, subs in f.DIFFUSERS_PIPELINES.items()}
 ARCHITECTURE_NAMES = {name: covers for f in FAMILIES for name, covers in f.ARCHITECTURE_NAMES.items()}
 

@@ -30,7 +30,8 @@ GENERATORS = {
     "anima": (("anima",), _DIT_LAYOUTS[:3]),
     "auraflow": (("auraflow",), _DIT_LAYOUTS),
     "sana": (("sana",), _DIT_LAYOUTS),
-    "mochi": (("mochi",), _DIT_LAYOUTS),   # diffusers keeps its text adapter in another model
+    "mochi": (("mochi",), _DIT_LAYOUTS),
+    "motif_video": (("motif_video",), _DIT_LAYOUTS),   # diffusers keeps its text adapter in another model
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
