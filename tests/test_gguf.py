@@ -262,7 +262,8 @@ def test_a_block_scale_past_fp16_is_refused(made, tmp_path):
 
 
 @pytest.mark.parametrize("arch_name, message", [
-    ("cosmos", "general.architecture is 'cosmos': ckptbend has no layout for this family"),
+    ("cosmos", "general.architecture says 'cosmos', but its tensors are flux-dev's; refusing to guess"),
+    ("pixart", "general.architecture is 'pixart': not one of ComfyUI-GGUF's names"),
     ("sdxl", "general.architecture says 'sdxl', but its tensors are flux-dev's; refusing to guess"),
     ("t5", "a GGUF text encoder in llama.cpp's tensor names"),
 ])

@@ -27,11 +27,11 @@ GENERATORS = {
     "minimax_h3": (("minimax_h3",), _DIT_LAYOUTS),
     "ideogram4": (("ideogram4",), _DIT_LAYOUTS),
     "cosmos": (("cosmos_predict2",), _DIT_LAYOUTS),
-    "anima": (("anima",), _DIT_LAYOUTS[:3]),
+    "anima": (("anima",), _DIT_LAYOUTS[:3]),   # diffusers keeps its text adapter in another model
     "auraflow": (("auraflow",), _DIT_LAYOUTS),
     "sana": (("sana",), _DIT_LAYOUTS),
     "mochi": (("mochi",), _DIT_LAYOUTS),
-    "motif_video": (("motif_video",), _DIT_LAYOUTS),   # diffusers keeps its text adapter in another model
+    "motif_video": (("motif_video",), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
