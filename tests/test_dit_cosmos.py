@@ -143,3 +143,18 @@ def test_comfyui_gguf(tmp_path, synth_file, arch):
     plain = load(src, "single")
     compare(forward(load(tmp_path / "q.gguf", "single")), forward(hooked(plain, "attn2", {"v": 0.5, "out": 0.5})),
             forward(plain))
+
+
+def test_predict25_named_by_its_text_projection_and_image_context_refused(tmp_path):
+    """Predict2.5 adds `crossattn_proj` (Cosmos-Reason1 features → text width); Transfer2.5's image context
+    (`q_img`, `k_img`, `v_img`) has no rule here and its folder is refused."""
+    config = dict(CONFIG, use_crossattn_projection=True, crossattn_proj_in_channels=40, encoder_hidden_states_channels=24)
+    model = diffusers.CosmosTransformer3DModel(**config)
+    save_file(C.to_original(model.state_dict()), tmp_path / "p25.safetensors")
+    assert detect(tmp_path / "p25.safetensors").architecture == "cosmos-predict2.5"
+    folder = tmp_path / "folder"
+    image = diffusers.CosmosTransformer3DModel(**dict(CONFIG, img_context_dim_in=8, img_context_dim_out=32))
+    image.save_config(folder / "transformer")
+    save_file(image.state_dict(), folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CkptbendError, match="image-context"):
+        detect(folder)
