@@ -22,7 +22,21 @@ import torch
 HERE = Path(__file__).resolve().parent.parent
 FACTORS = {"q": 1.25, "k": 0.8, "v": 1.5, "out": 0.75}
 RECIPE = 'schema = 1\nname = "gguf-check"\n[[dit.joint]]\n' + "".join(f"{k} = {v}\n" for k, v in FACTORS.items())
-SCALE_ROUNDING = 2.0 ** -11 + 2.0 ** -22     # one fp16 rounding of a block scale, relative (+ float32's of f × x)
+SCALE_ROUNDING = 2.0 ** -11                  # one fp16 rounding of a block scale, relative
+WITH_MIN = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}   # x = d·q + m: |d·q| + |m| ≤ 3 × the block's largest |x|
+
+
+def bound(kind: str) -> float:
+    """Largest |baked − f·x| over the block's largest |f·x| (+ float32's rounding of f·x)."""
+    return SCALE_ROUNDING * (3 if kind in WITH_MIN else 1) + 2.0 ** -22
+
+
+def block_error(y: torch.Tensor, expected: torch.Tensor, moved: torch.Tensor, kind: str) -> float:
+    """Per quantisation block (a row's run of gguf's block size; single elements for F32/F16)."""
+    import gguf
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0] if kind in gguf.GGMLQuantizationType.__members__ else 1
+    top = expected.abs().reshape(-1, size).amax(1, keepdim=True).expand(-1, size).reshape(expected.shape)
+    return float(((y - expected).abs() / top)[moved].max())
 
 
 def flux_reach(key: str, hidden: int):
@@ -83,17 +97,24 @@ def plain(t: torch.Tensor) -> torch.Tensor:
         return t.as_subclass(torch.Tensor).detach().clone()
 
 
-def check_gguf(gguf_nodes: Path, sample, dtype="q8_0"):
+def check_gguf(gguf_nodes: Path, sample, dtypes=("q8_0", "q4_1")):
+    """Q8_0 (one scale d per block) and Q4_1 (d and the block minimum m, both scaled)."""
     import folder_paths
 
     cls, dequant = gguf_loader(gguf_nodes)
     folder = Path(tempfile.mkdtemp())
     (folder / "r.toml").write_text(RECIPE)
-    print("  " + ckptbend("synth", "flux_dev", folder / "flux.gguf", "--dtype", dtype))
-    print("  " + ckptbend("bake", folder / "r.toml", folder / "flux.gguf", "-o", folder / "baked.gguf"))
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     tiny_flux_widths()
-    original, baked = (getattr(cls(), cls.FUNCTION)(unet_name=name)[0] for name in ("flux.gguf", "baked.gguf"))
+    for dtype in dtypes:
+        check_file(cls, dequant, folder, dtype, sample)
+
+
+def check_file(cls, dequant, folder: Path, dtype: str, sample):
+    names = f"flux-{dtype}.gguf", f"flux-{dtype}-baked.gguf"
+    print("  " + ckptbend("synth", "flux_dev", folder / names[0], "--dtype", dtype))
+    print("  " + ckptbend("bake", folder / "r.toml", folder / names[0], "-o", folder / names[1]))
+    original, baked = (getattr(cls(), cls.FUNCTION)(unet_name=name)[0] for name in names)
     assert type(baked).__name__ == "GGUFModelPatcher", type(baked)
     config = baked.model.model_config.unet_config
     hidden = config["hidden_size"]
@@ -101,9 +122,9 @@ def check_gguf(gguf_nodes: Path, sample, dtype="q8_0"):
     a = dict(original.model.diffusion_model.named_parameters())
     b = dict(baked.model.diffusion_model.named_parameters())
     assert a.keys() == b.keys() and a
-    types, identical, scaled, error = {}, 0, 0, 0.0
+    types, identical, scaled, error = {}, 0, 0, {}
     for key in a:
-        kind = getattr(getattr(b[key], "tensor_type", None), "name", str(b[key].dtype))
+        kind = getattr(getattr(b[key], "tensor_type", None), "name", "plain parameter")   # copied into ComfyUI's own
         types[kind] = types.get(kind, 0) + 1
         x, y = (plain(dequant.dequantize_tensor(t, torch.float32, torch.float32)) for t in (a[key], b[key]))
         reach = flux_reach(key, hidden)
@@ -117,11 +138,12 @@ def check_gguf(gguf_nodes: Path, sample, dtype="q8_0"):
         assert torch.equal(y[kept], x[kept]), key
         moved = ~kept
         if moved.any():
-            error = max(error, float(((y[moved] - expected[moved]).abs() / expected[moved].abs()).max()))
+            error[kind] = max(error.get(kind, 0.0), block_error(y, expected, moved, kind))
     print(f"  ComfyUI-GGUF loaded both ({', '.join(f'{k} {n}' for k, n in sorted(types.items()))} parameters); "
           f"{identical} tensors not reached: identical after dequantize_tensor; {scaled} reached: largest "
-          f"relative difference from f × original {error:.3g} (bound 2^-11 + 2^-22 = {SCALE_ROUNDING:.3g})")
-    assert scaled and error <= SCALE_ROUNDING
+          f"|baked − f × original| over its block's largest |f × original|: "
+          + ", ".join(f"{k} {e:.3g} (bound {bound(k):.3g})" for k, e in sorted(error.items())))
+    assert scaled and all(e <= bound(k) for k, e in error.items())
 
     shape = (1, config["in_channels"], 8, 8)
     g = torch.Generator().manual_seed(1)
