@@ -3,9 +3,10 @@ node inside the real ComfyUI, dequantised by ComfyUI-GGUF's own dequantize_tenso
 
 The tiny Flux GGUF comes from `ckptbend synth`, the bake from `ckptbend bake` (the CLI, as a user runs them).
 Expected: every tensor the recipe does not reach is bit-identical after dequantisation; every reached
-element is f × the original's, up to one fp16 rounding of its block scale (relative 2^-11; F32 values:
-one float32 rounding). Dequantised in float32 (dequant_dtype): by default ComfyUI-GGUF multiplies scale and
-code in fp16, which adds an fp16 rounding of each product on both sides. Which tensors and rows a factor reaches is stated here from ComfyUI's own Flux code
+element is f × the original's, up to one fp16 rounding of each scale field of its block (block-relative
+2^-11, or 3·2^-11 where a value is d·q + m; F32 values: exact). Dequantised in float32 (dequant_dtype): by
+default ComfyUI-GGUF multiplies scale and code in fp16, which adds an fp16 rounding of each product on both
+sides. Which tensors and rows a factor reaches is stated here from ComfyUI's own Flux code
 (comfy/ldm/flux/layers.py): qkv and linear1 rows are [q; k; v; (mlp)], linear2's columns [attention; mlp],
 and q/k are RMS-normalised right after projection, so their factors land on the norms' scales.
 """
@@ -34,7 +35,8 @@ def bound(kind: str) -> float:
 def block_error(y: torch.Tensor, expected: torch.Tensor, moved: torch.Tensor, kind: str) -> float:
     """Per quantisation block (a row's run of gguf's block size; single elements for F32/F16)."""
     import gguf
-    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0] if kind in gguf.GGMLQuantizationType.__members__ else 1
+    types = gguf.GGMLQuantizationType
+    size = gguf.GGML_QUANT_SIZES[types[kind]][0] if kind in types.__members__ else 1
     top = expected.abs().reshape(-1, size).amax(1, keepdim=True).expand(-1, size).reshape(expected.shape)
     return float(((y - expected).abs() / top)[moved].max())
 
