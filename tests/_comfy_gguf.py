@@ -9,6 +9,9 @@ default ComfyUI-GGUF multiplies scale and code in fp16, which adds an fp16 round
 sides. Which tensors and rows a factor reaches is stated here from ComfyUI's own Flux code
 (comfy/ldm/flux/layers.py): qkv and linear1 rows are [q; k; v; (mlp)], linear2's columns [attention; mlp],
 and q/k are RMS-normalised right after projection, so their factors land on the norms' scales.
+The bake's sample is compared with the original's under ComfyUI's own run-time weight patches of the same
+factors (ModelPatcher.add_patches, as ComfyUI's attention multiply nodes use it): within 1% of the change
+those patches make (the scales' fp16 rounding, carried through three sampling steps).
 """
 
 import asyncio
@@ -42,7 +45,7 @@ def block_error(y: torch.Tensor, expected: torch.Tensor, moved: torch.Tensor, ki
 
 
 def flux_reach(key: str, hidden: int):
-    """(index, factor) for a Flux tensor the recipe reaches, else None (ComfyUI's Flux layout)."""
+    """(index, factor's name) for a Flux tensor the recipe reaches, else None (ComfyUI's Flux layout)."""
     v_rows, attention_columns = slice(2 * hidden, 3 * hidden), (slice(None), slice(0, hidden))
     table = (("norm.query_norm.scale", ..., "q"), ("norm.key_norm.scale", ..., "k"),
              ("attn.qkv.weight", v_rows, "v"), ("attn.qkv.bias", v_rows, "v"),
@@ -51,7 +54,7 @@ def flux_reach(key: str, hidden: int):
              ("linear2.weight", attention_columns, "out"))
     for suffix, index, factor in table:
         if key.endswith(suffix) and key.split(".")[0] in ("double_blocks", "single_blocks"):
-            return index, FACTORS[factor]
+            return index, factor
     return None
 
 
@@ -112,6 +115,30 @@ def check_gguf(gguf_nodes: Path, sample, dtypes=("q8_0", "q4_1")):
         check_file(cls, dequant, folder, dtype, sample)
 
 
+def runtime_patched(patcher, hidden: int):
+    """The original with the recipe's factors applied at run time by ComfyUI's own weight patches, as its
+    attention multiply nodes apply theirs (add_patches({key: (None,)}, 0.0, f): the weight times f), a row
+    or column range through a patch's offset (dim, start, length). ComfyUI-GGUF's ops apply them after
+    dequantising."""
+    m = patcher.clone()
+    for key in dict(m.model.named_parameters()):
+        reach = flux_reach(key.removeprefix("diffusion_model."), hidden)
+        if reach is None:
+            continue
+        index, name = reach
+        dim, span = (0, index) if isinstance(index, slice) else (1, index[1]) if index is not ... else (None, None)
+        target = key if dim is None else (key, (dim, span.start, span.stop - span.start))
+        assert m.add_patches({target: (None,)}, 0.0, FACTORS[name]), key
+    return m
+
+
+def inputs(config: dict):
+    g = torch.Generator().manual_seed(1)
+    cond = [[torch.randn(1, 8, config["context_in_dim"], generator=g),
+             {"pooled_output": torch.randn(1, config["vec_in_dim"], generator=g)}]]
+    return (1, config["in_channels"], 8, 8), cond
+
+
 def check_file(cls, dequant, folder: Path, dtype: str, sample):
     names = f"flux-{dtype}.gguf", f"flux-{dtype}-baked.gguf"
     print("  " + ckptbend("synth", "flux_dev", folder / names[0], "--dtype", dtype))
@@ -132,7 +159,7 @@ def check_file(cls, dequant, folder: Path, dtype: str, sample):
         reach = flux_reach(key, hidden)
         expected = x.clone()
         if reach is not None:
-            expected[reach[0]] *= reach[1]
+            expected[reach[0]] *= FACTORS[reach[1]]
             scaled += 1
         else:
             identical += 1
@@ -147,11 +174,12 @@ def check_file(cls, dequant, folder: Path, dtype: str, sample):
           + ", ".join(f"{k} {e:.3g} (bound {bound(k):.3g})" for k, e in sorted(error.items())))
     assert scaled and all(e <= bound(k) for k, e in error.items())
 
-    shape = (1, config["in_channels"], 8, 8)
-    g = torch.Generator().manual_seed(1)
-    cond = [[torch.randn(1, 8, config["context_in_dim"], generator=g),
-             {"pooled_output": torch.randn(1, config["vec_in_dim"], generator=g)}]]
-    ours, theirs = sample(baked, shape, cond, cond, cfg=1.0), sample(original, shape, cond, cond, cfg=1.0)
+    shape, cond = inputs(config)
+    before, ours = sample(original, shape, cond, cond, cfg=1.0), sample(baked, shape, cond, cond, cfg=1.0)
+    theirs = sample(runtime_patched(original, hidden), shape, cond, cond, cfg=1.0)
     assert torch.isfinite(ours).all() and ours.shape == shape
-    print(f"  sampled both through comfy.sample (3 euler steps): baked sample {tuple(ours.shape)}, finite; "
-          f"largest difference from the original's {float((ours - theirs).abs().max()):.3g}")
+    change, apart = float((theirs - before).abs().max()), float((ours - theirs).abs().max())
+    print(f"  sampled through comfy.sample (3 euler steps): ComfyUI's run-time patches of the same factors move "
+          f"the original's sample by {change:.3g}; the baked file's sample differs from theirs by {apart:.3g} "
+          f"({apart / change:.2g} of that)")
+    assert change > 1e-3 and apart < 1e-2 * change
