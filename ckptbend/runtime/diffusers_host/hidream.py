@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
-from .recompute import recorder
+from .. import bent_attention, tokens
+from .recompute import acting, recorder
 
 HIDREAM_MODELS = {"HiDreamImageTransformer2DModel": "hidream"}
 
@@ -46,12 +46,10 @@ def _rope(q, k, freqs):
 def hidream_attention(session, site, attn, given, original):
     """HiDreamAttnProcessor reproduced where an entry acts, with the conditional rows' bent text columns'
     correction of the image-query rows."""
-    call = session.call
-    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-    if not active or not call.cond_rows:
+    active = acting(session, site)
+    if not active:
         return original()
-    if session.token_indices is None:
-        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    call = session.call
     hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
     masks = given.get("hidden_states_masks")
     b, dtype = hidden.shape[0], hidden.dtype

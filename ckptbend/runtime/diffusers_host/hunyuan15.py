@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
+from .. import bent_attention, tokens
 from .joint import _rope
-from .recompute import recorder
+from .recompute import acting, recorder
 
 HUNYUAN15_MODELS = {"HunyuanVideo15Transformer3DModel": "hunyuan15"}
 
@@ -36,12 +36,10 @@ def hunyuan15_modules(model) -> list:
 def hunyuan15_attention(session, site, attn, given, original):
     """HunyuanVideo15AttnProcessor2_0 reproduced where an entry acts, with each conditional item's bent prompt
     columns' correction of its video-query rows; returns (video, context) as the processor does."""
-    call = session.call
-    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-    if not active or not call.cond_rows:
+    active = acting(session, site)
+    if not active:
         return original()
-    if session.token_indices is None:
-        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    call = session.call
     hidden, context = given["hidden_states"], given["encoder_hidden_states"]
 
     def heads(x, proj, norm):

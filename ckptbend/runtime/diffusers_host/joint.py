@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
-from .recompute import recorder
+from .. import bent_attention, tokens
+from .recompute import acting, recorder
 
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
@@ -19,12 +19,10 @@ def joint_attention(session, site, attn, given, original):
     """A joint attention where an entry acts: q, k, v as the model's processor forms them, PyTorch's
     attention, and for the conditional items the bent text columns' correction of the image-query
     rows (bent_attention.bent_output: no [L, L] matrix; the text-query rows and the rest stay SDPA's)."""
-    call = session.call
-    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-    if not active or not call.cond_rows:
+    active = acting(session, site)
+    if not active:
         return original()
-    if session.token_indices is None:
-        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    call = session.call
     hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
     q, k, v, text, mlp = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text)
     n_text = text.stop - text.start

@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
-from .recompute import recorder
+from .. import bent_attention, tokens
+from .recompute import acting, recorder
 
 QWEN21_MODELS = {"QwenImage21Transformer2DModel": "qwen21"}
 SLOT_TOKENS = 4           # one image slot of the encoder's sequence stands for 2×2 latent tokens
@@ -46,12 +46,10 @@ def _rope(x, freqs):
 
 
 def qwen21_attention(session, site, attn, given, original):
-    call = session.call
-    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-    if not active or not call.cond_rows:
+    active = acting(session, site)
+    if not active:
         return original()
-    if session.token_indices is None:
-        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    call = session.call
     out = original()                               # the host's result, its KV cache filled or read as usual
     hidden = given["hidden_states"]
     head_dim = attn.inner_dim // attn.heads

@@ -92,6 +92,18 @@ def word_map(columns, heads, local, shape):
     return columns[..., local].mean(dim=(0, 2)).reshape(shape).float().cpu()
 
 
+def acting(session, site) -> list:
+    """The entries that bend this site at this call; empty where the host's own attention stands (no entry
+    acts, or no conditional rows). Entries acting without the prompt's token positions are an error."""
+    call = session.call
+    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
+    if not active or not call.cond_rows:
+        return []
+    if session.token_indices is None:
+        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    return active
+
+
 def recorder(session, site, active, heads, grid, n_text):
     """observe() for bent_output: appends the maps of this call's words to session.maps."""
     call = session.call

@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
+from .. import bent_attention, tokens
 from .calls import Call, alpha_cumprod_at, scheduler_position, step_of
-from .recompute import recorder
+from .recompute import acting, recorder
 
 SINGLE_MODELS = {"ZImageTransformer2DModel": "zimage", "Lumina2Transformer2DModel": "lumina2"}
 ZIMAGE_MULTIPLE = 32          # diffusers' SEQ_MULTI_OF: Z-Image pads image and text tokens to a multiple of it
@@ -87,12 +87,10 @@ def _rope(x, freqs):
 def single_attention(session, site, attn, given, original):
     """The main block's attention where an entry acts: q, k, v as the model's processor forms them, PyTorch's
     attention, and for each conditional item its bent text columns' correction of its image-query rows."""
-    call = session.call
-    active = [e for e in session.entries if e.strength != 0 and bending.entry_active(e, call.step, site.layer)]
-    if not active or not call.cond_rows:
+    active = acting(session, site)
+    if not active:
         return original()
-    if session.token_indices is None:
-        raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
+    call = session.call
     hidden = given["hidden_states"]
     heads = attn.heads
     q, k, v = (proj(hidden).unflatten(-1, (-1, attn.to_q.out_features // heads)) for proj in (attn.to_q, attn.to_k,
