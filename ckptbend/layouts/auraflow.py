@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import re
 
+from .dit_files import dit_tensor_names, identify_prefixed, scan
 from .types import CheckpointFile, Identified, Site
-from .wan import components_of, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "AuraFlow"
@@ -53,24 +53,12 @@ def _found(names) -> str | None:
 
 
 def identify(header) -> Identified | None:
-    prefix = _found(set(header.names))
-    if prefix is None:
-        return None
-    refuse_unknown_modules(header, prefix, NAME, BLOCKS, PARTS)
-    components = components_of(header.names, prefix)
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
+    return identify_prefixed(header, _found, NAME, BLOCKS, PARTS, ARCHITECTURE)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if prefix is None:
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix) or not (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, _found(dit_tensor_names(files)), ATTENTION):
         stream, proj = MODULES[m["t"]]
         double = m["kind"] in DOUBLE
         found.append(Site(cf.rel, t.name, "dit", "joint", proj, group="double" if double else "single",

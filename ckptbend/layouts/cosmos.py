@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 
 from ..errors import CkptbendError
+from .dit_files import dit_tensor_names, scan
 from .types import CheckpointFile, Identified, Site
-from .wan import components_of, refuse_unknown_modules
+from .wan import identified, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 PREFIXES = ("", "net.", "model.diffusion_model.")
@@ -77,9 +78,7 @@ def identify(header) -> Identified | None:
     variant = ("anima" if prefix + ANIMA_KEY in names else
                "cosmos-predict2.5" if prefix + PREDICT25_KEY in names else "cosmos-predict2")
     embed = header.tensor(prefix + ("patch_embed.proj.weight" if diffusers else "x_embedder.proj.1.weight"))
-    components = components_of(header.names, prefix)
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", architecture(variant, embed.shape[0]), components)
+    return identified(header, prefix, architecture(variant, embed.shape[0]))
 
 
 def refuse_unknown(header) -> None:
@@ -89,13 +88,9 @@ def refuse_unknown(header) -> None:
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    found = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if found is None:
-        return []
-    prefix = found[0]
+    found = _found(dit_tensor_names(files))
     return [Site(cf.rel, t.name, "dit", ATTN[m["attn"]], PROJ[m["t"]], block=f"B{int(m['i']):02d}")
-            for t in cf.header.tensors if cf.components.get(t.name) == "dit" and t.name.startswith(prefix)
-            and (m := ATTENTION.match(t.name[len(prefix):]))]
+            for t, m in scan(cf, found and found[0], ATTENTION)]
 
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:

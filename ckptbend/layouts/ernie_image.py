@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import CkptbendError
-from .sd3 import dit_names, file_components, model_names
+from .dit_files import scan
+from .sd3 import dit_names, file_components, model_names, refuse_unknown_parts
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -41,20 +41,13 @@ def identify(header) -> Identified | None:
     names = dit_names(components)
     if not _is_ernie(names):
         return None
-    unknown = sorted({n.split(".", 1)[0] for n in names} - PARTS)
-    if unknown:
-        raise CkptbendError(f"{header.path.name}: an ERNIE-Image transformer with parts ckptbend does not know "
-                            f"({', '.join(p + '.*' for p in unknown)}); refusing rather than baking it as ERNIE-Image")
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
+    refuse_unknown_parts(header, names, PARTS, "an ERNIE-Image", "ERNIE-Image")
+    return Identified.model_file(ARCHITECTURE, components)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    names = model_names(files)
-    if not _is_ernie(names):
-        return []
     return [Site(cf.rel, t.name, "dit", "joint", PROJ[m["m"]], block=f"B{int(m['i']):02d}")
-            for t in cf.header.tensors if cf.components.get(t.name) == "dit" and (m := ATTENTION.match(t.name))]
+            for t, m in scan(cf, "" if _is_ernie(model_names(files)) else None, ATTENTION)]
 
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from .dit_files import component, find_model
+from .dit_files import dit_tensor_names, find_model, identified_under
 from .flux import BFL, DIFFUSERS, Part, block_sites
 from .types import CheckpointFile, Identified, Site
 
@@ -84,14 +84,11 @@ def identify(header) -> Identified | None:
     naming, prefix = found
     _, width_key, guidance_key = MARKS[naming]
     width = header.tensor(prefix + width_key).shape[0] if prefix + width_key in names else 0
-    components = {n: c for n in header.names if (c := component(n, prefix))}
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", architecture(width, prefix + guidance_key in names),
-                      components)
+    return identified_under(header, prefix, architecture(width, prefix + guidance_key in names))
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    found = _found({n for f in files for n, c in f.components.items() if c == "dit"})
+    found = _found(dit_tensor_names(files))
     if found is None:
         return []
     naming, prefix = found

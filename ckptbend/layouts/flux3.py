@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CkptbendError
-from .dit_files import component, find_model
+from .dit_files import dit_tensor_names, find_model, identified_under, scan
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -77,22 +77,18 @@ def identify(header) -> Identified | None:
     _refuse_unknown_parts(header.path, names, prefix)
     _, flow_key, width_key = MARKS[naming]
     width = header.tensor(prefix + width_key).shape[0] if prefix + width_key in names else 0
-    components = {n: c for n in header.names if (c := component(n, prefix))}
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", architecture(width, prefix + flow_key in names), components)
+    return identified_under(header, prefix, architecture(width, prefix + flow_key in names))
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    names = {n for f in files for n, c in f.components.items() if c == "dit"}
+    names = dit_tensor_names(files)
     found = _found(names)
     if found is None:
         return []
     naming, prefix = found
     _refuse_unknown_parts(cf.rel, names, prefix)
     out = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not (m := PATTERNS[naming].match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, prefix, PATTERNS[naming]):
         single = m["kind"] is not None and m["kind"].startswith("single")
         stream = None if single else MODES.get(m["mode"], m["mode"]) if m["mode"] else "text"
         out.append(Site(cf.rel, t.name, "dit", "joint" if single else "self", PROJ[m["role"]],

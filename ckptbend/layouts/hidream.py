@@ -26,7 +26,8 @@ from __future__ import annotations
 import re
 
 from ..errors import CkptbendError
-from .sd3 import dit_names, file_components, model_names
+from .dit_files import scan
+from .sd3 import dit_names, file_components, model_names, refuse_unknown_parts
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit", "unet")
@@ -58,21 +59,13 @@ def identify(header) -> Identified | None:
                             "to prove one against); refusing")
     if not _is_hidream(names):
         return None
-    unknown = sorted({n.split(".", 1)[0] for n in names} - PARTS)
-    if unknown:
-        raise CkptbendError(f"{header.path.name}: a HiDream transformer with parts ckptbend does not know "
-                            f"({', '.join(p + '.*' for p in unknown)}); refusing rather than baking it as HiDream-I1")
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
+    refuse_unknown_parts(header, names, PARTS, "a HiDream", "HiDream-I1")
+    return Identified.model_file(ARCHITECTURE, components)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    if not _is_hidream(model_names(files)):
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not (m := ATTENTION.match(t.name)):
-            continue
+    for t, m in scan(cf, "" if _is_hidream(model_names(files)) else None, ATTENTION):
         group, text = m["group"], bool(m["t"])
         block = f"{'D' if group == 'double' else 'S'}{int(m['i']):02d}"
         stream = None if group == "single" else ("text" if text else "image")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 
 from .types import CheckpointFile, Identified, Site
+from .dit_files import dit_tensor_names, identify_prefixed, prefix_by_marks, scan
 from .validate import fused_width
-from .wan import identified, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "Ideogram 4"
@@ -41,28 +41,16 @@ TRANSFORMER_CLASS = "Ideogram4Transformer2DModel"
 
 
 def _found(names) -> str | None:
-    """The model prefix of an Ideogram 4 model in `names`, or None."""
-    found = model_prefix(names, MARKS[:1])
-    return found[0] if found and all(found[0] + k in names for k in MARKS) else None
+    return prefix_by_marks(names, MARKS)
 
 
 def identify(header) -> Identified | None:
-    prefix = _found(set(header.names))
-    if prefix is None:
-        return None
-    refuse_unknown_modules(header, prefix, NAME, BLOCKS, PARTS, TOP)
-    return identified(header, prefix, ARCHITECTURE)
+    return identify_prefixed(header, _found, NAME, BLOCKS, PARTS, ARCHITECTURE, TOP)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if prefix is None:
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix) or not (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, _found(dit_tensor_names(files)), ATTENTION):
         rows = fused = None
         if m["t"] == "qkv":                   # [q; k; v], h rows each
             h = fused_width(files, cf, t.name)

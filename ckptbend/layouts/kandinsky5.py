@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from .dit_files import dit_tensor_names, scan
 from .types import CheckpointFile, Identified, Site
 from .wan import identified, model_prefix, refuse_unknown_modules
 
@@ -56,21 +57,13 @@ def identify(header) -> Identified | None:
 
 
 def _prefix(files) -> str | None:
-    found = model_prefix({n for f in files for n, c in f.components.items() if c == "dit"}, (KEY,))
+    found = model_prefix(dit_tensor_names(files), (KEY,))
     return found[0] if found else None
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = _prefix(files)
-    if prefix is None:
-        return []
-    found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) == "dit" and t.name.startswith(prefix) and (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            found.append(Site(cf.rel, t.name, "dit", SECTION[m["a"]], PROJ[m["t"].rsplit(".", 1)[0]],
-                              block=f"B{int(m['i']):02d}"))
-    return found
+    return [Site(cf.rel, t.name, "dit", SECTION[m["a"]], PROJ[m["t"].rsplit(".", 1)[0]], block=f"B{int(m['i']):02d}")
+            for t, m in scan(cf, _prefix(files), ATTENTION)]
 
 
 def folder_architecture(model_class: str, present: set[str], config: dict | None = None) -> str | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .dit_files import component, find_model
+from .dit_files import dit_tensor_names, find_model, identified_under, scan
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
@@ -48,20 +48,16 @@ def identify(header) -> Identified | None:
     found = _found(set(header.names))
     if found is None:
         return None
-    components = {n: c for n in header.names if (c := component(n, found[1]))}
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
+    return identified_under(header, found[1], ARCHITECTURE)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    found = _found({n for f in files for n, c in f.components.items() if c == "dit"})
+    found = _found(dit_tensor_names(files))
     if found is None:
         return []
     naming, prefix = found
     out = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not (m := PATTERNS[naming].match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, prefix, PATTERNS[naming]):
         proj = PROJ[m["role"]]
         out.append(Site(cf.rel, t.name, "dit", "joint", proj, block=f"B{int(m['i']):02d}",
                         offset=NORM_OFFSET if proj in ("q", "k") else 0.0))

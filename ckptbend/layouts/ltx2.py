@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 
+from .dit_files import dit_tensor_names, scan
 from .types import CheckpointFile, Identified, Site
 from .wan import identified, model_prefix, refuse_unknown_modules
 
@@ -110,21 +111,13 @@ def identify(header) -> Identified | None:
 
 def sites_prefix(files) -> str | None:
     """The model prefix of an LTX-2 checkpoint ('' or `model.diffusion_model.`), or None for another model."""
-    names = {n for f in files for n, c in f.components.items() if c == "dit"}
-    found = model_prefix(names, (ORIGINAL_KEY, DIFFUSERS_KEY))
+    found = model_prefix(dit_tensor_names(files), (ORIGINAL_KEY, DIFFUSERS_KEY))
     return found[0] if found else None
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = sites_prefix(files)
-    if prefix is None:
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix):
-            continue
-        if not (m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, sites_prefix(files), ATTENTION):
         block, module, role = f"B{int(m['i']):02d}", m["m"], m["t"]
         section, q_stream, kv_stream = MODULES[module]
         if role in ROLES:

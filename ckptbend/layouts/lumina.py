@@ -93,8 +93,7 @@ def identify(header) -> Identified | None:
     if not _is_nextdit(names):
         return None
     arch = variant(names, header.path.name)
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", arch, components)
+    return Identified.model_file(arch, components)
 
 
 def _v_rows(files, cf: CheckpointFile, key: str) -> tuple[tuple[int, int], int]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 
 from .types import CheckpointFile, Identified, Site
+from .dit_files import dit_tensor_names, identify_prefixed, prefix_by_marks, scan
 from .validate import shape_in
-from .wan import identified, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "MiniMax H3"
@@ -39,31 +39,16 @@ NOT_REACHED = (("token_refiner", "MiniMax H3's text token refiner (self-attentio
 
 
 def _found(names) -> str | None:
-    """The model prefix of an H3 model in `names`, or None."""
-    for keys in (ORIGINAL_KEYS, DIFFUSERS_KEYS):
-        found = model_prefix(names, keys[:1])
-        if found and all(found[0] + k in names for k in keys):
-            return found[0]
-    return None
+    return prefix_by_marks(names, ORIGINAL_KEYS, DIFFUSERS_KEYS)
 
 
 def identify(header) -> Identified | None:
-    prefix = _found(set(header.names))
-    if prefix is None:
-        return None
-    refuse_unknown_modules(header, prefix, NAME, BLOCKS, PARTS)
-    return identified(header, prefix, ARCHITECTURE)
+    return identify_prefixed(header, _found, NAME, BLOCKS, PARTS, ARCHITECTURE)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if prefix is None:
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix) or not (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, _found(dit_tensor_names(files)), ATTENTION):
         rows = fused = None
         if m["t"] == "qkv_proj":       # [q; k; v]: h = a third of the rows (the inner width, not the model's)
             shape = shape_in(files, cf.rel, t.name)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 
 from .types import CheckpointFile, Identified, Site
+from .dit_files import dit_tensor_names, identify_prefixed, prefix_by_marks, scan
 from .validate import shape_in
-from .wan import identified, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "Mochi"
@@ -50,31 +50,17 @@ TRANSFORMER_CLASS = "MochiTransformer3DModel"
 
 
 def _found(names) -> str | None:
-    for keys in (ORIGINAL_KEYS, DIFFUSERS_KEYS):
-        found = model_prefix(names, keys[:1])
-        if found and all(found[0] + k in names for k in keys):
-            return found[0]
-    return None
+    return prefix_by_marks(names, ORIGINAL_KEYS, DIFFUSERS_KEYS)
 
 
 def identify(header) -> Identified | None:
-    prefix = _found(set(header.names))
-    if prefix is None:
-        return None
-    refuse_unknown_modules(header, prefix, NAME, BLOCKS, PARTS)
-    return identified(header, prefix, ARCHITECTURE)
+    return identify_prefixed(header, _found, NAME, BLOCKS, PARTS, ARCHITECTURE)
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    names = {n for f in files for n, c in f.components.items() if c == "dit"}
-    prefix = _found(names)
-    if prefix is None:
-        return []
+    names = dit_tensor_names(files)
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix) or not (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, _found(names), ATTENTION):
         stream, proj = MODULES[m["t"]]
         rows = fused = None
         if m["t"].startswith("qkv_"):              # [q; k; v]: a third of the rows each

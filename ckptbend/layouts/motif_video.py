@@ -18,8 +18,8 @@ import re
 
 from ..errors import CkptbendError
 from .types import CheckpointFile, Identified, Site
+from .dit_files import dit_tensor_names, identify_prefixed, prefix_by_marks, scan
 from .validate import shape_in
-from .wan import identified, model_prefix, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "Motif-Video"
@@ -47,38 +47,25 @@ TRANSFORMER_CLASS = "MotifVideoTransformer3DModel"
 
 
 def _found(names) -> str | None:
-    found = model_prefix(names, MARKS[:1])
-    return found[0] if found and all(found[0] + k in names for k in MARKS) else None
+    return prefix_by_marks(names, MARKS)
 
 
 def identify(header) -> Identified | None:
-    names = set(header.names)
-    prefix = _found(names)
-    if prefix is None:
-        return None
-    refuse_unknown_modules(header, prefix, NAME, BLOCKS, PARTS, TOP)
-    if any(re.search(r"\.norm_(?:added_)?[qk]\.bias$", n) for n in names):
+    found = identify_prefixed(header, _found, NAME, BLOCKS, PARTS, ARCHITECTURE, TOP)
+    if found and any(re.search(r"\.norm_(?:added_)?[qk]\.bias$", n) for n in header.names):
         raise CkptbendError(f"{header.path}: a Motif-Video with a LayerNorm qk-norm (norm_q.bias); ckptbend bakes only "
                             "its RMSNorm form")
-    return identified(header, prefix, ARCHITECTURE)
+    return found
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    prefix = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if prefix is None:
-        return []
     found = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix):
-            continue
-        bare = t.name[len(prefix):]
-        if m := SINGLE_OUT.match(bare):          # [attention | MLP] columns: the attention's, weight only
+    for t, m in scan(cf, _found(dit_tensor_names(files)), SINGLE_OUT, ATTENTION):
+        if m.re is SINGLE_OUT:                   # [attention | MLP] columns: the attention's, weight only
             shape = shape_in(files, cf.rel, t.name)
             h, width = (shape[0], shape[1]) if shape and len(shape) == 2 else (0, 0)
             found.append(Site(cf.rel, t.name, "dit", "joint", "out", cols=(0, h), fused=width, group="single",
                               block=f"S{int(m['i']):02d}"))
-            continue
-        if not (m := ATTENTION.match(bare)):
             continue
         stream, proj = MODULES[m["t"]]
         double = m["kind"] == "transformer_blocks"

@@ -77,8 +77,7 @@ def identify(header) -> Identified | None:
     arch = architecture(dit_names(components), header.path.name)
     if arch is None:
         return None
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", arch, components)
+    return Identified.model_file(arch, components)
 
 
 def _single_stream_sites(cf: CheckpointFile) -> list[Site]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import re
 
+from .dit_files import dit_tensor_names, prefix_by_marks, scan
 from .types import CheckpointFile, Identified, Site
 from .validate import shape_in, weight_of
-from .wan import components_of, model_prefix, refuse_unknown_modules
+from .wan import identified, refuse_unknown_modules
 
 COMPONENTS = ("dit",)
 NAME = "Sana"
@@ -54,9 +55,8 @@ TRANSFORMER_CLASS = "SanaTransformer2DModel"
 def _found(names) -> tuple[str, str] | None:
     """(model prefix, naming) of a Sana model in `names`, or None."""
     for naming, keys in (("original", ORIGINAL_KEYS), ("diffusers", DIFFUSERS_KEYS)):
-        found = model_prefix(names, keys[:1])
-        if found and all(found[0] + k in names for k in keys):
-            return found[0], naming
+        if (prefix := prefix_by_marks(names, keys)) is not None:
+            return prefix, naming
     return None
 
 
@@ -65,9 +65,7 @@ def identify(header) -> Identified | None:
     if found is None:
         return None
     refuse_unknown_modules(header, found[0], NAME, BLOCKS, PARTS, TOP[found[1]])
-    components = components_of(header.names, found[0])
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", ARCHITECTURE, components)
+    return identified(header, found[0], ARCHITECTURE)
 
 
 def _site(cf, key, attn, proj, block, rows=None, fused=None):
@@ -76,16 +74,10 @@ def _site(cf, key, attn, proj, block, rows=None, fused=None):
 
 
 def sites(cf: CheckpointFile, files) -> list[Site]:
-    found = _found({n for f in files for n, c in f.components.items() if c == "dit"})
-    if found is None:
-        return []
-    prefix = found[0]
-    names = {n for f in files for n, c in f.components.items() if c == "dit"}
+    names = dit_tensor_names(files)
+    found = _found(names)
     out = []
-    for t in cf.header.tensors:
-        if cf.components.get(t.name) != "dit" or not t.name.startswith(prefix) or not (
-                m := ATTENTION.match(t.name[len(prefix):])):
-            continue
+    for t, m in scan(cf, found and found[0], ATTENTION):
         attn, block = ATTN[m["attn"]], f"B{int(m['i']):02d}"
         if m["t"] in FUSED:                        # [q; k; v] or [k; v], a block of rows each
             shape = shape_in(files, cf.rel, weight_of(t.name))

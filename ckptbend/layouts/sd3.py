@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from ..errors import CkptbendError
 from .text_encoders import all_in_one_component
 from .types import CheckpointFile, Identified, Site
 from .validate import fused_width
@@ -77,6 +78,14 @@ def file_components(names, is_model_key) -> dict[str, str]:
     return components
 
 
+def refuse_unknown_parts(header, names: set[str], parts: set[str], what: str, known_as: str) -> None:
+    """Refuse, in one line, a transformer (`names` bare) with a top-level part not in `parts`, rather than bake it
+    as `known_as` and leave that part alone."""
+    if unknown := sorted({n.split(".", 1)[0] for n in names} - parts):
+        raise CkptbendError(f"{header.path.name}: {what} transformer with parts ckptbend does not know "
+                            f"({', '.join(p + '.*' for p in unknown)}); refusing rather than baking it as {known_as}")
+
+
 def dit_names(components: dict[str, str]) -> set[str]:
     """A file's DiT tensor names, without `model.diffusion_model.`."""
     return {bare_name(n) for n, c in components.items() if c == "dit"}
@@ -103,8 +112,7 @@ def identify(header) -> Identified | None:
     if not _is_sd3(bare):
         return None
     components = file_components(header.names, lambda rest: rest.startswith(("joint_blocks.", "transformer_blocks.")))
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", variant(dit_names(components)), components)
+    return Identified.model_file(variant(dit_names(components)), components)
 
 
 def _original_sites(cf: CheckpointFile, files, names: set[str]) -> list[Site]:

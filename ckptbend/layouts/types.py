@@ -49,6 +49,11 @@ class Identified:
     architecture: str
     components: dict[str, str]   # tensor key → component, for the keys that belong to one
 
+    @classmethod
+    def model_file(cls, arch: str, components: dict[str, str]) -> "Identified":
+        """A DiT file: "dit" where it holds the model alone, else "single-file" (encoders or VAE beside it)."""
+        return cls("dit" if set(components.values()) == {"dit"} else "single-file", arch, components)
+
 
 @dataclass(frozen=True)
 class CheckpointFile:

@@ -171,8 +171,7 @@ def refuse_unknown_modules(header, prefix: str, name: str, blocks: dict, parts: 
 
 def identified(header, prefix: str, arch: str) -> Identified:
     components = components_of(header.names, prefix)
-    only_model = set(components.values()) == {"dit"}
-    return Identified("dit" if only_model else "single-file", arch, components)
+    return Identified.model_file(arch, components)
 
 
 def identify(header) -> Identified | None:
