@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from .dit_files import dit_tensor_names
 from .types import CheckpointFile, Identified, Site
 from . import ltx2
 from .wan import identified, model_prefix, refuse_unknown_modules
@@ -73,7 +74,7 @@ def identify(header) -> Identified | None:
 def _is_ltx(files) -> bool:
     """LTX-Video, not LTX-2 (whose `audio_adaln_single` ends like LTX-Video's detection key) nor Sana (whose diffusers
     names share the diffusers key): the keys `identify` needs, in any file of the checkpoint."""
-    names = {n for f in files for n, c in f.components.items() if c == "dit"}
+    names = dit_tensor_names(files)
     found = model_prefix(names, (ORIGINAL_KEY, DIFFUSERS_KEY))
     needs = () if found is None else ORIGINAL_NEEDS if found[1] == ORIGINAL_KEY else DIFFUSERS_NEEDS
     return found is not None and all(found[0] + n in names for n in needs) and ltx2.sites_prefix(files) is None
