@@ -5,8 +5,9 @@ single blocks (ComfyUI's ChromaRadiance builds them from Chroma's own classes) i
 for `img_in` and a NeRF-style MLP head (`nerf_*`, no attention) for `final_layer`. No diffusers class exists
 for it, so its bake is proved through Chroma's: the same blocks get the same bytes, which
 tests/test_dit_flux.py shows equal the run-time multiply on the real ChromaTransformer2DModel, and the
-pixel-space parts are never touched. Flux-style models with other blocks (Ovis-Image's SwiGLU MLP, LongCat-
-Image without the pooled-text input) are refused in one line, never taken for Flux.1."""
+pixel-space parts are never touched. LongCat-Image (no pooled-text input) and Ovis-Image (a SwiGLU MLP) are
+named as themselves (their bakes: tests/test_dit_longcat_ovis.py), never taken for Flux.1; other Flux-style
+files, or a Flux-style file whose fused tensors disagree with its MLP, are refused in one line."""
 
 import pytest
 import torch
@@ -81,22 +82,35 @@ def _refused(tmp_path, state, match):
     assert r.returncode != 0 and "refusing rather than guessing" in r.stderr
 
 
-def test_flux_style_files_without_flux1s_pooled_input_are_refused(synth_file, tmp_path):
+def test_flux_style_files_that_are_neither_flux1_nor_longcat_are_refused(synth_file, tmp_path):
     state = load_file(str(synth_file("flux_dev")))
-    no_pooled = {k: v for k, v in state.items() if not k.startswith("vector_in.")}   # LongCat-Image's shape
-    _refused(tmp_path, no_pooled, "Flux-style double/single blocks.*no pooled-text input")
-    swiglu = {k.replace("img_mlp.0.", "img_mlp.gate_proj."): v for k, v in state.items()}   # Ovis-Image's MLP name
-    _refused(tmp_path, swiglu, "a SwiGLU MLP: Ovis-Image")
+    no_pooled = {k: v for k, v in state.items() if not k.startswith("vector_in.")}   # a guidance input: not LongCat
+    _refused(tmp_path, no_pooled, "Flux-style double/single blocks.*no pooled-text input, yet not LongCat-Image")
+    assert detect(synth_file("flux_schnell")).architecture == "flux-schnell"   # LongCat's row never takes Flux.1
 
 
-@pytest.mark.parametrize("cls,kwargs,why", [
+def test_ovis_mlp_names_on_flux1s_ungated_tensors_are_refused(synth_file, tmp_path):
+    """Ovis-Image's MLP name on Flux.1's single blocks (linear1 q|k|v + M rows, not 2M): the fused lengths
+    disagree, so the bake refuses in one line rather than cutting the wrong rows."""
+    state = load_file(str(synth_file("flux_dev")))
+    path = tmp_path / "m.safetensors"
+    save_file({k.replace("img_mlp.0.", "img_mlp.gate_proj."): v for k, v in state.items()}, str(path))
+    (tmp_path / "r.toml").write_text('schema = 1\nname = "r"\n[dit.joint]\nv = 1.5\n')
+    r = run("bake", tmp_path / "r.toml", path, "-o", tmp_path / "o.safetensors")
+    assert r.returncode == 2 and "linear1" in r.stderr and "not a layout ckptbend understands" in r.stderr
+    assert "\n" not in r.stderr.strip()
+
+
+@pytest.mark.parametrize("cls,kwargs,name", [
     (LongCatImageTransformer2DModel, dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                           num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=24,
-                                          axes_dims_rope=[4, 6, 6]), "no pooled-text input"),
+                                          axes_dims_rope=[4, 6, 6]), "longcat-image"),
     (OvisImageTransformer2DModel, dict(in_channels=8, out_channels=8, num_layers=1, num_single_layers=1,
                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                                       axes_dims_rope=(4, 6, 6)), "a text RMSNorm: Ovis-Image"),
+                                       axes_dims_rope=(4, 6, 6)), "ovis-image"),
 ])
-def test_diffusers_named_flux_derivatives_are_refused(tmp_path, cls, kwargs, why):
+def test_diffusers_named_flux_derivatives_are_named(tmp_path, cls, kwargs, name):
     torch.manual_seed(0)
-    _refused(tmp_path, cls(**kwargs).state_dict(), why)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in cls(**kwargs).state_dict().items()}, str(path))
+    assert detect(path).architecture == name

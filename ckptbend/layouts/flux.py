@@ -54,6 +54,11 @@ V_QKV = Part("rows", 2, 3, 3)
 V_LINEAR1 = Part("rows", 2, 3, 3, "linear1", "linear2.weight", lambda s: s[1] - s[0])   # q|k|v|MLP rows
 OUT_LINEAR2 = Part("cols", 0, 1, 1, "linear2", "linear1.weight", lambda s: s[0] - 3 * s[1])   # attention|MLP cols
 OUT_PROJ_OUT = Part("cols", 0, 1, 1, "proj_out", "proj_mlp.weight", lambda s: s[0])   # diffusers' linear2
+# Gated (SwiGLU) MLP in a fused single block (Ovis-Image; Flux.2 without biases): linear1 = q|k|v + 2M rows
+# (value | gate), linear2 = h + M columns; diffusers' Ovis keeps q/k/v apart and `proj_mlp` holds the 2M rows.
+V_LINEAR1_GATED = Part("rows", 2, 3, 3, "linear1", "linear2.weight", lambda s: 2 * (s[1] - s[0]))
+OUT_LINEAR2_GATED = Part("cols", 0, 1, 1, "linear2", "linear1.weight", lambda s: (s[0] - 3 * s[1]) // 2)
+OUT_PROJ_OUT_GATED = Part("cols", 0, 1, 1, "proj_out", "proj_mlp.weight", lambda s: s[0] // 2)
 
 # (pattern on the key after the model prefix, proj, stream, part); `group`/`i` name the block; part None:
 # the whole tensor.
@@ -101,20 +106,27 @@ DIFFUSERS = (
 TENCENT15 = tuple(_double({"image": _D + "img_attn_", "text": _D + "txt_attn_"},
                           {"q": r"q_norm\.weight", "k": r"k_norm\.weight", "v": r"v\.(?:weight|bias)",
                            "out": r"proj\.(?:weight|bias)"}))
-NAMINGS = {"bfl": BFL, "tencent": TENCENT, "tencent15": TENCENT15, "diffusers": DIFFUSERS}
+_GATED = {OUT_LINEAR2: OUT_LINEAR2_GATED, V_LINEAR1: V_LINEAR1_GATED, OUT_PROJ_OUT: OUT_PROJ_OUT_GATED}
+NAMINGS = {"bfl": BFL, "tencent": TENCENT, "tencent15": TENCENT15, "diffusers": DIFFUSERS,
+           **{f"{n}-gated": tuple((*row[:3], _GATED.get(row[3], row[3])) for row in t)
+              for n, t in (("bfl", BFL), ("diffusers", DIFFUSERS))}}
 COMPILED = {n: tuple((re.compile(p + "$"), *rest) for p, *rest in table) for n, table in NAMINGS.items()}
 
 # Architectures: (name, naming, keys that must all be present, keys that must all be absent), after the
 # model prefix; first match wins. Flux.2 (model-level modulation) is layouts/flux2.py's. Flux.1 always has its
-# pooled-text input (`vector_in` / `text_embedder`): Flux-style models without one (LongCat-Image) or with a
-# SwiGLU MLP (Ovis-Image) are other models, refused below rather than named Flux.1. Chroma1-HD is Chroma's
+# pooled-text input (`vector_in` / `text_embedder`). LongCat-Image is Flux.1's blocks with neither a pooled-text
+# nor a guidance input (ComfyUI runs it as its Flux class with `vec_in_dim` None); Ovis-Image is Flux.1's
+# blocks with a SwiGLU MLP (ComfyUI's `yak_mlp`: `img_mlp.gate_proj`, single-block `linear1` 3h + 2M rows) and
+# a text RMSNorm (`txt_norm`). Other Flux-style files are refused below rather than named Flux.1. Chroma1-HD is Chroma's
 # layout (diffusers' Chroma single-file default is Chroma1-HD); Chroma Radiance is Chroma's blocks in pixel
 # space: `img_in_patch` (a conv) for `img_in` and a NeRF-style MLP head (`nerf_*`, no attention) for
 # `final_layer` (ComfyUI's ChromaRadiance builds its blocks from Chroma's classes).
 _BFL_DOUBLE, _DIFF_SINGLE = "double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"
 _REFINER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
 _GUIDANCE_LAYER = "distilled_guidance_layer.in_proj.weight"
-_OTHERS = ("single_stream_modulation.lin.weight", "double_blocks.0.img_mlp.gate_proj.weight")   # Flux.2, Ovis
+_OVIS = "double_blocks.0.img_mlp.gate_proj.weight"
+_OTHERS = ("single_stream_modulation.lin.weight", _OVIS)   # Flux.2, Ovis
+_NOT_LONGCAT = (*_OTHERS, "vector_in.in_layer.weight", "guidance_in.in_layer.weight", _GUIDANCE_LAYER)
 _HV15, _HV15_DIFFUSERS = "cond_type_embedding.weight", "cond_type_embed.weight"   # ComfyUI's / diffusers' key
 ARCHITECTURES = (
     ("hunyuan-video-1.5", "tencent15", ("double_blocks.0.img_attn_v.weight", _REFINER), ()),
@@ -127,27 +139,34 @@ ARCHITECTURES = (
     ("chroma", "bfl", (_BFL_DOUBLE, _GUIDANCE_LAYER, "img_in.weight", "final_layer.linear.weight"), _OTHERS),
     ("flux-dev", "bfl", (_BFL_DOUBLE, "img_in.weight", "vector_in.in_layer.weight", "guidance_in.in_layer.weight"), _OTHERS),
     ("flux-schnell", "bfl", (_BFL_DOUBLE, "img_in.weight", "vector_in.in_layer.weight"), _OTHERS),
+    ("longcat-image", "bfl", (_BFL_DOUBLE, "img_in.weight", "txt_in.weight", "time_in.in_layer.weight"), _NOT_LONGCAT),
+    ("ovis-image", "bfl-gated", (_BFL_DOUBLE, "img_in.weight", _OVIS), _OTHERS[:1]),
     ("hunyuan-video", "diffusers", (_DIFF_SINGLE, "context_embedder.token_refiner.refiner_blocks.0.norm1.weight"), ()),
     ("chroma", "diffusers", (_DIFF_SINGLE, _GUIDANCE_LAYER), ()),
     ("flux-dev", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
                                "time_text_embed.guidance_embedder.linear_1.weight"), ()),
     ("flux-schnell", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"), ()),
+    ("longcat-image", "diffusers", (_DIFF_SINGLE, "x_embedder.weight", "time_embed.timestep_embedder.linear_1.weight"), ()),
+    ("ovis-image", "diffusers-gated", (_DIFF_SINGLE, "x_embedder.weight", "context_embedder_norm.weight"), ()),
 )
 # Flux-style blocks of a model none of the rows above describes: refused by name, never taken for Flux.1.
-UNKNOWN_RELATIVE = ("{path}: Flux-style double/single blocks, but not Flux.1, Flux.2, Chroma, Chroma Radiance or "
-                    "HunyuanVideo as ckptbend knows them ({why}); refusing rather than guessing its attention layout")
-RELATIVES = (("img_mlp.gate_proj.", "a SwiGLU MLP: Ovis-Image"), ("context_embedder_norm.", "a text RMSNorm: Ovis-Image"),
-             ("", "no pooled-text input: LongCat-Image or another Flux derivative"))
+UNKNOWN_RELATIVE = ("{path}: Flux-style double/single blocks, but not Flux.1, Flux.2, Chroma, Chroma Radiance, "
+                    "HunyuanVideo, LongCat-Image or Ovis-Image as ckptbend knows them ({why}); refusing rather than "
+                    "guessing its attention layout")
+RELATIVES = (("vector_in.", "an unknown mix of inputs"),
+             ("", "no pooled-text input, yet not LongCat-Image's inputs (img_in, txt_in, time_in only)"))
 # recipe `architecture` name → the detected architectures it covers ("flux": dev, schnell, and a diffusers
 # folder that does not say which; the two share their blocks; "chroma": Chroma and Radiance, the same blocks).
 ARCHITECTURE_NAMES = {"flux": ("flux", "flux-dev", "flux-schnell"), "flux-dev": ("flux-dev",),
                       "flux-schnell": ("flux-schnell",), "chroma": ("chroma", "chroma-radiance"),
                       "chroma-radiance": ("chroma-radiance",), "hunyuan-video": ("hunyuan-video",),
-                      "hunyuan-video-1.5": ("hunyuan-video-1.5",)}
+                      "hunyuan-video-1.5": ("hunyuan-video-1.5",), "longcat-image": ("longcat-image",),
+                      "ovis-image": ("ovis-image",)}
 # diffusers transformer class → architecture (a folder does not say dev or schnell: FluxPipeline serves both).
 FOLDER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
                         "HunyuanVideoTransformer3DModel": "hunyuan-video",
-                        "HunyuanVideo15Transformer3DModel": "hunyuan-video-1.5"}
+                        "HunyuanVideo15Transformer3DModel": "hunyuan-video-1.5",
+                        "LongCatImageTransformer2DModel": "longcat-image", "OvisImageTransformer2DModel": "ovis-image"}
 
 # Where the model sits in a file: ComfyUI writes `model.diffusion_model.` (HunyuanVideo: `model.model.`);
 # released files have no prefix. Text encoders and VAE of ComfyUI all-in-one files (Chroma keeps the

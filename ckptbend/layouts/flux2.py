@@ -27,14 +27,14 @@ from __future__ import annotations
 import re
 
 from .dit_files import dit_tensor_names, find_model, identified_under
-from .flux import BFL, DIFFUSERS, Part, block_sites
+from .flux import BFL, DIFFUSERS, OUT_LINEAR2_GATED, V_LINEAR1_GATED, Part, block_sites
 from .types import CheckpointFile, Identified, Site
 
 COMPONENTS = ("dit",)
 
-# Fused parallel projections: linear1 = 3h + 2M rows (SwiGLU gate | value), linear2 = h + M columns.
-V_LINEAR1 = Part("rows", 2, 3, 3, "linear1", "linear2.weight", lambda s: 2 * (s[1] - s[0]))
-OUT_LINEAR2 = Part("cols", 0, 1, 1, "linear2", "linear1.weight", lambda s: (s[0] - 3 * s[1]) // 2)
+# Fused parallel projections: linear1 = 3h + 2M rows (SwiGLU gate | value), linear2 = h + M columns (the
+# gated-MLP parts of layouts/flux.py, shared with Ovis-Image).
+V_LINEAR1, OUT_LINEAR2 = V_LINEAR1_GATED, OUT_LINEAR2_GATED
 V_QKV_MLP = Part("rows", 2, 3, 3, "to_qkv_mlp_proj", "to_out.weight", lambda s: 2 * (s[1] - s[0]))
 OUT_TO_OUT = Part("cols", 0, 1, 1, "to_out", "to_qkv_mlp_proj.weight", lambda s: (s[0] - 3 * s[1]) // 2)
 

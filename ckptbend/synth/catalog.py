@@ -32,6 +32,7 @@ GENERATORS = {
     "sana": (("sana",), _DIT_LAYOUTS),
     "mochi": (("mochi",), _DIT_LAYOUTS),
     "motif_video": (("motif_video",), _DIT_LAYOUTS),
+    "flux_relatives": (("longcat_image", "ovis_image"), _DIT_LAYOUTS),
 }
 ARCHES = tuple(a for arches, _ in GENERATORS.values() for a in arches)
 LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for layout in layouts))
