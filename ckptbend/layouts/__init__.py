@@ -71,7 +71,8 @@ def _config(path: Path) -> dict:
 
 # ComfyUI-GGUF's `general.architecture` names (its loader's list) → the architectures ckptbend tells apart.
 GGUF_ARCHITECTURES = {
-    "flux": ("flux-dev", "flux-schnell", "chroma", "flux2", "flux3", "krea2"), "sd1": ("sd1", "sd2"),
+    "flux": ("flux-dev", "flux-schnell", "chroma", "flux2", "flux3", "krea2", "longcat-image", "ovis-image"),
+    "sd1": ("sd1", "sd2"),
     "sdxl": ("sdxl-base", "sdxl-refiner"),
     "sd3": ("sd3-medium", "sd35-medium", "sd35-large"), "ltxv": ("ltx-video", "ltx-2"), "hyvid": ("hunyuan-video",),
     "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"), "hidream": ("hidream",),

@@ -36,7 +36,7 @@ COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "chr
               "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3_medium": "sd3",
               "sd35_medium": "sd3", "sd35_large": "sd3", "wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v": "wan",
               "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image", "auraflow": "aura",
-              "cosmos_predict2": "cosmos", "anima": "cosmos"}
+              "cosmos_predict2": "cosmos", "anima": "cosmos", "longcat_image": "flux", "ovis_image": "flux"}
 HIPREC = {"wan": (".modulation",), "ltxv": ("scale_shift_table",), "hidream": (".ff_i.gate.weight", "img_emb.emb_pos")}
 SHAPE_FIX = ("sd1", "sdxl")
 SMALL = 1024                # tensors of at most this many elements stay F32
