@@ -1,4 +1,5 @@
-"""Flux.1 (dev, schnell), Chroma and HunyuanVideo: the double/single-stream diffusion transformers, as data.
+"""Flux.1 (dev, schnell), Chroma, HunyuanVideo, LongCat-Image and Ovis-Image: the double/single-stream diffusion
+transformers, as data.
 
 All three share one attention structure (dit-layouts.md §1, §6, §7, §11): *double* blocks, where the image
 and the text stream each project their own q/k/v (fused `qkv`, rows q | k | v) and normalise q and k per
@@ -14,6 +15,12 @@ Names come in three spellings: BFL's (Flux, Chroma; also HunyuanVideo as ComfyUI
 (HunyuanVideo's own release) and diffusers' (all three, one table). HunyuanVideo's text token refiner
 (`txt_in.individual_token_refiner`, no qk-norm) is a pre-processing of the text embedding, not the joint
 attention: no section reaches it.
+
+LongCat-Image and Ovis-Image are Flux.1's blocks in other models (ComfyUI runs both as its Flux class), with
+Flux.1's rule. Ovis-Image's SwiGLU MLP adds one: its single-block `linear1` holds q | k | v | value | gate
+(3h + 2M rows; diffusers keeps q/k/v apart and `proj_mlp` holds the 2M) while `linear2` reads h + M columns,
+so the fused lengths are told from each other by the `*_GATED` parts. diffusers has no single-file converter
+for either: the diffusers names are the classes' own, the original names ComfyUI's.
 
 HunyuanVideo 1.5 (8.3B; diffusers `HunyuanVideo15Transformer3DModel`, ComfyUI's HunyuanVideo class with
 `cond_type_embedding`, `byt5_in`, `vision_in`) keeps HunyuanVideo's double block and has no single blocks:

@@ -9,7 +9,8 @@ sets `yak_mlp` and `txt_norm`): Flux.1's BFL names (synth/flux_names.py), plus f
 - the single blocks' `linear1` = q | k | v | `proj_mlp` (value | gate: ComfyUI applies the activation to the
   second half, as diffusers does to its gate half);
 - `context_embedder_norm` as `txt_norm.scale`.
-Text encoders (Qwen2.5-VL for LongCat, Ovis' own for Ovis) and the VAE are not generated.
+Text encoders and the VAE are not generated; tiny only (the classes' default configs are not the released
+sizes: LongCat-Image's defaults make 11.9B parameters where the release is 6B).
 """
 
 from __future__ import annotations
@@ -58,12 +59,10 @@ def ovis_to_original(sd: dict) -> dict:
 FAMILIES = {
     "longcat_image": dit.Family(transformer_class="LongCatImageTransformer2DModel",
                                 configs={"longcat_image": CONFIGS["longcat_image"]}, to_original=longcat_to_original,
-                                text_encoders={}, pipeline="LongCatImagePipeline", vae_prefix="vae.",
-                                full_configs={"longcat_image": {}}),
+                                text_encoders={}, pipeline="LongCatImagePipeline", vae_prefix="vae."),
     "ovis_image": dit.Family(transformer_class="OvisImageTransformer2DModel",
                              configs={"ovis_image": CONFIGS["ovis_image"]}, to_original=ovis_to_original,
-                             text_encoders={}, pipeline="OvisImagePipeline", vae_prefix="vae.",
-                             full_configs={"ovis_image": {}}),
+                             text_encoders={}, pipeline="OvisImagePipeline", vae_prefix="vae."),
 }
 
 
