@@ -145,9 +145,9 @@ def test_ovis_gated_single_block_ranges(files):
 CASES = [   # (recipe body, factors, stream, blocks)
     ('stream = "image"\n', {"q": 1.7, "k": 0.6, "v": 1.9, "out": 0.55}, "image", ["D00", "D01"]),
     ('stream = "text"\n', {"q": 1.6, "k": 0.7, "v": 1.4, "out": 0.6}, "text", ["D00", "D01"]),
-    ('blocks = ["single"]\n', {"q": 1.3, "k": 0.8, "v": 1.5, "out": 0.7}, None, ["S00", "S01"]),
-    ("", {"q": 1.3, "k": 0.8, "v": 1.4, "out": 0.7}, None, None),
-]
+    ('blocks = ["single"]\n', {"q": 1.6, "k": 0.9, "v": 1.5, "out": 1.3}, None, ["S00", "S01"]),
+    ("", {"q": 1.3, "k": 1.2, "v": 1.4, "out": 1.25}, None, None),
+]   # products q·k and v·out kept away from 1, so the hooks' effect is plain
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -219,18 +219,19 @@ def test_a_recipe_for_the_architecture_applies_and_a_flux_recipe_does_not(files,
         assert r.returncode == code, (name, r.stderr)
 
 
-# --- quantised files: the proved bake's factor on every dequantised value ----------------------------------------------
+# --- quantised files: the proved bake's factor on every dequantised value -----------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("form", ["q8_0", "fp8mixed"])
 def test_quantised_files_bake_by_the_proved_factor_map(files, tmp_path, arch, form):
-    """Powers of two (exact in GGUF block scales and fp32, and in fp8 but for its subnormals): each dequantised value of the baked file is the
-    source value times the factor the proved bake (the fp32 ComfyUI-named file, shown above to be the diffusers
-    bake in ComfyUI's names) gives that value. GGUF files say `flux`, as ComfyUI-GGUF writes them."""
+    """Powers of two (exact in GGUF block scales and fp32, and in fp8 but for its subnormals): each dequantised
+    value of the baked file is the source value times the factor the proved bake (the fp32 ComfyUI-named file,
+    shown above to be the diffusers bake in ComfyUI's names) gives that value. GGUF files say `flux`, as
+    ComfyUI-GGUF writes them."""
     from _comfy_kitchen import dequantised
     from _dit import gguf_state
 
-    body = '[dit.joint]\nq = 2.0\nk = 0.5\nv = 0.5\nout = 2.0\n'
+    body = '[dit.joint]\nq = 2.0\nk = 2.0\nv = 0.5\nout = 0.5\n'
     plain = load_file(str(files(arch, "single")))
     factor = {k: torch.where(v == 0, 1.0, b.double() / v.double())
               for k, b in load_file(str(bake_to(tmp_path, body, files(arch, "single"), "plain"))).items()
