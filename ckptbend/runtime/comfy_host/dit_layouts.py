@@ -49,6 +49,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
         raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
                          "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
                          "diffusers host bends it)")
+    if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
+        raise ValueError("Attention Bending in ComfyUI does not reach Kandinsky 5 yet: the columns of its "
+                         "Qwen2.5-VL template in ComfyUI's encoder are not placed yet (the diffusers host bends it)")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
