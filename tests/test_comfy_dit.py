@@ -394,12 +394,3 @@ def test_hidream_is_refused_with_its_reason():
     with pytest.raises(ValueError, match="does not reach HiDream yet"):
         comfy_host.dit_layout(model)
 
-
-def test_kandinsky5_is_refused_with_its_reason():
-    """ComfyUI's Kandinsky5 (visual and text transformer blocks): one line, not the generic list."""
-    from torch import nn
-
-    model = nn.Module()
-    model.visual_transformer_blocks, model.text_transformer_blocks = nn.ModuleList(), nn.ModuleList()
-    with pytest.raises(ValueError, match="does not reach Kandinsky 5 yet: the columns of its Qwen2.5-VL template"):
-        comfy_host.dit_layout(model)
