@@ -393,4 +393,3 @@ def test_hidream_is_refused_with_its_reason():
     model.double_stream_blocks, model.single_stream_blocks = nn.ModuleList(), nn.ModuleList()
     with pytest.raises(ValueError, match="does not reach HiDream yet"):
         comfy_host.dit_layout(model)
-
