@@ -10,13 +10,17 @@ from .. import tokens
 
 def wrap_encode_prompt(session):
     """pipe.encode_prompt as an instance attribute: with bending, strip the marks and locate the
-    words first (errors come before any denoising); always, keep the conditional embeddings."""
+    words first (errors come before any denoising); always, keep the conditional embeddings. Only the first
+    call after a model call (or apply) is the prompt's; the calls after it, before denoising, the negative's."""
     pipe = session.pipe
     had, before = "encode_prompt" in vars(pipe), vars(pipe).get("encode_prompt")
     inner = pipe.encode_prompt
     signature = inspect.signature(inner)
 
     def encode_prompt(*args, **kwargs):
+        if session.prompt_encoded:          # a second call before denoising: the negative prompt's (Flux's true
+            return inner(*args, **kwargs)   # CFG, Qwen-Image, HunyuanVideo 1.5, Kandinsky 5 encode it apart)
+        session.prompt_encoded = True
         if session.entries:
             bound = signature.bind(*args, **kwargs)
             prompt = bound.arguments.get("prompt")

@@ -130,6 +130,7 @@ class Session:
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
         self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
+        self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -166,6 +167,7 @@ class Session:
         self.call = None
 
     def _before_model(self, module, args, kwargs):
+        self.prompt_encoded = False           # the next encode_prompt is a new run's prompt
         if self._in_sag_call:                 # SAG's extra call keeps this step's description
             return None
         if self.single:
