@@ -595,6 +595,22 @@ def test_bending_strength_zero_is_bit_identical_and_marks_are_stripped(sd):
         assert session.maps == [] and session.token_indices == {"sunset": [SUNSET]}
 
 
+def test_a_second_encode_prompt_before_denoising_is_the_negative_prompts(sd):
+    """Pipelines that encode the negative prompt in a call of its own (Flux's true CFG, Qwen-Image, HunyuanVideo 1.5,
+    Kandinsky 5): the words are found in the first call's prompt only, its embeddings stay the conditional ones; the
+    first call after a model call is a new run's prompt."""
+    args = ("cpu", 1, False)
+    with torch.no_grad(), applied(sd, {"bending": [BEND]}) as session:
+        prompt = sd.encode_prompt(MARKED, *args)
+        columns = dict(session.token_indices)
+        negative = sd.encode_prompt("a dog", *args)             # no "sunset": not searched
+        assert session.token_indices == columns and session.prompt_embeds is prompt[0]
+        assert not torch.equal(negative[0], prompt[0])
+        latents(sd, MARKED, num_inference_steps=1)
+        with pytest.raises(ValueError, match="Token not found: 'sunset'"):
+            sd.encode_prompt("a dog", *args)
+
+
 def test_encode_prompt_removes_the_marks(sd):
     args = ("cpu", 1, True)
     with torch.no_grad():

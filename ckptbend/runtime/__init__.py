@@ -16,6 +16,6 @@ ComfyUI's own modules only inside the functions ComfyUI calls while sampling. It
   diffusers_host/   apply(pipe) / remove(pipe): session.py, calls.py, processor.py, recompute.py, unet.py,
                     cross.py (UNets, Wan, PixArt, LTX-2's video), joint.py (Flux.1/.2, Chroma, SD3, Qwen-Image),
                     single.py (Z-Image, Lumina 2), qwen21.py (Qwen-Image 2.x), hunyuan15.py (HunyuanVideo 1.5),
-                    hidream.py (HiDream),
+                    hidream.py (HiDream), kandinsky5.py (Kandinsky 5),
                     prompts.py
 """

@@ -33,7 +33,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
     Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
     tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal
     sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
-    bent."""
+    bent. Kandinsky 5: Wan's shape, call 1 of a visual block its visual→text cross-attention (raster order), the
+    Qwen2.5-VL tokens kept by Qwen-Image's template rule (ComfyUI's Kandinsky 5 encoder applies it)."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -49,6 +50,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
         raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
                          "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
                          "diffusers host bends it)")
+    if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
+        blocks = [("double_block", i, i) for i in range(len(dm.visual_transformer_blocks))]
+        return DiTLayout("kandinsky5", blocks, 1, False, patch3(dm.patch_size), QWEN_KEY)
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
@@ -79,6 +83,5 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2 and HunyuanVideo 1.5; this model's "
-                     "diffusion_model is "
-                     f"a {name}")
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5 and Kandinsky 5; "
+                     f"this model's diffusion_model is a {name}")

@@ -17,6 +17,7 @@ bending.py; these modules only wire it in:
   qwen21.py     Bending at Qwen-Image 2.x's block-causal attentions (the target image's queries)
   hunyuan15.py  Bending at HunyuanVideo 1.5's [video; context] attentions (a text offset per item)
   hidream.py    Bending at HiDream's [image; T5, Llama, Llama] attentions (double- and single-stream blocks)
+  kandinsky5.py Bending at Kandinsky 5's visual→text cross-attentions (grid or fractal 8×8-block query order)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

@@ -23,6 +23,7 @@ class Call:
     n_text: int | None = None                  # joint models: the text tokens (encoder_hidden_states)
     spans: list | None = None                  # single-stream models, per item: (first image query, first text
                                                # key, text tokens)
+    order: torch.Tensor | None = None          # Kandinsky 5's fractal order: the grid index of each visual token
 
 
 def scheduler_position(scheduler, t: float) -> int | None:

@@ -8,6 +8,7 @@ import inspect
 from .cross import cross_attention
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
+from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
 from .single import SINGLE_MODELS, single_attention, single_modules
@@ -40,6 +41,8 @@ def sites_of(model) -> list[Site]:
     if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
+    if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
+        return [Site(n, m, True, None, layer) for layer, (n, m) in enumerate(kandinsky5_modules(model))]
     if type(model).__name__ in JOINT_MODELS:
         found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "attn" and hasattr(m, "processor")]
         return [Site(n, m, False, None, layer, joint=True) for layer, (n, m) in enumerate(found)]
@@ -81,6 +84,8 @@ class Processor:
         if session.call is None:              # called outside a model forward
             return original()
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
+        if session.kandinsky5:
+            return kandinsky5_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hidream:
             return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:

@@ -10,13 +10,17 @@ from .. import tokens
 
 def wrap_encode_prompt(session):
     """pipe.encode_prompt as an instance attribute: with bending, strip the marks and locate the
-    words first (errors come before any denoising); always, keep the conditional embeddings."""
+    words first (errors come before any denoising); always, keep the conditional embeddings. Only the first
+    call after a model call (or apply) is the prompt's; the calls after it, before denoising, the negative's."""
     pipe = session.pipe
     had, before = "encode_prompt" in vars(pipe), vars(pipe).get("encode_prompt")
     inner = pipe.encode_prompt
     signature = inspect.signature(inner)
 
     def encode_prompt(*args, **kwargs):
+        if session.prompt_encoded:          # a second call before denoising: the negative prompt's (Flux's true
+            return inner(*args, **kwargs)   # CFG, Qwen-Image, HunyuanVideo 1.5, Kandinsky 5 encode it apart)
+        session.prompt_encoded = True
         if session.entries:
             bound = signature.bind(*args, **kwargs)
             prompt = bound.arguments.get("prompt")
@@ -47,7 +51,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
-    if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2":
+    kandinsky5 = getattr(session, "kandinsky5", False)
+    if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2" or kandinsky5:
         return _single_columns(session, arguments)
     if hasattr(pipe, "connectors"):
         return _ltx2_columns(session, arguments["prompt"])
@@ -143,20 +148,27 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
     system prompt + " <Prompt Start> " + prompt, Gemma 2's <bos> first (Lumina2Pipeline). Both feed every token
     (up to max_sequence_length) to the transformer: column 0 is the first. Qwen-Image 2.x: its text-to-image
     template, the system turn's _drop_idx tokens dropped (column 0 is the user turn's <|im_start|>); HunyuanVideo
-    1.5: system and user turns of its chat template, crop_start (108) tokens dropped; Flux.2: Mistral 3's chat
+    1.5: system and user turns of its chat template, crop_start (108) tokens dropped; Kandinsky 5: its
+    prompt_template around the whitespace-collapsed prompt (its prompt_clean), 128 tokens dropped, through its
+    Qwen2.5-VL processor's tokenizer, right-padded to the longest prompt; Flux.2: Mistral 3's chat
     template with the pipeline's system message, or (Klein) Qwen3's without thinking, all max_sequence_length
     tokens attended (a left-padding tokenizer shifts the prompt by its padding). A word is
     found spelled after a space or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier
     in the prompt (not in the template or system prompt before it)."""
     pipe = session.pipe
-    family = ("qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else
-              "flux2" if session.joint == "flux2" else session.single)
+    family = ("qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else "flux2" if session.joint == "flux2"
+              else "kandinsky5" if getattr(session, "kandinsky5", False) else session.single)
     tokenizer = pipe.processor.tokenizer if family == "qwen21" else pipe.tokenizer
-    drop = {"qwen21": getattr(pipe, "_drop_idx", 0), "hunyuan15": getattr(pipe, "prompt_template_encode_start_idx", 0)}
+    if family == "kandinsky5":             # a Qwen2.5-VL processor: text only, its tokenizer's tokens
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    drop = {"qwen21": getattr(pipe, "_drop_idx", 0), "hunyuan15": getattr(pipe, "prompt_template_encode_start_idx", 0),
+            "kandinsky5": getattr(pipe, "prompt_template_encode_start_idx", 0)}
     drop = drop.get(family, 0)
     limit = {"zimage": 512, "lumina2": 256, "flux2": 512,
              "hunyuan15": getattr(pipe, "tokenizer_max_length", 1000) + drop}
     limit = arguments.get("max_sequence_length") or limit.get(family, 1 << 20)
+    if family == "kandinsky5":              # its pipeline keeps max_sequence_length tokens after the dropped ones
+        limit = (arguments.get("max_sequence_length") or _default_length(pipe)) + drop
     system = arguments.get("system_prompt") or getattr(pipe, "system_prompt", None)
 
     def text(prompt):
@@ -168,6 +180,8 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
             return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         if family == "qwen21":
             return pipe.prompt_template_t2i.format(prompt)
+        if family == "kandinsky5":
+            return pipe.prompt_template.format(" ".join(prompt.split()))
         if family == "flux2":               # Flux2KleinPipeline: Qwen3, no thinking
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True, enable_thinking=False)
@@ -195,6 +209,12 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
     words = list(dict.fromkeys(e.token for e in session.entries))
     prompt = arguments["prompt"]
     return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def _default_length(pipe) -> int:
+    """The pipeline's own default max_sequence_length (Kandinsky 5: 512, its image editing 1024)."""
+    found = inspect.signature(type(pipe).encode_prompt).parameters.get("max_sequence_length")
+    return found.default if found is not None and isinstance(found.default, int) else 1 << 20
 
 
 def _columns(session, tokenizer, prompt, clean_caption=False, words=None) -> dict[str, list[int]]:

@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import hidream, hunyuan15, qwen21
+from . import hidream, hunyuan15, kandinsky5, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -20,13 +20,11 @@ SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 # Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
 NOT_REACHED = {
-    "Kandinsky5Transformer3DModel": "its visual tokens may be flattened in fractal blocks for sparse attention, and "
-                                    "its Qwen2.5-VL template's columns are not found yet",
     "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
                                       "columns are not found yet (HunyuanVideo 1.5 is reached)",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, HiDream and LTX-2's video stream")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -131,6 +129,8 @@ class Session:
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
+        self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
+        self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
         self._warned_no_cfg = False
@@ -167,6 +167,7 @@ class Session:
         self.call = None
 
     def _before_model(self, module, args, kwargs):
+        self.prompt_encoded = False           # the next encode_prompt is a new run's prompt
         if self._in_sag_call:                 # SAG's extra call keeps this step's description
             return None
         if self.single:
@@ -206,6 +207,8 @@ class Session:
             hunyuan15.describe(self.call, kwargs)
         if self.hidream and self.entries:
             hidream.describe(self.call, kwargs)
+        if self.kandinsky5:
+            kandinsky5.describe(self.call, module, x, kwargs)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
@@ -216,7 +219,8 @@ class Session:
         if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
-        separate = self.joint or self.qwen21 or self.hunyuan15     # pipelines whose CFG runs two calls, no flag
+        # pipelines whose CFG runs two calls, no flag
+        separate = self.joint or self.qwen21 or self.hunyuan15 or self.kandinsky5
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []

@@ -1,0 +1,110 @@
+"""Attention Bending on Kandinsky 5 in ComfyUI (comfy_host's optimized_attention_override path), driven through the
+stand-in host (comfy_standin_kandinsky5: a real tiny diffusers Kandinsky5Transformer3DModel run as ComfyUI's
+kandinsky5 model runs it; not in ComfyUI 0.3.64, the newest runnable here). Call 1 of each visual block, the
+visual→text cross-attention, is bent: its video queries against the word's Qwen2.5-VL keys (the words found as
+Qwen-Image's: ComfyUI's Kandinsky 5 encoder keeps its tokens by the same template rule); the self-attentions and the
+text blocks' attentions are left as the backend computes them."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import comfy_standin as cs
+import comfy_standin_kandinsky5 as ck
+import comfy_standin_qwen as cq
+from ckptbend.runtime import bending, comfy_host
+
+PROMPT = "a romantic kiss at {sunset}"
+F_, H, W, TEXT = 2, 3, 4, 9                    # token grid (latent 2 × 6 × 8, patch 1 × 2 × 2)
+N_VIDEO = F_ * H * W
+ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
+         "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
+GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 4.0, "apply_to_timesteps": None,
+        "apply_to_layers": None, "renormalize": "column"}
+
+pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return cq.QwenCLIP()
+
+
+@pytest.fixture
+def kandinsky():
+    return ck.KandinskyModel(ck.tiny_kandinsky5())
+
+
+def conds(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[{"c_crossattn": torch.randn(1, TEXT, 24, generator=g)}] for _ in range(2)]
+
+
+def latent(seed=2):
+    return torch.randn(1, 4, F_, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
+
+
+def patched(model, clip, entries):
+    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "kandinsky bend", "12" * 32)[0].values()
+    values = {"bending_clip": clip, "bending_prompt": PROMPT}
+    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+
+
+def explicit(call, rows, entries, columns, step):
+    """The backend's output, except the batch items `rows`: the explicit fp32 softmax with the video × text
+    probabilities bent by bending.bend_probs, rows renormalised."""
+    q, k, v = (call[n].float() for n in ("q", "k", "v"))
+    out = cs.attention_chunked(call["q"], call["k"], call["v"], 2, skip_reshape=True).clone()
+    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[rows]
+    unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
+    probs = bending.bend_probs(probs.reshape(-1, N_VIDEO, TEXT), columns, (H, W), unrowed, step, call["layer"],
+                               frames=F_).view(len(rows), 2, N_VIDEO, TEXT)
+    if any(e["renormalize"] == "row" for e in entries):
+        probs = probs / probs.sum(-1, keepdim=True)
+    bent = (probs @ v[rows]).transpose(1, 2).flatten(2)
+    for i, r in enumerate(rows):
+        out[r] = bent[i].to(out.dtype)
+    return out
+
+
+def test_layout_and_words(kandinsky, clip):
+    layout = comfy_host.dit_layout(kandinsky.diffusion_model)
+    assert (layout.kind, layout.text_key, layout.text_call, layout.joint) == ("kandinsky5", "qwen25_7b", 1, False)
+    assert [b[:2] for b in layout.blocks] == [("double_block", 0), ("double_block", 1)]
+    kept = cq.encoder_columns(clip, "a romantic kiss at sunset")
+    columns = comfy_host.token_columns(clip, PROMPT, ["sunset"], layout.text_key)
+    assert clip.tokenizer.convert_ids_to_tokens([kept[j] for j in columns["sunset"]]) == ["Ġsun", "set"]
+
+
+def test_kandinsky_bends_the_cross_attention_of_each_visual_block(kandinsky, clip):
+    sigmas, step = kandinsky.schedule(3), 1
+    entries = [ENTRY, GAIN]
+    columns = comfy_host.token_columns(clip, PROMPT, ["sunset", "kiss"], "qwen25_7b")
+    kandinsky.record = []
+    cs.calc_cond_batch(kandinsky, conds()[::-1], latent(), sigmas[step:step + 1],
+                       patched(kandinsky, clip, entries).sampling_options(sigmas))
+    assert [(c["layer"], c["kind"]) for c in kandinsky.record] == [(0, "self"), (0, "cross"), (1, "self"),
+                                                                  (1, "cross")]
+    changed = 0.0
+    for call in kandinsky.record:
+        plain = cs.attention_chunked(call["q"], call["k"], call["v"], 2, skip_reshape=True)
+        if call["kind"] == "self":
+            assert torch.equal(call["out"], plain)
+            continue
+        rows = comfy_host.common.chunk_rows(call["cond_or_uncond"], 0, 2)
+        active = [e for e in entries if bending.entry_active(e, step, call["layer"])]
+        assert_close(call["out"], explicit(call, rows, active, columns, step), rtol=1e-4, atol=1e-5)
+        others = [r for r in range(2) if r not in rows]
+        assert torch.equal(call["out"][others], plain[others])
+        changed = max(changed, float((call["out"] - plain).abs().max()))
+    assert changed > 1e-3
+
+
+def test_kandinsky_unbent_steps_and_zero_strength_sample_bit_identically(kandinsky, clip):
+    positive, negative = conds()
+    noise = latent()
+    plain = cs.sample(cs.ModelPatcher(kandinsky), noise, positive, negative, steps=3)
+    late = [{**ENTRY, "apply_to_timesteps": [5, 9]}, {**GAIN, "strength": 0.0}]
+    assert torch.equal(cs.sample(patched(kandinsky, clip, late), noise, positive, negative, steps=3), plain)
+    assert not torch.equal(cs.sample(patched(kandinsky, clip, [ENTRY, GAIN]), noise, positive, negative, steps=3),
+                           plain)
