@@ -7,6 +7,7 @@ from collections import Counter
 
 from .errors import CkptbendError
 from .layouts import Checkpoint, blocks_with_attention
+from .layouts.text_encoder_forms import transformers_name
 from .layouts.text_encoders import scales as text_encoder_scales
 from .formats import comfy_quant, ggml
 from .gguf_io import GGUFHeader
@@ -46,7 +47,7 @@ def describe(ckpt: Checkpoint) -> dict:
     encoders = {}
     for s in ckpt.sites:
         if s.component not in ("unet", "dit"):   # a layer: its index, or (no index in the key) the key's attention module
-            m = TEXT_LAYER.search(s.key)
+            m = TEXT_LAYER.search(transformers_name(s.key))        # llama.cpp's names read as HF's
             encoders.setdefault(s.component, set()).add(m.group(1) if m else s.key.rpartition("_proj")[0])
     try:
         recipe, recipe_error = recorded_recipe(ckpt), None

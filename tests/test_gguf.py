@@ -265,7 +265,7 @@ def test_a_block_scale_past_fp16_is_refused(made, tmp_path):
     ("cosmos", "general.architecture says 'cosmos', but its tensors are flux-dev's; refusing to guess"),
     ("pixart", "general.architecture is 'pixart': not one of ComfyUI-GGUF's names"),
     ("sdxl", "general.architecture says 'sdxl', but its tensors are flux-dev's; refusing to guess"),
-    ("t5", "a GGUF text encoder in llama.cpp's tensor names"),
+    ("t5", "general.architecture says 't5', but its tensors are flux-dev's; refusing to guess"),
 ])
 def test_general_architecture_must_agree(made, tmp_path, arch_name, message):
     src = _flux_file(tmp_path / "x.gguf", made, {}, arch_name)

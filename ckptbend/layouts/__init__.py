@@ -78,7 +78,9 @@ GGUF_ARCHITECTURES = {
     "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"), "hidream": ("hidream",),
     "aura": ("auraflow",), "cosmos": ("cosmos-predict2", "anima"),
 }
-GGUF_TEXT = ("t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl")   # llama.cpp's names: no layout yet
+# ComfyUI-GGUF's text encoders (its TXT_ARCH_LIST, llama.cpp's names) → the encoders' architectures they cover.
+GGUF_TEXT = {"t5": ("t5xxl-", "umt5xxl-", "byt5_small-"), "t5encoder": ("t5xxl-", "umt5xxl-", "byt5_small-"),
+             "llama": ("llama-",), "qwen2vl": ("qwen25_7b-",), "qwen3": ("qwen3_",), "qwen3vl": ("qwen3vl_",)}
 
 
 def read_file_header(path: Path) -> Header:
@@ -96,10 +98,7 @@ def _gguf_named(path: Path, header) -> tuple[str, ...] | None:
     named = header.architecture
     if named is None:
         return None
-    if named in GGUF_TEXT:
-        raise CkptbendError(f"{path}: a GGUF text encoder in llama.cpp's tensor names (general.architecture = "
-                            f"{named!r}); ckptbend does not read those yet")
-    covers = GGUF_ARCHITECTURES.get(named)
+    covers = GGUF_ARCHITECTURES.get(named, GGUF_TEXT.get(named))
     if not covers:
         why = "ckptbend has no layout for this family" if covers == () else "not one of ComfyUI-GGUF's names"
         raise CkptbendError(f"{path}: general.architecture is {named!r}: {why}")

@@ -19,6 +19,10 @@ transformers' `layers.N.self_attn.*`, with or without `model.`, `model.language_
   v from k_proj (before k_norm: a k factor leaves v alone), and its last layers may reuse an earlier layer's k/v
   (their own k weights unused): a factor on every layer's k still scales every key once.
 GQA (fewer k/v heads than q heads) changes no range: each projection is a tensor of its own, scaled whole.
+
+Name forms: transformers' names above, or llama.cpp's (GGUF text encoders, LLAMA_CPP: read as transformers'
+names, so every rule above applies to them unchanged). llama.cpp permutes Llama's q/k rows for its RoPE; a
+factor scales a whole tensor, so the order of its rows does not matter.
 """
 
 from __future__ import annotations
@@ -31,6 +35,26 @@ T5_SUFFIX = re.compile(r"(?:^|\.)encoder\.block\.\d+\.layer\.0\.SelfAttention\.(
 LLM_SUFFIX = re.compile(r"(?:^|\.)layers\.\d+\.self_attn\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?:weight|bias)$")
 LLM_VO_SUFFIX = re.compile(r"(?:^|\.)layers\.\d+\.self_attn\.(?P<proj>v_proj|o_proj)\.(?:weight|bias)$")
 LLM_QK_NORM = re.compile(r"(?:^|\.)layers\.\d+\.self_attn\.(?P<proj>q_norm|k_norm)\.weight$")
+
+# llama.cpp's tensor names (gguf-py's TensorNameMap for t5encoder, llama, qwen2vl, qwen3, qwen3vl) → the
+# transformers names that mean the same tensor; a name neither matches keeps its own.
+LLAMA_CPP = tuple((re.compile(p), r) for p, r in (
+    (r"^enc\.blk\.(\d+)\.attn_(q|k|v|o)\.", r"encoder.block.\1.layer.0.SelfAttention.\2."),
+    (r"^enc\.blk\.(\d+)\.attn_rel_b\.", r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
+    (r"^blk\.(\d+)\.attn_(q|k|v)\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.attn_(q|k)_norm\.", r"model.layers.\1.self_attn.\2_norm."),
+    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+))
+
+
+def transformers_name(name: str) -> str:
+    """A tensor's transformers name: llama.cpp's names translated (LLAMA_CPP), any other kept."""
+    for pattern, replacement in LLAMA_CPP:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
 
 GEMMA_CANCELS = ("Gemma's post_attention_layernorm normalises every attention output (o_proj's output) before "
                  "the residual, which cancels a factor on v or out")

@@ -72,7 +72,8 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
     found = []
     for t in cf.header.tensors:
         component = cf.components.get(t.name)
-        m = next((m for pattern in SUFFIX_OF.get(component, ()) if (m := pattern.search(t.name))), None)
+        name = forms.transformers_name(t.name)                        # a GGUF's llama.cpp names read as HF's
+        m = next((m for pattern in SUFFIX_OF.get(component, ()) if (m := pattern.search(name))), None)
         if m is None:
             continue
         if m["proj"].startswith("in_proj"):
@@ -101,6 +102,11 @@ def set_aside(files: list[CheckpointFile]) -> tuple[list[CheckpointFile], tuple[
     return out, notes
 
 
+def _shapes(header) -> dict:
+    """logical_shapes under transformers' names (text_encoder_forms.transformers_name)."""
+    return {forms.transformers_name(n): shape for n, shape in logical_shapes(header).items()}
+
+
 def _has(names, suffix: str) -> bool:
     return any(n.endswith(suffix) for n in names)
 
@@ -112,7 +118,7 @@ def _llm_kind(header, names) -> str:
     for suffix, what in UNKNOWN_LLMS:
         if _has(names, suffix):
             raise CkptbendError(f"{header.path}: {what}; refusing")
-    shapes = logical_shapes(header)
+    shapes = _shapes(header)
     q = next((n for n in names if n.endswith("self_attn.q_proj.weight")), None)
     norm = next((n for n in names if n.endswith("input_layernorm.weight")), None)
     width = shapes[q][1] if q else shapes[norm][0] if norm else None
@@ -134,7 +140,7 @@ def _t5_kind(header, names) -> str:
     if _has(names, "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"):
         return "umt5xxl"
     q = next(n for n in names if n.endswith("SelfAttention.q.weight"))
-    return "byt5_small" if forms.is_byt5(*logical_shapes(header)[q]) else "t5xxl"
+    return "byt5_small" if forms.is_byt5(*_shapes(header)[q]) else "t5xxl"
 
 
 def _large_kind(header, names) -> str | None:
@@ -148,7 +154,8 @@ def _large_kind(header, names) -> str | None:
 
 def bare_kind(header) -> str | None:
     """Which text encoder a file saved alone holds, or None."""
-    names = [n for n in header.names if not NOT_THE_ENCODER.search(n)]   # e.g. a CLIP vision tower alone: none
+    names = [forms.transformers_name(n) for n in header.names]
+    names = [n for n in names if not NOT_THE_ENCODER.search(n)]   # e.g. a CLIP vision tower alone: none
     if large := _large_kind(header, names):
         return large
     hf, openclip = any(HF_CLIP_SUFFIX.search(n) for n in names), any(OPENCLIP_SUFFIX.search(n) for n in names)

@@ -165,3 +165,23 @@ def write_large(path, shapes: dict, arch: str, seed: int = 0) -> Path:
             entries.append((key, "F32", tuple(stored), np.float32, 4 * math.prod(stored),
                             lambda stored=stored: rng.standard_normal(stored, dtype=np.float32) * 0.1))
     return write_gguf(path, name, entries)
+
+
+def write_text_encoder(path, state: dict, form: str, arch_name: str, n_blocks: int, seed: int = 0,
+                       small: int = SMALL) -> Path:
+    """A transformers text encoder's state dict as a GGUF in llama.cpp's names (gguf-py's TensorNameMap for
+    `arch_name`, one of ComfyUI-GGUF's text architectures: t5encoder, llama, qwen2vl, qwen3, qwen3vl); a tensor
+    it names nothing (a tied copy, an LM head alias) is left out. llama.cpp's converter also permutes Llama's
+    q/k rows for its RoPE: a whole-tensor factor does not see row order, so they are kept as they are."""
+    import gguf
+
+    names = gguf.TensorNameMap(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), n_blocks)
+    rng, entries = np.random.default_rng(seed), []
+    for key, t in state.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None or any(e[0] == name for e in entries):
+            continue
+        qtype, stored, _ = tensor_type(name, tuple(t.shape), form, arch_name, small)
+        data = encode(t.float().numpy().reshape(stored), qtype, rng)
+        entries.append((name, qtype, data.shape, data.dtype, data.nbytes, lambda data=data: data))
+    return write_gguf(path, arch_name, entries)
