@@ -29,6 +29,13 @@ MODELS = {
               {"attn_q_norm": "q", "attn_k_norm": "k", "attn_v": "v", "attn_output": "out"}),
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)), "llama", "llama-only",
               {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
+    # (a Qwen3-VL GGUF holds its text model alone; llama.cpp names Mistral `llama`, its q wider than its width)
+    "qwen3vl": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3vl", "qwen3vl_4b-only",
+                {"attn_q_norm": "q", "attn_k_norm": "k", "attn_v": "v", "attn_output": "out"}),
+    "qwen2vl": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL)), "qwen2vl", "qwen25_7b-only",
+                {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
+    "mistral": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL | {"head_dim": 32})), "llama", "mistral3_24b-only",
+                {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
 }
 
 
@@ -77,7 +84,7 @@ def test_baked_text_gguf_is_factor_times_original(made, model, tmp_path):
     rule, reached = MODELS[model][3], set()
     for name, (qtype, raw, shape) in a.items():
         role = name.split(".")[-2]
-        f = FACTORS[rule[role]] if role in rule and name.endswith(".weight") else 1.0
+        f = FACTORS[rule[role]] if role in rule else 1.0       # weights and biases alike
         if f == 1.0:
             assert np.array_equal(raw, b[name][1]), name
             continue

@@ -78,9 +78,11 @@ GGUF_ARCHITECTURES = {
     "wan": ("wan",), "qwen_image": ("qwen-image",), "lumina2": ("lumina2", "z-image"), "hidream": ("hidream",),
     "aura": ("auraflow",), "cosmos": ("cosmos-predict2", "anima"),
 }
-# ComfyUI-GGUF's text encoders (its TXT_ARCH_LIST, llama.cpp's names) → the encoders' architectures they cover.
+# ComfyUI-GGUF's text encoders (its TXT_ARCH_LIST, llama.cpp's names) → the encoders' architectures they cover
+# (llama.cpp converts Mistral as `llama`).
 GGUF_TEXT = {"t5": ("t5xxl-", "umt5xxl-", "byt5_small-"), "t5encoder": ("t5xxl-", "umt5xxl-", "byt5_small-"),
-             "llama": ("llama-",), "qwen2vl": ("qwen25_7b-",), "qwen3": ("qwen3_",), "qwen3vl": ("qwen3vl_",)}
+             "llama": ("llama-", "mistral3_24b-", "ministral3_3b-"), "qwen2vl": ("qwen25_7b-",),
+             "qwen3": ("qwen3_",), "qwen3vl": ("qwen3vl_",)}
 
 
 def read_file_header(path: Path) -> Header:

@@ -127,7 +127,9 @@ def _llm_kind(header, names) -> str:
             return forms.by_width("gemma4", width)
         return forms.by_width("gemma3", width) if _has(names, "self_attn.q_norm.weight") else "gemma2_2b"
     if _has(names, "self_attn.q_norm.weight"):
-        vision = any(NOT_THE_ENCODER.search(n) for n in header.names)
+        # llama.cpp keeps Qwen3-VL's vision tower in a separate mmproj file: its GGUF says qwen3vl instead
+        vision = (any(NOT_THE_ENCODER.search(n) for n in header.names)
+                  or getattr(header, "architecture", None) == "qwen3vl")
         return forms.by_width("qwen3vl" if vision else "qwen3", width)
     if _has(names, "self_attn.k_proj.bias"):
         return "qwen25_7b"
