@@ -4,6 +4,7 @@ transformers models written with gguf-py's own name map, baked, read back with g
 import gguf
 import numpy as np
 import pytest
+import torch
 import transformers as tf
 
 from _dit import run
@@ -11,31 +12,31 @@ from test_gguf import rounding, tensors
 
 from ckptbend.formats import ggml
 from ckptbend.layouts.text_encoder_forms import transformers_name
-from ckptbend.synth.gguf import write_text_encoder
+from ckptbend.synth.gguf import TEXT_ARCH, write_text_encoder
 
 FACTORS = {"q": 1.25, "k": 0.8, "v": 1.5, "out": 0.75}
 RECIPE = 'schema = 1\nname = "t"\n[text]\n' + "".join(f"{k} = {v}\n" for k, v in FACTORS.items())
 SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
 T5 = dict(vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=64, num_layers=2)
-# (model, gguf arch, inspect's architecture, llama.cpp tensor → the factor it takes), from the forms' rules:
-# T5 and Llama scale their projections; Qwen3's q/k act through its qk-norm weights.
+# llama.cpp tensor → the factor it takes, from the forms' rules: T5 and the plain decoder LLMs scale their
+# projections; Qwen3's q/k act through its qk-norm weights.
+T5_RULE = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "out"}
+LLM_RULE = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}
+QK_NORM_RULE = {"attn_q_norm": "q", "attn_k_norm": "k", "attn_v": "v", "attn_output": "out"}
+RULES = {"t5xxl": T5_RULE, "umt5xxl": T5_RULE, "llama": LLM_RULE, "mistral3_24b": LLM_RULE, "qwen25_7b": LLM_RULE,
+         "qwen3_4b": QK_NORM_RULE, "qwen3vl_4b": QK_NORM_RULE}
+# (model, gguf arch, inspect's architecture, rule)
 MODELS = {
-    "t5": (lambda: tf.T5EncoderModel(tf.T5Config(**T5)), "t5encoder", "t5xxl-only",
-           {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "out"}),
-    "umt5": (lambda: tf.UMT5EncoderModel(tf.UMT5Config(**T5)), "t5encoder", "umt5xxl-only",
-             {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "out"}),
-    "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3", "qwen3_4b-only",
-              {"attn_q_norm": "q", "attn_k_norm": "k", "attn_v": "v", "attn_output": "out"}),
-    "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)), "llama", "llama-only",
-              {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
+    "t5": (lambda: tf.T5EncoderModel(tf.T5Config(**T5)), "t5encoder", "t5xxl-only", T5_RULE),
+    "umt5": (lambda: tf.UMT5EncoderModel(tf.UMT5Config(**T5)), "t5encoder", "umt5xxl-only", T5_RULE),
+    "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3", "qwen3_4b-only", QK_NORM_RULE),
+    "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)), "llama", "llama-only", LLM_RULE),
     # (a Qwen3-VL GGUF holds its text model alone; llama.cpp names Mistral `llama`, its q wider than its width)
-    "qwen3vl": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3vl", "qwen3vl_4b-only",
-                {"attn_q_norm": "q", "attn_k_norm": "k", "attn_v": "v", "attn_output": "out"}),
-    "qwen2vl": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL)), "qwen2vl", "qwen25_7b-only",
-                {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
-    "mistral": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL | {"head_dim": 32})), "llama", "mistral3_24b-only",
-                {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "out"}),
+    "qwen3vl": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3vl", "qwen3vl_4b-only", QK_NORM_RULE),
+    "qwen2vl": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL)), "qwen2vl", "qwen25_7b-only", LLM_RULE),
+    "mistral": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL | {"head_dim": 32})), "llama",
+                "mistral3_24b-only", LLM_RULE),
 }
 
 
@@ -43,13 +44,12 @@ MODELS = {
 def made(tmp_path_factory):
     out = {}
     for name, (build, arch, *_) in MODELS.items():
-        import torch
         torch.manual_seed(0)
         model = build()
         for p in model.parameters():   # qk-norm weights start at 1: make them tell a scaled one apart
             p.data.add_(torch.randn_like(p) * 0.1)
         out[name] = write_text_encoder(tmp_path_factory.mktemp(name) / f"{name}.gguf", model.state_dict(),
-                                       "q8_0", arch, 2, small=256)
+                                       "q8_0", arch)
     return out
 
 
@@ -73,15 +73,12 @@ def test_inspect_names_the_encoder(made, model):
     assert f"architecture: {MODELS[model][2]}" in r.stdout and "2 attention layers" in r.stdout
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_baked_text_gguf_is_factor_times_original(made, model, tmp_path):
-    (tmp_path / "r.toml").write_text(RECIPE)
-    out = tmp_path / "out.gguf"
-    r = run("bake", tmp_path / "r.toml", made[model], "-o", out, "-q")
-    assert r.returncode == 0, r.stderr
-    a, b = tensors(made[model]), tensors(out)
+def assert_baked(src, out, rule):
+    """Each tensor `rule` reaches (llama.cpp role → factor name) reads back as f × the original (quantised: up to
+    one fp16 rounding of each block scale, codes byte for byte); every other tensor is byte-identical."""
+    a, b = tensors(src), tensors(out)
     assert list(a) == list(b)
-    rule, reached = MODELS[model][3], set()
+    reached = set()
     for name, (qtype, raw, shape) in a.items():
         role = name.split(".")[-2]
         f = FACTORS[rule[role]] if role in rule else 1.0       # weights and biases alike
@@ -96,3 +93,28 @@ def test_baked_text_gguf_is_factor_times_original(made, model, tmp_path):
         else:
             assert (np.abs(y - f * x) <= rounding(raw, qtype, np.full(x.shape, f)) + 1e-6 * np.abs(f * x)).all(), name
     assert reached == set(rule)
+
+
+def bake(src, tmp_path):
+    (tmp_path / "r.toml").write_text(RECIPE)
+    out = tmp_path / "out.gguf"
+    r = run("bake", tmp_path / "r.toml", src, "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_baked_text_gguf_is_factor_times_original(made, model, tmp_path):
+    out = bake(made[model], tmp_path)
+    assert_baked(made[model], out, MODELS[model][3])
+    assert run("verify", out, "--source", made[model]).returncode == 0
+
+
+@pytest.mark.parametrize("arch, gguf_arch", TEXT_ARCH.items())
+def test_synth_writes_and_bakes_llama_cpp_text_encoders(arch, gguf_arch, tmp_path):
+    src = tmp_path / f"{arch}.gguf"
+    assert run("synth", arch, src, "--dtype", "q8_0").returncode == 0
+    assert gguf.GGUFReader(src).get_field("general.architecture").contents() == gguf_arch
+    info = run("inspect", src)
+    assert info.returncode == 0 and f"architecture: {arch}-only" in info.stdout, info.stderr
+    assert_baked(src, bake(src, tmp_path), RULES[arch])

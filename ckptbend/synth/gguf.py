@@ -15,6 +15,7 @@ for the tensors holding v, Q4_K for the rest, Q8_0 where 256 does not divide a r
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ COMFY_ARCH = {"flux_dev": "flux", "flux_schnell": "flux", "chroma": "flux", "chr
               "sd35_medium": "sd3", "sd35_large": "sd3", "wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v": "wan",
               "wan22_i2v": "wan", "ltx_video": "ltxv", "qwen_image": "qwen_image", "auraflow": "aura",
               "cosmos_predict2": "cosmos", "anima": "cosmos", "longcat_image": "flux", "ovis_image": "flux"}
+# ckptbend's large text encoders → the `general.architecture` of their llama.cpp GGUF (ComfyUI-GGUF's text list;
+# llama.cpp converts Mistral as llama)
+TEXT_ARCH = {"t5xxl": "t5encoder", "umt5xxl": "t5encoder", "llama": "llama", "mistral3_24b": "llama",
+             "qwen25_7b": "qwen2vl", "qwen3_4b": "qwen3", "qwen3vl_4b": "qwen3vl"}
 HIPREC = {"wan": (".modulation",), "ltxv": ("scale_shift_table",), "hidream": (".ff_i.gate.weight", "img_emb.emb_pos")}
 SHAPE_FIX = ("sd1", "sdxl")
 SMALL = 1024                # tensors of at most this many elements stay F32
@@ -128,6 +133,8 @@ def write_gguf(path, arch_name: str, tensors, orig_shapes: dict | None = None, m
 def write_model(path, state: dict, form: str, arch: str, seed: int = 0, small: int = SMALL) -> Path:
     """A model's state dict (torch tensors, original names) as a GGUF file of `form` (FORMS). `small`: the
     converter's threshold; tests lower it so that a tiny model's attention (32 × 32) is quantised too."""
+    if arch in TEXT_ARCH:
+        return write_text_encoder(path, state, form, TEXT_ARCH[arch], seed)
     if arch not in COMFY_ARCH:
         raise CkptbendError(f"synth: {arch} has no GGUF form (ComfyUI-GGUF names no architecture for it)")
     name, rng = COMFY_ARCH[arch], np.random.default_rng(seed)
@@ -167,18 +174,20 @@ def write_large(path, shapes: dict, arch: str, seed: int = 0) -> Path:
     return write_gguf(path, name, entries)
 
 
-def write_text_encoder(path, state: dict, form: str, arch_name: str, n_blocks: int, seed: int = 0,
-                       small: int = SMALL) -> Path:
+def write_text_encoder(path, state: dict, form: str, arch_name: str, seed: int = 0, small: int = 0) -> Path:
     """A transformers text encoder's state dict as a GGUF in llama.cpp's names (gguf-py's TensorNameMap for
     `arch_name`, one of ComfyUI-GGUF's text architectures: t5encoder, llama, qwen2vl, qwen3, qwen3vl); a tensor
-    it names nothing (a tied copy, an LM head alias) is left out. llama.cpp's converter also permutes Llama's
-    q/k rows for its RoPE: a whole-tensor factor does not see row order, so they are kept as they are."""
+    it names nothing (a tied copy, a vision tower: llama.cpp's mmproj file) is left out. Every matrix is
+    quantised (`small` 0), as llama.cpp does. llama.cpp's converter also permutes Llama's q/k rows for its
+    RoPE: a whole-tensor factor does not see row order, so they are kept as they are."""
     import gguf
 
+    n_blocks = 1 + max(int(n) for key in state for n in re.findall(r"(?:block|layers)\.(\d+)\.", key))
     names = gguf.TensorNameMap(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), n_blocks)
     rng, entries = np.random.default_rng(seed), []
     for key, t in state.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        # (llama.cpp's converter reads a VL model's text layers as the plain model's)
+        name = names.get_name(key.replace("model.language_model.", "model.", 1), try_suffixes=(".weight", ".bias"))
         if name is None or any(e[0] == name for e in entries):
             continue
         qtype, stored, _ = tensor_type(name, tuple(t.shape), form, arch_name, small)
