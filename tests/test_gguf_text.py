@@ -32,7 +32,7 @@ MODELS = {
     "umt5": (lambda: tf.UMT5EncoderModel(tf.UMT5Config(**T5)), "t5encoder", "umt5xxl-only", T5_RULE),
     "qwen3": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3", "qwen3_4b-only", QK_NORM_RULE),
     "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)), "llama", "llama-only", LLM_RULE),
-    # (a Qwen3-VL GGUF holds its text model alone; llama.cpp names Mistral `llama`, its q wider than its width)
+    # (a Qwen3-VL GGUF holds its text model alone; llama.cpp names Mistral `llama`, its q rows other than its width)
     "qwen3vl": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**SMALL)), "qwen3vl", "qwen3vl_4b-only", QK_NORM_RULE),
     "qwen2vl": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL)), "qwen2vl", "qwen25_7b-only", LLM_RULE),
     "mistral": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL | {"head_dim": 32})), "llama",

@@ -39,7 +39,8 @@ LAYOUTS = tuple(dict.fromkeys(layout for _, layouts in GENERATORS.values() for l
 SCALED_FP8 = "scaled_fp8"   # ComfyUI's scaled fp8 (fp8 e4m3fn + scale_weight): not a torch dtype, passed by name
 # ComfyUI's quantised single-file forms (synth/quantised.py), passed by name; DiT families, single-file layouts.
 QUANTISED = (SCALED_FP8, "fp8mixed", "int8", "int8_convrot", "nvfp4")
-# GGUF files of the diffusion model alone, as ComfyUI-GGUF writes them (synth/gguf.py), passed by name.
+# GGUF files of the diffusion model alone, as ComfyUI-GGUF writes them, or of a large text encoder in llama.cpp's
+# names (synth/gguf.py), passed by name.
 GGUF = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
         "gguf-f16", "gguf-bf16", "gguf-k_m")
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", *QUANTISED, *GGUF)
