@@ -118,3 +118,12 @@ def test_synth_writes_and_bakes_llama_cpp_text_encoders(arch, gguf_arch, tmp_pat
     info = run("inspect", src)
     assert info.returncode == 0 and f"architecture: {arch}-only" in info.stdout, info.stderr
     assert_baked(src, bake(src, tmp_path), RULES[arch])
+
+
+def test_general_architecture_must_agree_with_the_encoder(tmp_path):
+    """A Llama written under `qwen3` (gguf-py maps the same names) is refused, not baked as either."""
+    torch.manual_seed(0)
+    src = write_text_encoder(tmp_path / "x.gguf", tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)).state_dict(), "q8_0",
+                             "qwen3")
+    r = run("inspect", src)
+    assert r.returncode != 0 and "general.architecture says 'qwen3', but its tensors are llama-only's" in r.stderr
