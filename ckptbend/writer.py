@@ -66,6 +66,13 @@ def _patch(fd: int, offset: int, t, edit: Edit) -> None:
         raise failure
 
 
+def _patch_behind(cancelled, fd: int, offset: int, t, edit: Edit, durable: bool) -> None:
+    """`_patch` on the other core, while the main thread copies what follows (a patch is short: not cancelled)."""
+    _patch(fd, offset, t, edit)
+    if durable:
+        start_writeback(fd, offset, t.end - t.begin)
+
+
 def data_chunks(src, header: Header, edits: dict[str, Edit], source_hash):
     """Yield the output data section piece by piece, reading `src` once from the data start."""
     buf = bytearray(CHUNK)
@@ -337,6 +344,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
         # ModelSpec's hash covers the output's data section: hashed only when the file carries one.
         behind = _HashBehind(dst_fd, base) if "modelspec.hash_sha256" in meta else None
         written = _Written(progress, behind)
+        patching = None       # the last in-place tensor's patch, running while the next bytes are copied
         try:
             for t, begin, end, first in runs:
                 interrupts.check()
@@ -345,15 +353,21 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
                         _copy_range(src_fd, dst_fd, header.data_start + begin, base + at[first], end - begin, written,
                                     durable)
                 elif _in_place(edits[t.name]):
-                    with profile.phase("edited tensors: kernel copy, patched in place"):
+                    with profile.phase("edited tensors: kernel copy"):
                         _copy_range(src_fd, dst_fd, header.data_start + begin, base + at[t.name], end - begin,
                                     _Uncounted, False)
-                        _patch(dst_fd, base + at[t.name], t, edits[t.name])
-                        if durable:
-                            start_writeback(dst_fd, base + at[t.name], end - begin)
+                    with profile.phase("waiting for the previous patch"):
+                        if patching is not None:
+                            patching.result()
+                    patching = _Background(_patch_behind, dst_fd, base + at[t.name], t, edits[t.name], durable)
+                    if behind is not None:     # the output's hash reads what is counted written: patched bytes only
+                        patching.result()
                     written.update(end - begin)
                 else:
                     written.update(scaler.write_next(dst_fd, base + at[t.name], durable))
+            with profile.phase("waiting for the last patch"):
+                if patching is not None:
+                    patching.result()
             with profile.phase("waiting for the source hash"):
                 source_sha256 = cached or hasher.result()
             with profile.phase("waiting for the output data hash"):
@@ -362,7 +376,7 @@ def rewrite_file(src_path: Path, header: Header, edits: dict[str, Edit], meta: d
             raise CkptbendError(f"{src_path}: file shrank while being read; output discarded") from None
         finally:
             scaler.cancel()
-            for worker in (hasher, behind):
+            for worker in (hasher, behind, patching):
                 if worker:
                     worker.cancel()
         after = os.fstat(src_fd)
