@@ -306,3 +306,20 @@ def test_a_damaged_gguf_is_one_line(made, tmp_path, damage, message):
         r = run(*command)
         assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_output_data_starts_at_the_inputs_page_offset_and_rebakes_remake_the_padding(made, tmp_path):
+    """The padding KV puts the output's data section at the input's offset within a 4096-byte page (the kernel's
+    copies are faster between equal page offsets); it stays out of the metadata, so a re-bake remakes it."""
+    from ckptbend.gguf_io import PAD_KEY, read_header
+
+    src = made("flux", "q8_0")
+    (tmp_path / "1").mkdir(), (tmp_path / "2").mkdir()
+    once, _ = bake(src, tmp_path / "1", FLUX)
+    twice, _ = bake(once, tmp_path / "2", FLUX)
+    heads = [read_header(p) for p in (src, once, twice)]
+    assert len({h.data_offset % 4096 for h in heads}) == 1
+    assert heads[1].data_offset > heads[0].data_offset            # provenance was added: padding was needed
+    assert all(PAD_KEY not in h.metadata for h in heads)
+    fields = gguf.GGUFReader(twice).fields
+    assert list(fields).count(PAD_KEY) == 1 and set(fields[PAD_KEY].contents()) <= {" "}
