@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 
 from .cross import cross_attention
+from .ernie import ERNIE_MODELS, ernie_attention, ernie_modules
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
@@ -37,8 +38,9 @@ def sites_of(model) -> list[Site]:
     on a joint model (JOINT_MODELS) its blocks' joint attentions `attn` instead, in order (Flux: double
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
-              **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS}}
-    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream
+              **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
+              **{n: ernie_modules for n in ERNIE_MODELS}}
+    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
@@ -90,6 +92,8 @@ class Processor:
             return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:
             return hunyuan15_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.ernie:
+            return ernie_attention(session, self.site, attn, given, original)
         if self.site.joint and session.qwen21:
             return qwen21_attention(session, self.site, attn, given, original)
         if self.site.joint and session.single:

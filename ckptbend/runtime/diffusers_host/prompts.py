@@ -33,7 +33,8 @@ def wrap_encode_prompt(session):
             session.token_indices = _locate(session, bound.arguments)
             args, kwargs = bound.args, bound.kwargs
         result = inner(*args, **kwargs)
-        session.prompt_embeds = result[0]            # prompt_embeds first, in every diffusers pipeline
+        # prompt_embeds first, in every diffusers pipeline but ERNIE-Image's (a list of per-prompt tensors)
+        session.prompt_embeds = result if getattr(session, "ernie", False) else result[0]
         return result
 
     pipe.encode_prompt = encode_prompt
@@ -52,6 +53,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
     kandinsky5 = getattr(session, "kandinsky5", False)
+    if getattr(session, "ernie", False):              # the bare prompt, <bos> first (ErnieImagePipeline)
+        return _ernie_columns(session, arguments["prompt"])
     if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2" or kandinsky5:
         return _single_columns(session, arguments)
     if hasattr(pipe, "connectors"):
@@ -140,6 +143,20 @@ def _ltx2_columns(session, prompt) -> dict[str, list[int]]:
 
     return same_columns([tokens.token_columns(words, tokenizer(p.strip())["input_ids"], lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def _ernie_columns(session, prompt) -> dict[str, list[int]]:
+    """ERNIE-Image: each prompt tokenized bare with special tokens (<bos> first), truncated at the tokenizer's
+    limit, every token fed to the model: column 0 is the first. A word after a space or bare (byte-level BPE)."""
+    tokenizer = session.pipe.tokenizer
+    words = list(dict.fromkeys(e.token for e in session.entries))
+
+    def spell(word):
+        return tokenizer(word, add_special_tokens=False)["input_ids"]
+
+    return same_columns([tokens.token_columns(words, tokenizer(p, truncation=True)["input_ids"],
+                                              lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
+                         for p in ([prompt] if isinstance(prompt, str) else prompt)])
 
 
 def _single_columns(session, arguments) -> dict[str, list[int]]:

@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import hidream, hunyuan15, kandinsky5, qwen21
+from . import ernie, hidream, hunyuan15, kandinsky5, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -24,7 +24,8 @@ NOT_REACHED = {
                                       "columns are not found yet (HunyuanVideo 1.5 is reached)",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video stream")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video "
+            "stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Session:
         self.call: Call | None = None
         self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
         self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
+        self.ernie = type(self.models[0]).__name__ in ernie.ERNIE_MODELS       # [image; text], CFG [uncond; cond]
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
@@ -172,6 +174,9 @@ class Session:
             return None
         if self.single:
             self.call = describe(self, module, args, kwargs)
+            return None
+        if self.ernie:
+            self.call = ernie.describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
