@@ -22,6 +22,8 @@ DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_si
 NOT_REACHED = {
     "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
                                       "columns are not found yet (HunyuanVideo 1.5 is reached)",
+    "Krea2Transformer2DModel": "Krea 2's single-stream attention is baked but not bent yet",
+    "Ideogram4Transformer2DModel": "Ideogram 4's single-stream attention is baked but not bent yet",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video "
