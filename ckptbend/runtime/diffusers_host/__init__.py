@@ -16,6 +16,7 @@ bending.py; these modules only wire it in:
   single.py     Bending at single-stream NextDiT attentions (Z-Image, Lumina 2)
   qwen21.py     Bending at Qwen-Image 2.x's block-causal attentions (the target image's queries)
   ernie.py      Bending at ERNIE-Image's single-stream [image; text] attentions
+  krea2.py      Bending at Krea 2's single-stream [text; image] attentions (gated output, grouped k/v heads)
   hunyuan15.py  Bending at HunyuanVideo 1.5's [video; context] attentions (a text offset per item)
   hidream.py    Bending at HiDream's [image; T5, Llama, Llama] attentions (double- and single-stream blocks)
   kandinsky5.py Bending at Kandinsky 5's visual→text cross-attentions (grid or fractal 8×8-block query order)

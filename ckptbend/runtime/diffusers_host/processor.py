@@ -9,6 +9,7 @@ from .cross import cross_attention
 from .ernie import ERNIE_MODELS, ernie_attention, ernie_modules
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
+from .krea2 import KREA2_MODELS, krea2_attention, krea2_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
@@ -39,8 +40,9 @@ def sites_of(model) -> list[Site]:
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
-              **{n: ernie_modules for n in ERNIE_MODELS}}
-    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE
+              **{n: ernie_modules for n in ERNIE_MODELS},
+              **{n: krea2_modules for n in KREA2_MODELS}}
+    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE, Krea 2
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
@@ -94,6 +96,8 @@ class Processor:
             return hunyuan15_attention(session, self.site, attn, given, original)
         if self.site.joint and session.ernie:
             return ernie_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.krea2:
+            return krea2_attention(session, self.site, attn, given, original)
         if self.site.joint and session.qwen21:
             return qwen21_attention(session, self.site, attn, given, original)
         if self.site.joint and session.single:

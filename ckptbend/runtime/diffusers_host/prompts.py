@@ -53,6 +53,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
     kandinsky5 = getattr(session, "kandinsky5", False)
+    if getattr(session, "krea2", False):
+        return _krea2_columns(session, arguments)
     if getattr(session, "ernie", False):              # the bare prompt, <bos> first (ErnieImagePipeline)
         return _ernie_columns(session, arguments["prompt"])
     if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2" or kandinsky5:
@@ -156,6 +158,26 @@ def _ernie_columns(session, prompt) -> dict[str, list[int]]:
 
     return same_columns([tokens.token_columns(words, tokenizer(p, truncation=True)["input_ids"],
                                               lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
+                         for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def _krea2_columns(session, arguments) -> dict[str, list[int]]:
+    """Krea 2: its system-and-user-header prefix + the prompt, padded to a fixed length, the prefix's
+    prompt_template_encode_start_idx tokens dropped: column 0 is the prompt's first token (spelled bare)."""
+    pipe = session.pipe
+    drop = pipe.prompt_template_encode_start_idx
+    limit = (arguments.get("max_sequence_length") or 512) + drop - pipe.prompt_template_encode_num_suffix_tokens
+    words = list(dict.fromkeys(e.token for e in session.entries))
+
+    def spell(word):
+        return pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
+
+    def ids(prompt):
+        return pipe.tokenizer(pipe.prompt_template_encode_prefix + prompt, truncation=True, max_length=limit)[
+            "input_ids"][drop:]
+
+    prompt = arguments["prompt"]
+    return same_columns([tokens.token_columns(words, ids(p), lambda w: tokens.Alternatives((spell(" " + w), spell(w))))
                          for p in ([prompt] if isinstance(prompt, str) else prompt)])
 
 

@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import ernie, hidream, hunyuan15, kandinsky5, qwen21
+from . import ernie, hidream, hunyuan15, kandinsky5, krea2, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -22,11 +22,10 @@ DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_si
 NOT_REACHED = {
     "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
                                       "columns are not found yet (HunyuanVideo 1.5 is reached)",
-    "Krea2Transformer2DModel": "Krea 2's single-stream attention is baked but not bent yet",
     "Ideogram4Transformer2DModel": "Ideogram 4's single-stream attention is baked but not bent yet",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video "
+            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5 and LTX-2's video "
             "stream")
 
 
@@ -130,6 +129,7 @@ class Session:
         self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
         self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
         self.ernie = type(self.models[0]).__name__ in ernie.ERNIE_MODELS       # [image; text], CFG [uncond; cond]
+        self.krea2 = type(self.models[0]).__name__ in krea2.KREA2_MODELS       # [text; image], CFG in two calls
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
@@ -210,6 +210,8 @@ class Session:
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
         if self.qwen21 and self.entries:
             qwen21.describe(self.call, kwargs)
+        if self.krea2 and self.entries:
+            krea2.describe(self.call, kwargs)
         if self.hunyuan15 and self.entries:
             hunyuan15.describe(self.call, kwargs)
         if self.hidream and self.entries:
@@ -227,7 +229,7 @@ class Session:
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
         # pipelines whose CFG runs two calls, no flag
-        separate = self.joint or self.qwen21 or self.hunyuan15 or self.kandinsky5
+        separate = self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
