@@ -40,9 +40,8 @@ def sites_of(model) -> list[Site]:
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
-              **{n: ernie_modules for n in ERNIE_MODELS},
-              **{n: krea2_modules for n in KREA2_MODELS}}
-    if type(model).__name__ in single:          # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE, Krea 2
+              **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS}}
+    if type(model).__name__ in single:    # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE, Krea 2
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
