@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import bent_attention, tokens
 from .recompute import acting, recorder
@@ -36,6 +35,14 @@ def describe(call, kwargs) -> None:
     call.n_text = kwargs["encoder_hidden_states"].shape[1]
 
 
+def _rope(x, rotary):
+    """Krea 2's rotary embedding on [b, n, heads, d]: (cos, sin) [n, d], each angle on an interleaved pair."""
+    cos, sin = (t[None, :, None, :].to(x.device) for t in rotary)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
 def krea2_attention(session, site, attn, given, original):
     active = acting(session, site)
     if not active:
@@ -52,7 +59,7 @@ def krea2_attention(session, site, attn, given, original):
     v = attn.to_v(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
     rotary = given.get("image_rotary_emb")
     if rotary is not None:
-        q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+        q, k = _rope(q, rotary), _rope(k, rotary)
     groups = attn.num_heads // attn.num_kv_heads
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
