@@ -1,5 +1,5 @@
-"""Bending at the joint attentions of Flux.1, Flux.2, Chroma, SD3.x and Qwen-Image: [text; image] (SD3: [image;
-text]) queries and keys at once, q, k, v formed as each model's diffusers processor forms them."""
+"""Bending at the joint attentions of Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image and AuraFlow: [text; image] (SD3:
+[image; text]) queries and keys at once, q, k, v formed as each model's diffusers processor forms them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from .recompute import acting, recorder
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
 JOINT_MODELS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
-                "QwenImageTransformer2DModel": "qwen", "Flux2Transformer2DModel": "flux2"}
+                "QwenImageTransformer2DModel": "qwen", "Flux2Transformer2DModel": "flux2",
+                "AuraFlowTransformer2DModel": "auraflow"}
 
 
 def joint_attention(session, site, attn, given, original):
@@ -24,15 +25,19 @@ def joint_attention(session, site, attn, given, original):
         return original()
     call = session.call
     hidden, context = given["hidden_states"], given.get("encoder_hidden_states")
-    q, k, v, text, mlp = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text)
+    # AuraFlow's context is [its learned register tokens; T5]: the word columns count from the registers' end.
+    registers = getattr(session.models[0], "register_tokens", None)
+    q, k, v, text, mlp = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text,
+                                    0 if registers is None else registers.shape[1])
     n_text = text.stop - text.start
     for e in active:
         if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
             raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
     n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
-    first = 0 if session.joint == "sd3" else text.stop if context is not None else n_text
+    first = 0 if session.joint == "sd3" else text.stop
     mask = _joint_mask(given.get("attention_mask"), given.get("encoder_hidden_states_mask"), hidden.shape[1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scale = attn.scale if session.joint == "auraflow" else None      # AuraFlow's processor passes attn.scale
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
     bias = mask
     if mask is not None and mask.dtype == torch.bool:
@@ -40,7 +45,7 @@ def joint_attention(session, site, attn, given, original):
     bent_attention.bend_rows(out if session.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,
                       token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,
                       layer_index=site.layer, frames=call.frames, text=text,
-                      queries=slice(first, first + n_image), observe=observe, bias=bias)
+                      queries=slice(first, first + n_image), observe=observe, bias=bias, scale=scale)
     return _joint_output(session.joint, attn, out.to(q.dtype), hidden.shape[1], context, mlp)
 
 
@@ -79,14 +84,15 @@ def _rope(x, rotary):
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
-def _joint_qkv(family, attn, hidden, context, rotary, n_text):
+def _joint_qkv(family, attn, hidden, context, rotary, n_text, registers=0):
     """q, k, v [b, heads, L, d] of a joint attention as its diffusers processor forms them (Flux:
     FluxAttnProcessor, [text; image] then RoPE; SD3: JointAttnProcessor2_0, [image; text], no RoPE), and
     the text keys' slice of L. A Flux single block's hidden states are already [text; image] (n_text).
     Qwen-Image (QwenDoubleStreamAttnProcessor2_0): RoPE per stream (rotary = image, text complex
     frequencies), then [text; image]. Flux.2 (Flux2AttnProcessor: Flux's, without biases); its single blocks
     (Flux2ParallelSelfAttnProcessor) take q, k, v and the MLP's input from one projection: the last value
-    returned is that MLP input (None elsewhere)."""
+    returned is that MLP input (None elsewhere). AuraFlow (AuraFlowAttnProcessor2_0): SD3's projections, [registers;
+    text; image] as Flux orders them (its single blocks too), no RoPE: the text keys follow `registers` tokens."""
     def stream(x, names):
         return [_heads(x, getattr(attn, p), getattr(attn, n, None) if n else None, attn.heads) for p, n in names]
 
@@ -98,7 +104,7 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
         q, k = attn.norm_q(q), attn.norm_k(k)
     else:
         q, k, v = stream(hidden, (("to_q", "norm_q"), ("to_k", "norm_k"), ("to_v", None)))
-    text = slice(0, n_text)
+    text = slice(registers, registers + n_text)
     if context is not None:
         cq, ck, cv = stream(context, (("add_q_proj", "norm_added_q"), ("add_k_proj", "norm_added_k"),
                                       ("add_v_proj", None)))
@@ -112,7 +118,7 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
             text = slice(hidden.shape[1], hidden.shape[1] + context.shape[1])
         else:
             q, k, v = (torch.cat(p, 1) for p in ((cq, q), (ck, k), (cv, v)))
-            text = slice(0, context.shape[1])
+            text = slice(registers, context.shape[1])
     if rotary is not None:
         q, k = _rope(q, rotary), _rope(k, rotary)
     return (*(t.transpose(1, 2) for t in (q, k, v)), text, mlp)
@@ -121,8 +127,11 @@ def _joint_qkv(family, attn, hidden, context, rotary, n_text):
 def _joint_output(family, attn, out, n_hidden, context, mlp=None):
     """The processor's return from the joint attention output [b, heads, L, d]: the image part through
     to_out, the text part through to_add_out (unless the block is context_pre_only); a Flux single
-    block returns the whole, unprojected; a Flux.2 single block projects it with its MLP branch."""
+    block returns the whole, unprojected; a Flux.2 single block projects it with its MLP branch; an AuraFlow
+    single block projects the whole through to_out."""
     out = out.transpose(1, 2).flatten(2)
+    if context is None and family == "auraflow":
+        return attn.to_out[1](attn.to_out[0](out))
     if context is None:
         return out if mlp is None else attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
     if family == "sd3":

@@ -25,8 +25,8 @@ NOT_REACHED = {
     "Ideogram4Transformer2DModel": "Ideogram 4's single-stream attention is baked but not bent yet",
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5 and "
-            "LTX-2's video stream")
+            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
+            "AuraFlow and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
