@@ -121,3 +121,37 @@ def test_words_are_found_in_the_t5_tokens():
     session = types.SimpleNamespace(pipe=pipe, joint="auraflow", single=None, qwen21=False, hunyuan15=False,
                                     entries=[bending.as_spec(ENTRY)])
     assert dh.prompts._locate(session, {"prompt": "a kiss at sunset"}) == {"sunset": [3]}   # ▁a ▁kiss ▁at ▁sunset
+
+
+def test_the_pipeline_finds_the_word_and_bends_only_the_prompts_item():
+    """AuraFlowPipeline end to end (T5 encoder, CFG batch [negative; prompt], 2 steps): the marked word's T5 column
+    is found through encode_prompt; phase 1 leaves the latents bit-identical, phase 2 changes them."""
+    from diffusers import AuraFlowPipeline
+    from _pipelines import t5_encoder, t5_sentencepiece_tokenizer, tiny_vae
+
+    tokenizer = t5_sentencepiece_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(31)
+        transformer = AuraFlowTransformer2DModel(**{**CONFIG, "joint_attention_dim": 32}).eval()
+        for name, p in transformer.named_parameters():
+            if "norm1" in name:
+                p.data *= 8
+        pipe = AuraFlowPipeline(tokenizer=tokenizer, text_encoder=t5_encoder(tokenizer), vae=tiny_vae(),
+                                transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(prompt, **apply):
+        session = dh.apply(pipe, {"bending": [ENTRY]}, **apply) if apply else None
+        try:
+            latents = pipe(prompt, height=2 * H, width=2 * W, num_inference_steps=2, guidance_scale=4.0,
+                           max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(4))
+            return latents.images, session and session.token_indices
+        finally:
+            dh.remove(pipe)
+
+    plain, _ = run("a kiss at sunset")
+    visualised, found = run("a kiss at {sunset}", phase=1)
+    bent, _ = run("a kiss at {sunset}", phase=2)
+    assert found == {"sunset": [3]}
+    assert torch.equal(visualised, plain)
+    assert (bent - plain).abs().max() > 1e-3
