@@ -10,6 +10,7 @@ from .ernie import ERNIE_MODELS, ernie_attention, ernie_modules
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
 from .krea2 import KREA2_MODELS, krea2_attention, krea2_modules
+from .mochi import MOCHI_MODELS, mochi_attention, mochi_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
@@ -40,8 +41,9 @@ def sites_of(model) -> list[Site]:
     then single blocks, as ComfyUI counts them; SD3.5's attn2 is image self-attention, left alone)."""
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
-              **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS}}
-    if type(model).__name__ in single:    # Z-Image, Lumina 2, Qwen-Image 2.x, HunyuanVideo 1.5, HiDream, ERNIE, Krea 2
+              **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS},
+              **{n: mochi_modules for n in MOCHI_MODELS}}
+    if type(model).__name__ in single:    # the families whose modules lists its attentions (ERNIE, Krea 2, Mochi, ...)
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
@@ -89,6 +91,8 @@ class Processor:
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
         if session.kandinsky5:
             return kandinsky5_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.mochi:
+            return mochi_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hidream:
             return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:

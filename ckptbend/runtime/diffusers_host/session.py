@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import ernie, hidream, hunyuan15, kandinsky5, krea2, qwen21
+from . import ernie, hidream, hunyuan15, kandinsky5, krea2, mochi, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -26,7 +26,7 @@ NOT_REACHED = {
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
-            "AuraFlow and LTX-2's video stream")
+            "AuraFlow, Mochi and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -114,6 +114,14 @@ def denoisers(pipe) -> list:
     return models
 
 
+def _set_processor(module, processor):
+    """Attention's set_processor, or the attribute itself (MochiAttention has no setter)."""
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
 class Session:
     """What apply() installed on one pipeline, and what it records: `maps` (see the module docstring;
     records accumulate over pipeline calls, clear the list between runs if needed)."""
@@ -134,6 +142,7 @@ class Session:
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
         self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
+        self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -159,8 +168,8 @@ class Session:
                              f"({why}); the recipe's [[bending]] would do nothing")
         for site in sites:
             original = site.module.processor
-            site.module.set_processor(Processor(self, site, original))
-            self._undo.append(lambda m=site.module, p=original: m.set_processor(p))
+            _set_processor(site.module, Processor(self, site, original))
+            self._undo.append(lambda m=site.module, p=original: _set_processor(m, p))
         hooks = [model.register_forward_pre_hook(self._before_model, with_kwargs=True),
                  model.register_forward_hook(self._after_model, with_kwargs=True)]
         self._undo += [h.remove for h in hooks]
