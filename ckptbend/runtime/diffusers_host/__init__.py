@@ -12,7 +12,7 @@ bending.py; these modules only wire it in:
   recompute.py  diffusers' AttnProcessor2_0 reproduced with two seams (reduced key/values, bent attention)
   unet.py       SAG and Slothful Attention on UNets
   cross.py      Bending at text cross-attentions (UNets, Wan 2.x and VACE's main blocks, PixArt, LTX-2's video)
-  joint.py      Bending at joint attentions over [text; image] tokens (Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image)
+  joint.py      Bending at joint attentions over [text; image] tokens (Flux.1, Flux.2, Chroma, SD3.x, Qwen-Image, AuraFlow)
   single.py     Bending at single-stream NextDiT attentions (Z-Image, Lumina 2)
   qwen21.py     Bending at Qwen-Image 2.x's block-causal attentions (the target image's queries)
   ernie.py      Bending at ERNIE-Image's single-stream [image; text] attentions
@@ -20,6 +20,7 @@ bending.py; these modules only wire it in:
   hunyuan15.py  Bending at HunyuanVideo 1.5's [video; context] attentions (a text offset per item)
   hidream.py    Bending at HiDream's [image; T5, Llama, Llama] attentions (double- and single-stream blocks)
   kandinsky5.py Bending at Kandinsky 5's visual→text cross-attentions (grid or fractal 8×8-block query order)
+  mochi.py      Bending at Mochi's per-item [video; valid T5 tokens] joint attentions
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})
