@@ -120,7 +120,8 @@ def test_words_are_found_in_the_t5_tokens():
     pipe = types.SimpleNamespace(tokenizer=t5_sentencepiece_tokenizer())
     session = types.SimpleNamespace(pipe=pipe, joint="auraflow", single=None, qwen21=False, hunyuan15=False,
                                     entries=[bending.as_spec(ENTRY)])
-    assert dh.prompts._locate(session, {"prompt": "a kiss at sunset"}) == {"sunset": [3]}   # ▁a ▁kiss ▁at ▁sunset
+    # ▁a ▁kiss ▁at ▁sunset </s>
+    assert dh.prompts._locate(session, {"prompt": "a kiss at sunset"}) == {"sunset": [3]}
 
 
 def test_the_pipeline_finds_the_word_and_bends_only_the_prompts_item():

@@ -102,7 +102,8 @@ def test_the_negative_item_of_the_cfg_batch_is_bit_identical(mochi):
     prompt = inputs["encoder_hidden_states"]
     batch = dict(hidden_states=inputs["hidden_states"].repeat(2, 1, 1, 1, 1),
                  encoder_hidden_states=torch.cat([negative, prompt]),
-                 encoder_attention_mask=torch.cat([torch.tensor([[1, 1, 0, 0, 0, 0]]), inputs["encoder_attention_mask"]]))
+                 encoder_attention_mask=torch.cat([torch.tensor([[1, 1, 0, 0, 0, 0]]),
+                                                   inputs["encoder_attention_mask"]]))
     plain = sample(mochi, inputs=batch)
     bent = sample(mochi, dynamic={"bending": [ENTRY]}, inputs=batch, prompt=prompt)
     assert torch.equal(bent[0], plain[0])

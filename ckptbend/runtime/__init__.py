@@ -14,7 +14,8 @@ ComfyUI's own modules only inside the functions ComfyUI calls while sampling. It
   comfy_host/       the ComfyUI node: node.py, common.py, unet.py (SAG, Slothful, UNet bending), dit.py and
                     dit_layouts.py (DiT bending), tokens.py (ComfyUI's tokenizers and encoders)
   diffusers_host/   apply(pipe) / remove(pipe): session.py, calls.py, processor.py, recompute.py, unet.py,
-                    cross.py (UNets, Wan, PixArt, LTX-2's video), joint.py (Flux.1/.2, Chroma, SD3, Qwen-Image, AuraFlow),
+                    cross.py (UNets, Wan, PixArt, LTX-2's video),
+                    joint.py (Flux.1/.2, Chroma, SD3, Qwen-Image, AuraFlow),
                     single.py (Z-Image, Lumina 2), qwen21.py (Qwen-Image 2.x), hunyuan15.py (HunyuanVideo 1.5),
                     hidream.py (HiDream), kandinsky5.py (Kandinsky 5), mochi.py (Mochi),
                     prompts.py
