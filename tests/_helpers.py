@@ -25,3 +25,15 @@ def imported_roots(path):
         elif isinstance(node, ast.ImportFrom):
             roots.add("." if node.level else node.module.split(".")[0])
     return roots
+
+
+def translate_entry(layers, token: str = "sunset") -> dict:
+    """The bending entry the DiT node tests move a word's map with: half a width to the right, row-renormalised."""
+    return {"token": token, "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
+            "apply_to_timesteps": None, "apply_to_layers": layers, "renormalize": "row"}
+
+
+def gain_entry(layers, factor: float = 40.0, token: str = "kiss") -> dict:
+    """The bending entry that scales a word's column by `factor` (large, so a wrong column shows), renormalised."""
+    return {"token": token, "mode": "scale", "strength": 1.0, "scale_factor": factor, "apply_to_timesteps": None,
+            "apply_to_layers": layers, "renormalize": "column"}

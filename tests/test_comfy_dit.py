@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 from _pipelines import t5_like_tokenizer, wan_pipeline
 from ckptbend.runtime import bending, comfy_host
@@ -15,10 +16,8 @@ from ckptbend.runtime import diffusers_host as dh
 
 PROMPT = "a romantic kiss at {sunset}"
 FRAMES, HEIGHT, WIDTH = 2, 8, 12             # latent; grid 2 × 4 × 6 with Wan's 1×2×2 patch
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": None, "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
-        "apply_to_layers": [1], "renormalize": "column"}
+ENTRY = translate_entry(None)
+GAIN = gain_entry([1])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py

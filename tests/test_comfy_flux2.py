@@ -6,6 +6,7 @@ template; the explicit reference is test_comfy_joint's."""
 import pytest
 import torch
 
+from _helpers import translate_entry
 import comfy_standin as cs
 import comfy_standin_flux2 as cf
 from ckptbend.runtime import comfy_host
@@ -13,8 +14,7 @@ from test_comfy_joint import check_calls
 
 PROMPT = "a romantic kiss at {sunset}"
 HEIGHT, WIDTH, TEXT = 8, 12, 10
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1, 2], "renormalize": "row"}
+ENTRY = translate_entry([1, 2])
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_hunyuan as ch
 import comfy_standin_qwen as cq
@@ -16,10 +17,8 @@ from ckptbend.runtime import bending, comfy_host
 PROMPT = "a romantic kiss at {sunset}"
 F_, H, W, TEXT, GLYPHS = 2, 3, 4, 9, 3
 N_VIDEO = F_ * H * W
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
-        "apply_to_layers": None, "renormalize": "column"}
+ENTRY = translate_entry([1])
+GAIN = gain_entry(None)
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_joint as cj
 from _pipelines import t5_like_tokenizer, t5_sentencepiece_tokenizer
@@ -18,10 +19,8 @@ from ckptbend.runtime import diffusers_host as dh
 
 PROMPT = "a romantic kiss at {sunset}"
 HEIGHT, WIDTH, TEXT = 8, 12, 16               # latent 8×12 → grid 4×6 of 2×2 patches; 16 T5 tokens
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1, 2], "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
-        "apply_to_layers": [3], "renormalize": "column"}
+ENTRY = translate_entry([1, 2])
+GAIN = gain_entry([3])
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 

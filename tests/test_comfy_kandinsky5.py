@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_kandinsky5 as ck
 import comfy_standin_qwen as cq
@@ -17,10 +18,8 @@ from ckptbend.runtime import bending, comfy_host
 PROMPT = "a romantic kiss at {sunset}"
 F_, H, W, TEXT = 2, 3, 4, 9                    # token grid (latent 2 × 6 × 8, patch 1 × 2 × 2)
 N_VIDEO = F_ * H * W
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 4.0, "apply_to_timesteps": None,
-        "apply_to_layers": None, "renormalize": "column"}
+ENTRY = translate_entry([1])
+GAIN = gain_entry(None, factor=4.0)
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 

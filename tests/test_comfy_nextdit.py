@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_nextdit as cn
 import comfy_standin_qwen as cq
@@ -16,10 +17,8 @@ from ckptbend.runtime import bending, comfy_host
 PROMPT = "a romantic kiss at {sunset}"
 HEIGHT, WIDTH, TEXT = 8, 12, 10               # latent 8×12 → grid 4×6 (24 tokens, padded to 32); text 10 → 32
 N_TEXT, N_IMAGE = 32, 24
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1], "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
-        "apply_to_layers": None, "renormalize": "column"}
+ENTRY = translate_entry([1])
+GAIN = gain_entry(None)
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"      # ComfyUI's ZImageTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_joint as cj
 import comfy_standin_qwen as cq
@@ -17,10 +18,8 @@ PROMPT = "a romantic kiss at {sunset} on a lake"
 HEIGHT, WIDTH = 8, 12                     # latent 8×12 → grid 4×6 of 2×2 patches
 TEXT = 9 + cq.TEMPLATE_TAIL               # a Ġromantic Ġkiss Ġat Ġsun set Ġon Ġa Ġlake, then the template's tail
 COLUMNS = {"sunset": [4, 5], "kiss": [2]}
-ENTRY = {"token": "sunset", "mode": "translate", "strength": 1.0, "translate_x": 0.5, "translate_y": 0.0,
-         "apply_to_timesteps": None, "apply_to_layers": [1, 2], "renormalize": "row"}
-GAIN = {"token": "kiss", "mode": "scale", "strength": 1.0, "scale_factor": 40.0, "apply_to_timesteps": None,
-        "apply_to_layers": [0], "renormalize": "column"}
+ENTRY = translate_entry([1, 2])
+GAIN = gain_entry([0])
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad", "comfy")     # conftest.py
 
