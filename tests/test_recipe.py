@@ -677,3 +677,14 @@ def test_example_recipes_all_validate():
     kinds = {name: load_recipe(RECIPES / f"{name}.toml") for name in ("sag-and-bending", "sdxl-detail-per-block")}
     assert kinds["sag-and-bending"].has_dynamic
     assert any(e.blocks for e in kinds["sdxl-detail-per-block"].multipliers["unet.self"])
+
+
+def test_an_unknown_architecture_is_one_short_line_that_points_to_the_list():
+    """106 architecture names would make a 1,700-character error line: the count, a few names, where the rest are."""
+    from ckptbend.recipe.schema import ARCHITECTURE
+
+    with pytest.raises(CkptbendError) as err:
+        parse_recipe('schema = 1\nname = "t"\narchitecture = "zzzz"\n[clip]\nq = 1.1\n', "r.toml")
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 300
+    assert f"expected one of {len(ARCHITECTURE.choices)} names" in message and "docs/recipes.md" in message

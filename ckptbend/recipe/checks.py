@@ -57,10 +57,17 @@ def _closest(word: str, candidates) -> str | None:
 QUOTED = '"{}"'   # how string values (not key names) are quoted in suggestions
 
 
+LISTED_AT_MOST = 16   # a longer list (the architectures: one per model variant) is named, not spelt out
+
+
 def hint(word: str, candidates, fmt: str = "'{}'") -> str:
     best = _closest(word, candidates)
     if best is not None:
         return f" (did you mean {fmt.format(best)}?)"
+    candidates = list(candidates)
+    if len(candidates) > LISTED_AT_MOST:
+        shown = ", ".join(fmt.format(c) for c in candidates[:4])
+        return f" (expected one of {len(candidates)} names, such as {shown}; docs/recipes.md lists them all)"
     return f" (expected one of: {', '.join(fmt.format(c) for c in candidates)})"
 
 
