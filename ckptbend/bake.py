@@ -36,6 +36,19 @@ class _Progress:
             self.bar.close()
 
 
+def jobs_for(recipes, input: Path, output: str, many: bool) -> tuple[list, bool]:
+    """([(recipe, output path)], whether OUTPUT is a folder): several recipes, or `-o DIR/` (a trailing slash
+    always names a folder) with a file input, write DIR/INPUT-STEM.RECIPE-NAME.SUFFIX each."""
+    from .pickle_input import is_pickle
+
+    into_folder = many or (output.endswith(("/", os.sep)) and not input.is_dir())
+    if not into_folder:
+        return [(recipes[0], Path(output))], False
+    stem, suffix = (input.stem, input.suffix) if input.is_file() else (input.name, "")
+    suffix = ".safetensors" if is_pickle(input) else suffix       # a pickle's bake is safetensors
+    return [(r, Path(output) / f"{stem}.{r.name}{suffix}") for r in recipes], True
+
+
 def targets_of(jobs, input_is_dir: bool) -> list[Target]:
     """Every path a bake of (recipe, output) jobs writes: each output, and each companion folder."""
     found = []

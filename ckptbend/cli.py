@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -100,9 +97,9 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
       CKPTBEND_CACHE_DIR      where that memory lives (default ~/.cache/ckptbend)
       CKPTBEND_PROFILE=1      print the time of each phase to stderr (bin/bench --profile)
     """
-    from .bake import targets_of
+    from .bake import jobs_for, targets_of
     from .output import check_targets
-    from .pickle_input import is_pickle, require_consent
+    from .pickle_input import readable, require_consent
     from .sweep import expand, parse_grid
 
     if len(paths) < 2:
@@ -117,20 +114,13 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
     if many and len(set(names)) != len(names):
         raise CkptbendError(f"two recipes share the name {next(n for n in names if names.count(n) > 1)!r}; "
                             "outputs are named after recipes")
-    # `-o DIR/` (a trailing slash) always names a folder: with a file input, the output goes inside it.
-    into_folder = many or (output.endswith(("/", os.sep)) and not input.is_dir())
+    jobs, into_folder = jobs_for(recipes, input, output, many)
     output = Path(output)
-    if into_folder:
-        stem, suffix = (input.stem, input.suffix) if input.is_file() else (input.name, "")
-        suffix = ".safetensors" if is_pickle(input) else suffix
-        jobs = [(r, output / f"{stem}.{r.name}{suffix}") for r in recipes]
-    else:
-        jobs = [(recipes[0], output)]
     options = dict(force=force, allow_missing=allow_missing, quiet=quiet, durable=not no_fsync,
                    inputs=recipe_paths)
     require_consent(input, allow_pickle)
     if dry_run:
-        with _readable(input, jobs[0][1] if jobs[0][1].parent.is_dir() else None) as (source, _, _):
+        with readable(input, jobs[0][1] if jobs[0][1].parent.is_dir() else None) as (source, _, _):
             _dry_run(jobs, source, allow_missing)
         return
     check_targets(targets_of(jobs, input.is_dir()), [input, *recipe_paths], force, output if into_folder else None)
@@ -138,31 +128,12 @@ def bake(paths, output, grid, dry_run, force, allow_missing, allow_out_of_range,
     if new_folder is not None:
         output.mkdir(parents=True)
     try:
-        with _readable(input, jobs[0][1]) as (source, source_name, source_sha256):
+        with readable(input, jobs[0][1]) as (source, source_name, source_sha256):
             _bake_all(jobs, source, source_name=source_name, source_sha256=source_sha256, **options)
     except BaseException:
         if new_folder is not None and not any(output.iterdir()):
             output.rmdir()
         raise
-
-
-@contextmanager
-def _readable(input: Path, beside: Path | None, cached: bool = True):
-    """(safetensors path, source name, source SHA-256) for an input: itself (None, None), or a pickle
-    converted weights-only into a temporary beside `beside` (the system's temporary folder if None),
-    recorded under the pickle's own name and hash (`cached`: the hash may come from the cache)."""
-    from .hash_cache import sha256_file
-    from .output import temporary_folder
-    from .pickle_input import is_pickle, pickle_to_safetensors
-
-    if not is_pickle(input):
-        yield input, None, None
-        return
-    scratch = temporary_folder(beside) if beside is not None else tempfile.TemporaryDirectory()
-    with scratch as tmp:
-        converted = Path(tmp) / (input.stem + ".safetensors")
-        pickle_to_safetensors(input, converted)
-        yield converted, input.name, sha256_file(input, cached=cached)
 
 
 def _dry_run(jobs, input, allow_missing):
@@ -302,12 +273,12 @@ def recipe_import(source, output, name, sampler, ignore_other_patches, companion
               help="Accept a pickled .ckpt source, loaded with torch.load(weights_only=True) only.")
 def verify(output, source, allow_pickle):
     """Recompute the bake recorded in OUTPUT from SOURCE and confirm OUTPUT matches byte for byte."""
-    from .pickle_input import require_consent
+    from .pickle_input import readable, require_consent
     from .verify import verify as run_verify
 
     require_consent(source, allow_pickle)
-    with _readable(source, None, cached=False) as (readable, _, pickle_sha256):
-        problems = run_verify(output, readable, pickle_sha256)
+    with readable(source, None, cached=False) as (converted, _, pickle_sha256):
+        problems = run_verify(output, converted, pickle_sha256)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CkptbendError(f"{output}: does not match the recorded bake of {source}: {problems[0]}{more}",

@@ -7,7 +7,9 @@ on an allow-list; ckptbend adds only the few harmless names old SD checkpoints r
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CkptbendError
@@ -80,3 +82,21 @@ def pickle_to_safetensors(src: Path, dst: Path) -> None:
     if not tensors:
         raise CkptbendError(f"{src}: no tensors inside this pickle")
     save_file(tensors, str(dst), metadata={"format": "pt"})
+
+
+@contextmanager
+def readable(input: Path, beside: Path | None, cached: bool = True):
+    """(safetensors path, source name, source SHA-256) for an input: itself (None, None), or a pickle
+    converted weights-only into a temporary beside `beside` (the system's temporary folder if None),
+    recorded under the pickle's own name and hash (`cached`: the hash may come from the cache)."""
+    from .hash_cache import sha256_file
+    from .output import temporary_folder
+
+    if not is_pickle(input):
+        yield input, None, None
+        return
+    scratch = temporary_folder(beside) if beside is not None else tempfile.TemporaryDirectory()
+    with scratch as tmp:
+        converted = Path(tmp) / (input.stem + ".safetensors")
+        pickle_to_safetensors(input, converted)
+        yield converted, input.name, sha256_file(input, cached=cached)
