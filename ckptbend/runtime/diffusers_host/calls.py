@@ -90,8 +90,8 @@ def packed_grid(kwargs) -> tuple[int, int] | None:
     if ids is None:
         return None
     ids = ids[0] if ids.ndim == 3 else ids
-    main = ids[ids[:, 0] == ids[0, 0]]
-    return int(main[:, 1].max()) + 1, int(main[:, 2].max()) + 1
+    main = ids[ids[:, 0] == ids[0, 0]]       # LongCat-Image's rows and columns count from 512
+    return int(main[:, 1].max() - main[:, 1].min()) + 1, int(main[:, 2].max() - main[:, 2].min()) + 1
 
 
 def first_rows(value, batch: int, keep: int):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bent_attention, tokens
+from .longcat_ovis import LONGCAT_OVIS_MODELS
 from .recompute import acting, recorder
 
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
@@ -14,6 +15,7 @@ from .recompute import acting, recorder
 JOINT_MODELS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
                 "QwenImageTransformer2DModel": "qwen", "Flux2Transformer2DModel": "flux2",
                 "AuraFlowTransformer2DModel": "auraflow"}
+JOINT_MODELS.update(LONGCAT_OVIS_MODELS)      # LongCat-Image, Ovis-Image: Flux.1's processor (every other name: Flux)
 
 
 def joint_attention(session, site, attn, given, original):

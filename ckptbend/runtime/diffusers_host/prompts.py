@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 from .. import tokens
+from .longcat_ovis import longcat_ovis_columns
 
 
 def wrap_encode_prompt(session):
@@ -47,6 +48,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     share their places) and, where the word is among them, its T5 tokens (tokenizer_3, of prompt_3 when
     given), which follow the tokenizer_max_length CLIP tokens in the context."""
     pipe = session.pipe
+    if session.joint in ("longcat", "ovis"):
+        return longcat_ovis_columns(session, arguments)
     if session.joint == "flux":                       # Chroma: T5 is its only tokenizer
         t5 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])

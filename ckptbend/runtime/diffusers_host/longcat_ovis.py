@@ -1,0 +1,67 @@
+"""LongCat-Image and Ovis-Image in the diffusers host: their word columns. Their attentions are Flux.1's: each
+processor (LongCatImageAttnProcessor, OvisImageAttnProcessor) forms q, k, v as FluxAttnProcessor does ([text; image],
+per-head RMS norms, Flux's RoPE on the whole sequence, no mask), so joint.py bends them as Flux (JOINT_MODELS).
+Both pipelines run CFG as two calls, the prompt's first, and pass timestep t / 1000.
+
+What the transformer sees as text:
+- LongCatImagePipeline: the prompt tokenized bare (no special tokens), each part between quotes one character at a
+  time (its split_quotation), cut at tokenizer_max_length (512) and padded to it, then wrapped in its system-and-user
+  prefix and assistant suffix for Qwen2.5-VL, whose output drops both: column j is the prompt's token j.
+- OvisImagePipeline: Qwen3's chat template of one user turn, its system_prompt + the prompt (no thinking), padded to
+  max_sequence_length + user_prompt_begin_id tokens, of which the first user_prompt_begin_id (28) are dropped.
+"""
+
+from __future__ import annotations
+
+from .. import tokens
+
+LONGCAT_OVIS_MODELS = {"LongCatImageTransformer2DModel": "longcat", "OvisImageTransformer2DModel": "ovis"}
+
+
+def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
+    """word → its columns in the text the transformer sees, the same in every prompt of a list (else ValueError);
+    a word spelled after a space or bare (byte-level BPE), or (LongCat, between quotes) a character at a time."""
+    from .prompts import same_columns
+
+    pipe, prompt = session.pipe, arguments["prompt"]
+    tokenizer = pipe.tokenizer
+    words = list(dict.fromkeys(e.token for e in session.entries))
+
+    def spell(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if session.joint == "longcat":
+        ids, length = _longcat_ids, pipe.tokenizer_max_length
+    else:
+        ids, length = _ovis_ids, arguments.get("max_sequence_length") or 256
+
+    def columns(text):
+        found, empty = ids(pipe, text, length), ids(pipe, "", length)
+        # searched from where the prompt parts from the empty prompt's (Ovis: past the system prompt's rest)
+        start = next((i for i, (a, b) in enumerate(zip(found, empty)) if a != b), min(len(found), len(empty)))
+        at = tokens.token_columns(words, found[start:], lambda w: tokens.Alternatives(
+            (spell(" " + w), spell(w), [i for c in w for i in spell(c)])))
+        pad = length - len(found) if getattr(tokenizer, "padding_side", "right") == "left" else 0
+        return {w: [pad + start + j for j in js] for w, js in at.items()}
+
+    return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def _longcat_ids(pipe, prompt, length) -> list[int]:
+    """LongCatImagePipeline._encode_prompt's tokens of one prompt, before padding."""
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image import split_quotation
+
+    ids = []
+    for part, quoted in split_quotation(prompt):
+        for piece in (part if quoted else [part]):
+            ids += pipe.tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids[:length]
+
+
+def _ovis_ids(pipe, prompt, length) -> list[int]:
+    """OvisImagePipeline._get_ovis_prompt_embeds' tokens of one prompt, before padding, less the dropped ones."""
+    turn = [{"role": "user", "content": pipe.system_prompt + prompt}]
+    text = pipe.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    drop = pipe.user_prompt_begin_id
+    return pipe.tokenizer(text, truncation=True, max_length=length + drop, add_special_tokens=False)[
+        "input_ids"][drop:]
