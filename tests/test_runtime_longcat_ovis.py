@@ -69,20 +69,21 @@ def sample(model, step=0, dynamic=None, negative=False):
         dh.remove(pipe)
 
 
-def explicit_bent(entry):
+def explicit_bent(entry, columns=COLUMNS, text=TEXT, grid=(H, W)):
     """diffusers' attention call ([b, L, heads, d], no mask) replaced by softmax(q·kᵀ·d^−½) in float32, the image ×
     text block bent and the image rows renormalised (every call: double and single blocks see [text; image])."""
     spec = bending.BendSpec.from_dict({**entry, "renormalize": "none"})
+    n_image = grid[0] * grid[1]
 
     def attend(query, key, value, attn_mask=None, **kwargs):
-        assert attn_mask is None and query.shape[1] == TEXT + H * W
+        assert attn_mask is None and query.shape[1] == text + n_image
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-        block = probs[:, :, TEXT:, :TEXT].reshape(-1, H * W, TEXT)
-        bent = bending.bend_probs(block, COLUMNS, (H, W), [spec]).view(probs[:, :, TEXT:, :TEXT].shape)
+        block = probs[:, :, text:, :text].reshape(-1, n_image, text)
+        bent = bending.bend_probs(block, columns, grid, [spec]).view(probs[:, :, text:, :text].shape)
         probs = probs.clone()
-        probs[:, :, TEXT:, :TEXT] = bent
-        probs[:, :, TEXT:] /= probs[:, :, TEXT:].sum(-1, keepdim=True)
+        probs[:, :, text:, :text] = bent
+        probs[:, :, text:] /= probs[:, :, text:].sum(-1, keepdim=True)
         return (probs @ v).transpose(1, 2).to(query.dtype)
 
     return attend
@@ -178,3 +179,114 @@ def test_ovis_words_follow_the_dropped_template_tokens(padding):
     assert pieces.index("Ġimage") < 28 + found["image"][0] - pad          # the system prompt's "image" is skipped
     padded = tokenizer(text, padding="max_length", max_length=64 + 28, add_special_tokens=False)["input_ids"][28:]
     assert [padded[j] for j in found["sunset"]] == tokenizer.convert_tokens_to_ids(["Ġsun", "set"])
+
+
+# --- the pipelines end to end --------------------------------------------------------------------------------
+
+def _pipeline(family):
+    """The real pipeline: a tiny Qwen2.5-VL (LongCat) or Qwen3 (Ovis) text encoder with the tiny Qwen2 tokenizer, a
+    one-level VAE (latents = pixels), the family's tiny transformer fed the encoder's 16 channels."""
+    import comfy_standin_qwen as cq
+    from diffusers import AutoencoderKL
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model
+
+    tokenizer = cq.qwen_tokenizer()
+    text = dict(vocab_size=151646, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)
+    latent = 16 if family == "longcat_image" else 4           # LongCatImagePipeline: 16 latent channels, fixed
+    cls, _, seed = FAMILIES[family]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=latent,
+                            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                            norm_num_groups=32)
+        if family == "longcat_image":
+            encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+                text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+                vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16)))
+            encoder.lm_head = torch.nn.Linear(16, 1, bias=False)   # its logits are never read: no 151,646-way head
+        else:
+            tokenizer.chat_template = QWEN3
+            encoder = Qwen3Model(Qwen3Config(**text, head_dim=8))
+    config = {**CONFIGS[family], "in_channels": 4 * latent, "joint_attention_dim": 16}
+    if family == "ovis_image":
+        config["out_channels"] = 4 * latent
+    transformer = cj.seeded_transformer(cls, config, seed)
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder.eval(),
+                 tokenizer=tokenizer, transformer=transformer)
+    pipe = (LongCatImagePipeline(**parts, text_processor=None) if family == "longcat_image"
+            else OvisImagePipeline(**parts))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PROMPTS = {"longcat_image": 'a kiss at "{sunset}"', "ovis_image": "image of a kiss at {sunset}"}
+
+
+def _run(pipe, family, dynamic=None, phase=2, **extra):
+    """The pipeline's 2 steps with CFG (prompt's call, then the negative's), every transformer call's keywords and
+    output recorded; the session (or None)."""
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((dict(kwargs), out[0].clone())), with_kwargs=True)
+    session = dh.apply(pipe, dynamic, phase=phase) if dynamic else None
+    options = {"enable_prompt_rewrite": False, "enable_cfg_renorm": False} if family == "longcat_image" else {
+        "max_sequence_length": 16}
+    try:
+        prompt = PROMPTS[family] if dynamic else dh.prompts.unmark(PROMPTS[family])    # the marks: bending's
+        latents = pipe(prompt, height=8, width=12, num_inference_steps=2, guidance_scale=3.0,
+                       generator=torch.Generator().manual_seed(0), output_type="latent", **{**options, **extra}).images
+    finally:
+        dh.remove(pipe)
+        hook.remove()
+    return latents, calls, session
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_pipeline_finds_the_word_and_bends_only_the_prompts_calls(family, monkeypatch):
+    """End to end: the marked word's columns come from encode_prompt; the prompt's call at step 0 is the model with
+    the explicit bent softmax at those columns, the grid read from img_ids (LongCat's count from 512); the negative
+    prompt's call is bit-identical; phase 1 leaves the latents bit-identical and records maps."""
+    pipe = _pipeline(family)
+    plain, plain_calls, _ = _run(pipe, family)
+    bent, calls, session = _run(pipe, family, {"bending": [ENTRY]})
+    tokenizer = pipe.tokenizer
+    if family == "longcat_image":                   # the quoted word, a character at a time, after "a kiss at "
+        start = len(tokenizer("a kiss at ", add_special_tokens=False)["input_ids"]) + 1
+        assert session.token_indices == {"sunset": list(range(start, start + 6))}
+    else:
+        ids = tokenizer(pipe._get_messages("image of a kiss at sunset")[0], add_special_tokens=False)["input_ids"]
+        assert tokenizer.convert_ids_to_tokens([ids[28 + j] for j in session.token_indices["sunset"]]) == [
+            "Ġsun", "set"]
+    assert len(calls) == 4 and torch.equal(calls[1][1], plain_calls[1][1])        # step 0: the negative's call
+    kwargs, out = calls[0]
+    n_text = kwargs["encoder_hidden_states"].shape[1]
+    monkeypatch.setattr(FAMILIES[family][1], "dispatch_attention_fn",
+                        explicit_bent(ENTRY, session.token_indices, n_text, (4, 6)))
+    torch.testing.assert_close(out, pipe.transformer(**kwargs)[0], rtol=1e-4, atol=1e-5)
+    assert (out - plain_calls[0][1]).abs().max() > 1e-3 and not torch.equal(bent, plain)
+    monkeypatch.undo()
+    looked, _, session = _run(pipe, family, {"bending": [ENTRY]}, phase=1)
+    assert torch.equal(looked, plain) and session.maps
+
+
+def test_longcat_rewriter_gets_the_prompt_unmarked_and_the_words_are_found_in_what_it_writes():
+    """LongCatImagePipeline rewrites the prompt with its text encoder by default (the rewriting model stood in by a
+    function here: the tiny one writes noise): the rewriter gets the prompt less the marks, the words' columns are
+    those of the rewritten prompt, and a word the rewrite dropped is refused naming enable_prompt_rewrite."""
+    pipe = _pipeline("longcat_image")
+    seen = []
+
+    def rewrite(prompt, device):
+        seen.append(prompt)
+        return ["a photo of " + p.replace('"', "") for p in ([prompt] if isinstance(prompt, str) else prompt)]
+
+    pipe.rewire_prompt = rewrite
+    _, _, session = _run(pipe, "longcat_image", {"bending": [ENTRY]}, enable_prompt_rewrite=True)
+    tokenizer = pipe.tokenizer
+    ids = tokenizer("a photo of a kiss at sunset", add_special_tokens=False)["input_ids"]
+    assert seen == ['a kiss at "sunset"'] and pipe.rewire_prompt is rewrite
+    assert tokenizer.convert_ids_to_tokens([ids[j] for j in session.token_indices["sunset"]]) == ["Ġsun", "set"]
+    pipe.rewire_prompt = lambda prompt, device: ["a photo of a cat"]
+    with pytest.raises(ValueError, match="Token not found: 'sunset'.*enable_prompt_rewrite=False"):
+        _run(pipe, "longcat_image", {"bending": [ENTRY]}, enable_prompt_rewrite=True)

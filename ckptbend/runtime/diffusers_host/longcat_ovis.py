@@ -44,7 +44,28 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
         pad = length - len(found) if getattr(tokenizer, "padding_side", "right") == "left" else 0
         return {w: [pad + start + j for j in js] for w, js in at.items()}
 
-    return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+    try:
+        return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+    except ValueError as e:
+        if session.joint != "longcat" or "not found" not in str(e):
+            raise
+        raise ValueError(f"{e} in the prompt LongCatImagePipeline encodes, {prompt!r} (it rewrites the prompt "
+                         "first unless called with enable_prompt_rewrite=False)") from None
+
+
+def wrap_rewrite(session) -> None:
+    """LongCatImagePipeline rewrites the prompt with its text encoder before encoding it (enable_prompt_rewrite, on
+    by default): the rewriter gets the prompt less the "{word}" marks; the words are found in what it writes."""
+    from .prompts import unmark
+
+    pipe = session.pipe
+    had, before, inner = "rewire_prompt" in vars(pipe), vars(pipe).get("rewire_prompt"), pipe.rewire_prompt
+
+    def rewire_prompt(prompt, *args, **kwargs):
+        return inner(unmark(prompt), *args, **kwargs)
+
+    pipe.rewire_prompt = rewire_prompt
+    session._undo.append(lambda: setattr(pipe, "rewire_prompt", before) if had else delattr(pipe, "rewire_prompt"))
 
 
 def _longcat_ids(pipe, prompt, length) -> list[int]:

@@ -14,6 +14,7 @@ from . import ernie, hidream, hunyuan15, kandinsky5, krea2, mochi, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
+from .longcat_ovis import wrap_rewrite
 from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
@@ -158,6 +159,8 @@ class Session:
                 functools.partial(before_mid, self), with_kwargs=True).remove)
         if hasattr(self.pipe, "encode_prompt"):
             wrap_encode_prompt(self)
+        if self.joint == "longcat" and self.entries and hasattr(self.pipe, "rewire_prompt"):
+            wrap_rewrite(self)
 
     def _install_model(self, model):
         """One model's processors and its pre / post hooks (every model shares this session's state)."""
