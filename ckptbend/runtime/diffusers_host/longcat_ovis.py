@@ -6,7 +6,8 @@ Both pipelines run CFG as two calls, the prompt's first, and pass timestep t / 1
 What the transformer sees as text:
 - LongCatImagePipeline: the prompt tokenized bare (no special tokens), each part between quotes one character at a
   time (its split_quotation), cut at tokenizer_max_length (512) and padded to it, then wrapped in its system-and-user
-  prefix and assistant suffix for Qwen2.5-VL, whose output drops both: column j is the prompt's token j.
+  prefix and assistant suffix for Qwen2.5-VL, whose output drops both: column j is the prompt's token j. By default
+  the pipeline first rewrites the prompt with its text encoder (enable_prompt_rewrite): the words are found in that.
 - OvisImagePipeline: Qwen3's chat template of one user turn, its system_prompt + the prompt (no thinking), padded to
   max_sequence_length + user_prompt_begin_id tokens, of which the first user_prompt_begin_id (28) are dropped.
 """
