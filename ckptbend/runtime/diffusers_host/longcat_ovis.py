@@ -31,6 +31,10 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
     def spell(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def spellings(word):          # LongCat tokenizes text between quotes a character at a time
+        found = [spell(" " + word), spell(word)]
+        return tokens.Alternatives(found + [[i for c in word for i in spell(c)]] if session.joint == "longcat" else found)
+
     if session.joint == "longcat":
         ids, length = _longcat_ids, pipe.tokenizer_max_length
     else:
@@ -40,8 +44,7 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
         found, empty = ids(pipe, text, length), ids(pipe, "", length)
         # searched from where the prompt parts from the empty prompt's (Ovis: past the system prompt's rest)
         start = next((i for i, (a, b) in enumerate(zip(found, empty)) if a != b), min(len(found), len(empty)))
-        at = tokens.token_columns(words, found[start:], lambda w: tokens.Alternatives(
-            (spell(" " + w), spell(w), [i for c in w for i in spell(c)])))
+        at = tokens.token_columns(words, found[start:], spellings)
         pad = length - len(found) if getattr(tokenizer, "padding_side", "right") == "left" else 0
         return {w: [pad + start + j for j in js] for w, js in at.items()}
 
