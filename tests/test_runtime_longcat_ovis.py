@@ -69,21 +69,23 @@ def sample(model, step=0, dynamic=None, negative=False):
         dh.remove(pipe)
 
 
-def explicit_bent(entry, columns=COLUMNS, text=TEXT, grid=(H, W)):
+def explicit_bent(entry, columns=COLUMNS, text=TEXT, grid=(H, W), reference=0):
     """diffusers' attention call ([b, L, heads, d], no mask) replaced by softmax(q·kᵀ·d^−½) in float32, the image ×
-    text block bent and the image rows renormalised (every call: double and single blocks see [text; image])."""
+    text block bent and the image rows renormalised (every call: double and single blocks see [text; image]; an
+    edit's `reference` image tokens follow the target's, their rows left as they are)."""
     spec = bending.BendSpec.from_dict({**entry, "renormalize": "none"})
     n_image = grid[0] * grid[1]
+    image = slice(text, text + n_image)
 
     def attend(query, key, value, attn_mask=None, **kwargs):
-        assert attn_mask is None and query.shape[1] == text + n_image
+        assert attn_mask is None and query.shape[1] == text + n_image + reference
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-        block = probs[:, :, text:, :text].reshape(-1, n_image, text)
-        bent = bending.bend_probs(block, columns, grid, [spec]).view(probs[:, :, text:, :text].shape)
+        block = probs[:, :, image, :text].reshape(-1, n_image, text)
+        bent = bending.bend_probs(block, columns, grid, [spec]).view(probs[:, :, image, :text].shape)
         probs = probs.clone()
-        probs[:, :, text:, :text] = bent
-        probs[:, :, text:] /= probs[:, :, text:].sum(-1, keepdim=True)
+        probs[:, :, image, :text] = bent
+        probs[:, :, image] /= probs[:, :, image].sum(-1, keepdim=True)
         return (probs @ v).transpose(1, 2).to(query.dtype)
 
     return attend
@@ -95,6 +97,29 @@ def test_every_bent_call_is_the_explicit_bent_softmax(model, monkeypatch):
     monkeypatch.setattr(model[1], "dispatch_attention_fn", explicit_bent(ENTRY))
     torch.testing.assert_close(bent, sample(model), rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3                               # bending acts
+
+
+def test_an_edits_reference_image_tokens_are_attended_but_not_bent(model, monkeypatch):
+    """LongCatImageEditPipeline appends the reference image's latent tokens (its img_ids: modality 2, same grid) to
+    the target's: the target's rows are bent, the reference's are the model's own (the grid: the first image's)."""
+    transformer, module, inputs, prompt, _, pipe = model
+    g = torch.Generator().manual_seed(5)
+    txt_ids, img_ids = inputs["txt_ids"], inputs["img_ids"]
+    reference_ids = img_ids.clone()
+    reference_ids[:, 0] += 1
+    edit = dict(hidden_states=torch.randn(1, 2 * H * W, 8, generator=g), txt_ids=txt_ids,
+                img_ids=torch.cat([img_ids, reference_ids]), encoder_hidden_states=prompt,
+                timestep=pipe.scheduler.timesteps[:1] / 1000, return_dict=False)
+    session = dh.apply(pipe, {"bending": [ENTRY]})
+    session.token_indices, session.prompt_embeds = COLUMNS, prompt
+    try:
+        bent = transformer(**edit)[0]
+    finally:
+        dh.remove(pipe)
+    plain = transformer(**edit)[0]
+    monkeypatch.setattr(module, "dispatch_attention_fn", explicit_bent(ENTRY, reference=H * W))
+    torch.testing.assert_close(bent, transformer(**edit)[0], rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
 
 
 def test_the_negative_call_is_bit_identical(model):
@@ -290,3 +315,44 @@ def test_longcat_rewriter_gets_the_prompt_unmarked_and_the_words_are_found_in_wh
     pipe.rewire_prompt = lambda prompt, device: ["a photo of a cat"]
     with pytest.raises(ValueError, match="Token not found: 'sunset'.*enable_prompt_rewrite=False"):
         _run(pipe, "longcat_image", {"bending": [ENTRY]}, enable_prompt_rewrite=True)
+
+
+def test_longcat_edit_words_follow_the_image_tokens_its_encoder_output_keeps():
+    """LongCatImageEditPipeline crops its Qwen2.5-VL output from <|vision_start|>: the image's tokens come before the
+    prompt's. The columns found equal the places of the word's tokens in the ids its text encoder is given, counted
+    from the crop (the pipeline's own _encode_prompt, a tiny Qwen2.5-VL, a real Qwen2-VL image processor)."""
+    import comfy_standin_qwen as cq
+    import PIL.Image
+    from diffusers import LongCatImageEditPipeline
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = cq.qwen_tokenizer()
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tokenizer.add_tokens(vision, special_tokens=True)
+    start, end, pad = tokenizer.convert_tokens_to_ids(vision)
+    with torch.random.fork_rng():
+        torch.manual_seed(41)
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
+            image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end)).eval()
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    pipe = LongCatImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=encoder,
+                                    tokenizer=tokenizer, text_processor=processor, transformer=None)
+    image = PIL.Image.new("RGB", (112, 84), (200, 80, 40))
+    found = dh.prompts._locate(_session(pipe, "longcat", "sunset"), {"prompt": "a kiss at sunset", "image": image})
+    given = []
+    hook = encoder.register_forward_pre_hook(lambda m, a, kw: given.append(kw["input_ids"][0].tolist()),
+                                             with_kwargs=True)
+    try:
+        embeds = pipe._encode_prompt(["a kiss at sunset"], image)
+    finally:
+        hook.remove()
+    ids = given[0][given[0].index(start):]                  # what the encoder output keeps, from <|vision_start|>
+    assert embeds.shape[1] == len(ids) - 5                  # less the assistant suffix
+    assert ids.count(pad) > 1 and found["sunset"][0] > ids.index(end)
+    assert tokenizer.convert_ids_to_tokens([ids[j] for j in found["sunset"]]) == ["Ġsun", "set"]

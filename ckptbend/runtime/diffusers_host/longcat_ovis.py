@@ -8,6 +8,8 @@ What the transformer sees as text:
   time (its split_quotation), cut at tokenizer_max_length (512) and padded to it, then wrapped in its system-and-user
   prefix and assistant suffix for Qwen2.5-VL, whose output drops both: column j is the prompt's token j. By default
   the pipeline first rewrites the prompt with its text encoder (enable_prompt_rewrite): the words are found in that.
+  LongCatImageEditPipeline keeps its prefix's image tokens (from <|vision_start|> on) before the prompt's, and adds
+  the reference image's latent tokens after the target's: the target's queries are bent, the reference's left alone.
 - OvisImagePipeline: Qwen3's chat template of one user turn, its system_prompt + the prompt (no thinking), padded to
   max_sequence_length + user_prompt_begin_id tokens, of which the first user_prompt_begin_id (28) are dropped.
 """
@@ -33,10 +35,14 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
 
     def spellings(word):          # LongCat tokenizes text between quotes a character at a time
         found = [spell(" " + word), spell(word)]
-        return tokens.Alternatives(found + [[i for c in word for i in spell(c)]] if session.joint == "longcat" else found)
+        quoted = [[i for c in word for i in spell(c)]] if session.joint == "longcat" else []
+        return tokens.Alternatives(found + quoted)
 
+    before = 0
     if session.joint == "longcat":
         ids, length = _longcat_ids, pipe.tokenizer_max_length
+        if arguments.get("image") is not None:       # LongCatImageEditPipeline: the image's tokens come first
+            before = _edit_image_tokens(pipe, arguments["image"])
     else:
         ids, length = _ovis_ids, arguments.get("max_sequence_length") or 256
 
@@ -46,7 +52,7 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
         start = next((i for i, (a, b) in enumerate(zip(found, empty)) if a != b), min(len(found), len(empty)))
         at = tokens.token_columns(words, found[start:], spellings)
         pad = length - len(found) if getattr(tokenizer, "padding_side", "right") == "left" else 0
-        return {w: [pad + start + j for j in js] for w, js in at.items()}
+        return {w: [before + pad + start + j for j in js] for w, js in at.items()}
 
     try:
         return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
@@ -81,6 +87,14 @@ def _longcat_ids(pipe, prompt, length) -> list[int]:
         for piece in (part if quoted else [part]):
             ids += pipe.tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids[:length]
+
+
+def _edit_image_tokens(pipe, image) -> int:
+    """LongCatImageEditPipeline keeps <|vision_start|>, the image's <|image_pad|> tokens (its Qwen2.5-VL grid less
+    the merge) and <|vision_end|> of its prefix before the prompt's tokens in the encoder output."""
+    processor = pipe.image_processor_vl
+    grid = processor(images=image, return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // processor.merge_size ** 2 + 2
 
 
 def _ovis_ids(pipe, prompt, length) -> list[int]:
