@@ -57,9 +57,9 @@ def longcat_ovis_columns(session, arguments) -> dict[str, list[int]]:
     try:
         return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
     except ValueError as e:
-        if session.joint != "longcat" or "not found" not in str(e):
+        if not hasattr(pipe, "rewire_prompt") or "not found" not in str(e):
             raise
-        raise ValueError(f"{e} in the prompt LongCatImagePipeline encodes, {prompt!r} (it rewrites the prompt "
+        raise ValueError(f"{e} in the prompt {type(pipe).__name__} encodes, {prompt!r} (it rewrites the prompt "
                          "first unless called with enable_prompt_rewrite=False)") from None
 
 
