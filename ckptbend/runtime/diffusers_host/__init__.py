@@ -21,6 +21,7 @@ bending.py; these modules only wire it in:
   hidream.py    Bending at HiDream's [image; T5, Llama, Llama] attentions (double- and single-stream blocks)
   kandinsky5.py Bending at Kandinsky 5's visual→text cross-attentions (grid or fractal 8×8-block query order)
   mochi.py      Bending at Mochi's per-item [video; valid T5 tokens] joint attentions
+  ideogram4.py  Bending at Ideogram 4's packed [padding; text; image] attentions (a text offset per item)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

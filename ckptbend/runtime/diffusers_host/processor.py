@@ -9,6 +9,7 @@ from .cross import cross_attention
 from .ernie import ERNIE_MODELS, ernie_attention, ernie_modules
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
+from .ideogram4 import IDEOGRAM4_MODELS, ideogram4_attention, ideogram4_modules
 from .krea2 import KREA2_MODELS, krea2_attention, krea2_modules
 from .mochi import MOCHI_MODELS, mochi_attention, mochi_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
@@ -42,7 +43,7 @@ def sites_of(model) -> list[Site]:
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
               **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS},
-              **{n: mochi_modules for n in MOCHI_MODELS}}
+              **{n: mochi_modules for n in MOCHI_MODELS}, **{n: ideogram4_modules for n in IDEOGRAM4_MODELS}}
     if type(model).__name__ in single:    # the families whose modules lists its attentions (ERNIE, Krea 2, Mochi, ...)
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
@@ -97,6 +98,8 @@ class Processor:
             return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:
             return hunyuan15_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.ideogram4:
+            return ideogram4_attention(session, self.site, attn, given, original)
         if self.site.joint and session.ernie:
             return ernie_attention(session, self.site, attn, given, original)
         if self.site.joint and session.krea2:

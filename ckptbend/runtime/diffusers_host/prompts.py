@@ -58,6 +58,9 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     kandinsky5 = getattr(session, "kandinsky5", False)
     if getattr(session, "krea2", False):
         return _krea2_columns(session, arguments)
+    if getattr(session, "ideogram4", False):
+        from .ideogram4 import ideogram4_columns
+        return ideogram4_columns(session, arguments)
     if getattr(session, "ernie", False):              # the bare prompt, <bos> first (ErnieImagePipeline)
         return _ernie_columns(session, arguments["prompt"])
     if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2" or kandinsky5:
