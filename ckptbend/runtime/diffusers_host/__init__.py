@@ -22,6 +22,7 @@ bending.py; these modules only wire it in:
   kandinsky5.py Bending at Kandinsky 5's visual→text cross-attentions (grid or fractal 8×8-block query order)
   mochi.py      Bending at Mochi's per-item [video; valid T5 tokens] joint attentions
   ideogram4.py  Bending at Ideogram 4's packed [padding; text; image] attentions (a text offset per item)
+  flux3.py      Bending at Flux.3's joint single blocks over [text; image; references] (its modular pipeline)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

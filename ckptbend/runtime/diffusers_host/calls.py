@@ -45,6 +45,23 @@ def _pndm_counter(scheduler) -> int | None:
     return getattr(scheduler, "counter", None) if hasattr(scheduler, "prk_timesteps") else None
 
 
+def step_near(scheduler, t: float, dtype: torch.dtype) -> int | None:
+    """The step (position in scheduler.timesteps) of a call at scheduler time t that the pipeline passed in `dtype`:
+    the scheduler's step_index (0 before the first step) where its timestep is within dtype's precision of t (a bf16
+    time cannot tell late timesteps apart), else the nearest timestep within it (Flux.3, Ideogram 4)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    timesteps = torch.as_tensor(timesteps).detach().flatten().double().cpu()
+    tolerance = 4 * scheduler.config.num_train_timesteps * torch.finfo(dtype).eps
+    index = getattr(scheduler, "step_index", None)
+    index = 0 if index is None else index
+    if index < len(timesteps) and abs(float(timesteps[index]) - t) <= tolerance:
+        return int(index)
+    distance = (timesteps - t).abs()
+    return int(distance.argmin()) if len(distance) and float(distance.min()) <= tolerance else None
+
+
 def step_of(scheduler, position: int | None) -> int | None:
     """The denoising step (0 … num_inference_steps − 1) a model call at `position` in scheduler.timesteps
     belongs to: every evaluation that goes into step i gets i. Heun (order 2) evaluates twice per step;

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bent_attention, tokens
-from .calls import Call
+from .calls import Call, step_near
 from .prompts import same_columns
 from .recompute import acting, recorder
 
@@ -35,22 +35,10 @@ def ideogram4_modules(model) -> list:
 
 
 def step_at(scheduler, model_time) -> int | None:
-    """The step of a call at model time 1 − t / num_train_timesteps: the scheduler's step_index (0 before the first
-    step) where its timestep is within the time's precision, else the nearest timestep within it."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
-        return None
-    timesteps = torch.as_tensor(timesteps).detach().flatten().double().cpu()
+    """The step of a call at model time 1 − t / num_train_timesteps."""
     time = torch.as_tensor(model_time)
-    total = scheduler.config.num_train_timesteps
-    t = (1.0 - float(time.flatten().max())) * total
-    tolerance = 4 * total * torch.finfo(time.dtype if time.is_floating_point() else torch.float32).eps
-    index = getattr(scheduler, "step_index", None)
-    index = 0 if index is None else index
-    if index < len(timesteps) and abs(float(timesteps[index]) - t) <= tolerance:
-        return int(index)
-    distance = (timesteps - t).abs()
-    return int(distance.argmin()) if len(distance) and float(distance.min()) <= tolerance else None
+    t = (1.0 - float(time.flatten().max())) * scheduler.config.num_train_timesteps
+    return step_near(scheduler, t, time.dtype if time.is_floating_point() else torch.float32)
 
 
 def describe(session, module, args, kwargs) -> Call:
@@ -103,7 +91,8 @@ def ideogram4_attention(session, site, attn, given, original):
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
         keep = mask[at:at + 1, :, first_image:first_image + 1]  # the image queries' row of the mask: [1, 1, 1, L]
         bias = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, -math.inf)
-        observe = recorder(session, site, active, attn.num_heads, call.token_hw, n_text) if session.record_maps else None
+        observe = (recorder(session, site, active, attn.num_heads, call.token_hw, n_text)
+                   if session.record_maps else None)
         bent_attention.bend_rows(target, q, k, v, [at], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,
                                  layer_index=site.layer, frames=None, text=slice(text_at, text_at + n_text),

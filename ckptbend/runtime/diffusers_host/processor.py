@@ -7,6 +7,7 @@ import inspect
 
 from .cross import cross_attention
 from .ernie import ERNIE_MODELS, ernie_attention, ernie_modules
+from .flux3 import FLUX3_MODELS, flux3_attention, flux3_modules
 from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
 from .ideogram4 import IDEOGRAM4_MODELS, ideogram4_attention, ideogram4_modules
@@ -43,7 +44,8 @@ def sites_of(model) -> list[Site]:
     single = {**{n: single_modules for n in SINGLE_MODELS}, **{n: qwen21_modules for n in QWEN21_MODELS},
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
               **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS},
-              **{n: mochi_modules for n in MOCHI_MODELS}, **{n: ideogram4_modules for n in IDEOGRAM4_MODELS}}
+              **{n: mochi_modules for n in MOCHI_MODELS}, **{n: ideogram4_modules for n in IDEOGRAM4_MODELS},
+              **{n: flux3_modules for n in FLUX3_MODELS}}
     if type(model).__name__ in single:    # the families whose modules lists its attentions (ERNIE, Krea 2, Mochi, ...)
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
@@ -98,6 +100,8 @@ class Processor:
             return hidream_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:
             return hunyuan15_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.flux3:
+            return flux3_attention(session, self.site, attn, given, original)
         if self.site.joint and session.ideogram4:
             return ideogram4_attention(session, self.site, attn, given, original)
         if self.site.joint and session.ernie:

@@ -10,7 +10,7 @@ import torch
 from .. import bending, sag, slothful
 from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
 from .joint import JOINT_MODELS
-from . import ernie, hidream, hunyuan15, ideogram4, kandinsky5, krea2, mochi, qwen21
+from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, mochi, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -26,7 +26,7 @@ NOT_REACHED = {
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
-            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4 and LTX-2's video stream")
+            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -144,6 +144,7 @@ class Session:
         self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
         self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
         self.ideogram4 = type(self.models[0]).__name__ in ideogram4.IDEOGRAM4_MODELS   # [pad; text; image] per item
+        self.flux3 = type(self.models[0]).__name__ in flux3.FLUX3_MODELS     # [text; image; refs], modular pipeline
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -159,6 +160,8 @@ class Session:
                 functools.partial(before_mid, self), with_kwargs=True).remove)
         if hasattr(self.pipe, "encode_prompt"):
             wrap_encode_prompt(self)
+        elif self.flux3:                      # a modular pipeline: its text encoder step is wrapped
+            flux3.wrap_text_encoder(self)
         if self.joint == "longcat" and self.entries and hasattr(self.pipe, "rewire_prompt"):
             wrap_rewrite(self)
 
@@ -194,6 +197,9 @@ class Session:
             return None
         if self.ideogram4:
             self.call = ideogram4.describe(self, module, args, kwargs)
+            return None
+        if self.flux3:
+            self.call = flux3.describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
