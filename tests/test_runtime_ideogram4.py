@@ -6,7 +6,9 @@ offset in each item), and the model time reversed (1 − t / 1000) as the pipeli
 The reference is the model's processors with their attention call replaced by an explicit softmax whose image-query ×
 text-key block (each item's own text columns) is bent by bending.bend_probs, rows renormalised over all keys: every
 bent call equals it. The unconditional pass (image tokens only, no text), strength 0 and calls outside the step window
-are bit-identical; the words' columns count from the chat template's first token."""
+are bit-identical; the words' columns count from the chat template's first token. Ideogram4Pipeline itself (a tiny
+Qwen3-VL text model, both transformers, its reversed schedule) bends only its conditional transformer's calls, at the
+step the window names."""
 
 import types
 
@@ -149,3 +151,70 @@ def test_a_word_beyond_the_items_text_is_refused(ideogram4):
             model(**conditional, timestep=torch.tensor([0.5, 0.5]), return_dict=False)
     finally:
         dh.remove(pipe)
+
+
+def test_the_bent_pipeline_is_the_explicit_bent_softmax(monkeypatch):
+    """Ideogram4Pipeline itself, tiny: a 36-layer Qwen3-VL text model (16 wide), its chat template through the
+    stand-in tokenizer, the conditional and the unconditional transformer, two steps of its reversed schedule. Only the
+    conditional transformer's calls are bent (its words at the prompt's own left-pad offset); the result equals the
+    plain pipeline with the explicit bent softmax at those calls."""
+    import comfy_standin_qwen as cq
+    from diffusers import AutoencoderKLFlux2
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    tokenizer = cq.qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_VL_TEMPLATE
+    rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    config = Qwen3VLConfig(text_config=dict(vocab_size=151700, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=36, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=8, rope_scaling=rope),
+                           vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                              out_hidden_size=16, deepstack_visual_indexes=[]))
+    with torch.random.fork_rng():
+        torch.manual_seed(61)
+        encoder = Qwen3VLModel(config).eval()
+        vae = AutoencoderKLFlux2(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                                 up_block_types=("UpDecoderBlock2D",), latent_channels=2, norm_num_groups=4,
+                                 layers_per_block=1)
+    tiny = {**CONFIGS["ideogram4"], "llm_features_dim": 13 * 16}          # 13 tapped Qwen3-VL layers
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                             tokenizer=tokenizer, transformer=cj.seeded_transformer(ti.Ideogram4Transformer2DModel,
+                                                                                    tiny, 67),
+                             unconditional_transformer=cj.seeded_transformer(ti.Ideogram4Transformer2DModel, tiny, 71))
+    prompt = "a romantic kiss at sunset"
+
+    def generate(text, dynamic=None):
+        if dynamic is not None:
+            dh.apply(pipe, dynamic)
+        try:
+            return pipe(text, height=2 * H, width=2 * W, num_inference_steps=2, guidance_scale=3.0,
+                        guidance_schedule=None, max_sequence_length=16, output_type="latent",
+                        generator=torch.Generator().manual_seed(2)).images
+        finally:
+            dh.remove(pipe)
+
+    plain = generate(prompt)
+    bent = generate("a romantic kiss at {sunset}", {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]})
+    template = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+                                             add_generation_prompt=True, tokenize=False)
+    n = len(tokenizer(template, add_special_tokens=False)["input_ids"])   # its text, left-padded to 16
+    spec = bending.BendSpec.from_dict({**ENTRY, "renormalize": "none"})
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append("conditional"))
+    pipe.unconditional_transformer.register_forward_pre_hook(lambda *_: calls.append("unconditional"))
+
+    def attend(query, key, value, attn_mask=None, **kwargs):
+        q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
+        probs = torch.softmax((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~attn_mask, -torch.inf), -1)
+        if calls == ["conditional", "unconditional", "conditional"]:          # step 1's conditional call
+            image, text = slice(16, None), slice(16 - n, 16)
+            probs = probs.clone()
+            probs[0, :, image, text] = bending.bend_probs(probs[0, :, image, text].contiguous(), {"sunset": [7, 8]},
+                                                          (H, W), [spec])
+            probs[0, :, image] /= probs[0, :, image].sum(-1, keepdim=True)
+        return (probs @ v).transpose(1, 2).to(query.dtype)
+
+    monkeypatch.setattr(ti, "dispatch_attention_fn", attend)
+    expected = generate(prompt)
+    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-4
