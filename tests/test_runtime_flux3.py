@@ -91,8 +91,8 @@ def generate(pipe, prompt=PROMPT, dynamic=None):
 
 def explicit_bent(entry, columns, model):
     """diffusers' attention call ([b, L, heads, d]) replaced by softmax(q·kᵀ·d^−½) in float32; at the joint single
-    blocks (TEXT + H·W tokens) of the conditional calls (the guider runs them first in each step) the image × text
-    block bent and the image rows renormalised."""
+    blocks (TEXT + H·W tokens) of step 1's conditional call (the guider runs it first in each step: model call 2)
+    the image × text block bent and the image rows renormalised."""
     spec = bending.BendSpec.from_dict({**entry, "renormalize": "none"})
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(len(calls)))
@@ -100,7 +100,7 @@ def explicit_bent(entry, columns, model):
     def attend(query, key, value, attn_mask=None, **kwargs):
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-        if q.shape[2] == TEXT + H * W and calls[-1] % 2 == 0:
+        if q.shape[2] == TEXT + H * W and calls[-1] == 2:
             probs = probs.clone()
             probs[:, :, TEXT:, :TEXT] = bending.bend_probs(probs[0, :, TEXT:, :TEXT].contiguous(), columns, (H, W),
                                                            [spec])[None]
@@ -113,7 +113,7 @@ def explicit_bent(entry, columns, model):
 def test_the_bent_pipeline_is_the_explicit_bent_softmax(flux3, monkeypatch):
     model, pipe = flux3
     plain = generate(pipe, PROMPT.replace("{", "").replace("}", ""))
-    bent = generate(pipe, dynamic={"bending": [ENTRY]})
+    bent = generate(pipe, dynamic={"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]})
     columns = dh.flux3.flux3_columns(types.SimpleNamespace(entries=[bending.as_spec(ENTRY)]), pipe.tokenizer,
                                      "a romantic kiss at sunset", 8192)
     pieces = pipe.tokenizer.tokenizer.convert_ids_to_tokens(pipe.tokenizer.tokenizer(
