@@ -12,7 +12,8 @@ conditional items are those whose text is the encoded prompt's. The denoiser pas
 image position ids are scaled (image_rope_scale), so the grid is read as their distinct rows and columns.
 
 The host's processor computes the call; the conditional items' image-query rows are recomputed (PyTorch's attention
-over the same q, k, v) with their text columns bent, then projected (to_out, as the processor).
+over the same q, k, v) with their text columns bent, then projected (to_out, as the processor): the text and
+reference rows keep the host's result bit for bit.
 """
 
 from __future__ import annotations
@@ -87,16 +88,16 @@ def flux3_attention(session, site, attn, given, original):
     if rotary is not None:
         q, k = _rope(q, rotary), _rope(k, rotary)
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))
-    target = F.scaled_dot_product_attention(q, k, v)
-    n_image = call.token_hw[0] * call.token_hw[1]               # the generated image's tokens follow the text
+    # the generated image's queries (after the text) only: the text and reference rows keep the host's result
+    image = slice(n_text, n_text + call.token_hw[0] * call.token_hw[1])
+    target = F.scaled_dot_product_attention(q[:, :, image], k, v)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
-    bent_attention.bend_rows(target, q, k, v, list(range(len(rows))), entries=active,
+    bent_attention.bend_rows(target, q[:, :, image], k, v, list(range(len(rows))), entries=active,
                              token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,
-                             layer_index=site.layer, frames=None, text=slice(0, n_text),
-                             queries=slice(n_text, n_text + n_image), observe=observe)
+                             layer_index=site.layer, frames=None, text=slice(0, n_text), observe=observe)
     if session.phase == 2:
         out = out.clone()
-        out[rows] = attn.to_out[1](attn.to_out[0](target.transpose(1, 2).flatten(2).to(out.dtype)))
+        out[rows, image] = attn.to_out[1](attn.to_out[0](target.transpose(1, 2).flatten(2).to(out.dtype)))
     return out
 
 

@@ -10,8 +10,9 @@ time is reversed, 1 − t / num_train_timesteps, so the step is found from 1 −
 first: the model's bf16 time is too coarse to tell late steps apart). The prompt is the user turn of the tokenizer's
 chat template with the generation prompt, every token attended: column 0 is the template's first token.
 
-The host's processor computes the call; the conditional items' rows are recomputed (PyTorch's attention over the
-same q, k, v and mask) with their image queries' text columns bent, then projected (to_out[0], as the processor).
+The host's processor computes the call; the conditional items' image-query rows are recomputed (PyTorch's attention
+over the same q, k, v and mask) with their text columns bent, then projected (to_out[0], as the processor): the other
+rows keep the host's result bit for bit.
 """
 
 from __future__ import annotations
@@ -82,25 +83,27 @@ def ideogram4_attention(session, site, attn, given, original):
     q, k = _rope(q, cos[rows], sin[rows]), _rope(k, cos[rows], sin[rows])
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     mask = given["attention_mask"][rows]                       # [rows, 1, L, L] bool, block-diagonal
-    target = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     n_image = call.token_hw[0] * call.token_hw[1]
+    bent = out.clone() if session.phase == 2 else out
     for at, row in enumerate(rows):
         first_image, text_at, n_text = call.spans[row]
         for e in active:
             if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
-        keep = mask[at:at + 1, :, first_image:first_image + 1]  # the image queries' row of the mask: [1, 1, 1, L]
-        bias = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, -math.inf)
+        # only the image queries are recomputed (the other rows keep the host's result bit for bit)
+        image = slice(first_image, first_image + n_image)
+        qi, ki, vi, keep = q[at:at + 1, :, image], k[at:at + 1], v[at:at + 1], mask[at:at + 1, :, image]
+        target = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keep)
+        bias = torch.zeros(keep[:, :, :1].shape, device=q.device).masked_fill(~keep[:, :, :1], -math.inf)
         observe = (recorder(session, site, active, attn.num_heads, call.token_hw, n_text)
                    if session.record_maps else None)
-        bent_attention.bend_rows(target, q, k, v, [at], bias=bias, entries=active,
+        bent_attention.bend_rows(target, qi, ki, vi, [0], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,
                                  layer_index=site.layer, frames=None, text=slice(text_at, text_at + n_text),
-                                 queries=slice(first_image, first_image + n_image), observe=observe)
-    if session.phase == 2:
-        out = out.clone()
-        out[rows] = attn.to_out[0](target.transpose(1, 2).flatten(2).to(out.dtype))
-    return out
+                                 observe=observe)
+        if session.phase == 2:
+            bent[row, image] = attn.to_out[0](target[0].transpose(0, 1).flatten(1).to(out.dtype))
+    return bent
 
 
 def ideogram4_columns(session, arguments) -> dict[str, list[int]]:
