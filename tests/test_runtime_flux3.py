@@ -215,3 +215,23 @@ def test_with_a_reference_image_on_the_flow_map_model(monkeypatch):
     monkeypatch.setattr(tf, "dispatch_attention_fn", attend)
     torch.testing.assert_close(bent, call()[0], rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3
+
+
+def test_a_word_the_prompt_upsampler_dropped_is_refused_naming_the_step(flux3):
+    """Flux3AutoBlocks rewrite the prompt (prompt_upsampler) before the text encoder step: a word missing from what
+    the encoder gets is refused in one line that names the step to pop. Without an upsampler, the plain refusal."""
+    from diffusers.modular_pipelines import Flux3AutoBlocks
+
+    model, plain = flux3
+    auto = Flux3AutoBlocks().init_pipeline()
+    auto.update_components(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
+    for pipe, hint in ((auto, True), (plain, False)):
+        dh.apply(pipe, {"bending": [ENTRY]})
+        try:
+            encode = pipe._blocks.sub_blocks["text_encoder"]._get_qwen3_vl_prompt_embeds
+            with pytest.raises(ValueError, match="Token not found: 'sunset'") as refused:
+                encode(text_encoder=TextEncoder(), tokenizer=Processor(), prompt="a red car at dusk")
+        finally:
+            dh.remove(pipe)
+        assert ("blocks.sub_blocks.pop('prompt_upsampler')" in str(refused.value)) == hint
+        assert "\n" not in str(refused.value)

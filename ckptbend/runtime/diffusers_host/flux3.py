@@ -107,6 +107,11 @@ def _blocks(block):
         yield from _blocks(sub)
 
 
+def _upsamples(pipe) -> bool:
+    """Whether the modular pipeline's blocks rewrite the prompt before encoding it (Flux3AutoBlocks' first step)."""
+    return any("PromptUpsample" in type(b).__name__ for b in _blocks(getattr(pipe, "_blocks", None)))
+
+
 def wrap_text_encoder(session) -> None:
     """Every text encoder step of the modular pipeline's blocks gets an instance attribute standing in for its
     encoder: with bending, the prompt's marks stripped and its words located first; always, the prompt's embeddings
@@ -126,8 +131,15 @@ def wrap_text_encoder(session) -> None:
                 bound.arguments["prompt"] = unmark(bound.arguments["prompt"])
                 limit = (bound.arguments.get("max_sequence_length")
                          or signature.parameters["max_sequence_length"].default)
-                session.token_indices = flux3_columns(session, bound.arguments["tokenizer"], bound.arguments["prompt"],
-                                                      limit)
+                try:
+                    session.token_indices = flux3_columns(session, bound.arguments["tokenizer"],
+                                                          bound.arguments["prompt"], limit)
+                except ValueError as e:
+                    if "not found" not in str(e) or not _upsamples(session.pipe):
+                        raise
+                    raise ValueError(f"{e} in the prompt the text encoder gets, {bound.arguments['prompt']!r} (the "
+                                     "prompt upsampler rewrote it: pop its step, blocks.sub_blocks.pop("
+                                     "'prompt_upsampler'), to encode the prompt as given)") from None
                 args, kwargs = bound.args, bound.kwargs
             session.prompt_embeds = inner(*args, **kwargs)
             return session.prompt_embeds
