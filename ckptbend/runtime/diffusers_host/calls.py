@@ -53,7 +53,7 @@ def step_near(scheduler, t: float, dtype: torch.dtype) -> int | None:
     if timesteps is None:
         return None
     timesteps = torch.as_tensor(timesteps).detach().flatten().double().cpu()
-    tolerance = 4 * scheduler.config.num_train_timesteps * torch.finfo(dtype).eps
+    tolerance = 4 * getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) * torch.finfo(dtype).eps
     index = getattr(scheduler, "step_index", None)
     index = 0 if index is None else index
     if index < len(timesteps) and abs(float(timesteps[index]) - t) <= tolerance:

@@ -38,7 +38,7 @@ def ideogram4_modules(model) -> list:
 def step_at(scheduler, model_time) -> int | None:
     """The step of a call at model time 1 − t / num_train_timesteps."""
     time = torch.as_tensor(model_time)
-    t = (1.0 - float(time.flatten().max())) * scheduler.config.num_train_timesteps
+    t = (1.0 - float(time.flatten().max())) * getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000)
     return step_near(scheduler, t, time.dtype if time.is_floating_point() else torch.float32)
 
 
