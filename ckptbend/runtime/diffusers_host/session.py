@@ -8,7 +8,8 @@ from typing import Mapping
 import torch
 
 from .. import bending, sag, slothful
-from .calls import Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_of
+from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_near,
+                    step_of)
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, mochi, qwen21
 from .single import SINGLE_MODELS, describe
@@ -205,6 +206,7 @@ class Session:
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
         # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
         # tokens' t is the largest (every other model passes one t for the whole call).
+        t_dtype = torch.as_tensor(t).dtype
         t = float(torch.as_tensor(t).flatten().max())
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         cfg, cond_rows = self._layout(x.shape[0], text)
@@ -212,6 +214,8 @@ class Session:
         position = scheduler_position(scheduler, t)
         if position is None and t <= 1:       # Flux-style models take the scheduler's timestep / 1000
             position = scheduler_position(scheduler, t * 1000)
+        if position is None and t_dtype in (torch.bfloat16, torch.float16):   # Flux, Qwen-Image... in bf16
+            position = step_near(scheduler, t * 1000 if t <= 1 else t, t_dtype)     # pass t rounded to it
         frame_patch, row_patch, column_patch = patch_size_of(module)
         height, width = x.shape[-2:]
         token_hw = (height // row_patch, width // column_patch)
