@@ -7,6 +7,7 @@ ComfyUI that renames a class keeps working.
 
 from __future__ import annotations
 
+from .hidream import HIDREAM_KEY
 from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
 
 
@@ -46,10 +47,13 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
         raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
                          "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
-    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream
-        raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
-                         "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
-                         "diffusers host bends it)")
+    if len(blocks) and hasattr(dm, "patchifier"):                                   # LTX-Video: attn2 to T5
+        return DiTLayout("ltxv", [("double_block", i, i) for i in range(len(blocks))], 1, False,
+                         tuple(dm.patchifier.patch_size), "t5xxl")
+    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream: blocks by call order
+        return DiTLayout("hidream", [], 0, True, patch3(dm.patch_size), HIDREAM_KEY)
+    if hasattr(dm, "blocks") and hasattr(dm, "patch_spatial") and hasattr(dm, "t_embedding_norm"):  # Cosmos Predict2
+        return DiTLayout("cosmos", [], 1, False, (dm.patch_temporal, dm.patch_spatial, dm.patch_spatial), "t5xxl")
     if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
         blocks = [("double_block", i, i) for i in range(len(dm.visual_transformer_blocks))]
         return DiTLayout("kandinsky5", blocks, 1, False, patch3(dm.patch_size), QWEN_KEY)
