@@ -104,3 +104,14 @@ def test_cosmos_unbent_steps_and_zero_strength_sample_bit_identically(cosmos, cl
     late = [{**ENTRY, "apply_to_timesteps": [5, 9]}, {**GAIN, "strength": 0.0}]
     assert torch.equal(cs.sample(patched(cosmos, clip, late), noise, positive, negative, steps=3), plain)
     assert not torch.equal(cs.sample(patched(cosmos, clip, [ENTRY, GAIN]), noise, positive, negative, steps=3), plain)
+
+
+def test_a_call_out_of_its_place_is_refused():
+    """Blocks are told by call order: a call where the block's cross-attention should be that has the shape of a
+    self-attention (another node adding or skipping calls) stops sampling instead of bending the wrong call."""
+    from ckptbend.runtime.comfy_host import counted
+
+    call = {"grid": (1, 2, 3), "text": 10, "calls": [1]}
+    with pytest.raises(ValueError, match="not its block's text attention"):
+        counted.layer_of("cosmos", 1, call, 6, 6)
+    assert counted.layer_of("cosmos", 1, {**call, "calls": [3]}, 6, 10) == 1

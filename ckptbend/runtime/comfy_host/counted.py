@@ -15,8 +15,8 @@ LLAMA = "encoder_hidden_states_llama3"      # HiDream's extra cond: [b, layers, 
 
 
 def record(kind: str, call: dict, context, kwargs) -> None:
-    """Start the model call's count; HiDream: its text length (T5's tokens, then twice Llama's)."""
-    call["calls"] = [0]
+    """Start the model call's count; its text length (HiDream: T5's tokens, then twice Llama's; Cosmos: T5's)."""
+    call["calls"], call["text"] = [0], context.shape[1]
     if kind == "hidream":
         if kwargs.get("image_cond") is not None:
             raise ValueError("Attention Bending on HiDream bends text-to-image sampling only: HiDream E1's edit "
@@ -33,7 +33,8 @@ def layer_of(kind: str, text_call: int, call: dict, n_queries: int, n_keys: int)
         return None
     frames, h, w = call["grid"]
     n_image = frames * h * w
-    fits = n_queries == n_keys == n_image + call["text"] if kind == "hidream" else n_queries == n_image
+    fits = n_queries == n_keys == n_image + call["text"] if kind == "hidream" else (n_queries, n_keys) == (
+        n_image, call["text"])
     if not fits:
         raise ValueError(f"Attention Bending on {kind}: attention call {index} of the model call has {n_queries} "
                          f"queries and {n_keys} keys, not its block's text attention (another node adds calls?)")
