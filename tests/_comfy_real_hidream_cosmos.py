@@ -17,7 +17,8 @@ HIDREAM = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_ch
            "text_emb_dim": 32, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": [8, 4, 4],
            "max_resolution": [16, 16], "llama_layers": [0, 1, 2, 3]}
 COSMOS = {"image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
-          "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 32, "concat_padding_mask": True,
+          "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 32,
+          "concat_padding_mask": True,
           "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
           "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": 16,
           "num_blocks": 2, "num_heads": 2, "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
@@ -111,8 +112,9 @@ def check_hidream(h):
     g = torch.Generator().manual_seed(1)
 
     def cond():
-        return [[torch.randn(1, t5, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
-                                                       "conditioning_llama3": torch.randn(1, 4, llama, 24, generator=g)}]]
+        extra = {"pooled_output": torch.randn(1, 32, generator=g),
+                 "conditioning_llama3": torch.randn(1, 4, llama, 24, generator=g)}
+        return [[torch.randn(1, t5, 32, generator=g), extra]]
 
     n_text = t5 + 2 * llama
     run_check(h, h.comfy.supported_models.HiDream, HIDREAM, clip, (1, 16, 9, 12), (1, 5, 6), (cond(), cond()),

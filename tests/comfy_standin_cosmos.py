@@ -26,8 +26,8 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.self_qkv, self.self_out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(WIDTH, WIDTH), nn.Linear(T5_WIDTH, 2 * WIDTH), nn.Linear(
-            WIDTH, WIDTH)
+        self.cross_q, self.cross_kv = nn.Linear(WIDTH, WIDTH), nn.Linear(T5_WIDTH, 2 * WIDTH)
+        self.cross_out = nn.Linear(WIDTH, WIDTH)
         self.mlp = nn.Linear(WIDTH, WIDTH)
 
 

@@ -116,4 +116,5 @@ def test_hidream_e1_edit_is_refused(hidream, clip):
     cond = [[{**c, "image_cond": torch.zeros(1, ch.CHANNELS, 2 * H, 2 * W)} for c in cs_] for cs_ in conds()]
     sigmas = hidream.schedule(2)
     with pytest.raises(ValueError, match="HiDream E1's edit image sits beside the target"):
-        cs.calc_cond_batch(hidream, cond, latent(), sigmas[:1], patched(hidream, clip, [ENTRY]).sampling_options(sigmas))
+        cs.calc_cond_batch(hidream, cond, latent(), sigmas[:1],
+                           patched(hidream, clip, [ENTRY]).sampling_options(sigmas))
