@@ -3,7 +3,8 @@ classes (comfy.supported_models HiDream, CosmosT2IPredict2, LTXV), sampled by co
 one batch, the words found by ComfyUI's own tokenizers (HiDreamTokenizer, CosmosT5Tokenizer, LTXVT5Tokenizer; the
 checkout lacks Llama 3.1's tokenizer.json, so HiDream's Llama part is the stand-in's byte-level BPE put in its
 place). Every bent call's positive image queries equal the explicit bent softmax (mask added); the negative rows,
-the text queries and the calls not bent are the backend's output bit for bit; strength 0 samples bit-identically.
+the text queries and the calls not bent are the backend's output bit for bit; strength 0 samples bit-identically;
+a window [1, 1] bends step 1 alone.
 """
 
 import types
@@ -54,10 +55,12 @@ def hidream_clip():
         hd.hunyuan_video.LLAMA3Tokenizer = real
 
 
-def bent_check(h, seen, n_text_of, columns, grid, image_first):
-    """check() for h.recording(): a call with n_text_of(k) text keys (None: not bent) equals, on its positive
-    rows' image queries, the explicit bent softmax (ComfyUI's mask added); all else is the backend's output."""
+def bent_check(h, seen, n_text_of, columns, grid, image_first, entry=None, bent_at=lambda sigma: True):
+    """check() for h.recording(): a call with n_text_of(k) text keys (None: not bent) at a step bent_at(sigma)
+    equals, on its positive rows' image queries, the explicit bent softmax (ComfyUI's mask added); all else is the
+    backend's output."""
     frames, gh, gw = grid
+    entry = entry or h.ENTRY
     n_image = frames * gh * gw
 
     def check(q, k, v, heads, out, plain, options, mask):
@@ -65,7 +68,7 @@ def bent_check(h, seen, n_text_of, columns, grid, image_first):
                       for t in (q, k, v))
         n_text = n_text_of(kh.shape[2])
         rows = comfy_host.common.chunk_rows(options["cond_or_uncond"], 0, q.shape[0])
-        if n_text is None or not rows:
+        if n_text is None or not rows or not bent_at(float(options["sigmas"][0])):
             assert torch.equal(out, plain), "a call not bent changed"
             seen["other"] += 1
             return
@@ -74,8 +77,9 @@ def bent_check(h, seen, n_text_of, columns, grid, image_first):
         logits = qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5
         probs = torch.softmax(logits if mask is None else logits + comfy_host.common.logit_bias(mask), -1)[rows]
         block = probs[:, :, image, text].reshape(-1, n_image, n_text)
-        probs[:, :, image, text] = bending.bend_probs(block, columns, (gh, gw), [{**h.ENTRY, "renormalize": "none"}],
-                                                      0, 0, frames=frames if frames > 1 else None).view(
+        unwindowed = {**entry, "renormalize": "none", "apply_to_timesteps": None}     # the call is in the window
+        probs[:, :, image, text] = bending.bend_probs(block, columns, (gh, gw), [unwindowed], 0, 0,
+                                                      frames=frames if frames > 1 else None).view(
             len(rows), heads, n_image, n_text)
         probs = probs[:, :, image] / probs[:, :, image].sum(-1, keepdim=True)
         expected = plain.clone().view(q.shape[0], -1, heads, qh.shape[-1])
@@ -102,6 +106,12 @@ def run_check(h, config_class, unet_config, clip, latent_shape, grid, conds, n_t
     change = float((run(h.recording(h.node(patcher, {"bending": [h.ENTRY]}, clip), check)) - base).abs().max())
     print(f"  {layout.kind}: columns {columns}, largest change of the sample {change:.3g}; calls {seen}")
     assert seen["bent"] == expected_bent and seen["error"] < 1e-5 and change > 0
+    step1 = round(float(h.comfy.samplers.calculate_sigmas(patcher.model.model_sampling, "simple", 3)[1]), 4)
+    window, seen = {**h.ENTRY, "apply_to_timesteps": [1, 1]}, {"bent": 0, "other": 0, "error": 0.0}
+    check = bent_check(h, seen, n_text_of, columns, grid, image_first, window, lambda sigma: round(sigma, 4) == step1)
+    run(h.recording(h.node(patcher, {"bending": [window]}, clip), check))
+    print(f"  step window [1, 1]: calls {seen}")
+    assert 3 * seen["bent"] == expected_bent and seen["error"] < 1e-5
 
 
 def check_hidream(h):
