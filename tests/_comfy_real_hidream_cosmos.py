@@ -2,9 +2,9 @@
 classes (comfy.supported_models HiDream, CosmosT2IPredict2, LTXV), sampled by comfy.sample with cond and uncond in
 one batch, the words found by ComfyUI's own tokenizers (HiDreamTokenizer, CosmosT5Tokenizer, LTXVT5Tokenizer; the
 checkout lacks Llama 3.1's tokenizer.json, so HiDream's Llama part is the stand-in's byte-level BPE put in its
-place). Every bent call's positive image queries equal the explicit bent softmax (mask added); the negative rows,
-the text queries and the calls not bent are the backend's output bit for bit; strength 0 samples bit-identically;
-a window [1, 1] bends step 1 alone.
+place; its Llama conditioning comes from ComfyUI's own Llama code, tiny). Every bent call's positive image queries
+equal the explicit bent softmax (mask added); the negative rows, the text queries and the calls not bent are the
+backend's output bit for bit; strength 0 samples bit-identically; a window [1, 1] bends step 1 alone.
 """
 
 import types
@@ -114,16 +114,41 @@ def run_check(h, config_class, unet_config, clip, latent_shape, grid, conds, n_t
     assert 3 * seen["bent"] == expected_bent and seen["error"] < 1e-5
 
 
+def llama_conditioning(tokens):
+    """conditioning_llama3 as ComfyUI's HiDreamTEModel makes it, from its own Llama code (a tiny Llama2 of 4
+    layers, width 24, layer="all"): every layer's output for every token, less the embedding layer (ll_out[:, 1:])."""
+    from comfy import sd1_clip
+    import comfy.text_encoders.llama as cl
+
+    config = {"vocab_size": 128300, "hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 4,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+    head_dim, cl.Llama2Config.head_dim = cl.Llama2Config.head_dim, 12         # a class attribute, not a field
+    try:
+        torch.manual_seed(3)
+        model = sd1_clip.SDClipModel(layer="all", layer_idx=None, textmodel_json_config=config, model_class=cl.Llama2,
+                                     special_tokens={"start": 128000, "pad": 128009}, layer_norm_hidden_state=False,
+                                     enable_attention_masks=True, return_attention_masks=True, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+            return model.encode_token_weights(tokens)[0][:, 1:]
+    finally:
+        cl.Llama2Config.head_dim = head_dim
+
+
 def check_hidream(h):
     """HiDream: 2 double + 2 single blocks, each one joint call over [image; T5 (128); Llama; Llama] (the Llama
-    tokens at least 128), all bent, blocks told by call order. Latent 9 × 12: padded to the patch, a 5 × 6 grid."""
+    tokens at least 128, encoded by ComfyUI's own Llama code), all bent, blocks told by call order. Latent 9 × 12:
+    padded to the patch, a 5 × 6 grid."""
     clip = hidream_clip()
-    t5, llama = (len(clip.tokenize(h.PROMPT.replace("{", "").replace("}", ""))[key][0]) for key in ("t5xxl", "llama"))
+    tokens = clip.tokenize(h.PROMPT.replace("{", "").replace("}", ""))
+    t5, llama = len(tokens["t5xxl"][0]), len(tokens["llama"][0])
+    conditioning = llama_conditioning(tokens["llama"])
+    assert conditioning.shape == (1, 4, llama, 24)                  # every Llama token is a key: none dropped
     g = torch.Generator().manual_seed(1)
 
     def cond():
-        extra = {"pooled_output": torch.randn(1, 32, generator=g),
-                 "conditioning_llama3": torch.randn(1, 4, llama, 24, generator=g)}
+        extra = {"pooled_output": torch.randn(1, 32, generator=g), "conditioning_llama3": conditioning}
         return [[torch.randn(1, t5, 32, generator=g), extra]]
 
     n_text = t5 + 2 * llama
