@@ -383,12 +383,3 @@ def test_ltx2_is_refused_with_its_reason():
     model.transformer_blocks = nn.ModuleList([block])
     with pytest.raises(ValueError, match="does not reach LTX-2: its latent packs video and audio"):
         comfy_host.dit_layout(model)
-
-
-def test_hidream_is_refused_with_its_reason():
-    from torch import nn
-
-    model = nn.Module()
-    model.double_stream_blocks, model.single_stream_blocks = nn.ModuleList(), nn.ModuleList()
-    with pytest.raises(ValueError, match="does not reach HiDream yet"):
-        comfy_host.dit_layout(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .. import bending, bent_attention, tokens
+from . import counted
 from .common import SAG_PASS, chunk_rows, logit_bias, per_head, step_counter
 from .dit_layouts import DiTLayout
 
@@ -68,6 +69,8 @@ def _record_call(layout):
         context = args[2] if len(args) > 2 else kwargs.get("c_crossattn")
         if layout.kind == "hunyuan":                     # the prompt's tokens, before the ByT5 glyphs
             options[DIT_CALL]["prompt"] = context.shape[1]
+        if layout.kind in counted.CALLS_PER_BLOCK:       # HiDream, Cosmos Predict2: blocks told by call order
+            counted.record(layout.kind, options[DIT_CALL], context, kwargs)
         if layout.kind in HOST_TAGGED:
             text, image = context.shape[1], grid[0] * grid[1] * grid[2]
             if layout.pad:
@@ -111,6 +114,11 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             layer = _host_tagged_layer(layout.kind, options, call, *lengths)
             if layer is None:
                 return out
+        elif layout.kind in counted.CALLS_PER_BLOCK:
+            lengths = (q.shape[2], k.shape[2]) if kwargs.get("skip_reshape") else (q.shape[1], k.shape[1])
+            layer = counted.layer_of(layout.kind, layout.text_call, call, *lengths)
+            if layer is None:
+                return out
         else:
             if tag is None:
                 return out
@@ -138,6 +146,8 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             if layout.kind == "hunyuan":                 # [(reference;) image; prompt; glyphs]
                 first = kh.shape[2] - n_text
                 text, queries = slice(first, first + call["prompt"]), slice(first - n_image, first)
+            if layout.kind == "hidream":                 # [image; T5; Llama's last layer; the block's layer]
+                text, queries = slice(n_image, n_image + n_text), slice(0, n_image)
         else:
             text, queries = slice(None), slice(None)
             if qh.shape[2] != n_image:

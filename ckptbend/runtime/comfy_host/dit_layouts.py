@@ -7,6 +7,7 @@ ComfyUI that renames a class keeps working.
 
 from __future__ import annotations
 
+from .hidream import HIDREAM_KEY
 from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
 
 
@@ -34,7 +35,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
     tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal
     sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
     bent. Kandinsky 5: Wan's shape, call 1 of a visual block its visual→text cross-attention (raster order), the
-    Qwen2.5-VL tokens kept by Qwen-Image's template rule (ComfyUI's Kandinsky 5 encoder applies it)."""
+    Qwen2.5-VL tokens kept by Qwen-Image's template rule (ComfyUI's Kandinsky 5 encoder applies it). HiDream and
+    Cosmos Predict2: no "dit" replace, no block_index: blocks told by call order (counted.py); HiDream one joint
+    call per block over [image; T5; Llama; Llama] (hidream.py), Cosmos call 1 of a block its T5 cross-attention.
+    LTX-Video: Wan's shape with patch 1, call 1 (attn2) to T5 under the text mask."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -46,10 +50,13 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
         raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
                          "one tensor, so the node cannot read the video grid (the diffusers host bends its video)")
-    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream
-        raise ValueError("Attention Bending in ComfyUI does not reach HiDream yet: its blocks' text is T5 plus two "
-                         "Llama layers' tokens, and ComfyUI's HiDream code could not be read to place them (the "
-                         "diffusers host bends it)")
+    if len(blocks) and hasattr(dm, "patchifier"):                                   # LTX-Video: attn2 to T5
+        return DiTLayout("ltxv", [("double_block", i, i) for i in range(len(blocks))], 1, False,
+                         tuple(dm.patchifier.patch_size), "t5xxl")
+    if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream: blocks by call order
+        return DiTLayout("hidream", [], 0, True, patch3(dm.patch_size), HIDREAM_KEY)
+    if hasattr(dm, "blocks") and hasattr(dm, "patch_spatial") and hasattr(dm, "t_embedding_norm"):  # Cosmos Predict2
+        return DiTLayout("cosmos", [], 1, False, (dm.patch_temporal, dm.patch_spatial, dm.patch_spatial), "t5xxl")
     if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
         blocks = [("double_block", i, i) for i in range(len(dm.visual_transformer_blocks))]
         return DiTLayout("kandinsky5", blocks, 1, False, patch3(dm.patch_size), QWEN_KEY)
@@ -83,5 +90,6 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5 and Kandinsky 5; "
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, Kandinsky 5, "
+                     "HiDream, Cosmos Predict2 and LTX-Video; "
                      f"this model's diffusion_model is a {name}")

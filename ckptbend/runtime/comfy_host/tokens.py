@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .. import tokens as bend_tokens
+from .hidream import LLAMA_KEY, llama_columns
 
 def _token_ids(tokens: Mapping, key: str | None = None) -> list:
     """The token ids of ComfyUI's clip.tokenize output {"l": [[(id, weight, …), …77], …]} in
@@ -58,6 +59,8 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
 def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
     if key == QWEN_KEY:
         return _qwen_columns(clip, words, tokens, empty)
+    if key == LLAMA_KEY:                         # HiDream's Llama 3.1 tokens
+        return llama_columns(clip, words, tokens, empty)
     if key in WHOLE_TEXT_KEYS:
         return _whole_text_columns(clip, words, tokens, empty, key)
     special = set(_token_ids(empty, key))
