@@ -10,7 +10,7 @@ only wire it into ComfyUI's model-patch hooks:
   unet.py    SAG, Slothful and Bending on UNets (attn1 / attn2 patches and replaces, a post-CFG function)
   dit.py     Bending on DiTs (optimized_attention_override, dit block replaces, an APPLY_MODEL wrapper)
   dit_layouts.py  per DiT family: where its text attention is, which call, its token layout (Wan, Flux.1/.2,
-                  Chroma, SD3, Qwen-Image and 2.x, Z-Image / Lumina 2, HunyuanVideo 1.5)
+                  Chroma, SD3, Qwen-Image and 2.x, Z-Image / Lumina 2, HunyuanVideo 1.5, Krea 2, Ideogram 4)
   tokens.py  a word's text-token columns as ComfyUI's tokenizers and encoders produce them
 
 

@@ -71,8 +71,8 @@ def _record_call(layout):
             options[DIT_CALL]["prompt"] = context.shape[1]
         if layout.kind in counted.CALLS_PER_BLOCK:       # HiDream, Cosmos Predict2: blocks told by call order
             counted.record(layout.kind, options[DIT_CALL], context, kwargs)
-        if layout.kind in HOST_TAGGED:
-            text, image = context.shape[1], grid[0] * grid[1] * grid[2]
+        if layout.kind in HOST_TAGGED or layout.kind in JOINT_COUNTED:
+            text, image = 0 if context is None else context.shape[1], grid[0] * grid[1] * grid[2]
             if layout.pad:
                 text, image = text + (-text) % layout.pad, image + (-image) % layout.pad
             options[DIT_CALL].update(text=text, joint=text + image)
@@ -82,6 +82,17 @@ def _record_call(layout):
 
 
 HOST_TAGGED = {"nextdit": "double", "qwen21": "single"}    # kind → transformer_options["block_type"] of its blocks
+JOINT_COUNTED = ("krea2", "ideogram4")    # kinds whose loop tells a block neither by a "dit" replace nor by block_index
+
+
+def _joint_counted_layer(call, n_queries, n_keys):
+    """Krea 2, Ideogram 4: each main block makes one attention call over the joint [text; image] tokens, in order
+    (Krea 2's text-fusion blocks' calls before them see text alone), so the block is the number of joint calls before
+    it in this model call; any other call is not bent, nor a call without text (Ideogram 4's image-only pass)."""
+    if not n_queries == n_keys == call["joint"] or not call["text"]:
+        return None
+    call["counted"] = call.get("counted", -1) + 1
+    return call["counted"]
 
 
 def _host_tagged_layer(kind, options, call, n_queries, n_keys):
@@ -109,9 +120,10 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
         tag, call = options.get(DIT_TAG), options.get(DIT_CALL)
         if call is None or options.get(SAG_PASS):
             return out
-        if layout.kind in HOST_TAGGED:
+        if layout.kind in HOST_TAGGED or layout.kind in JOINT_COUNTED:
             lengths = (q.shape[2], k.shape[2]) if kwargs.get("skip_reshape") else (q.shape[1], k.shape[1])
-            layer = _host_tagged_layer(layout.kind, options, call, *lengths)
+            layer = (_joint_counted_layer(call, *lengths) if layout.kind in JOINT_COUNTED
+                     else _host_tagged_layer(layout.kind, options, call, *lengths))
             if layer is None:
                 return out
         elif layout.kind in counted.CALLS_PER_BLOCK:

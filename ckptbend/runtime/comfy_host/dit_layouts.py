@@ -8,7 +8,7 @@ ComfyUI that renames a class keeps working.
 from __future__ import annotations
 
 from .hidream import HIDREAM_KEY
-from .tokens import GEMMA2_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
+from .tokens import GEMMA2_KEY, IDEOGRAM4_KEY, KREA2_KEY, LONGCAT_KEY, OVIS_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
 
 
 class DiTLayout:
@@ -38,7 +38,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
     Qwen2.5-VL tokens kept by Qwen-Image's template rule (ComfyUI's Kandinsky 5 encoder applies it). HiDream and
     Cosmos Predict2: no "dit" replace, no block_index: blocks told by call order (counted.py); HiDream one joint
     call per block over [image; T5; Llama; Llama] (hidream.py), Cosmos call 1 of a block its T5 cross-attention.
-    LTX-Video: Wan's shape with patch 1, call 1 (attn2) to T5 under the text mask."""
+    LTX-Video: Wan's shape with patch 1, call 1 (attn2) to T5 under the text mask. Krea 2 and
+    Ideogram 4 (single stream over [text; image]; newest readable ComfyUI source): their loops tell a block neither
+    by a "dit" replace nor by block_index, so the node counts their joint calls; Krea 2's Qwen3-VL tokens are kept by
+    Qwen-Image's rule, Ideogram 4's all."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -57,9 +60,24 @@ def dit_layout(diffusion_model) -> DiTLayout:
         return DiTLayout("hidream", [], 0, True, patch3(dm.patch_size), HIDREAM_KEY)
     if hasattr(dm, "blocks") and hasattr(dm, "patch_spatial") and hasattr(dm, "t_embedding_norm"):  # Cosmos Predict2
         return DiTLayout("cosmos", [], 1, False, (dm.patch_temporal, dm.patch_spatial, dm.patch_spatial), "t5xxl")
+    if hasattr(dm, "video_patch_proj") and hasattr(dm, "audio_patch_proj"):          # MiniMax H3
+        raise ValueError("Attention Bending in ComfyUI does not reach MiniMax H3: its latent is a video and audio "
+                         "pair packed with the text into one sequence, whose video grid the node cannot read")
+    if hasattr(dm, "txtfusion") and hasattr(dm, "blocks"):                          # Krea 2: blocks counted
+        return DiTLayout("krea2", [], 0, True, patch3(dm.patch), KREA2_KEY)
+    if hasattr(dm, "llm_cond_proj") and hasattr(dm, "embed_image_indicator"):      # Ideogram 4: blocks counted
+        return DiTLayout("ideogram4", [], 0, True, (1, 1, 1), IDEOGRAM4_KEY)      # its latent is already patched
+    if hasattr(dm, "layers") and hasattr(dm, "text_proj") and hasattr(dm, "adaLN_modulation"):   # ERNIE-Image
+        raise ValueError("Attention Bending in ComfyUI does not reach ERNIE-Image: ComfyUI's ERNIE-Image code calls "
+                         "optimized_attention without transformer_options and has no dit block replace, so the node's "
+                         "override never sees its attention (the diffusers host bends it)")
     if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
         blocks = [("double_block", i, i) for i in range(len(dm.visual_transformer_blocks))]
         return DiTLayout("kandinsky5", blocks, 1, False, patch3(dm.patch_size), QWEN_KEY)
+    if hasattr(dm, "blocks") and len(dm.blocks) and hasattr(dm.blocks[0], "forward_gen"):     # Wan Animate 2
+        raise ValueError("Attention Bending in ComfyUI does not reach Wan Animate 2: its blocks' self-attention "
+                         "attends to the pose branch in one call per frame, so the text cross-attention is no fixed "
+                         "call of a block")
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
@@ -77,7 +95,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
         flux2 = hasattr(dm, "double_stream_modulation_img")       # Flux.2's shared modulations: Mistral 3 / Qwen3 text
-        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), None if flux2 else "t5xxl")
+        return DiTLayout("flux", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)),
+                         None if flux2 else _flux_text_key(dm))
     if hasattr(dm, "layers") and hasattr(dm, "context_refiner") and hasattr(dm, "cap_embedder"):   # NextDiT
         pad = getattr(dm, "pad_tokens_multiple", None)
         return DiTLayout("nextdit", [], 0, True, patch3(dm.patch_size), QWEN3_KEY if pad else GEMMA2_KEY, pad)
@@ -91,5 +110,13 @@ def dit_layout(diffusion_model) -> DiTLayout:
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
                      "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, Kandinsky 5, "
-                     "HiDream, Cosmos Predict2 and LTX-Video; "
+                     "HiDream, Cosmos Predict2, LTX-Video, Krea 2, Ideogram 4, LongCat-Image and Ovis-Image; "
                      f"this model's diffusion_model is a {name}")
+
+
+def _flux_text_key(dm):
+    """ComfyUI runs LongCat-Image and Ovis-Image as Flux: Ovis has its txt_norm, both lack the pooled vector_in (None;
+    Chroma's class has no such attribute); Flux.1 reads T5."""
+    if getattr(dm, "txt_norm", None) is not None:
+        return OVIS_KEY
+    return LONGCAT_KEY if hasattr(dm, "vector_in") and dm.vector_in is None else "t5xxl"

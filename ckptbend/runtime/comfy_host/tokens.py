@@ -6,6 +6,7 @@ from typing import Mapping
 
 from .. import tokens as bend_tokens
 from .hidream import LLAMA_KEY, llama_columns
+from .padded_tokens import LONGCAT_KEY, OVIS_KEY, padded_columns
 
 def _token_ids(tokens: Mapping, key: str | None = None) -> list:
     """The token ids of ComfyUI's clip.tokenize output {"l": [[(id, weight, …), …77], …]} in
@@ -14,6 +15,7 @@ def _token_ids(tokens: Mapping, key: str | None = None) -> list:
     positions), or the only one."""
     if key is None:
         key = "l" if "l" in tokens or len(tokens) != 1 else next(iter(tokens))
+    key = key.partition(":")[0]              # "qwen3vl_8b:all" (Ideogram 4): the encoder, then how its tokens are kept
     if key not in tokens:
         raise ValueError(f"bending_clip tokenizes for {', '.join(sorted(tokens))}, but this model reads "
                          f"{key!r} tokens: wire the text encoder you sample with")
@@ -57,12 +59,15 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
 
 
 def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
-    if key == QWEN_KEY:
-        return _qwen_columns(clip, words, tokens, empty)
+    if key in (QWEN_KEY, KREA2_KEY):
+        return _qwen_columns(clip, words, tokens, empty, key)
     if key == LLAMA_KEY:                         # HiDream's Llama 3.1 tokens
         return llama_columns(clip, words, tokens, empty)
     if key in WHOLE_TEXT_KEYS:
         return _whole_text_columns(clip, words, tokens, empty, key)
+    if key in (LONGCAT_KEY, OVIS_KEY):
+        return padded_columns(words, key, _token_ids(tokens, key), _token_ids(empty, key),
+                              lambda text: _token_ids(clip.tokenize(text), key))
     special = set(_token_ids(empty, key))
     prompt = _token_ids(tokens, key)
 
@@ -79,7 +84,9 @@ def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, 
 # embeddings before the second "<|im_start|>" and that token's "user\n": the joint attention's text key 0 is
 # the prompt's first token, and the template's tail follows the prompt. These are Qwen2.5's token ids.
 QWEN_KEY = "qwen25_7b"
+KREA2_KEY = "qwen3vl_4b"     # Krea 2's Qwen3-VL: Qwen-Image's template, its encoder drops the same prefix
 QWEN_IM_START, QWEN_USER, QWEN_NEWLINE = 151644, 872, 198
+QWEN_PAD = 151643                # <|endoftext|>, ComfyUI's Qwen tokenizers' padding
 
 
 def _qwen_text(ids: list) -> list:
@@ -93,18 +100,18 @@ def _qwen_text(ids: list) -> list:
     return ids[end:]
 
 
-def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, list[int]]:
+def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping, key=QWEN_KEY) -> dict[str, list[int]]:
     """Qwen-Image: word → its columns among the kept text tokens. A word is found spelled after a space
     (" kiss") or bare (at the prompt's start, after "(" …): byte-level BPE gives them different ids; the
     earlier one in the prompt wins. Its spellings are tokenised inside the template, as the prompt is, and
     cut out of the kept tokens (less the template's tail)."""
-    tail = len(_qwen_text(_token_ids(empty, QWEN_KEY)))
+    tail = len(_qwen_text(_token_ids(empty, key)))
 
     def spell(text):
-        kept = _qwen_text(_token_ids(clip.tokenize(text), QWEN_KEY))
+        kept = _qwen_text(_token_ids(clip.tokenize(text), key))
         return kept[:len(kept) - tail]
 
-    return bend_tokens.token_columns(words, _qwen_text(_token_ids(tokens, QWEN_KEY)),
+    return bend_tokens.token_columns(words, _qwen_text(_token_ids(tokens, key)),
                                  lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))
 
 
@@ -117,7 +124,10 @@ def _qwen_columns(clip, words, tokens: Mapping, empty: Mapping) -> dict[str, lis
 QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY = "qwen3_4b", "gemma2_2b", "qwen3vl_8b"
 # Flux.2: Mistral 3 ([SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]prompt[/INST], a start token) or Klein's Qwen3 (its chat
 # template with an empty think block, padded to 512): every token is a text key too.
-WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY, "qwen3_8b", "mistral3_24b")
+# Ideogram 4's Qwen3-VL tokenizer: "<|im_start|>user\n", the prompt, "<|im_end|>\n<|im_start|>assistant\n", weights
+# disabled; its encoder keeps every token (unlike Qwen-Image 2.x's, which reads the same tokenizer key).
+IDEOGRAM4_KEY = QWEN3VL_KEY + ":all"
+WHOLE_TEXT_KEYS = (QWEN3_KEY, GEMMA2_KEY, QWEN3VL_KEY, "qwen3_8b", "mistral3_24b", IDEOGRAM4_KEY)
 
 
 def _kept(ids: list, key) -> list:
@@ -126,17 +136,26 @@ def _kept(ids: list, key) -> list:
     return ids[starts[1]:] if len(starts) > 1 else ids
 
 
+def _unpadded(ids: list) -> list:
+    """ids less a trailing run of Qwen's <|endoftext|>: Flux.2 Klein's tokenizers pad the template to 512 with it,
+    which would hide where a word spelled alone ends."""
+    end = len(ids)
+    while end and ids[end - 1] == QWEN_PAD:
+        end -= 1
+    return ids[:end]
+
+
 def _whole_text_columns(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
     """word → its columns among all the tokens, searched from where the prompt's tokens part from the empty
     prompt's (a word of a template or system prompt before it is not the prompt's). A word is found spelled after a
     space or bare (byte-level BPE and SentencePiece spell them apart), tokenised in place as the prompt is."""
-    blank = _kept(_token_ids(empty, key), key)
+    blank = _unpadded(_kept(_token_ids(empty, key), key))
 
     def start(ids):
         return next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
 
     def spell(text):
-        ids = _kept(_token_ids(clip.tokenize(text), key), key)
+        ids = _unpadded(_kept(_token_ids(clip.tokenize(text), key), key))
         at = start(ids)
         return ids[at:len(ids) - (len(blank) - at)]
 
