@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import bent_attention, tokens
+from .joint import _rope
 from .recompute import acting, recorder
 
 MOTIF_MODELS = {"MotifVideoTransformer3DModel": "motif"}
@@ -94,7 +94,7 @@ def motif_attention(session, site, attn, given, original):
         q = _heads(hidden, attn.to_q, attn.norm_q, attn.heads)
         k, v = _heads(text, attn.to_k, attn.norm_k, attn.heads), _heads(text, attn.to_v, None, attn.heads)
         if rotary is not None:
-            q = apply_rotary_emb(q, rotary, sequence_dim=1)
+            q = _rope(q, rotary)
     else:                                        # MotifVideoAttnProcessor2_0: [video; context]
         q, k, v = _joint_qkv(attn, hidden, context, rotary)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -117,7 +117,7 @@ def _joint_qkv(attn, hidden, context, rotary):
     q, k, v = (_heads(x, attn.to_q, attn.norm_q, attn.heads), _heads(x, attn.to_k, attn.norm_k, attn.heads),
                _heads(x, attn.to_v, None, attn.heads))
     if rotary is not None:
-        q, k = (torch.cat([apply_rotary_emb(t[:, :n_video], rotary, sequence_dim=1), t[:, n_video:]], 1)
+        q, k = (torch.cat([_rope(t[:, :n_video], rotary), t[:, n_video:]], 1)
                 for t in (q, k))
     if not single:
         q, k, v = (torch.cat([a, _heads(context, proj, norm, attn.heads)], 1) for a, proj, norm in (
