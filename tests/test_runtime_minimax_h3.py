@@ -170,3 +170,16 @@ def test_a_word_beyond_the_prompt_is_refused(minimax):
             model(**inputs, timestep=plans[0][0], timestep_indices=plans[0][1])
     finally:
         dh.remove(pipe)
+
+
+def test_phase_one_records_maps_and_leaves_the_output_bit_identical(minimax):
+    model, inputs, plans, pipe = minimax
+    session = dh.apply(pipe, {"bending": [ENTRY]}, phase=1)
+    session.token_indices, session.n_prompt = COLUMNS, PROMPT
+    try:
+        pipe.scheduler._step_index = 0
+        bent = model(**inputs, timestep=plans[0][0], timestep_indices=plans[0][1], return_dict=False)[0]
+    finally:
+        dh.remove(pipe)
+    assert torch.equal(bent, run(minimax))
+    assert [m["layer"] for m in session.maps] == [0, 1] and session.maps[0]["bent"].shape == (FRAMES, H, W)

@@ -192,3 +192,17 @@ def test_the_word_columns_are_the_pipelines_own_tokens():
     assert seen["prompt"] == "a kiss at sunset"
     assert tokenizer.convert_ids_to_tokens([ids[j] for j in columns]) == ["▁sun", "set"]
     assert ids[0] == tokenizer.bos_token_id and columns == [4, 5] and int(mask.sum()) == 6
+
+
+def test_phase_one_records_maps_and_leaves_the_output_bit_identical(motif):
+    """Phase 1: the processors' own computation reproduced exactly; a map per word, site and step."""
+    model, inputs, pipe = motif
+    session = dh.apply(pipe, {"bending": [ENTRY]}, phase=1)
+    session.token_indices = COLUMNS
+    try:
+        bent = model(**{k: v[:1] for k, v in inputs.items()}, timestep=pipe.scheduler.timesteps[:1],
+                     return_dict=False)[0]
+    finally:
+        dh.remove(pipe)
+    assert torch.equal(bent, run(motif, [0]))
+    assert [m["layer"] for m in session.maps] == [0, 0, 1, 1] and session.maps[0]["bent"].shape == (F_, H, W)

@@ -54,7 +54,9 @@ class _Blocks:
     def __init__(self, session, inner):
         self.session, self.inner = session, inner
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):             # only for what the instance lacks (deepcopy probes before __init__)
+        if name.startswith("__") or name in ("session", "inner"):
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, pipeline, state):
