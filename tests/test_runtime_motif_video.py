@@ -6,16 +6,18 @@ The reference is the model's processors with diffusers' attention dispatch repla
 video-query × valid-prompt-key block is bent by bending.bend_probs, rows renormalised over all keys: in the joint
 attentions ([video; image; text], the text keys after the image tokens) and in the cross-attentions (the text keys
 alone). Every bent call equals it; the decoder block, the negative call, strength 0 and steps outside the window are
-bit-identical; the words' columns are those of the pipeline's own tokenisation."""
+bit-identical; the words' columns are those of the pipeline's own tokenisation. End to end, MotifVideoPipeline (tiny
+T5Gemma 2 encoder, left padding, its guider's CFG as two calls) bends its prompt's calls at the columns it found."""
 
 import types
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, MotifVideoPipeline
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, MotifVideoPipeline
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.models.transformers import transformer_motif_video as tm
 from tokenizers import Tokenizer, models, normalizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, T5Gemma2Encoder, T5Gemma2EncoderConfig
 
 import comfy_standin_joint as cj
 from ckptbend.runtime import bending
@@ -206,3 +208,76 @@ def test_phase_one_records_maps_and_leaves_the_output_bit_identical(motif):
         dh.remove(pipe)
     assert torch.equal(bent, run(motif, [0]))
     assert [m["layer"] for m in session.maps] == [0, 0, 1, 1] and session.maps[0]["bent"].shape == (F_, H, W)
+
+
+def tiny_pipeline():
+    """MotifVideoPipeline with tiny seeded parts: a T5Gemma 2 encoder (1 layer) behind the Gemma-like tokenizer padding
+    on the left as Gemma's does, a Wan VAE (only its config is read for latents), CFG by its guider (two calls)."""
+    tokenizer = gemma_like_tokenizer()
+    tokenizer.padding_side = "left"
+    text = dict(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=16, dropout_rate=0.0,
+                layer_types=["full_attention"], pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        encoder = T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        boi_token_index=60, eoi_token_index=61,
+                                                        image_token_index=62)).eval()
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+                               latents_std=[1.0] * 4).eval()
+    config = {**CONFIG, "in_channels": 9, "image_embed_dim": None}        # [latents; condition; mask] channels
+    transformer = cj.seeded_transformer(tm.MotifVideoTransformer3DModel, config, 43)
+    pipe = MotifVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                              tokenizer=tokenizer, transformer=transformer, guider=ClassifierFreeGuidance(5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_pipeline_bends_the_prompts_call_at_the_encoded_columns(monkeypatch):
+    """MotifVideoPipeline end to end (2 steps, CFG as two calls, prompts left-padded to 8 tokens): the words are found
+    in the marked prompt through its encode_prompt; the prompt's calls equal the explicit bent softmax at those
+    columns (counted from the first valid token), the negative prompt's calls are the model's own."""
+    pipe = tiny_pipeline()
+    prompt, negative = "a kiss at {sunset}", "a lake"
+    run_args = dict(negative_prompt=negative, num_frames=5, height=2 * 8 * H, width=2 * 8 * W, num_inference_steps=2,
+                    max_sequence_length=8, output_type="latent")
+
+    def sample(text):
+        return pipe(text, generator=torch.Generator().manual_seed(0), **run_args).frames
+
+    plain = sample("a kiss at sunset")
+    session = dh.apply(pipe, {"bending": [ENTRY]})
+    try:
+        bent = sample(prompt)
+        columns = session.token_indices["sunset"]
+    finally:
+        dh.remove(pipe)
+    ids = pipe.tokenizer("a kiss at sunset")["input_ids"]             # <bos> a ▁kiss ▁at ▁sun set
+    assert columns == [4, 5] and pipe.tokenizer.convert_ids_to_tokens([ids[j] for j in columns]) == ["▁sun", "set"]
+    cond = pipe.encode_prompt("a kiss at sunset", max_sequence_length=8, device="cpu")[0]
+    spec = bending.BendSpec.from_dict({**ENTRY, "renormalize": "none"})
+    state = {}
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: state.update(cond=torch.equal(kw["encoder_hidden_states"], cond)), with_kwargs=True)
+
+    def attend(query, key, value, attn_mask=None, **kwargs):
+        q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if attn_mask is not None:                           # None: the decoder block (the video alone)
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if state["cond"] and attn_mask is not None:         # the prompt's keys: the valid ones, after the padding
+            first = k.shape[2] - 8
+            valid = torch.nonzero(attn_mask[0, 0, 0, first:]).flatten()
+            text = slice(first + int(valid[0]), first + int(valid[-1]) + 1)
+            probs = probs.clone()
+            probs[0, :, :N_VIDEO, text] = bending.bend_probs(probs[0, :, :N_VIDEO, text].contiguous(),
+                                                             {"sunset": [4, 5]}, (H, W), [spec], frames=F_)
+            probs[0, :, :N_VIDEO] /= probs[0, :, :N_VIDEO].sum(-1, keepdim=True)
+        return (probs @ v).transpose(1, 2).to(query.dtype)
+
+    monkeypatch.setattr(tm, "dispatch_attention_fn", attend)
+    torch.testing.assert_close(bent, sample("a kiss at sunset"), rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
