@@ -7,7 +7,7 @@ The reference is the model's processors with diffusers' attention dispatch repla
 target-video-query × prompt-key block is bent by bending.bend_probs, rows renormalised over all keys: every bent call
 equals it. The token refiner's calls (the text alone) are not bent; strength 0 and steps outside the window are
 bit-identical; the words' columns are those of the pipeline's own presentation, found through apply()'s wrapper of
-the modular pipeline's blocks."""
+the modular pipeline's blocks; in the pipeline's own denoising loop a step window bends its step's call only."""
 
 import types
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 from diffusers import MiniMaxH3Blocks, MiniMaxH3Scheduler
 from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep, MiniMaxH3SetTimestepsStep
+from diffusers.modular_pipelines.minimax_h3.denoise import MiniMaxH3DenoiseStep
 from diffusers.modular_pipelines.minimax_h3.encoders import MiniMaxH3Ref2VATextEncoderStep
-from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks
+from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks, SequentialPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import InputParam
 from diffusers.models.transformers import transformer_minimax_h3 as tm
 
@@ -153,7 +154,7 @@ def test_the_word_columns_are_the_pipelines_own_presentation(minimax):
         columns, n_prompt = session.token_indices["sunset"], session.n_prompt
     finally:
         dh.remove(pipe)
-    assert Prompted.seen == ["a romantic kiss at sunset"] and isinstance(pipe._blocks, Prompted)
+    assert Prompted.seen[-1] == "a romantic kiss at sunset" and isinstance(pipe._blocks, Prompted)
     ids, tags = MiniMaxH3Ref2VATextEncoderStep._build_presentation(
         tokenizer, "a romantic kiss at sunset", [types.SimpleNamespace(kind="audio", has_audio=True)], [], [], [])
     offset = len(ids) - n_prompt                           # the label's tokens come first
@@ -183,3 +184,45 @@ def test_phase_one_records_maps_and_leaves_the_output_bit_identical(minimax):
         dh.remove(pipe)
     assert torch.equal(bent, run(minimax))
     assert [m["layer"] for m in session.maps] == [0, 1] and session.maps[0]["bent"].shape == (FRAMES, H, W)
+
+
+def test_the_denoising_loop_bends_the_windows_step_at_the_words_columns(minimax, monkeypatch):
+    """MiniMax H3's own denoising loop (MiniMaxH3DenoiseStep: the transformer, then both schedulers' step, 3 steps)
+    behind a prompt block, in MiniMaxH3ModularPipeline: the marked prompt's words are found with its tokenizer, and
+    an entry windowed to step 1 bends the second model call only, as the explicit bent softmax at those columns."""
+    model, inputs, plans, _ = minimax
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"prompt": Prompted(), "denoise": MiniMaxH3DenoiseStep()})
+    pipe = blocks.init_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.tokenizer = cq.qwen_tokenizer()
+    fields = {k: inputs[k] for k in ("token_tags", "position_ids", "video_indices", "audio_indices", "text_indices")}
+
+    def sample(prompt):
+        video, audio = MiniMaxH3Scheduler(), MiniMaxH3Scheduler()
+        video.set_timesteps(4)
+        audio.set_timesteps(4)
+        pipe.update_components(transformer=model, scheduler=video, audio_scheduler=audio)
+        return pipe(prompt=prompt, timesteps=video.timesteps, latents=inputs["hidden_states"][0].clone(),
+                    audio_latents=inputs["audio_hidden_states"][0].clone(),
+                    prompt_embeds=inputs["encoder_hidden_states"], row_timestep_plan=plans,
+                    denoiser_input_fields=fields, audio_timesteps=audio.timesteps, num_condition_video_rows=N_COND,
+                    output="latents")
+
+    plain = sample("a kiss at sunset")
+    session = dh.apply(pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]})
+    try:
+        bent = sample("a kiss at {sunset}")
+        columns = session.token_indices["sunset"]
+    finally:
+        dh.remove(pipe)
+    assert columns == [3, 4] and session.n_prompt == PROMPT             # a Ġkiss Ġat Ġsun set
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1), with_kwargs=True)
+    real, bend = tm.dispatch_attention_fn, explicit_bent(ENTRY, [])
+    monkeypatch.setattr(tm, "dispatch_attention_fn", lambda *a, **kw: (bend if len(calls) == 2 else real)(*a, **kw))
+    monkeypatch.setitem(COLUMNS, "sunset", columns)
+    try:
+        torch.testing.assert_close(bent, sample("a kiss at sunset"), rtol=1e-4, atol=1e-5)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and (bent - plain).abs().max() > 1e-4
