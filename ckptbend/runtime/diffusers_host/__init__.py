@@ -23,6 +23,8 @@ bending.py; these modules only wire it in:
   mochi.py      Bending at Mochi's per-item [video; valid T5 tokens] joint attentions
   ideogram4.py  Bending at Ideogram 4's packed [padding; text; image] attentions (a text offset per item)
   flux3.py      Bending at Flux.3's joint single blocks over [text; image; references] (its modular pipeline)
+  motif_video.py Bending at Motif-Video's joint [video; context] attentions and text cross-attentions
+  minimax_h3.py Bending at MiniMax H3's packed self-attentions; the modular pipeline's prompt (its blocks wrapped)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

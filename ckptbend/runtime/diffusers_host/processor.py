@@ -12,7 +12,9 @@ from .joint import JOINT_MODELS, joint_attention
 from .hidream import HIDREAM_MODELS, hidream_attention, hidream_modules
 from .ideogram4 import IDEOGRAM4_MODELS, ideogram4_attention, ideogram4_modules
 from .krea2 import KREA2_MODELS, krea2_attention, krea2_modules
+from .minimax_h3 import MINIMAX_MODELS, minimax_attention, minimax_modules
 from .mochi import MOCHI_MODELS, mochi_attention, mochi_modules
+from .motif_video import MOTIF_MODELS, motif_attention, motif_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
@@ -45,10 +47,13 @@ def sites_of(model) -> list[Site]:
               **{n: hunyuan15_modules for n in HUNYUAN15_MODELS}, **{n: hidream_modules for n in HIDREAM_MODELS},
               **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS},
               **{n: mochi_modules for n in MOCHI_MODELS}, **{n: ideogram4_modules for n in IDEOGRAM4_MODELS},
-              **{n: flux3_modules for n in FLUX3_MODELS}}
+              **{n: flux3_modules for n in FLUX3_MODELS},
+              **{n: minimax_modules for n in MINIMAX_MODELS}}
     if type(model).__name__ in single:    # the families whose modules lists its attentions (ERNIE, Krea 2, Mochi, ...)
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
+    if type(model).__name__ in MOTIF_MODELS:        # joint attn and text cross_attn, both the block's layer
+        return [Site(n, m, False, None, layer, joint=True) for n, m, layer in motif_modules(model)]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
         return [Site(n, m, True, None, layer) for layer, (n, m) in enumerate(kandinsky5_modules(model))]
     if type(model).__name__ in JOINT_MODELS:
@@ -94,6 +99,10 @@ class Processor:
         given = self.signature.bind(attn, hidden_states, *args, **kwargs).arguments
         if session.kandinsky5:
             return kandinsky5_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.minimax:
+            return minimax_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.motif:
+            return motif_attention(session, self.site, attn, given, original)
         if self.site.joint and session.mochi:
             return mochi_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hidream:

@@ -7,6 +7,7 @@ import inspect
 
 from .. import tokens
 from .longcat_ovis import longcat_ovis_columns
+from . import motif_video
 
 
 def wrap_encode_prompt(session):
@@ -69,6 +70,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _ltx2_columns(session, arguments["prompt"])
     if getattr(session, "hidream", False):
         return _hidream_columns(session, arguments)
+    if getattr(session, "motif", False):
+        return motif_video.columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]

@@ -11,7 +11,7 @@ from .. import bending, sag, slothful
 from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_near,
                     step_of)
 from .joint import JOINT_MODELS
-from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, mochi, qwen21
+from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -27,7 +27,8 @@ NOT_REACHED = {
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
-            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3 and LTX-2's video stream")
+            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3 and "
+            "LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ def denoisers(pipe) -> list:
     """The models apply() wires: the UNet, else the transformer and, when present, transformer_2 (Wan 2.2
     A14B: high-noise and low-noise experts; either may be absent), each model once."""
     unet = getattr(pipe, "unet", None)
-    found = [unet] if unet is not None else [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    names = ("transformer", "transformer_2", "transformer_ref")        # MiniMax H3's ref2va partition: transformer_ref
+    found = [unet] if unet is not None else [getattr(pipe, n, None) for n in names]
     models = list({id(m): m for m in found if m is not None}.values())
     if not models:
         raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
@@ -146,6 +148,8 @@ class Session:
         self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
         self.ideogram4 = type(self.models[0]).__name__ in ideogram4.IDEOGRAM4_MODELS   # [pad; text; image] per item
         self.flux3 = type(self.models[0]).__name__ in flux3.FLUX3_MODELS     # [text; image; refs], modular pipeline
+        self.motif = type(self.models[0]).__name__ in motif_video.MOTIF_MODELS   # joint attn and cross_attn
+        self.minimax = type(self.models[0]).__name__ in minimax_h3.MINIMAX_MODELS   # one packed sequence, no CFG
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -165,6 +169,8 @@ class Session:
             flux3.wrap_text_encoder(self)
         if self.joint == "longcat" and self.entries and hasattr(self.pipe, "rewire_prompt"):
             wrap_rewrite(self)
+        if self.minimax:                      # a modular pipeline: its blocks find the words
+            minimax_h3.wrap_blocks(self)
 
     def _install_model(self, model):
         """One model's processors and its pre / post hooks (every model shares this session's state)."""
@@ -201,6 +207,9 @@ class Session:
             return None
         if self.flux3:
             self.call = flux3.describe(self, module, args, kwargs)
+            return None
+        if self.minimax:
+            self.call = minimax_h3.describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
@@ -243,6 +252,8 @@ class Session:
             hidream.describe(self.call, kwargs)
         if self.kandinsky5:
             kandinsky5.describe(self.call, module, x, kwargs)
+        if self.motif:
+            motif_video.describe(self.call, module, x, kwargs)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
@@ -254,7 +265,7 @@ class Session:
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
         # pipelines whose CFG runs two calls, no flag
-        separate = self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5
+        separate = self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5 or self.motif
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
