@@ -16,6 +16,8 @@ What the transformer sees as text:
 
 from __future__ import annotations
 
+import inspect
+
 from .. import tokens
 
 LONGCAT_OVIS_MODELS = {"LongCatImageTransformer2DModel": "longcat", "OvisImageTransformer2DModel": "ovis"}
@@ -79,11 +81,10 @@ def wrap_rewrite(session) -> None:
 
 
 def _longcat_ids(pipe, prompt, length) -> list[int]:
-    """LongCatImagePipeline._encode_prompt's tokens of one prompt, before padding."""
-    from diffusers.pipelines.longcat_image.pipeline_longcat_image import split_quotation
-
+    """LongCatImagePipeline._encode_prompt's tokens of one prompt, before padding (its module's own quote splitter:
+    the companion imports no diffusers)."""
     ids = []
-    for part, quoted in split_quotation(prompt):
+    for part, quoted in inspect.getmodule(type(pipe)).split_quotation(prompt):
         for piece in (part if quoted else [part]):
             ids += pipe.tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids[:length]
