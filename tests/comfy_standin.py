@@ -400,7 +400,11 @@ def cond(context) -> list[dict]:
 def _can_concat(a: dict, b: dict) -> bool:
     """ComfyUI batches two conditioning entries into one model call only if they have the same conds, each
     of the same shape apart from the context's length (CONDCrossAttn pads contexts; tests use one length)."""
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a if k != "c_crossattn")
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a if k != "c_crossattn") and \
+        all(torch.equal(a[k], b[k]) for k in CONSTANT_CONDS if k in a)
+
+
+CONSTANT_CONDS = ("num_tokens",)      # CONDConstant (Mochi's): entries batch only when their values are equal
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options):

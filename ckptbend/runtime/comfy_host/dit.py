@@ -47,8 +47,11 @@ def patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout
 
 def _tag_block(layer: int, previous):
     def replace(args, extra):
-        if "txt" in args and DIT_CALL in args["transformer_options"]:
-            args["transformer_options"][DIT_CALL]["text"] = args["txt"].shape[1]   # joint: the text length
+        if "txt" in args and DIT_CALL in args["transformer_options"]:      # joint: the text length
+            n_text = args["txt"].shape[1]
+            if "num_tokens" in args:                    # Mochi's blocks crop the text to its first num_tokens
+                n_text = min(n_text, int(args["num_tokens"]))
+            args["transformer_options"][DIT_CALL]["text"] = n_text
         tagged = {**args["transformer_options"], DIT_TAG: {"layer": layer, "calls": [0]}}
         args = {**args, "transformer_options": tagged}
         return previous(args, extra) if previous is not None else extra["original_block"](args)
@@ -155,6 +158,10 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             text, queries = slice(0, n_text), slice(n_text, n_text + n_image)
             if layout.kind == "qwen21":                  # the target image's queries alone
                 queries = slice(0, n_image)
+            if layout.kind == "mochi":                   # [video; text]
+                text, queries = slice(n_image, n_image + n_text), slice(0, n_image)
+            if layout.registers:                         # AuraFlow: [registers; text; image]
+                text = slice(layout.registers, n_text)
             if layout.kind == "hunyuan":                 # [(reference;) image; prompt; glyphs]
                 first = kh.shape[2] - n_text
                 text, queries = slice(first, first + call["prompt"]), slice(first - n_image, first)

@@ -16,10 +16,11 @@ class DiTLayout:
     of a block is the text attention, whether it is joint ([text; image] keys and queries), the patch
     (frames, rows, cols) and the tokenizer key of the text it attends to."""
 
-    def __init__(self, kind, blocks, text_call, joint, patch, text_key, pad=None):
+    def __init__(self, kind, blocks, text_call, joint, patch, text_key, pad=None, registers=0):
         self.kind, self.blocks, self.text_call, self.joint = kind, blocks, text_call, joint
         self.patch, self.text_key = patch, text_key
         self.pad = pad          # NextDiT: text and image tokens each padded to a multiple of it (Z-Image: 32)
+        self.registers = registers      # AuraFlow: learned register tokens before the text keys
 
 
 def dit_layout(diffusion_model) -> DiTLayout:
@@ -41,7 +42,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
     LTX-Video: Wan's shape with patch 1, call 1 (attn2) to T5 under the text mask. Krea 2 and
     Ideogram 4 (single stream over [text; image]; newest readable ComfyUI source): their loops tell a block neither
     by a "dit" replace nor by block_index, so the node counts their joint calls; Krea 2's Qwen3-VL tokens are kept by
-    Qwen-Image's rule, Ideogram 4's all."""
+    Qwen-Image's rule, Ideogram 4's all. Mochi: one joint attention per block over [video; the first num_tokens T5
+    tokens] (ComfyUI crops the padding). AuraFlow: double then single blocks over [8 register tokens; Pile-T5
+    tokens; image], the word's columns after the registers."""
     dm = diffusion_model
     name = type(dm).__name__
 
@@ -78,6 +81,15 @@ def dit_layout(diffusion_model) -> DiTLayout:
         raise ValueError("Attention Bending in ComfyUI does not reach Wan Animate 2: its blocks' self-attention "
                          "attends to the pose branch in one call per frame, so the text cross-attention is no fixed "
                          "call of a block")
+    if hasattr(dm, "blocks") and hasattr(dm, "t5_yproj"):                          # Mochi: [video; T5]
+        blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
+        return DiTLayout("mochi", blocks, 0, True, patch3(dm.patch_size), "t5xxl")
+    if hasattr(dm, "double_layers") and hasattr(dm, "register_tokens"):           # AuraFlow
+        n = len(dm.double_layers)
+        blocks = [("double_block", i, i) for i in range(n)]
+        blocks += [("single_block", i, n + i) for i in range(len(dm.single_layers))]
+        return DiTLayout("auraflow", blocks, 0, True, patch3(dm.patch_size), "pile_t5xl",
+                         registers=dm.register_tokens.shape[1])
     if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
@@ -110,7 +122,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
                      "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, Kandinsky 5, "
-                     "HiDream, Cosmos Predict2, LTX-Video, Krea 2, Ideogram 4, LongCat-Image and Ovis-Image; "
+                     "HiDream, Cosmos Predict2, LTX-Video, Krea 2, Ideogram 4, LongCat-Image, Ovis-Image, "
+                     "Mochi and AuraFlow; "
                      f"this model's diffusion_model is a {name}")
 
 
