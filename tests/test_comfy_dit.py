@@ -358,18 +358,18 @@ def test_joint_attention_bends_image_queries_against_text_keys(kind):
     assert torch.equal(again, plain)
 
 
-def test_hunyuan_video_is_refused_not_taken_for_flux():
+def test_hunyuan_video_is_not_taken_for_flux():
     """ComfyUI's HunyuanVideo has Flux's double_blocks / single_blocks, but its text goes through a token refiner
-    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: 1.0 (no ByT5 branch, Llama tokens) is
-    refused in one line (1.5 is reached: test_comfy_hunyuan.py)."""
+    (txt_in.individual_token_refiner) and its joint tokens are [image; text]: 1.0 (no ByT5 branch) attends to Llama
+    tokens (test_comfy_hunyuan_video.py; 1.5: test_comfy_hunyuan.py)."""
     from torch import nn
 
     model = nn.Module()
     model.double_blocks, model.single_blocks, model.patch_size = nn.ModuleList(), nn.ModuleList(), (1, 2, 2)
     model.txt_in = nn.Module()
     model.txt_in.individual_token_refiner = nn.Module()
-    with pytest.raises(ValueError, match="does not reach HunyuanVideo 1.0"):
-        comfy_host.dit_layout(model)
+    layout = comfy_host.dit_layout(model)
+    assert (layout.kind, layout.text_key) == ("hunyuan", comfy_host.tokens.HUNYUAN_KEY)
 
 
 def test_ltx2_is_refused_with_its_reason():

@@ -12,6 +12,7 @@ only wire it into ComfyUI's model-patch hooks:
   dit_layouts.py  per DiT family: where its text attention is, which call, its token layout (Wan, Flux.1/.2,
                   Chroma, SD3, Qwen-Image and 2.x, Z-Image / Lumina 2, HunyuanVideo 1.5, Krea 2, Ideogram 4)
   tokens.py  a word's text-token columns as ComfyUI's tokenizers and encoders produce them
+  hunyuan_video.py  HunyuanVideo 1.0's: the Llama 3 tokens its encoder keeps from its template
 
 
   SAG       attn1_replace at ("middle", 0, 0) keeps the unconditional chunk's attention

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .hidream import HIDREAM_KEY
 from .tokens import GEMMA2_KEY, IDEOGRAM4_KEY, KREA2_KEY, LONGCAT_KEY, OVIS_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
+from .tokens import HUNYUAN_KEY
 
 
 class DiTLayout:
@@ -33,7 +34,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
     told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
     Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
-    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask. Qwen-Image 2.x: one block-causal
+    tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask; HunyuanVideo 1.0 the same without
+    the glyphs, its text the Llama 3 tokens its encoder keeps (hunyuan_video.py). Qwen-Image 2.x: one block-causal
     sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
     bent. Kandinsky 5: Wan's shape, call 1 of a visual block its visual→text cross-attention (raster order), the
     Qwen2.5-VL tokens kept by Qwen-Image's template rule (ComfyUI's Kandinsky 5 encoder applies it). HiDream and
@@ -95,13 +97,11 @@ def dit_layout(diffusion_model) -> DiTLayout:
         image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
         return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
     if hasattr(dm, "double_blocks") and hasattr(getattr(dm, "txt_in", None), "individual_token_refiner"):
-        if getattr(dm, "byt5_in", None) is None:         # HunyuanVideo 1.0: no ByT5 glyph branch
-            raise ValueError("Attention Bending does not reach HunyuanVideo 1.0 (its text keys are Llama tokens cut "
-                             "from a template whose columns the node does not find yet); HunyuanVideo 1.5 is reached")
         n = len(dm.double_blocks)                       # HunyuanVideo 1.5: [image; Qwen2.5-VL prompt; ByT5 glyphs]
         blocks = [("double_block", i, i) for i in range(n)]
         blocks += [("single_block", i, n + i) for i in range(len(getattr(dm, "single_blocks", ())))]
-        return DiTLayout("hunyuan", blocks, 0, True, patch3(dm.patch_size), QWEN_KEY)
+        v1 = getattr(dm, "byt5_in", None) is None       # HunyuanVideo 1.0: [image; Llama 3 prompt], no glyphs
+        return DiTLayout("hunyuan", blocks, 0, True, patch3(dm.patch_size), HUNYUAN_KEY if v1 else QWEN_KEY)
     if hasattr(dm, "double_blocks"):                                                # Flux, Chroma, Flux.2
         n = len(dm.double_blocks)
         blocks = [("double_block", i, i) for i in range(n)]
@@ -121,7 +121,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks = [("double_block", i, i) for i in range(len(dm.joint_blocks))]
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
-                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo 1.5, Kandinsky 5, "
+                     "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo, Kandinsky 5, "
                      "HiDream, Cosmos Predict2, LTX-Video, Krea 2, Ideogram 4, LongCat-Image, Ovis-Image, "
                      "Mochi and AuraFlow; "
                      f"this model's diffusion_model is a {name}")

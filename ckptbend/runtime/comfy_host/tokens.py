@@ -44,7 +44,7 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
     except ValueError as e:
         raise ValueError(f"{e} in the bending prompt {text!r}; put the prompt you encode into the "
                          "node's bending_prompt, or change the entry's token") from None
-    offset = len(_token_ids(tokens, keys[0]))
+    offset = len(_token_ids(tokens, keys[0])) if len(keys) > 1 else 0
     for later in keys[1:]:
         if later not in tokens:
             break
@@ -63,6 +63,9 @@ def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, 
         return _qwen_columns(clip, words, tokens, empty, key)
     if key == LLAMA_KEY:                         # HiDream's Llama 3.1 tokens
         return llama_columns(clip, words, tokens, empty)
+    if key == HUNYUAN_KEY:                       # HunyuanVideo 1.0's Llama 3 tokens, cut by its template
+        from .hunyuan_video import llama_columns as hunyuan_columns
+        return hunyuan_columns(clip, words, tokens, empty, _token_ids)
     if key in WHOLE_TEXT_KEYS:
         return _whole_text_columns(clip, words, tokens, empty, key)
     if key in (LONGCAT_KEY, OVIS_KEY):
@@ -75,6 +78,10 @@ def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, 
         return [i for i in _token_ids(clip.tokenize(text), key) if i not in special]
 
     return bend_tokens.token_columns(words, prompt, bend_tokens.spelled_in(prompt, ids))     # T5: after punctuation too
+
+
+# HunyuanVideo 1.0's text key: ComfyUI's "llama" tokens (HiDream's key too), kept by its template rule (hunyuan_video.py)
+HUNYUAN_KEY = "llama (HunyuanVideo 1.0)"
 
 
 # Qwen-Image: ComfyUI's QwenImageTokenizer puts the prompt into the chat template (system prompt, then
