@@ -1,9 +1,9 @@
-"""bin/check-comfyui's mochi and auraflow checks: the node's Attention Bending on tiny random Mochi and AuraFlow
-models built by the real ComfyUI's own classes (comfy.supported_models), words found by its own tokenizers (Mochi's
-T5, AuraFlow's Pile-T5), sampled by comfy.sample with cfg. Every positive joint call's image queries equal the
-explicit bent softmax; the text queries and the negative rows are the backend's output bit for bit; strength 0 and a
-step window past the last step sample bit-identically. `h` is bin/check-comfyui's module (its random_model, node,
-recording, sample, ENTRY, PROMPT)."""
+"""bin/check-comfyui's mochi, auraflow and hunyuan-video checks: the node's Attention Bending on tiny random Mochi,
+AuraFlow and HunyuanVideo 1.0 models built by the real ComfyUI's own classes (comfy.supported_models), words found by
+its own tokenizers (Mochi's T5, AuraFlow's Pile-T5; HunyuanVideo's template code), sampled by comfy.sample with cfg.
+Every positive joint call's image queries equal the explicit bent softmax; the text queries and the negative rows
+are the backend's output bit for bit; strength 0 and a step window past the last step sample bit-identically. `h` is
+bin/check-comfyui's module (its random_model, node, recording, sample, ENTRY, PROMPT)."""
 
 import types
 
@@ -16,15 +16,16 @@ def _clip(tokenizer):
     return types.SimpleNamespace(tokenize=tokenizer.tokenize_with_weights)   # what comfy.sd.CLIP.tokenize does
 
 
-def _checker(entry, text, queries, grid, columns, seen):
-    """check() for h.recording: q, k, v arrive per head [B, heads, L, d] (both models pass skip_reshape)."""
+def _checker(entry, text, queries, grid, columns, seen, total):
+    """check() for h.recording: q, k, v arrive per head [B, heads, L, d] (the models pass skip_reshape); a call of
+    `total` tokens is joint."""
     frames, rows_, cols_ = grid
 
     def check(q, k, v, heads, out, plain, options, mask):
         chunks = options["cond_or_uncond"]
         per = q.shape[0] // len(chunks)
         rows = [c * per + i for c, kind in enumerate(chunks) if kind == 0 for i in range(per)]
-        if not rows:                                        # a negative-only call
+        if not rows or q.shape[2] != total:                 # a negative-only call; HunyuanVideo's token refiner
             assert torch.equal(out, plain)
             seen["plain"] += 1
             return
@@ -58,14 +59,14 @@ def _columns(h, clip, layout, piece):
     return columns
 
 
-def _bend(h, patcher, clip, run, layout, columns, text, queries, grid, bent_calls):
+def _bend(h, patcher, clip, run, layout, columns, text, queries, grid, bent_calls, total):
     """The common part: strength 0 and a window past the last step bit-identical, each call checked."""
     seen = {"bent": 0, "plain": 0, "batched": 0, "error": 0.0}
     base = run(patcher)
     assert torch.equal(run(h.node(patcher, {"bending": [h.ENTRY]}, clip, bend1_strength=0.0)), base)
     late = {**h.ENTRY, "apply_to_timesteps": [5, 9]}
     assert torch.equal(run(h.node(patcher, {"bending": [late]}, clip)), base)
-    check = _checker(h.ENTRY, text, queries, grid, columns, seen)
+    check = _checker(h.ENTRY, text, queries, grid, columns, seen, total)
     bent = run(h.recording(h.node(patcher, {"bending": [h.ENTRY]}, clip), check))
     change = float((bent - base).abs().max())
     print(f"  {layout.kind}: columns {columns}, largest change of the sample {change:.3g} "
@@ -109,7 +110,7 @@ def check_mochi(h):
                             [[uncond, {"attention_mask": masked(n_negative)}]], cfg=2.0)
 
         text, queries = slice(n_image, n_image + n_text), slice(0, n_image)
-        seen = _bend(h, patcher, clip, run, layout, columns, text, queries, grid, calls)
+        seen = _bend(h, patcher, clip, run, layout, columns, text, queries, grid, calls, n_image + n_text)
         assert seen["batched"] == (calls if n_negative == n_text else 0)
 
 
@@ -133,5 +134,52 @@ def check_auraflow(h):
     run = lambda m: h.sample(m, (1, 4, height, width), [[cond, {}]], [[uncond, {}]], cfg=2.0)   # noqa: E731
     registers = layout.registers
     seen = _bend(h, patcher, clip, run, layout, columns, slice(registers, registers + n_text),
-                 slice(registers + n_text, None), grid, 3 * 3)
+                 slice(registers + n_text, None), grid, 3 * 3, registers + n_text + grid[1] * grid[2])
     assert registers == 8 and seen["batched"] == 9
+
+
+def check_hunyuan_video(h):
+    """HunyuanVideo 1.0 (comfy.ldm.hunyuan_video without ByT5: 2 double and 1 single block, 2 heads × 16): [video;
+    the Llama 3 tokens kept]. The prompt is laid out by ComfyUI's own HunyuanVideoTokenizer (its template, its
+    weights parsing) over a Llama-3-like vocabulary (tests/comfy_standin_hunyuan_video.py: the Llama 3 vocabulary
+    file is not in the unpacked 0.3.64); which tokens the model sees is read from ComfyUI's own
+    HunyuanVideoClipModel.encode_token_weights run on token positions, independently of the node's rule."""
+    import comfy.supported_models
+    import comfy.text_encoders.hunyuan_video as hv
+    import comfy_standin_hunyuan_video as chv
+
+    class Llama:                                          # LlamaTokenizerFast.from_pretrained → the stand-in vocabulary
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            return chv.llama_tokenizer()
+
+    hv.LlamaTokenizerFast = Llama
+    tokenizer = hv.HunyuanVideoTokenizer()
+    clip = _clip(tokenizer)
+    tokens = clip.tokenize(h.PROMPT.replace("{", "").replace("}", ""))
+    ids = [t[0] for t in tokens["llama"][0]]
+    positions = torch.arange(len(ids), dtype=torch.float32).view(1, -1, 1)
+    encoder = types.SimpleNamespace(
+        llama=types.SimpleNamespace(encode_token_weights=lambda pairs: (positions, None, {
+            "attention_mask": torch.ones(1, len(ids))})),
+        clip_l=types.SimpleNamespace(encode_token_weights=lambda pairs: (None, None)))
+    seen_ids = [ids[int(p)] for p in hv.HunyuanVideoClipModel.encode_token_weights(encoder, tokens)[0][0, :, 0]]
+
+    patcher = h.random_model(comfy.supported_models.HunyuanVideo, {
+        "image_model": "hunyuan_video", "in_channels": 16, "patch_size": [1, 2, 2], "out_channels": 16,
+        "vec_in_dim": 32, "axes_dim": [4, 6, 6], "meanflow": False, "context_in_dim": 32, "hidden_size": 32,
+        "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True,
+        "byt5": False, "guidance_embed": False})
+    layout = comfy_host.dit_layout(patcher.model.diffusion_model)
+    columns = comfy_host.token_columns(clip, h.PROMPT, ["sunset"], layout.text_key)
+    assert tokenizer.llama.tokenizer.convert_ids_to_tokens([seen_ids[j] for j in columns["sunset"]]) == ["sunset"]
+    n_text, (frames, height, width) = len(seen_ids), (2, 8, 12)
+    grid = (frames, height // 2, width // 2)
+    n_image = grid[0] * grid[1] * grid[2]
+    cond, uncond = h.contexts(n_text, n_text, width=32)
+    pooled = {"pooled_output": torch.zeros(1, 32)}
+    run = lambda m: h.sample(m, (1, 16, frames, height, width), [[cond, dict(pooled)]],  # noqa: E731
+                             [[uncond, dict(pooled)]], cfg=2.0)
+    seen = _bend(h, patcher, clip, run, layout, columns, slice(n_image, n_image + n_text), slice(0, n_image), grid,
+                 3 * 3, n_image + n_text)
+    assert seen["batched"] == 9 and seen["plain"] == 2 * 3      # the token refiner's two blocks, each step
