@@ -138,15 +138,33 @@ def check_auraflow(h):
     assert registers == 8 and seen["batched"] == 9
 
 
+def _hunyuan_context(hv, tokenizer, prompt, **i2v):
+    """What the model's context holds, row by row, for `prompt` tokenised by ComfyUI's HunyuanVideoTokenizer (i2v: its
+    image-to-video template and image embeddings): ComfyUI's own HunyuanVideoClipModel.encode_token_weights run on
+    row labels, a token's id or None for an image embedding's rows."""
+    tokens = tokenizer.tokenize_with_weights(prompt, **i2v)
+    labels = []
+    for t in tokens["llama"][0]:
+        labels += [None] * t[0]["data"].shape[0] if isinstance(t[0], dict) else [t[0]]
+    rows = torch.arange(len(labels), dtype=torch.float32).view(1, -1, 1)
+    encoder = types.SimpleNamespace(
+        llama=types.SimpleNamespace(encode_token_weights=lambda pairs: (rows, None, {
+            "attention_mask": torch.ones(1, len(labels))})),
+        clip_l=types.SimpleNamespace(encode_token_weights=lambda pairs: (None, None)))
+    return [labels[int(r)] for r in hv.HunyuanVideoClipModel.encode_token_weights(encoder, tokens)[0][0, :, 0]]
+
+
 def check_hunyuan_video(h):
     """HunyuanVideo 1.0 (comfy.ldm.hunyuan_video without ByT5: 2 double and 1 single block, 2 heads × 16): [video;
     the Llama 3 tokens kept]. The prompt is laid out by ComfyUI's own HunyuanVideoTokenizer (its template, its
     weights parsing) over a Llama-3-like vocabulary (tests/comfy_standin_hunyuan_video.py: the Llama 3 vocabulary
     file is not in the unpacked 0.3.64); which tokens the model sees is read from ComfyUI's own
-    HunyuanVideoClipModel.encode_token_weights run on token positions, independently of the node's rule."""
+    HunyuanVideoClipModel.encode_token_weights, independently of the node's rule. Also as TextEncodeHunyuanVideo_
+    ImageToVideo encodes it: its template and 6 image embedding rows, interleave 2, whose 3 rows come first."""
     import comfy.supported_models
     import comfy.text_encoders.hunyuan_video as hv
     import comfy_standin_hunyuan_video as chv
+    from comfy_extras.nodes_hunyuan import PROMPT_TEMPLATE_ENCODE_VIDEO_I2V
 
     class Llama:                                          # LlamaTokenizerFast.from_pretrained → the stand-in vocabulary
         @staticmethod
@@ -156,15 +174,6 @@ def check_hunyuan_video(h):
     hv.LlamaTokenizerFast = Llama
     tokenizer = hv.HunyuanVideoTokenizer()
     clip = _clip(tokenizer)
-    tokens = clip.tokenize(h.PROMPT.replace("{", "").replace("}", ""))
-    ids = [t[0] for t in tokens["llama"][0]]
-    positions = torch.arange(len(ids), dtype=torch.float32).view(1, -1, 1)
-    encoder = types.SimpleNamespace(
-        llama=types.SimpleNamespace(encode_token_weights=lambda pairs: (positions, None, {
-            "attention_mask": torch.ones(1, len(ids))})),
-        clip_l=types.SimpleNamespace(encode_token_weights=lambda pairs: (None, None)))
-    seen_ids = [ids[int(p)] for p in hv.HunyuanVideoClipModel.encode_token_weights(encoder, tokens)[0][0, :, 0]]
-
     patcher = h.random_model(comfy.supported_models.HunyuanVideo, {
         "image_model": "hunyuan_video", "in_channels": 16, "patch_size": [1, 2, 2], "out_channels": 16,
         "vec_in_dim": 32, "axes_dim": [4, 6, 6], "meanflow": False, "context_in_dim": 32, "hidden_size": 32,
@@ -172,14 +181,23 @@ def check_hunyuan_video(h):
         "byt5": False, "guidance_embed": False})
     layout = comfy_host.dit_layout(patcher.model.diffusion_model)
     columns = comfy_host.token_columns(clip, h.PROMPT, ["sunset"], layout.text_key)
-    assert tokenizer.llama.tokenizer.convert_ids_to_tokens([seen_ids[j] for j in columns["sunset"]]) == ["sunset"]
-    n_text, (frames, height, width) = len(seen_ids), (2, 8, 12)
-    grid = (frames, height // 2, width // 2)
-    n_image = grid[0] * grid[1] * grid[2]
-    cond, uncond = h.contexts(n_text, n_text, width=32)
-    pooled = {"pooled_output": torch.zeros(1, 32)}
-    run = lambda m: h.sample(m, (1, 16, frames, height, width), [[cond, dict(pooled)]],  # noqa: E731
-                             [[uncond, dict(pooled)]], cfg=2.0)
-    seen = _bend(h, patcher, clip, run, layout, columns, slice(n_image, n_image + n_text), slice(0, n_image), grid,
-                 3 * 3, n_image + n_text)
-    assert seen["batched"] == 9 and seen["plain"] == 2 * 3      # the token refiner's two blocks, each step
+    text = h.PROMPT.replace("{", "").replace("}", "")
+    i2v = {"llama_template": PROMPT_TEMPLATE_ENCODE_VIDEO_I2V, "image_embeds": torch.zeros(1, 6, 32),
+           "image_interleave": 2}
+    for name, context in (("t2v", _hunyuan_context(hv, tokenizer, text)),
+                          ("i2v", _hunyuan_context(hv, tokenizer, text, **i2v))):
+        images = context.count(None)
+        assert context[:images] == [None] * images and (images == 3) == (name == "i2v")
+        prompt = context[images:]
+        assert tokenizer.llama.tokenizer.convert_ids_to_tokens([prompt[j] for j in columns["sunset"]]) == ["sunset"]
+        n_text, (frames, height, width) = len(context), (2, 8, 12)
+        grid = (frames, height // 2, width // 2)
+        n_image = grid[0] * grid[1] * grid[2]
+        cond, uncond = h.contexts(n_text, n_text, width=32)
+        pooled = {"pooled_output": torch.zeros(1, 32)}
+        run = lambda m: h.sample(m, (1, 16, frames, height, width), [[cond, dict(pooled)]],  # noqa: E731
+                                 [[uncond, dict(pooled)]], cfg=2.0)
+        print(f"  {name}: {images} image rows, then {len(prompt)} prompt tokens")
+        seen = _bend(h, patcher, clip, run, layout, columns, slice(n_image + images, n_image + n_text),
+                     slice(0, n_image), grid, 3 * 3, n_image + n_text)
+        assert seen["batched"] == 9 and seen["plain"] == 2 * 3      # the token refiner's two blocks, each step

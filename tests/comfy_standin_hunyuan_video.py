@@ -2,9 +2,9 @@
 
 - llama_tokenizer(): a word-level `tokenizers` tokenizer in PreTrainedTokenizerFast with Llama 3's special ids
   (<|begin_of_text|> 128000 put first, <|start_header_id|> 128006, <|end_header_id|> 128007, <|eot_id|> 128009,
-  "user" 882, the blank line "\\n\\n" 271, <pad> 128258): enough to lay out ComfyUI's HunyuanVideo template as the
-  real vocabulary does (the Llama 3 vocabulary is not in the unpacked ComfyUI 0.3.64). A word after a space and a
-  bare one are the same token here; the other template words are <unk>.
+  "user" 882, the blank line "\\n\\n" 271, <image> 128257, <pad> 128258): enough to lay out ComfyUI's HunyuanVideo
+  template as the real vocabulary does (the Llama 3 vocabulary is not in the unpacked ComfyUI 0.3.64). A word after
+  a space and a bare one are the same token here; the other template words are <unk>.
 - HunyuanVideoCLIP: tokenize() as ComfyUI's HunyuanVideoTokenizer: CLIP-L tokens under "l", the prompt put into its
   Llama template and tokenised whole under "llama" (one chunk, no padding: min_length 1).
 """
@@ -18,7 +18,7 @@ TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by
             "<|eot_id|>")      # ComfyUI's system text, shortened: its words are <unk> here either way
 WORDS = ("a", "romantic", "kiss", "at", "sunset", "lake", "system", "describe", "the", "video")
 SPECIAL = {"<|begin_of_text|>": 128000, "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
-           "<|eot_id|>": 128009, "<pad>": 128258}
+           "<|eot_id|>": 128009, "<image>": 128257, "<pad>": 128258}
 
 
 def llama_tokenizer():

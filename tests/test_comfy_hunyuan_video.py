@@ -39,9 +39,11 @@ def hunyuan():
     return model
 
 
-def conds(seed=1):
+def conds(seed=1, images=0):
+    """Positive and negative contexts; `images` tokens before the prompt's, as ComfyUI's encoder puts an
+    image-to-video prompt's image tokens."""
     g = torch.Generator().manual_seed(seed)
-    return [[{"c_crossattn": torch.randn(1, TEXT, 16, generator=g)}] for _ in range(2)]
+    return [[{"c_crossattn": torch.randn(1, images + TEXT, 16, generator=g)}] for _ in range(2)]
 
 
 def latent(seed=2):
@@ -77,16 +79,29 @@ def test_template_rule_as_comfyui_applies_it():
         kept([128000, 5, 6])
 
 
-def test_hunyuan_video_bends_the_video_queries_against_the_prompt_keys(hunyuan, clip):
+@pytest.mark.parametrize("images", [0, 5])
+def test_hunyuan_video_bends_the_video_queries_against_the_prompt_keys(hunyuan, clip, images):
+    """With image tokens before the prompt's (image-to-video), the word's keys are counted from the prompt's first
+    token: the prompt's tokens end the context."""
     sigmas, step, entries = hunyuan.schedule(3), 1, [ENTRY, GAIN]
     columns = comfy_host.token_columns(clip, PROMPT, ["sunset", "kiss"], comfy_host.tokens.HUNYUAN_KEY)
     hunyuan.record = []
-    cs.calc_cond_batch(hunyuan, conds(), latent(), sigmas[step:step + 1],
+    cs.calc_cond_batch(hunyuan, conds(images=images), latent(), sigmas[step:step + 1],
                        patched(hunyuan, clip, entries).sampling_options(sigmas))
     assert [c["cond_or_uncond"] for c in hunyuan.record] == [[1, 0]] * 2
-    changed, bent = check_calls(hunyuan.record, entries, columns, slice(N_VIDEO, N_VIDEO + TEXT), slice(0, N_VIDEO),
+    first = N_VIDEO + images
+    changed, bent = check_calls(hunyuan.record, entries, columns, slice(first, first + TEXT), slice(0, N_VIDEO),
                                 (F_, H, W), step)
     assert bent == 2 and changed > 1e-3
+
+
+def test_hunyuan_video_refuses_a_bending_prompt_longer_than_the_context(hunyuan, clip):
+    sigmas = hunyuan.schedule(3)
+    (positive,), _ = conds()
+    short = [[{"c_crossattn": positive["c_crossattn"][:, :TEXT - 2]}]] * 2
+    with pytest.raises(ValueError, match="the bending prompt has 6 tokens, the model sees 4"):
+        cs.calc_cond_batch(hunyuan, short, latent(), sigmas[:1],
+                           patched(hunyuan, clip, [ENTRY]).sampling_options(sigmas))
 
 
 def test_hunyuan_video_unbent_steps_and_zero_strength_sample_bit_identically(hunyuan, clip):

@@ -165,6 +165,11 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             if layout.kind == "hunyuan":                 # [(reference;) image; prompt; glyphs]
                 first = kh.shape[2] - n_text
                 text, queries = slice(first, first + call["prompt"]), slice(first - n_image, first)
+                if layout.prompt_tokens:                 # 1.0: [(image tokens;) prompt], the prompt's tokens last
+                    if layout.prompt_tokens > call["prompt"]:
+                        raise ValueError(f"Attention Bending: the bending prompt has {layout.prompt_tokens} tokens, "
+                                         f"the model sees {call['prompt']}; is bending_prompt the prompt you encode?")
+                    text = slice(text.stop - layout.prompt_tokens, text.stop)
             if layout.kind == "hidream":                 # [image; T5; Llama's last layer; the block's layer]
                 text, queries = slice(n_image, n_image + n_text), slice(0, n_image)
         else:

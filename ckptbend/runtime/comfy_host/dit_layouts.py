@@ -22,6 +22,7 @@ class DiTLayout:
         self.patch, self.text_key = patch, text_key
         self.pad = pad          # NextDiT: text and image tokens each padded to a multiple of it (Z-Image: 32)
         self.registers = registers      # AuraFlow: learned register tokens before the text keys
+        self.prompt_tokens = None       # HunyuanVideo 1.0: the prompt's kept Llama tokens, which end its context
 
 
 def dit_layout(diffusion_model) -> DiTLayout:

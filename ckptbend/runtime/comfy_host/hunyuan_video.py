@@ -42,3 +42,10 @@ def llama_columns(clip, words, tokens: Mapping, empty: Mapping, token_ids) -> di
 
     return bend_tokens.token_columns(words, kept(token_ids(tokens, LLAMA_KEY)),
                                      lambda word: bend_tokens.Alternatives((spell(" " + word), spell(word))))
+
+
+def prompt_tokens(clip, prompt: str, token_ids) -> int:
+    """How many of the prompt's Llama tokens the encoder keeps: they end the context, after any image tokens of an
+    image-to-video prompt (the encoder puts those first)."""
+    text, _marked = bend_tokens.parse_marked_prompt(prompt)
+    return len(kept(token_ids(clip.tokenize(text), LLAMA_KEY)))

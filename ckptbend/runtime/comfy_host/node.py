@@ -9,7 +9,7 @@ from .. import bending, sag, slothful
 from .common import step_counter
 from .dit import patch_bending_dit
 from .dit_layouts import dit_layout
-from .tokens import token_columns
+from .tokens import HUNYUAN_KEY, llama_prompt_tokens, token_columns
 from .unet import is_unet, patch_bending, patch_sag, patch_slothful
 
 CATEGORY = "ckptbend"
@@ -159,5 +159,7 @@ def _patch_one(model, dynamic: Mapping, values: Mapping, steps):
             dit = None if is_unet(m.model.diffusion_model) else dit_layout(m.model.diffusion_model)
             columns = token_columns(values["bending_clip"], values["bending_prompt"], [s.token for s in specs],
                                     None if dit is None else dit.text_key)
+            if dit is not None and dit.text_key == HUNYUAN_KEY:  # HunyuanVideo 1.0: image tokens may come first
+                dit.prompt_tokens = llama_prompt_tokens(values["bending_clip"], values["bending_prompt"])
             (patch_bending if dit is None else patch_bending_dit)(m, specs, columns, steps, *([dit] if dit else []))
     return m

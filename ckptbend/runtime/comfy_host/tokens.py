@@ -58,6 +58,12 @@ def token_columns(clip, prompt: str, words, key: str | tuple | None = None) -> d
     return found
 
 
+def llama_prompt_tokens(clip, prompt: str) -> int:
+    """HunyuanVideo 1.0: how many Llama tokens of the prompt its encoder keeps (hunyuan_video.py)."""
+    from .hunyuan_video import prompt_tokens
+    return prompt_tokens(clip, prompt, _token_ids)
+
+
 def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, list[int]]:
     if key in (QWEN_KEY, KREA2_KEY):
         return _qwen_columns(clip, words, tokens, empty, key)
