@@ -52,11 +52,18 @@ def _checker(entry, text, queries, grid, columns, seen, total):
 
 
 def _columns(h, clip, layout, piece):
-    """The node's columns of "sunset", checked independently: the tokens there spell the word."""
-    columns = comfy_host.token_columns(clip, h.PROMPT, ["sunset"], layout.text_key)
-    ids = [t[0] for t in clip.tokenize(h.PROMPT.replace("{", "").replace("}", ""))[layout.text_key][0]]
-    assert "".join(piece(ids[j]) for j in columns["sunset"]).replace("\u2581", "") == "sunset", columns
-    return columns
+    """The node's columns of "sunset", checked independently: the tokens there spell the word; so do the words of
+    check-comfyui's token prompts (emphasis, escapes, a long prompt, words right after punctuation)."""
+    def spelled(prompt, words):
+        columns = comfy_host.token_columns(clip, prompt, words, layout.text_key)
+        ids = [t[0] for t in clip.tokenize(prompt.replace("{", "").replace("}", ""))[layout.text_key][0]]
+        for word in words:
+            assert "".join(piece(ids[j]) for j in columns[word]).replace("\u2581", "") == word, (prompt, columns)
+        return columns
+
+    for prompt, words, _skip in h.TOKEN_PROMPTS:
+        spelled(prompt, words)
+    return spelled(h.PROMPT, ["sunset"])
 
 
 def _bend(h, patcher, clip, run, layout, columns, text, queries, grid, bent_calls, total):
