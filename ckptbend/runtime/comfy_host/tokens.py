@@ -86,7 +86,8 @@ def _columns_of(clip, words, tokens: Mapping, empty: Mapping, key) -> dict[str, 
     return bend_tokens.token_columns(words, prompt, bend_tokens.spelled_in(prompt, ids))     # T5: after punctuation too
 
 
-# HunyuanVideo 1.0's text key: ComfyUI's "llama" tokens (HiDream's key too), kept by its template rule (hunyuan_video.py)
+# HunyuanVideo 1.0's text key: ComfyUI's "llama" tokens (HiDream's key too), kept by its template rule
+# (hunyuan_video.py)
 HUNYUAN_KEY = "llama (HunyuanVideo 1.0)"
 
 
