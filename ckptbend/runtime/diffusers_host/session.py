@@ -12,6 +12,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
                     step_of)
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
+from . import sana
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -150,6 +151,7 @@ class Session:
         self.flux3 = type(self.models[0]).__name__ in flux3.FLUX3_MODELS     # [text; image; refs], modular pipeline
         self.motif = type(self.models[0]).__name__ in motif_video.MOTIF_MODELS   # joint attn and cross_attn
         self.minimax = type(self.models[0]).__name__ in minimax_h3.MINIMAX_MODELS   # one packed sequence, no CFG
+        self.sana = type(self.models[0]).__name__ in sana.SANA_MODELS            # Gemma 2 after an instruction
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False

@@ -1,0 +1,350 @@
+"""Attention Bending on the cross-attention families the generic path (cross.py, attn2) reaches: Sana, LTX-Video 1.0,
+SkyReels V2 and ChronoEdit, with diffusers' own classes, tiny and seeded.
+
+Sana and LTX-Video run through their real pipelines (SanaPipeline: Gemma 2 after its "complex human instruction",
+select_index, the padding masked; LTXPipeline: packed [b, frames·rows·cols, c] latents, T5 with its mask), CFG batched
+[negative; prompt]. SkyReels V2 and ChronoEdit (Wan blocks) are called as their pipelines call them: the prompt's and
+the negative's predictions in two calls (ChronoEdit: with CLIP image tokens before its 512 text tokens).
+
+The reference is each model's own processors with the attention call replaced, for the text keys, by an explicit
+softmax (the mask added) whose prompt item is bent by bending.bend_probs on the (frames, rows, cols) grid: every bent
+call equals it. Strength 0 and steps outside the window are bit-identical; so is the negative prediction."""
+
+import inspect
+import string
+import types
+
+import diffusers
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers import transformer_chronoedit, transformer_ltx, transformer_skyreels_v2
+
+from _pipelines import t5_encoder, t5_like_tokenizer
+from ckptbend.runtime import bending
+from ckptbend.runtime import diffusers_host as dh
+from ckptbend.synth import sana as synth_sana
+from ckptbend.synth import wan as synth_wan
+
+pytestmark = pytest.mark.usefixtures("one_thread_no_grad")
+ENTRY = {"token": "sunset", "mode": "translate", "translate_x": 0.5}
+PROMPT = "a romantic kiss at {sunset}"
+INSTRUCTION = inspect.signature(diffusers.SanaPipeline.__call__).parameters[
+    "complex_human_instruction"].default
+
+
+# --- the reference -------------------------------------------------------------------------------
+
+def explicit_bent(plain, n_text, columns, grid, frames, rows, heads_second=True, entry=ENTRY):
+    """The attention call replaced where the keys are the n_text text tokens: softmax(q·kᵀ·d^−½ + mask), the
+    batch items `rows` bent by bend_probs, times v. heads_second: torch's [b, heads, L, d] (else diffusers'
+    dispatch layout [b, L, heads, d])."""
+    spec = bending.BendSpec.from_dict(entry)
+
+    def attend(query, key, value, attn_mask=None, *args, **kwargs):
+        if key.shape[2 if heads_second else 1] != n_text:
+            return plain(query, key, value, attn_mask, *args, **kwargs)
+        q, k, v = (x if heads_second else x.transpose(1, 2) for x in (query, key, value))
+        logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        probs = torch.softmax(logits if attn_mask is None else logits + attn_mask.float(), dim=-1)
+        part = probs[rows]
+        probs[rows] = bending.bend_probs(part.reshape(-1, *part.shape[2:]), columns, grid, [spec],
+                                         frames=frames).view(part.shape)
+        out = (probs @ v.float()).to(q.dtype)
+        return out if heads_second else out.transpose(1, 2)
+
+    return attend
+
+
+def with_session(pipe, dynamic, run, columns=None, prompt=None):
+    """run() with bending applied (dynamic None: the plain pipeline); columns / prompt stand in for a pipeline's
+    encode_prompt where the test calls the model itself."""
+    if dynamic is not None:
+        session = dh.apply(pipe, dynamic)
+        if columns is not None:
+            session.token_indices, session.prompt_embeds = columns, prompt
+    try:
+        return run()
+    finally:
+        dh.remove(pipe)
+
+
+# --- Sana: SanaPipeline, Gemma 2 -----------------------------------------------------------------
+
+SANA_TEXT, SANA_GRID = 12, (4, 6)            # max_sequence_length; 128 × 192 pixels / 32 (no VAE)
+
+
+def gemma_like_tokenizer():
+    """Gemma's SentencePiece conventions offline: spaces become "▁" (no pre-tokenizer, no dummy prefix), <bos>
+    first, so a prompt's first word is bare ("a") and one after a space is not ("▁a"); "sunset" is "▁sun" "set".
+    The instruction's words are pieces too (its last line ends in a space: "▁" alone)."""
+    from tokenizers import Tokenizer, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w for line in INSTRUCTION for w in line.split(" ") if w} | {"a", "romantic", "kiss", "at", "sun", "red"}
+    chars = sorted(set("".join(INSTRUCTION) + string.ascii_letters + string.punctuation + "\n") - {" "}) + ["▁"]
+    pieces = [(t, 0.0) for t in ("<pad>", "<eos>", "<bos>", "<unk>")] + [(c, -10.0) for c in chars]
+    pieces += [("▁" + w, -1.0) for w in sorted(words)] + [(w, -1.5) for w in sorted(words) if w not in chars]
+    pieces += [("set", -1.5)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def sana():
+    """SanaPipeline: a Gemma 2 without layers (each position's output is its token's own: the columns can be read
+    back), the tiny Sana transformer, Sana's DPM-Solver flow scheduler, no VAE (latents out)."""
+    tokenizer = gemma_like_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        encoder = transformers_gemma2(len(tokenizer))
+        model = diffusers.SanaTransformer2DModel(**synth_sana.CONFIGS["sana"]).eval()
+    scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                      prediction_type="flow_prediction")
+    pipe = diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=model,
+                                  scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def transformers_gemma2(vocab):
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(vocab_size=vocab, hidden_size=24, intermediate_size=32, num_hidden_layers=0,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=12, pad_token_id=0)).eval()
+
+
+def sana_run(pipe, dynamic=None, prompt=PROMPT, outputs=None):
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
+    try:
+        return with_session(pipe, dynamic, lambda: pipe(
+            prompt=prompt if dynamic else dh.prompts.unmark(prompt), negative_prompt="", num_inference_steps=2,
+            height=128, width=192, max_sequence_length=SANA_TEXT, use_resolution_binning=False, output_type="latent",
+            generator=torch.Generator().manual_seed(0)).images)
+    finally:
+        hook.remove()
+
+
+def sana_word_columns(pipe, word, prompt=PROMPT):
+    """The columns of the encoded prompt (as the pipeline encodes it for the model) holding the word's pieces:
+    read back from the embeddings (the encoder has no layers)."""
+    embeds = pipe.encode_prompt(dh.prompts.unmark(prompt), do_classifier_free_guidance=False,
+                                max_sequence_length=SANA_TEXT, complex_human_instruction=INSTRUCTION)[0][0]
+    pieces = pipe.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    alone = pipe.text_encoder(torch.tensor([pieces]))[0][0]
+    hits = [j for j in range(embeds.shape[0]) if any(torch.equal(embeds[j], a) for a in alone)]
+    return hits
+
+
+def test_sana_word_columns_follow_the_pipelines_instruction_and_select_index(sana):
+    session = dh.apply(sana, {"bending": [ENTRY, {**ENTRY, "token": "a"}]})
+    try:
+        sana.encode_prompt(dh.prompts.unmark(PROMPT), max_sequence_length=SANA_TEXT,
+                           complex_human_instruction=INSTRUCTION, do_classifier_free_guidance=False)
+        found = session.token_indices
+    finally:
+        dh.remove(sana)
+    assert found["sunset"] == sana_word_columns(sana, "sunset") == [5, 6]
+    assert found["a"] == [1]                   # the prompt's "▁a", not the instruction's (column 0 is <bos>)
+    with pytest.raises(ValueError, match="not found"):                 # "cat": the instruction's word only
+        with_session(sana, {"bending": [{**ENTRY, "token": "cat"}]},
+                     lambda: sana.encode_prompt("a red sunset", max_sequence_length=SANA_TEXT,
+                                                complex_human_instruction=INSTRUCTION))
+
+
+def test_sana_every_bent_call_is_the_explicit_bent_softmax(sana, monkeypatch):
+    plain = sana_run(sana)
+    bent = sana_run(sana, {"bending": [ENTRY]})
+    monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_bent(
+        F.scaled_dot_product_attention, SANA_TEXT, {"sunset": [5, 6]}, SANA_GRID, None, [1]))
+    torch.testing.assert_close(bent, sana_run(sana), rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
+
+
+def test_sana_strength_zero_window_and_negative_prediction(sana):
+    plain_calls, bent_calls = [], []
+    plain = sana_run(sana, outputs=plain_calls)
+    assert torch.equal(sana_run(sana, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
+    assert torch.equal(sana_run(sana, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
+    sana_run(sana, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
+    assert torch.equal(bent_calls[0], plain_calls[0])                  # step 0: outside the window
+    assert torch.equal(bent_calls[1][0], plain_calls[1][0])            # step 1: the negative item as it was
+    assert not torch.equal(bent_calls[1][1], plain_calls[1][1])
+
+
+# --- LTX-Video 1.0: LTXPipeline, T5 ----------------------------------------------------------------
+
+LTX_TEXT, LTX_FRAMES, LTX_GRID = 8, 2, (4, 6)       # max_sequence_length; 9 frames → 2 latent frames of 4 × 6
+
+
+@pytest.fixture(scope="module")
+def ltx():
+    tokenizer = t5_like_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(13)
+        encoder = t5_encoder(tokenizer)
+        model = diffusers.LTXVideoTransformer3DModel(**{**synth_wan.ARCHES["ltx_video"][1],
+                                                        "caption_channels": 32}).eval()
+    pipe = diffusers.LTXPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                                 vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ltx_run(pipe, dynamic=None, outputs=None):
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
+    try:
+        return with_session(pipe, dynamic, lambda: pipe(
+            prompt=PROMPT if dynamic else dh.prompts.unmark(PROMPT), negative_prompt="a", num_inference_steps=2,
+            num_frames=9, height=128, width=192, max_sequence_length=LTX_TEXT, output_type="latent",
+            generator=torch.Generator().manual_seed(0)).frames)
+    finally:
+        hook.remove()
+
+
+def test_ltx_every_bent_call_is_the_explicit_bent_softmax(ltx, monkeypatch):
+    plain = ltx_run(ltx)
+    bent = ltx_run(ltx, {"bending": [ENTRY]})
+    monkeypatch.setattr(transformer_ltx, "dispatch_attention_fn", explicit_bent(
+        transformer_ltx.dispatch_attention_fn, LTX_TEXT, {"sunset": [4]}, LTX_GRID, LTX_FRAMES, [1], False))
+    torch.testing.assert_close(bent, ltx_run(ltx), rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
+
+
+def test_ltx_strength_zero_window_and_negative_prediction(ltx):
+    plain_calls, bent_calls = [], []
+    plain = ltx_run(ltx, outputs=plain_calls)
+    assert torch.equal(ltx_run(ltx, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
+    assert torch.equal(ltx_run(ltx, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
+    ltx_run(ltx, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
+    assert torch.equal(bent_calls[0], plain_calls[0])
+    assert torch.equal(bent_calls[1][0], plain_calls[1][0])
+    assert not torch.equal(bent_calls[1][1], plain_calls[1][1])
+
+
+# --- SkyReels V2 (SkyReelsV2Pipeline) and ChronoEdit: Wan blocks, CFG in two calls ------------------------------
+
+WAN_TEXT, WAN_FRAMES, WAN_GRID = 8, 2, (4, 6)   # SkyReels' max_sequence_length; 2 latent frames of 4 × 6 tokens
+
+
+@pytest.fixture(scope="module")
+def skyreels():
+    """SkyReelsV2Pipeline (text to video): T5, UniPC with flow sigmas as SkyReels V2 ships it, no fps input."""
+    from _pipelines import WAN_CONFIG
+
+    tokenizer = t5_like_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(17)
+        model = diffusers.SkyReelsV2Transformer3DModel(**{**WAN_CONFIG, "in_channels": 4, "out_channels": 4}).eval()
+        encoder = t5_encoder(tokenizer)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=8.0)
+    pipe = diffusers.SkyReelsV2Pipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=model, vae=vae,
+                                        scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    import diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2 as module
+    with pytest.MonkeyPatch.context() as mp:        # it calls the optional ftfy unchecked: the text as it is
+        if not hasattr(module, "ftfy"):
+            mp.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+        yield pipe
+
+
+def skyreels_run(pipe, dynamic=None, outputs=None):
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
+    try:
+        return with_session(pipe, dynamic, lambda: pipe(
+            prompt=PROMPT if dynamic else dh.prompts.unmark(PROMPT), negative_prompt="a", num_inference_steps=2,
+            num_frames=5, height=64, width=96, max_sequence_length=WAN_TEXT, output_type="latent",
+            generator=torch.Generator().manual_seed(0)).frames)
+    finally:
+        hook.remove()
+
+
+def test_skyreels_every_bent_call_is_the_explicit_bent_softmax(skyreels, monkeypatch):
+    plain = skyreels_run(skyreels)
+    bent = skyreels_run(skyreels, {"bending": [ENTRY]})
+    calls, original = [], transformer_skyreels_v2.dispatch_attention_fn     # the reference bends the prompt's calls
+    explicit = explicit_bent(original, WAN_TEXT, {"sunset": [4]}, WAN_GRID,
+                             WAN_FRAMES, [0], False)
+
+    def attend(query, key, value, *args, **kwargs):
+        conditional = len(calls) % 2 == 0
+        call = explicit if conditional else original        # the first of each step's two calls: the prompt's
+        return call(query, key, value, *args, **kwargs)
+
+    hook = skyreels.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
+    monkeypatch.setattr(transformer_skyreels_v2, "dispatch_attention_fn", attend)
+    try:
+        expected = skyreels_run(skyreels)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
+
+
+def test_skyreels_strength_zero_window_and_negative_prediction(skyreels):
+    plain_calls, bent_calls = [], []
+    plain = skyreels_run(skyreels, outputs=plain_calls)
+    assert torch.equal(skyreels_run(skyreels, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
+    assert torch.equal(skyreels_run(skyreels, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
+    skyreels_run(skyreels, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
+    assert [torch.equal(b, p) for b, p in zip(bent_calls, plain_calls)] == [True, True, False, True]
+
+
+CHRONO = synth_wan.ARCHES["wan21_i2v"][1]           # Wan 2.1 I2V's blocks: text cross-attention + CLIP image keys
+
+
+@pytest.fixture(scope="module")
+def chronoedit():
+    with torch.random.fork_rng():
+        torch.manual_seed(19)
+        model = diffusers.ChronoEditTransformer3DModel(**CHRONO).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(1, CHRONO["in_channels"], WAN_FRAMES, 8, 12, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 3, CHRONO["image_dim"], generator=g))
+    texts = torch.randn(2, 512, CHRONO["text_dim"], generator=g)      # the prompt's, the negative's: 512 each
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    scheduler.set_timesteps(2)
+    pipe = types.SimpleNamespace(transformer=model, scheduler=scheduler, do_classifier_free_guidance=True)
+    return pipe, inputs, texts
+
+
+def chrono_run(chronoedit, dynamic=None, step=0):
+    """ChronoEditPipeline's step: the prompt's call, then the negative's, the same image tokens."""
+    pipe, inputs, texts = chronoedit
+    t = pipe.scheduler.timesteps[step:step + 1]
+
+    def run():
+        return [pipe.transformer(**inputs, encoder_hidden_states=text[None], timestep=t, return_dict=False)[0]
+                for text in texts]
+
+    return with_session(pipe, dynamic, run, {"sunset": [2, 3]}, texts[:1])
+
+
+def test_chronoedit_every_bent_call_is_the_explicit_bent_softmax(chronoedit, monkeypatch):
+    plain = chrono_run(chronoedit)
+    bent = chrono_run(chronoedit, {"bending": [ENTRY]})
+    assert torch.equal(bent[1], plain[1])                               # the negative prediction
+    pipe, inputs, texts = chronoedit
+    monkeypatch.setattr(transformer_chronoedit, "dispatch_attention_fn", explicit_bent(
+        transformer_chronoedit.dispatch_attention_fn, 512, {"sunset": [2, 3]}, WAN_GRID, WAN_FRAMES, [0], False))
+    expected = pipe.transformer(**inputs, encoder_hidden_states=texts[:1], timestep=pipe.scheduler.timesteps[:1],
+                                return_dict=False)[0]
+    torch.testing.assert_close(bent[0], expected, rtol=1e-4, atol=1e-5)
+    assert (bent[0] - plain[0]).abs().max() > 1e-4
+
+
+def test_chronoedit_strength_zero_and_outside_the_step_window_are_bit_identical(chronoedit):
+    plain = chrono_run(chronoedit, step=1)
+    for entry in ({**ENTRY, "strength": 0.0}, {**ENTRY, "apply_to_timesteps": [0, 0]}):
+        assert all(torch.equal(b, p) for b, p in zip(chrono_run(chronoedit, {"bending": [entry]}, step=1), plain))
+    assert not torch.equal(chrono_run(chronoedit, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, 1)[0],
+                           plain[0])
