@@ -348,3 +348,55 @@ def test_chronoedit_strength_zero_and_outside_the_step_window_are_bit_identical(
         assert all(torch.equal(b, p) for b, p in zip(chrono_run(chronoedit, {"bending": [entry]}, step=1), plain))
     assert not torch.equal(chrono_run(chronoedit, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, 1)[0],
                            plain[0])
+
+
+# --- the calls refused --------------------------------------------------------------------------------------
+
+def test_ltx_a_call_without_its_grid_is_refused(ltx):
+    """LTXConditionPipeline calls the model with video_coords and no num_frames / height / width, its conditioning
+    tokens appended (here 2 to a 2 × 4 × 6 grid): no grid to place a word's map on, named or not."""
+    g = torch.Generator().manual_seed(4)
+    call = dict(hidden_states=torch.randn(1, 50, 8, generator=g), encoder_attention_mask=torch.ones(1, 4),
+                encoder_hidden_states=torch.randn(1, 4, 32, generator=g), timestep=torch.tensor([500.0]))
+    for grid in (dict(video_coords=torch.rand(1, 3, 50)), dict(num_frames=2, height=4, width=6)):
+        with pytest.raises(ValueError, match="gives no num_frames / height / width matching its tokens"):
+            with_session(ltx, {"bending": [ENTRY]}, lambda: ltx.transformer(**call, **grid), {"sunset": [2]}, None)
+
+
+@pytest.fixture(scope="module")
+def forcing():
+    """SkyReels V2's diffusion-forcing model (fps embedding): a call with a timestep per latent frame."""
+    config = synth_wan.ARCHES["skyreels_v2"][1]
+    with torch.random.fork_rng():
+        torch.manual_seed(23)
+        model = diffusers.SkyReelsV2Transformer3DModel(**config).eval()
+    g = torch.Generator().manual_seed(6)
+    inputs = dict(hidden_states=torch.randn(1, 4, WAN_FRAMES, 8, 12, generator=g), fps=[1],
+                  encoder_hidden_states=torch.randn(1, 5, config["text_dim"], generator=g),
+                  enable_diffusion_forcing=True)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    scheduler.set_timesteps(2)
+    return types.SimpleNamespace(transformer=model, scheduler=scheduler), inputs
+
+
+def forcing_run(forcing, timestep, dynamic=None):
+    pipe, inputs = forcing
+    return with_session(pipe, dynamic, lambda: pipe.transformer(**inputs, timestep=timestep, return_dict=False)[0],
+                        {"sunset": [2, 3]}, None)
+
+
+def test_skyreels_diffusion_forcing_bends_and_refuses_a_step_window_over_mixed_steps(forcing, monkeypatch):
+    steps = forcing[0].scheduler.timesteps
+    mixed = steps[None]                                  # frame 0 at step 0, frame 1 at step 1
+    with pytest.raises(ValueError, match="different steps"):
+        forcing_run(forcing, mixed, {"bending": [{**ENTRY, "apply_to_timesteps": [0, 1]}]})
+    same = torch.stack([steps[1], steps[1]])[None]
+    plain = forcing_run(forcing, same)
+    assert torch.equal(forcing_run(forcing, same, {"bending": [{**ENTRY, "apply_to_timesteps": [0, 0]}]}), plain)
+    bent = forcing_run(forcing, mixed, {"bending": [ENTRY]})          # no window: every frame's queries bent
+    unbent = forcing_run(forcing, mixed, {"bending": [{**ENTRY, "strength": 0.0}]})
+    monkeypatch.setattr(transformer_skyreels_v2, "dispatch_attention_fn", explicit_bent(
+        transformer_skyreels_v2.dispatch_attention_fn, 5, {"sunset": [2, 3]}, WAN_GRID, WAN_FRAMES, [0], False))
+    expected = forcing_run(forcing, mixed)
+    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
+    assert (bent - unbent).abs().max() > 1e-3

@@ -12,7 +12,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
                     step_of)
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
-from . import sana
+from . import ltx_video, sana, skyreels
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -215,6 +215,9 @@ class Session:
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
+        if self.entries:                      # calls whose grid or step is not one: refused
+            ltx_video.check(module, x, kwargs)
+            skyreels.check(module, self.entries, kwargs, t)
         # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
         # tokens' t is the largest (every other model passes one t for the whole call).
         t_dtype = torch.as_tensor(t).dtype
