@@ -28,8 +28,8 @@ NOT_REACHED = {
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
-            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3 and "
-            "LTX-2's video stream")
+            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3, Sana, LTX-Video, "
+            "SkyReels V2, ChronoEdit and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
