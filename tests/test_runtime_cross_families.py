@@ -29,6 +29,8 @@ from ckptbend.synth import wan as synth_wan
 pytestmark = pytest.mark.usefixtures("one_thread_no_grad")
 ENTRY = {"token": "sunset", "mode": "translate", "translate_x": 0.5}
 PROMPT = "a romantic kiss at {sunset}"
+GRID, FRAMES = (4, 6), 2      # every call's token grid (Sana: 128 × 192 pixels / 32, no VAE); video: 2 latent frames
+SANA_TEXT, T5_TEXT = 12, 8    # max_sequence_length: Sana's Gemma 2, LTX-Video's and SkyReels V2's T5
 INSTRUCTION = inspect.signature(diffusers.SanaPipeline.__call__).parameters[
     "complex_human_instruction"].default
 
@@ -69,9 +71,43 @@ def with_session(pipe, dynamic, run, columns=None, prompt=None):
         dh.remove(pipe)
 
 
-# --- Sana: SanaPipeline, Gemma 2 -----------------------------------------------------------------
+PIPE_ARGS = {"SanaPipeline": dict(negative_prompt="", height=128, width=192, max_sequence_length=SANA_TEXT,
+                                   use_resolution_binning=False),
+             "LTXPipeline": dict(negative_prompt="a", num_frames=9, height=128, width=192, max_sequence_length=T5_TEXT),
+             "SkyReelsV2Pipeline": dict(negative_prompt="a", num_frames=5, height=64, width=96,
+                                        max_sequence_length=T5_TEXT)}
 
-SANA_TEXT, SANA_GRID = 12, (4, 6)            # max_sequence_length; 128 × 192 pixels / 32 (no VAE)
+
+def pipe_run(pipe, dynamic=None, outputs=None):
+    """The pipeline's latents for PROMPT (2 steps); outputs: each model call's prediction appended."""
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
+    try:
+        result = with_session(pipe, dynamic, lambda: pipe(
+            prompt=PROMPT if dynamic else dh.prompts.unmark(PROMPT), num_inference_steps=2, output_type="latent",
+            generator=torch.Generator().manual_seed(0), **PIPE_ARGS[type(pipe).__name__]))
+        return result.images if hasattr(result, "images") else result.frames
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("family", ["sana", "ltx", "skyreels"])
+def test_strength_zero_the_step_window_and_the_negative_prediction(family, request):
+    """Strength 0 and a window past the run: bit-identical. A window on step 1: step 0 and the negative prediction
+    bit-identical (Sana, LTX: the first item of each batched call; SkyReels: the second call of each step)."""
+    pipe, plain_calls, bent_calls = request.getfixturevalue(family), [], []
+    plain = pipe_run(pipe, outputs=plain_calls)
+    assert torch.equal(pipe_run(pipe, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
+    assert torch.equal(pipe_run(pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
+    pipe_run(pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
+    if family == "skyreels":
+        assert [torch.equal(b, p) for b, p in zip(bent_calls, plain_calls)] == [True, True, False, True]
+    else:
+        assert torch.equal(bent_calls[0], plain_calls[0]) and torch.equal(bent_calls[1][0], plain_calls[1][0])
+        assert not torch.equal(bent_calls[1][1], plain_calls[1][1])
+
+
+# --- Sana: SanaPipeline, Gemma 2 -----------------------------------------------------------------
 
 
 def gemma_like_tokenizer():
@@ -117,18 +153,6 @@ def transformers_gemma2(vocab):
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=12, pad_token_id=0)).eval()
 
 
-def sana_run(pipe, dynamic=None, prompt=PROMPT, outputs=None):
-    hook = pipe.transformer.register_forward_hook(
-        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
-    try:
-        return with_session(pipe, dynamic, lambda: pipe(
-            prompt=prompt if dynamic else dh.prompts.unmark(prompt), negative_prompt="", num_inference_steps=2,
-            height=128, width=192, max_sequence_length=SANA_TEXT, use_resolution_binning=False, output_type="latent",
-            generator=torch.Generator().manual_seed(0)).images)
-    finally:
-        hook.remove()
-
-
 def sana_word_columns(pipe, word, prompt=PROMPT):
     """The columns of the encoded prompt (as the pipeline encodes it for the model) holding the word's pieces:
     read back from the embeddings (the encoder has no layers)."""
@@ -157,28 +181,15 @@ def test_sana_word_columns_follow_the_pipelines_instruction_and_select_index(san
 
 
 def test_sana_every_bent_call_is_the_explicit_bent_softmax(sana, monkeypatch):
-    plain = sana_run(sana)
-    bent = sana_run(sana, {"bending": [ENTRY]})
+    plain = pipe_run(sana)
+    bent = pipe_run(sana, {"bending": [ENTRY]})
     monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_bent(
-        F.scaled_dot_product_attention, SANA_TEXT, {"sunset": [5, 6]}, SANA_GRID, None, [1]))
-    torch.testing.assert_close(bent, sana_run(sana), rtol=1e-4, atol=1e-5)
+        F.scaled_dot_product_attention, SANA_TEXT, {"sunset": [5, 6]}, GRID, None, [1]))
+    torch.testing.assert_close(bent, pipe_run(sana), rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3
 
 
-def test_sana_strength_zero_window_and_negative_prediction(sana):
-    plain_calls, bent_calls = [], []
-    plain = sana_run(sana, outputs=plain_calls)
-    assert torch.equal(sana_run(sana, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
-    assert torch.equal(sana_run(sana, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
-    sana_run(sana, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
-    assert torch.equal(bent_calls[0], plain_calls[0])                  # step 0: outside the window
-    assert torch.equal(bent_calls[1][0], plain_calls[1][0])            # step 1: the negative item as it was
-    assert not torch.equal(bent_calls[1][1], plain_calls[1][1])
-
-
 # --- LTX-Video 1.0: LTXPipeline, T5 ----------------------------------------------------------------
-
-LTX_TEXT, LTX_FRAMES, LTX_GRID = 8, 2, (4, 6)       # max_sequence_length; 9 frames → 2 latent frames of 4 × 6
 
 
 @pytest.fixture(scope="module")
@@ -195,41 +206,16 @@ def ltx():
     return pipe
 
 
-def ltx_run(pipe, dynamic=None, outputs=None):
-    hook = pipe.transformer.register_forward_hook(
-        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
-    try:
-        return with_session(pipe, dynamic, lambda: pipe(
-            prompt=PROMPT if dynamic else dh.prompts.unmark(PROMPT), negative_prompt="a", num_inference_steps=2,
-            num_frames=9, height=128, width=192, max_sequence_length=LTX_TEXT, output_type="latent",
-            generator=torch.Generator().manual_seed(0)).frames)
-    finally:
-        hook.remove()
-
-
 def test_ltx_every_bent_call_is_the_explicit_bent_softmax(ltx, monkeypatch):
-    plain = ltx_run(ltx)
-    bent = ltx_run(ltx, {"bending": [ENTRY]})
+    plain = pipe_run(ltx)
+    bent = pipe_run(ltx, {"bending": [ENTRY]})
     monkeypatch.setattr(transformer_ltx, "dispatch_attention_fn", explicit_bent(
-        transformer_ltx.dispatch_attention_fn, LTX_TEXT, {"sunset": [4]}, LTX_GRID, LTX_FRAMES, [1], False))
-    torch.testing.assert_close(bent, ltx_run(ltx), rtol=1e-4, atol=1e-5)
+        transformer_ltx.dispatch_attention_fn, T5_TEXT, {"sunset": [4]}, GRID, FRAMES, [1], False))
+    torch.testing.assert_close(bent, pipe_run(ltx), rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3
 
 
-def test_ltx_strength_zero_window_and_negative_prediction(ltx):
-    plain_calls, bent_calls = [], []
-    plain = ltx_run(ltx, outputs=plain_calls)
-    assert torch.equal(ltx_run(ltx, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
-    assert torch.equal(ltx_run(ltx, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
-    ltx_run(ltx, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
-    assert torch.equal(bent_calls[0], plain_calls[0])
-    assert torch.equal(bent_calls[1][0], plain_calls[1][0])
-    assert not torch.equal(bent_calls[1][1], plain_calls[1][1])
-
-
 # --- SkyReels V2 (SkyReelsV2Pipeline) and ChronoEdit: Wan blocks, CFG in two calls ------------------------------
-
-WAN_TEXT, WAN_FRAMES, WAN_GRID = 8, 2, (4, 6)   # SkyReels' max_sequence_length; 2 latent frames of 4 × 6 tokens
 
 
 @pytest.fixture(scope="module")
@@ -256,24 +242,12 @@ def skyreels():
         yield pipe
 
 
-def skyreels_run(pipe, dynamic=None, outputs=None):
-    hook = pipe.transformer.register_forward_hook(
-        lambda module, args, out: outputs.append(out[0].clone()) if outputs is not None else None)
-    try:
-        return with_session(pipe, dynamic, lambda: pipe(
-            prompt=PROMPT if dynamic else dh.prompts.unmark(PROMPT), negative_prompt="a", num_inference_steps=2,
-            num_frames=5, height=64, width=96, max_sequence_length=WAN_TEXT, output_type="latent",
-            generator=torch.Generator().manual_seed(0)).frames)
-    finally:
-        hook.remove()
-
-
 def test_skyreels_every_bent_call_is_the_explicit_bent_softmax(skyreels, monkeypatch):
-    plain = skyreels_run(skyreels)
-    bent = skyreels_run(skyreels, {"bending": [ENTRY]})
+    plain = pipe_run(skyreels)
+    bent = pipe_run(skyreels, {"bending": [ENTRY]})
     calls, original = [], transformer_skyreels_v2.dispatch_attention_fn     # the reference bends the prompt's calls
-    explicit = explicit_bent(original, WAN_TEXT, {"sunset": [4]}, WAN_GRID,
-                             WAN_FRAMES, [0], False)
+    explicit = explicit_bent(original, T5_TEXT, {"sunset": [4]}, GRID,
+                             FRAMES, [0], False)
 
     def attend(query, key, value, *args, **kwargs):
         conditional = len(calls) % 2 == 0
@@ -283,20 +257,11 @@ def test_skyreels_every_bent_call_is_the_explicit_bent_softmax(skyreels, monkeyp
     hook = skyreels.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
     monkeypatch.setattr(transformer_skyreels_v2, "dispatch_attention_fn", attend)
     try:
-        expected = skyreels_run(skyreels)
+        expected = pipe_run(skyreels)
     finally:
         hook.remove()
     torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3
-
-
-def test_skyreels_strength_zero_window_and_negative_prediction(skyreels):
-    plain_calls, bent_calls = [], []
-    plain = skyreels_run(skyreels, outputs=plain_calls)
-    assert torch.equal(skyreels_run(skyreels, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
-    assert torch.equal(skyreels_run(skyreels, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
-    skyreels_run(skyreels, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
-    assert [torch.equal(b, p) for b, p in zip(bent_calls, plain_calls)] == [True, True, False, True]
 
 
 CHRONO = synth_wan.ARCHES["wan21_i2v"][1]           # Wan 2.1 I2V's blocks: text cross-attention + CLIP image keys
@@ -308,7 +273,7 @@ def chronoedit():
         torch.manual_seed(19)
         model = diffusers.ChronoEditTransformer3DModel(**CHRONO).eval()
     g = torch.Generator().manual_seed(2)
-    inputs = dict(hidden_states=torch.randn(1, CHRONO["in_channels"], WAN_FRAMES, 8, 12, generator=g),
+    inputs = dict(hidden_states=torch.randn(1, CHRONO["in_channels"], FRAMES, 8, 12, generator=g),
                   encoder_hidden_states_image=torch.randn(1, 3, CHRONO["image_dim"], generator=g))
     texts = torch.randn(2, 512, CHRONO["text_dim"], generator=g)      # the prompt's, the negative's: 512 each
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
@@ -335,7 +300,7 @@ def test_chronoedit_every_bent_call_is_the_explicit_bent_softmax(chronoedit, mon
     assert torch.equal(bent[1], plain[1])                               # the negative prediction
     pipe, inputs, texts = chronoedit
     monkeypatch.setattr(transformer_chronoedit, "dispatch_attention_fn", explicit_bent(
-        transformer_chronoedit.dispatch_attention_fn, 512, {"sunset": [2, 3]}, WAN_GRID, WAN_FRAMES, [0], False))
+        transformer_chronoedit.dispatch_attention_fn, 512, {"sunset": [2, 3]}, GRID, FRAMES, [0], False))
     expected = pipe.transformer(**inputs, encoder_hidden_states=texts[:1], timestep=pipe.scheduler.timesteps[:1],
                                 return_dict=False)[0]
     torch.testing.assert_close(bent[0], expected, rtol=1e-4, atol=1e-5)
@@ -371,7 +336,7 @@ def forcing():
         torch.manual_seed(23)
         model = diffusers.SkyReelsV2Transformer3DModel(**config).eval()
     g = torch.Generator().manual_seed(6)
-    inputs = dict(hidden_states=torch.randn(1, 4, WAN_FRAMES, 8, 12, generator=g), fps=[1],
+    inputs = dict(hidden_states=torch.randn(1, 4, FRAMES, 8, 12, generator=g), fps=[1],
                   encoder_hidden_states=torch.randn(1, 5, config["text_dim"], generator=g),
                   enable_diffusion_forcing=True)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
@@ -396,7 +361,48 @@ def test_skyreels_diffusion_forcing_bends_and_refuses_a_step_window_over_mixed_s
     bent = forcing_run(forcing, mixed, {"bending": [ENTRY]})          # no window: every frame's queries bent
     unbent = forcing_run(forcing, mixed, {"bending": [{**ENTRY, "strength": 0.0}]})
     monkeypatch.setattr(transformer_skyreels_v2, "dispatch_attention_fn", explicit_bent(
-        transformer_skyreels_v2.dispatch_attention_fn, 5, {"sunset": [2, 3]}, WAN_GRID, WAN_FRAMES, [0], False))
+        transformer_skyreels_v2.dispatch_attention_fn, 5, {"sunset": [2, 3]}, GRID, FRAMES, [0], False))
     expected = forcing_run(forcing, mixed)
     torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
     assert (bent - unbent).abs().max() > 1e-3
+
+
+# --- the token grid -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sana", "ltx", "skyreels", "chronoedit"])
+def test_the_sessions_grid_is_the_models_token_order(family, request):
+    """One latent voxel (frame 1, token row 2, token col 3) changed: the one token that changes where the tokens
+    enter the first block is the session's grid position frame · rows · cols + row · cols + col."""
+    fixture = request.getfixturevalue(family)
+    pipe = fixture[0] if family == "chronoedit" else fixture
+    model, g = pipe.transformer, torch.Generator().manual_seed(8)
+    video, patch = family != "sana", 2 if family in ("skyreels", "chronoedit") else 1
+    frame, row, col = (1 if video else 0), 2, 3
+    latent = torch.randn(1, model.config.in_channels, *((2,) if video else ()), 4 * patch, 6 * patch, generator=g)
+    changed = latent.clone()
+    changed[(0, slice(None)) + ((frame,) if video else ()) + (row * patch, col * patch)] += 1.0
+    width = model.config.get("caption_channels") or model.config.get("text_dim")
+    text = torch.randn(1, 512 if family == "chronoedit" else 6, width, generator=g)
+    extra = dict(num_frames=2, height=4, width=6, encoder_attention_mask=torch.ones(1, 6)) if family == "ltx" else {}
+    if family == "chronoedit":
+        extra = {"encoder_hidden_states_image": fixture[1]["encoder_hidden_states_image"]}
+    seen = []
+    blocks = getattr(model, "transformer_blocks", None) or model.blocks
+    hook = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        ((args[0] if args else kwargs["hidden_states"])[0].clone(), pipe._ckptbend_session.call)), with_kwargs=True)
+
+    def run(x):
+        x = diffusers.LTXPipeline._pack_latents(x) if family == "ltx" else x
+        return model(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500.0]), return_dict=False,
+                     **extra)
+
+    try:
+        for x in (latent, changed):
+            with_session(pipe, {"bending": [{**ENTRY, "strength": 0.0}]}, lambda: run(x), {"sunset": [2]}, text)
+    finally:
+        hook.remove()
+    (before, call), (after, _) = seen
+    tokens = (before - after).abs().amax(-1).nonzero().flatten().tolist()
+    rows, cols = call.token_hw
+    assert (call.frames or 1) * rows * cols == before.shape[0] and (rows, cols) == (4, 6)
+    assert tokens == [(frame * rows + row) * cols + col]
