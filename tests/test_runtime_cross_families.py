@@ -153,31 +153,30 @@ def transformers_gemma2(vocab):
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=12, pad_token_id=0)).eval()
 
 
-def sana_word_columns(pipe, word, prompt=PROMPT):
-    """The columns of the encoded prompt (as the pipeline encodes it for the model) holding the word's pieces:
-    read back from the embeddings (the encoder has no layers)."""
-    embeds = pipe.encode_prompt(dh.prompts.unmark(prompt), do_classifier_free_guidance=False,
-                                max_sequence_length=SANA_TEXT, complex_human_instruction=INSTRUCTION)[0][0]
-    pieces = pipe.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+def sana_word_columns(pipe, word, prompt, instruction):
+    """The columns of the prompt as the pipeline encodes it for the model that hold the word's pieces (lower-cased,
+    after a space), read back from the embeddings (the encoder has no layers)."""
+    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=SANA_TEXT,
+                                complex_human_instruction=instruction)[0][0]
+    pieces = pipe.tokenizer(" " + word.lower(), add_special_tokens=False)["input_ids"]
     alone = pipe.text_encoder(torch.tensor([pieces]))[0][0]
-    hits = [j for j in range(embeds.shape[0]) if any(torch.equal(embeds[j], a) for a in alone)]
-    return hits
+    return [j for j in range(embeds.shape[0]) if any(torch.equal(embeds[j], a) for a in alone)]
 
 
-def test_sana_word_columns_follow_the_pipelines_instruction_and_select_index(sana):
-    session = dh.apply(sana, {"bending": [ENTRY, {**ENTRY, "token": "a"}]})
-    try:
-        sana.encode_prompt(dh.prompts.unmark(PROMPT), max_sequence_length=SANA_TEXT,
-                           complex_human_instruction=INSTRUCTION, do_classifier_free_guidance=False)
-        found = session.token_indices
-    finally:
-        dh.remove(sana)
-    assert found["sunset"] == sana_word_columns(sana, "sunset") == [5, 6]
-    assert found["a"] == [1]                   # the prompt's "▁a", not the instruction's (column 0 is <bos>)
-    with pytest.raises(ValueError, match="not found"):                 # "cat": the instruction's word only
-        with_session(sana, {"bending": [{**ENTRY, "token": "cat"}]},
-                     lambda: sana.encode_prompt("a red sunset", max_sequence_length=SANA_TEXT,
-                                                complex_human_instruction=INSTRUCTION))
+@pytest.mark.parametrize("instruction", [INSTRUCTION, None])
+def test_sana_word_columns_follow_the_pipelines_instruction_and_select_index(sana, instruction):
+    """With the instruction (SanaPipeline's default) or without (encode_prompt's), lower-cased; "a" is the prompt's
+    (column 0 is <bos>), not the instruction's; "cat", a word of the instruction only, is not found."""
+    prompt = "A Romantic kiss at SUNSET"
+    found = []
+    with_session(sana, {"bending": [{**ENTRY, "token": "Sunset"}, {**ENTRY, "token": "a"}]}, lambda: found.append(
+        sana.encode_prompt(prompt, max_sequence_length=SANA_TEXT, complex_human_instruction=instruction,
+                           do_classifier_free_guidance=False) and sana._ckptbend_session.token_indices))
+    assert found[0]["Sunset"] == sana_word_columns(sana, "sunset", prompt, instruction) == [5, 6]
+    assert found[0]["a"] == [1]
+    with pytest.raises(ValueError, match="not found"):
+        with_session(sana, {"bending": [{**ENTRY, "token": "cat"}]}, lambda: sana.encode_prompt(
+            "a red sunset", max_sequence_length=SANA_TEXT, complex_human_instruction=instruction))
 
 
 def test_sana_every_bent_call_is_the_explicit_bent_softmax(sana, monkeypatch):
