@@ -1,26 +1,28 @@
 """Attention Bending on the cross-attention families the generic path (cross.py, attn2) reaches: Sana, LTX-Video 1.0,
 SkyReels V2 and ChronoEdit, with diffusers' own classes, tiny and seeded.
 
-Sana and LTX-Video run through their real pipelines (SanaPipeline: Gemma 2 after its "complex human instruction",
+Sana and LTX-Video run through their pipelines (SanaPipeline: Gemma 2 after its "complex human instruction",
 select_index, the padding masked; LTXPipeline: packed [b, frames·rows·cols, c] latents, T5 with its mask), CFG batched
-[negative; prompt]. SkyReels V2 and ChronoEdit (Wan blocks) are called as their pipelines call them: the prompt's and
-the negative's predictions in two calls (ChronoEdit: with CLIP image tokens before its 512 text tokens).
+[negative; prompt]. SkyReels V2 and ChronoEdit (Wan blocks) run through SkyReelsV2Pipeline and ChronoEditPipeline: the
+prompt's and the negative's predictions in two calls (ChronoEdit: CLIP image tokens before its 512 text tokens).
 
 The reference is each model's own processors with the attention call replaced, for the text keys, by an explicit
 softmax (the mask added) whose prompt item is bent by bending.bend_probs on the (frames, rows, cols) grid: every bent
 call equals it. Strength 0 and steps outside the window are bit-identical; so is the negative prediction."""
 
+import contextlib
 import inspect
 import string
 import types
 
 import diffusers
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers import transformer_chronoedit, transformer_ltx, transformer_skyreels_v2
 
-from _pipelines import t5_encoder, t5_like_tokenizer
+from _pipelines import WAN_CONFIG, t5_encoder, t5_like_tokenizer
 from ckptbend.runtime import bending
 from ckptbend.runtime import diffusers_host as dh
 from ckptbend.synth import sana as synth_sana
@@ -31,6 +33,7 @@ ENTRY = {"token": "sunset", "mode": "translate", "translate_x": 0.5}
 PROMPT = "a romantic kiss at {sunset}"
 GRID, FRAMES = (4, 6), 2      # every call's token grid (Sana: 128 × 192 pixels / 32, no VAE); video: 2 latent frames
 SANA_TEXT, T5_TEXT = 12, 8    # max_sequence_length: Sana's Gemma 2, LTX-Video's and SkyReels V2's T5
+IMAGE = PIL.Image.new("RGB", (96, 64), (200, 120, 40))     # ChronoEdit's input image
 INSTRUCTION = inspect.signature(diffusers.SanaPipeline.__call__).parameters[
     "complex_human_instruction"].default
 
@@ -75,7 +78,8 @@ PIPE_ARGS = {"SanaPipeline": dict(negative_prompt="", height=128, width=192, max
                                    use_resolution_binning=False),
              "LTXPipeline": dict(negative_prompt="a", num_frames=9, height=128, width=192, max_sequence_length=T5_TEXT),
              "SkyReelsV2Pipeline": dict(negative_prompt="a", num_frames=5, height=64, width=96,
-                                        max_sequence_length=T5_TEXT)}
+                                        max_sequence_length=T5_TEXT),
+             "ChronoEditPipeline": dict(negative_prompt="a", height=64, width=96, image=IMAGE)}
 
 
 def pipe_run(pipe, dynamic=None, outputs=None):
@@ -91,16 +95,16 @@ def pipe_run(pipe, dynamic=None, outputs=None):
         hook.remove()
 
 
-@pytest.mark.parametrize("family", ["sana", "ltx", "skyreels"])
+@pytest.mark.parametrize("family", ["sana", "ltx", "skyreels", "chronoedit"])
 def test_strength_zero_the_step_window_and_the_negative_prediction(family, request):
     """Strength 0 and a window past the run: bit-identical. A window on step 1: step 0 and the negative prediction
-    bit-identical (Sana, LTX: the first item of each batched call; SkyReels: the second call of each step)."""
+    bit-identical (Sana, LTX: the first item of each batched call; SkyReels, ChronoEdit: each step's second call)."""
     pipe, plain_calls, bent_calls = request.getfixturevalue(family), [], []
     plain = pipe_run(pipe, outputs=plain_calls)
     assert torch.equal(pipe_run(pipe, {"bending": [{**ENTRY, "strength": 0.0}]}), plain)
     assert torch.equal(pipe_run(pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [2, 5]}]}), plain)
     pipe_run(pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, outputs=bent_calls)
-    if family == "skyreels":
+    if family in ("skyreels", "chronoedit"):
         assert [torch.equal(b, p) for b, p in zip(bent_calls, plain_calls)] == [True, True, False, True]
     else:
         assert torch.equal(bent_calls[0], plain_calls[0]) and torch.equal(bent_calls[1][0], plain_calls[1][0])
@@ -217,101 +221,86 @@ def test_ltx_every_bent_call_is_the_explicit_bent_softmax(ltx, monkeypatch):
 # --- SkyReels V2 (SkyReelsV2Pipeline) and ChronoEdit: Wan blocks, CFG in two calls ------------------------------
 
 
+@contextlib.contextmanager
+def without_ftfy(module):
+    """The Wan-derived pipelines call the optional ftfy unchecked: the text as it is (WanPipeline without ftfy)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not hasattr(module, "ftfy"):
+            mp.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+        yield
+
+
+def wan_vae():
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True])
+
+
 @pytest.fixture(scope="module")
 def skyreels():
     """SkyReelsV2Pipeline (text to video): T5, UniPC with flow sigmas as SkyReels V2 ships it, no fps input."""
-    from _pipelines import WAN_CONFIG
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2
 
     tokenizer = t5_like_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(17)
-        model = diffusers.SkyReelsV2Transformer3DModel(**{**WAN_CONFIG, "in_channels": 4, "out_channels": 4}).eval()
+        model = diffusers.SkyReelsV2Transformer3DModel(**WAN_CONFIG).eval()
         encoder = t5_encoder(tokenizer)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=8.0)
-    pipe = diffusers.SkyReelsV2Pipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=model, vae=vae,
+    pipe = diffusers.SkyReelsV2Pipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=model, vae=wan_vae(),
                                         scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    import diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2 as module
-    with pytest.MonkeyPatch.context() as mp:        # it calls the optional ftfy unchecked: the text as it is
-        if not hasattr(module, "ftfy"):
-            mp.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    with without_ftfy(pipeline_skyreels_v2):
         yield pipe
-
-
-def test_skyreels_every_bent_call_is_the_explicit_bent_softmax(skyreels, monkeypatch):
-    plain = pipe_run(skyreels)
-    bent = pipe_run(skyreels, {"bending": [ENTRY]})
-    calls, original = [], transformer_skyreels_v2.dispatch_attention_fn     # the reference bends the prompt's calls
-    explicit = explicit_bent(original, T5_TEXT, {"sunset": [4]}, GRID,
-                             FRAMES, [0], False)
-
-    def attend(query, key, value, *args, **kwargs):
-        conditional = len(calls) % 2 == 0
-        call = explicit if conditional else original        # the first of each step's two calls: the prompt's
-        return call(query, key, value, *args, **kwargs)
-
-    hook = skyreels.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
-    monkeypatch.setattr(transformer_skyreels_v2, "dispatch_attention_fn", attend)
-    try:
-        expected = pipe_run(skyreels)
-    finally:
-        hook.remove()
-    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
-    assert (bent - plain).abs().max() > 1e-3
-
-
-CHRONO = synth_wan.ARCHES["wan21_i2v"][1]           # Wan 2.1 I2V's blocks: text cross-attention + CLIP image keys
 
 
 @pytest.fixture(scope="module")
 def chronoedit():
+    """ChronoEditPipeline: T5 (512 tokens, the image keys' split), a CLIP vision encoder, Wan's VAE encoding the
+    image into the condition (16 + 4 + 16 input channels), 5 frames."""
+    from diffusers.pipelines.chronoedit import pipeline_chronoedit
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    tokenizer = t5_like_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(19)
-        model = diffusers.ChronoEditTransformer3DModel(**CHRONO).eval()
-    g = torch.Generator().manual_seed(2)
-    inputs = dict(hidden_states=torch.randn(1, CHRONO["in_channels"], FRAMES, 8, 12, generator=g),
-                  encoder_hidden_states_image=torch.randn(1, 3, CHRONO["image_dim"], generator=g))
-    texts = torch.randn(2, 512, CHRONO["text_dim"], generator=g)      # the prompt's, the negative's: 512 each
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
-    scheduler.set_timesteps(2)
-    pipe = types.SimpleNamespace(transformer=model, scheduler=scheduler, do_classifier_free_guidance=True)
-    return pipe, inputs, texts
+        model = diffusers.ChronoEditTransformer3DModel(**{**WAN_CONFIG, "in_channels": 36, "image_dim": 20,
+                                                          "added_kv_proj_dim": 24}).eval()
+        encoder = t5_encoder(tokenizer)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=20, intermediate_size=24, num_hidden_layers=2,
+                                                         num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    pipe = diffusers.ChronoEditPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, image_encoder=image_encoder, transformer=model, vae=wan_vae(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    with without_ftfy(pipeline_chronoedit):
+        yield pipe
 
 
-def chrono_run(chronoedit, dynamic=None, step=0):
-    """ChronoEditPipeline's step: the prompt's call, then the negative's, the same image tokens."""
-    pipe, inputs, texts = chronoedit
-    t = pipe.scheduler.timesteps[step:step + 1]
+@pytest.mark.parametrize("family", ["skyreels", "chronoedit"])
+def test_wan_derived_every_bent_call_is_the_explicit_bent_softmax(family, request, monkeypatch):
+    """CFG in two calls: the reference bends the first of each step's two, the prompt's (ChronoEdit: 512 text keys
+    after the CLIP image's, which are attended apart)."""
+    pipe = request.getfixturevalue(family)
+    plain = pipe_run(pipe)
+    bent = pipe_run(pipe, {"bending": [ENTRY]})
+    module = transformer_skyreels_v2 if family == "skyreels" else transformer_chronoedit
+    calls, original = [], module.dispatch_attention_fn
+    n_text = T5_TEXT if family == "skyreels" else 512
+    explicit = explicit_bent(original, n_text, {"sunset": [4]}, GRID, FRAMES, [0], False)
 
-    def run():
-        return [pipe.transformer(**inputs, encoder_hidden_states=text[None], timestep=t, return_dict=False)[0]
-                for text in texts]
+    def attend(query, key, value, *args, **kwargs):
+        return (explicit if len(calls) % 2 == 0 else original)(query, key, value, *args, **kwargs)
 
-    return with_session(pipe, dynamic, run, {"sunset": [2, 3]}, texts[:1])
-
-
-def test_chronoedit_every_bent_call_is_the_explicit_bent_softmax(chronoedit, monkeypatch):
-    plain = chrono_run(chronoedit)
-    bent = chrono_run(chronoedit, {"bending": [ENTRY]})
-    assert torch.equal(bent[1], plain[1])                               # the negative prediction
-    pipe, inputs, texts = chronoedit
-    monkeypatch.setattr(transformer_chronoedit, "dispatch_attention_fn", explicit_bent(
-        transformer_chronoedit.dispatch_attention_fn, 512, {"sunset": [2, 3]}, GRID, FRAMES, [0], False))
-    expected = pipe.transformer(**inputs, encoder_hidden_states=texts[:1], timestep=pipe.scheduler.timesteps[:1],
-                                return_dict=False)[0]
-    torch.testing.assert_close(bent[0], expected, rtol=1e-4, atol=1e-5)
-    assert (bent[0] - plain[0]).abs().max() > 1e-4
-
-
-def test_chronoedit_strength_zero_and_outside_the_step_window_are_bit_identical(chronoedit):
-    plain = chrono_run(chronoedit, step=1)
-    for entry in ({**ENTRY, "strength": 0.0}, {**ENTRY, "apply_to_timesteps": [0, 0]}):
-        assert all(torch.equal(b, p) for b, p in zip(chrono_run(chronoedit, {"bending": [entry]}, step=1), plain))
-    assert not torch.equal(chrono_run(chronoedit, {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}, 1)[0],
-                           plain[0])
+    hook = pipe.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
+    monkeypatch.setattr(module, "dispatch_attention_fn", attend)
+    try:
+        expected = pipe_run(pipe)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-3
 
 
 # --- the calls refused --------------------------------------------------------------------------------------
@@ -372,8 +361,7 @@ def test_skyreels_diffusion_forcing_bends_and_refuses_a_step_window_over_mixed_s
 def test_the_sessions_grid_is_the_models_token_order(family, request):
     """One latent voxel (frame 1, token row 2, token col 3) changed: the one token that changes where the tokens
     enter the first block is the session's grid position frame · rows · cols + row · cols + col."""
-    fixture = request.getfixturevalue(family)
-    pipe = fixture[0] if family == "chronoedit" else fixture
+    pipe = request.getfixturevalue(family)
     model, g = pipe.transformer, torch.Generator().manual_seed(8)
     video, patch = family != "sana", 2 if family in ("skyreels", "chronoedit") else 1
     frame, row, col = (1 if video else 0), 2, 3
@@ -384,7 +372,7 @@ def test_the_sessions_grid_is_the_models_token_order(family, request):
     text = torch.randn(1, 512 if family == "chronoedit" else 6, width, generator=g)
     extra = dict(num_frames=2, height=4, width=6, encoder_attention_mask=torch.ones(1, 6)) if family == "ltx" else {}
     if family == "chronoedit":
-        extra = {"encoder_hidden_states_image": fixture[1]["encoder_hidden_states_image"]}
+        extra = {"encoder_hidden_states_image": torch.randn(1, 3, 20, generator=g)}
     seen = []
     blocks = getattr(model, "transformer_blocks", None) or model.blocks
     hook = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
