@@ -74,12 +74,17 @@ def with_session(pipe, dynamic, run, columns=None, prompt=None):
         dh.remove(pipe)
 
 
-PIPE_ARGS = {"SanaPipeline": dict(negative_prompt="", height=128, width=192, max_sequence_length=SANA_TEXT,
+# negative prompts with tokens at the word's columns (not masked padding): bending them would show
+SANA_NEGATIVE, T5_NEGATIVE = "a red sun at a red kiss", "a red sky on the beach at"
+PIPE_ARGS = {"SanaPAGPipeline": dict(negative_prompt=SANA_NEGATIVE, height=32, width=64, max_sequence_length=SANA_TEXT,
+                                      use_resolution_binning=False, pag_scale=2.0),
+             "SanaPipeline": dict(negative_prompt=SANA_NEGATIVE, height=128, width=192, max_sequence_length=SANA_TEXT,
                                    use_resolution_binning=False),
-             "LTXPipeline": dict(negative_prompt="a", num_frames=9, height=128, width=192, max_sequence_length=T5_TEXT),
-             "SkyReelsV2Pipeline": dict(negative_prompt="a", num_frames=5, height=64, width=96,
+             "LTXPipeline": dict(negative_prompt=T5_NEGATIVE, num_frames=9, height=128, width=192,
+                                 max_sequence_length=T5_TEXT),
+             "SkyReelsV2Pipeline": dict(negative_prompt=T5_NEGATIVE, num_frames=5, height=64, width=96,
                                         max_sequence_length=T5_TEXT),
-             "ChronoEditPipeline": dict(negative_prompt="a", height=64, width=96, image=IMAGE)}
+             "ChronoEditPipeline": dict(negative_prompt=T5_NEGATIVE, height=64, width=96, image=IMAGE)}
 
 
 def pipe_run(pipe, dynamic=None, outputs=None):
@@ -190,6 +195,22 @@ def test_sana_every_bent_call_is_the_explicit_bent_softmax(sana, monkeypatch):
         F.scaled_dot_product_attention, SANA_TEXT, {"sunset": [5, 6]}, GRID, None, [1]))
     torch.testing.assert_close(bent, pipe_run(sana), rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-3
+
+
+def test_sana_pag_bends_the_prompts_two_items_and_keeps_the_negative(sana, monkeypatch):
+    """SanaPAGPipeline batches [negative; prompt; prompt with perturbed self-attention]: both prompt items are bent,
+    as the explicit bent softmax on them gives; the negative's prediction is bit-identical (at step 0: the latents
+    differ after it; its text has tokens at the word's columns, so bending it would show)."""
+    pag = diffusers.SanaPAGPipeline(**sana.components, pag_applied_layers=["transformer_blocks.0"])
+    pag.set_progress_bar_config(disable=True)
+    plain_calls, bent_calls = [], []
+    pipe_run(pag, outputs=plain_calls)
+    bent = pipe_run(pag, {"bending": [ENTRY]}, outputs=bent_calls)
+    assert len(bent_calls[0]) == 3 and torch.equal(bent_calls[0][0], plain_calls[0][0])     # step 0's negative
+    assert (bent_calls[0][1:] - plain_calls[0][1:]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_bent(
+        F.scaled_dot_product_attention, SANA_TEXT, {"sunset": [5, 6]}, (4, 8), None, [1, 2]))   # 32 × 64 / 8
+    torch.testing.assert_close(bent, pipe_run(pag), rtol=1e-4, atol=1e-5)
 
 
 # --- LTX-Video 1.0: LTXPipeline, T5 ----------------------------------------------------------------

@@ -266,6 +266,9 @@ class Session:
         flag = getattr(self.pipe, "do_classifier_free_guidance", None)   # a property during a pipeline call
         prompt = self.prompt_embeds
         n = None if prompt is None else prompt.shape[0]
+        if n and getattr(self.pipe, "do_perturbed_attention_guidance", None) is True and batch == (
+                3 if flag else 2) * n:           # PAG pipelines: [negative;] prompt, prompt with perturbed attention
+            return False, list(range(batch - 2 * n, batch))
         if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
