@@ -1,11 +1,14 @@
-"""Sana in the diffusers host: the word columns of SanaPipeline's Gemma 2 text. Its text cross-attention (attn2,
-SanaAttnProcessor2_0: the prompt's padding masked) is bent by the generic cross-attention path (cross.py)."""
+"""Sana in the diffusers host: the word columns of SanaPipeline's Gemma 2 text, and Sana Sprint's step. Its text
+cross-attention (attn2, SanaAttnProcessor2_0: the prompt's padding masked) is bent by the generic cross-attention
+path (cross.py)."""
 
 from __future__ import annotations
 
 import inspect
+import math
 
 from .. import tokens
+from .calls import scheduler_position
 from .prompts import same_columns
 
 SANA_MODELS = ("SanaTransformer2DModel",)
@@ -49,3 +52,12 @@ def sana_columns(session, arguments) -> dict[str, list[int]]:
 
     prompt = arguments["prompt"]
     return same_columns([columns(p) for p in ([prompt] if isinstance(prompt, str) else prompt)])
+
+
+def sprint_position(scheduler, t: float) -> int | None:
+    """SanaSprintPipeline gives the model sin(a) / (cos(a) + sin(a)) of its SCM scheduler's timestep a (an angle in
+    about [0, π/2]; its 1.5708 gives t just above 1): the call's position in scheduler.timesteps is the angle's,
+    atan2(t, 1 − t)."""
+    if type(scheduler).__name__ != "SCMScheduler":
+        return None
+    return scheduler_position(scheduler, math.atan2(t, 1.0 - t))

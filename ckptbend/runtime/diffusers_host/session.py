@@ -230,6 +230,8 @@ class Session:
             position = scheduler_position(scheduler, t * 1000)
         if position is None and t_dtype in (torch.bfloat16, torch.float16):   # Flux, Qwen-Image... in bf16
             position = step_near(scheduler, t * 1000 if t <= 1 else t, t_dtype)     # pass t rounded to it
+        if position is None and self.sana:    # Sana Sprint: its SCM angle, encoded
+            position = sana.sprint_position(scheduler, t)
         frame_patch, row_patch, column_patch = patch_size_of(module)
         height, width = x.shape[-2:]
         token_hw = (height // row_patch, width // column_patch)
