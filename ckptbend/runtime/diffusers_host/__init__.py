@@ -12,6 +12,7 @@ bending.py; these modules only wire it in:
   recompute.py  diffusers' AttnProcessor2_0 reproduced with two seams (reduced key/values, bent attention)
   unet.py       SAG and Slothful Attention on UNets
   cross.py      Bending at text cross-attentions (UNets, Wan 2.x and VACE's main blocks, PixArt, LTX-2's video)
+  sana.py, ltx_video.py, skyreels.py   Sana's word columns and Sprint's step; the LTX-Video / SkyReels V2 calls refused
   joint.py      Bending at joint attentions over [text; image] tokens (Flux.1/.2, Chroma, SD3.x, Qwen-Image, AuraFlow)
   single.py     Bending at single-stream NextDiT attentions (Z-Image, Lumina 2)
   qwen21.py     Bending at Qwen-Image 2.x's block-causal attentions (the target image's queries)

@@ -72,6 +72,9 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _hidream_columns(session, arguments)
     if getattr(session, "motif", False):
         return motif_video.columns(session, arguments)
+    if getattr(session, "sana", False):
+        from .sana import sana_columns             # here: sana.py imports this module
+        return sana_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]

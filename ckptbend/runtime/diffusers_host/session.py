@@ -12,6 +12,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
                     step_of)
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
+from . import ltx_video, sana, skyreels
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -27,8 +28,8 @@ NOT_REACHED = {
 }
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
-            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3 and "
-            "LTX-2's video stream")
+            "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3, Sana, LTX-Video, "
+            "SkyReels V2, ChronoEdit and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class Session:
         self.flux3 = type(self.models[0]).__name__ in flux3.FLUX3_MODELS     # [text; image; refs], modular pipeline
         self.motif = type(self.models[0]).__name__ in motif_video.MOTIF_MODELS   # joint attn and cross_attn
         self.minimax = type(self.models[0]).__name__ in minimax_h3.MINIMAX_MODELS   # one packed sequence, no CFG
+        self.sana = type(self.models[0]).__name__ in sana.SANA_MODELS            # Gemma 2 after an instruction
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -213,6 +215,9 @@ class Session:
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
+        if self.entries:                      # calls whose grid or step is not one: refused
+            ltx_video.check(module, x, kwargs)
+            skyreels.check(module, self.entries, kwargs, t)
         # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
         # tokens' t is the largest (every other model passes one t for the whole call).
         t_dtype = torch.as_tensor(t).dtype
@@ -225,6 +230,8 @@ class Session:
             position = scheduler_position(scheduler, t * 1000)
         if position is None and t_dtype in (torch.bfloat16, torch.float16):   # Flux, Qwen-Image... in bf16
             position = step_near(scheduler, t * 1000 if t <= 1 else t, t_dtype)     # pass t rounded to it
+        if position is None and self.sana:    # Sana Sprint: its SCM angle, encoded
+            position = sana.sprint_position(scheduler, t)
         frame_patch, row_patch, column_patch = patch_size_of(module)
         height, width = x.shape[-2:]
         token_hw = (height // row_patch, width // column_patch)
@@ -261,6 +268,9 @@ class Session:
         flag = getattr(self.pipe, "do_classifier_free_guidance", None)   # a property during a pipeline call
         prompt = self.prompt_embeds
         n = None if prompt is None else prompt.shape[0]
+        if n and getattr(self.pipe, "do_perturbed_attention_guidance", None) is True and batch == (
+                3 if flag else 2) * n:           # PAG pipelines: [negative;] prompt, prompt with perturbed attention
+            return False, list(range(batch - 2 * n, batch))
         if batch % 2 == 0 and (batch == 2 * n if n is not None else flag is True):
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
