@@ -13,6 +13,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
 from . import ltx_video, sana, skyreels
+from . import cosmos
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -29,7 +30,7 @@ NOT_REACHED = {
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
             "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3, Sana, LTX-Video, "
-            "SkyReels V2, ChronoEdit and LTX-2's video stream")
+            "SkyReels V2, ChronoEdit, Cosmos Predict2 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -160,6 +161,8 @@ class Session:
     # installing -------------------------------------------------------------------------------
 
     def _install(self):
+        if self.entries and type(self.pipe).__name__ in cosmos.UNREACHED_PIPELINES:   # Anima's modular pipeline
+            raise ValueError(cosmos.UNREACHED_PIPELINES[type(self.pipe).__name__])
         for model in self.models:
             self._install_model(model)
         if self.sag:                          # a UNet: the only model
@@ -218,6 +221,7 @@ class Session:
         if self.entries:                      # calls whose grid or step is not one: refused
             ltx_video.check(module, x, kwargs)
             skyreels.check(module, self.entries, kwargs, t)
+        cosmos2 = cosmos.position(self.pipe, t)      # None but in a Cosmos Predict2 pipeline
         # Wan 2.2 TI2V's image mode passes a timestep per token, 0 on the given image's frame: the noised
         # tokens' t is the largest (every other model passes one t for the whole call).
         t_dtype = torch.as_tensor(t).dtype
@@ -225,7 +229,7 @@ class Session:
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         cfg, cond_rows = self._layout(x.shape[0], text)
         scheduler = self.pipe.scheduler
-        position = scheduler_position(scheduler, t)
+        position = scheduler_position(scheduler, t) if cosmos2 is None else cosmos2
         if position is None and t <= 1:       # Flux-style models take the scheduler's timestep / 1000
             position = scheduler_position(scheduler, t * 1000)
         if position is None and t_dtype in (torch.bfloat16, torch.float16):   # Flux, Qwen-Image... in bf16

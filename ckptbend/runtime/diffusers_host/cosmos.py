@@ -1,0 +1,40 @@
+"""Cosmos Predict2's pipelines (Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline): the timestep they pass
+the model mapped back to the scheduler's step.
+
+Their loop is over scheduler.sigmas (EDM-style σ, up to 80) and hands the model t = σ/(σ+1) in the transformer's
+dtype, not scheduler.timesteps: the step is the position in scheduler.sigmas whose σ/(σ+1), rounded to that dtype,
+is the value passed. In bfloat16 neighbouring steps near σ_max round alike: the scheduler's own step index (None
+before the first step: 0) decides among them. Video2World passes one t per frame, the given frames a tiny
+t_conditioning: any frame's value that names a step names this call's.
+
+Anima (a Cosmos Predict2 transformer behind a text adapter) has only diffusers' modular AnimaModularPipeline, which has
+no encode_prompt to find a word's columns through: refused in one line."""
+
+from __future__ import annotations
+
+import torch
+
+COSMOS2_PIPELINES = ("Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline")
+UNREACHED_PIPELINES = {"AnimaModularPipeline": "Attention Bending does not reach Anima in diffusers yet: its modular "
+                       "pipeline has no encode_prompt through which to find the word's columns (the T5 token positions "
+                       "its text adapter writes); use the recipe without [[bending]]"}
+
+
+def position(pipe, timestep) -> int | None:
+    """A Cosmos Predict2 pipeline's model call's index in scheduler.sigmas (= scheduler.timesteps); None in any
+    other pipeline, or where no σ/(σ+1) matches (the generic mapping then applies)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if type(pipe).__name__ not in COSMOS2_PIPELINES or sigmas is None or timestep is None:
+        return None
+    timestep = torch.as_tensor(timestep)
+    dtype = timestep.dtype if timestep.is_floating_point() else torch.float32
+    sigmas = torch.as_tensor(sigmas).detach().cpu()           # in its own dtype, as the pipeline divides
+    passed = timestep.detach().cpu().to(dtype).flatten().unique()
+    forms = (sigmas / (sigmas + 1)).to(dtype)         # the pipeline's current_t, cast as it casts it
+    hits = (forms[:, None] == passed[None, :]).any(1).nonzero().flatten().tolist()
+    if not hits:
+        return None
+    own = getattr(scheduler, "step_index", None)
+    own = 0 if own is None else own
+    return own if own in hits else hits[0]
