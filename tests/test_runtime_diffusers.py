@@ -986,17 +986,16 @@ def test_wan_run_bends_as_the_explicit_path(wan):
 
 
 def test_bending_refuses_a_model_whose_text_attention_it_does_not_reach():
-    """HunyuanVideo's transformer (diffusers' HunyuanVideoTransformer3DModel: no attn1 / attn2, not a joint model
-    here): apply() says so in one line instead of sampling unbent, and leaves the model as it was."""
-    from diffusers import HunyuanVideoTransformer3DModel
+    """HunyuanVideo FramePack's transformer (diffusers' HunyuanVideoFramepackTransformer3DModel: no attn1 / attn2, not
+    among the families bent): apply() says so in one line instead of sampling unbent, and leaves the model as it was."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
-                                                 num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
-                                                 rope_axes_dim=(2, 2, 4))
+    transformer = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
     pipe = types.SimpleNamespace(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
     processors = {n: m.processor for n, m in transformer.named_modules() if hasattr(m, "processor")}
-    with pytest.raises(ValueError, match="does not reach the text attention of a HunyuanVideoTransformer3DModel"):
+    with pytest.raises(ValueError, match="text attention of a HunyuanVideoFramepackTransformer3DModel"):
         dh.apply(pipe, {"bending": [BEND]})
     assert {n: m.processor for n, m in transformer.named_modules() if hasattr(m, "processor")} == processors
     assert getattr(pipe, dh.SESSION_ATTR, None) is None

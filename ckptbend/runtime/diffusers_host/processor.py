@@ -16,6 +16,7 @@ from .minimax_h3 import MINIMAX_MODELS, minimax_attention, minimax_modules
 from .mochi import MOCHI_MODELS, mochi_attention, mochi_modules
 from .motif_video import MOTIF_MODELS, motif_attention, motif_modules
 from .kandinsky5 import KANDINSKY5_MODELS, kandinsky5_attention, kandinsky5_modules
+from .hunyuan10 import HUNYUAN10_MODELS, hunyuan10_attention, hunyuan10_modules
 from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
 from .single import SINGLE_MODELS, single_attention, single_modules
@@ -48,7 +49,8 @@ def sites_of(model) -> list[Site]:
               **{n: ernie_modules for n in ERNIE_MODELS}, **{n: krea2_modules for n in KREA2_MODELS},
               **{n: mochi_modules for n in MOCHI_MODELS}, **{n: ideogram4_modules for n in IDEOGRAM4_MODELS},
               **{n: flux3_modules for n in FLUX3_MODELS},
-              **{n: minimax_modules for n in MINIMAX_MODELS}}
+              **{n: minimax_modules for n in MINIMAX_MODELS},
+              **{n: hunyuan10_modules for n in HUNYUAN10_MODELS}}
     if type(model).__name__ in single:    # the families whose modules lists its attentions (ERNIE, Krea 2, Mochi, ...)
         return [Site(n, m, False, None, layer, joint=True)
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
@@ -107,6 +109,8 @@ class Processor:
             return mochi_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hidream:
             return hidream_attention(session, self.site, attn, given, original)
+        if self.site.joint and session.hunyuan10:
+            return hunyuan10_attention(session, self.site, attn, given, original)
         if self.site.joint and session.hunyuan15:
             return hunyuan15_attention(session, self.site, attn, given, original)
         if self.site.joint and session.flux3:

@@ -8,6 +8,7 @@ import inspect
 from .. import tokens
 from .longcat_ovis import longcat_ovis_columns
 from . import motif_video
+from . import hunyuan10
 
 
 def wrap_encode_prompt(session):
@@ -57,6 +58,8 @@ def _locate(session, arguments) -> dict[str, list[int]]:
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
     kandinsky5 = getattr(session, "kandinsky5", False)
+    if getattr(session, "hunyuan10", False):         # its template less crop_start (hunyuan10.py)
+        return hunyuan10.columns(session, arguments)
     if getattr(session, "krea2", False):
         return _krea2_columns(session, arguments)
     if getattr(session, "ideogram4", False):

@@ -13,7 +13,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
 from . import ltx_video, sana, skyreels
-from . import cosmos
+from . import cosmos, hunyuan10
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -23,12 +23,9 @@ from .unet import before_mid, sag_correction
 SESSION_ATTR = "_ckptbend_session"
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 # Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
-NOT_REACHED = {
-    "HunyuanVideoTransformer3DModel": "HunyuanVideo 1.0's text keys are Llama tokens cut from its template, whose "
-                                      "columns are not found yet (HunyuanVideo 1.5 is reached)",
-}
+NOT_REACHED: dict[str, str] = {}
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
-            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.5, HiDream, Kandinsky 5, "
+            "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.0 and 1.5, HiDream, Kandinsky 5, "
             "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3, Sana, LTX-Video, "
             "SkyReels V2, ChronoEdit, Cosmos Predict2 and LTX-2's video stream")
 
@@ -145,6 +142,7 @@ class Session:
         self.krea2 = type(self.models[0]).__name__ in krea2.KREA2_MODELS       # [text; image], CFG in two calls
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
+        self.hunyuan10 = type(self.models[0]).__name__ in hunyuan10.HUNYUAN10_MODELS   # [video; cropped Llama]
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
         self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
         self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
@@ -259,6 +257,8 @@ class Session:
             krea2.describe(self.call, kwargs)
         if self.hunyuan15 and self.entries:
             hunyuan15.describe(self.call, kwargs)
+        if self.hunyuan10 and self.entries:
+            hunyuan10.describe(self.call, kwargs)
         if self.hidream and self.entries:
             hidream.describe(self.call, kwargs)
         if self.kandinsky5:
@@ -279,7 +279,8 @@ class Session:
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
         # pipelines whose CFG runs two calls, no flag
-        separate = self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5 or self.motif
+        separate = (self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5 or self.motif
+                    or self.hunyuan10)
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
