@@ -183,3 +183,15 @@ def test_anima_s_modular_pipeline_is_refused_in_one_line():
     assert "\n" not in str(refused.value) and getattr(pipe, "_ckptbend_session", None) is None
     dh.apply(pipe, {})
     dh.remove(pipe)
+
+
+@pytest.mark.parametrize("name", ["Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"])
+def test_cosmos_predict2_5_pipelines_are_refused_in_one_line(cosmos, name):
+    """Predict2.5 (the same transformer class) encodes a Qwen2.5-VL chat conversation: refused at apply()."""
+    import diffusers
+
+    pipe = object.__new__(getattr(diffusers, name))
+    vars(pipe).update(transformer=cosmos[0], scheduler=cosmos[2].scheduler)
+    with pytest.raises(ValueError, match="does not reach Cosmos Predict2.5") as refused:
+        dh.apply(pipe, {"bending": [ENTRY]})
+    assert "\n" not in str(refused.value)
