@@ -112,11 +112,12 @@ def cosmos_pipe():
     return pipe
 
 
-def run(pipe, dynamic=None, before=None):
-    """Three steps of 64×96 pixels (one 4×6-token frame), CFG as two model calls; the session, or None. before(): a
-    pre-hook on the model, after the session's (it sees the call's description)."""
+def run(pipe, dynamic=None, before=None, after=None):
+    """Three steps of 64×96 pixels (one 4×6-token frame), CFG as two model calls; the session, or None. before(),
+    after(output): hooks on the model, after the session's (they see the call's description)."""
     session = dh.apply(pipe, dynamic, record_maps=True) if dynamic is not None else None
     hooks = [pipe.transformer.register_forward_pre_hook(lambda *a: before())] if before else []
+    hooks += [pipe.transformer.register_forward_hook(lambda m, a, out: after(out[0]))] if after else []
     try:
         out = pipe("a cat at {sunset}" if dynamic else "a cat at sunset", negative_prompt="a red sky",
                    num_inference_steps=3, height=64, width=96, max_sequence_length=16, output_type="latent",
@@ -150,7 +151,8 @@ def test_the_pipelines_timesteps_name_the_schedulers_steps(cosmos_pipe):
 def test_the_step_window_bends_its_steps_only_and_never_the_negative(cosmos_pipe, monkeypatch):
     """apply_to_timesteps [1, 1]: the model calls see steps 0, 0, 1, 1, 2, 2 (prompt, negative), maps are recorded at
     step 1 only, and the output equals the pipeline whose attention is the explicit bent softmax at step 1's
-    conditional call (the third model call) and the model's own elsewhere; outside every step: bit-identical."""
+    conditional call (the third model call) and the model's own elsewhere; step 1's negative call and a window outside
+    every step: bit-identical."""
     plain, _ = run(cosmos_pipe)
     windowed = {"bending": [{**ENTRY, "apply_to_timesteps": [1, 1]}]}
     seen = []
@@ -161,6 +163,12 @@ def test_the_step_window_bends_its_steps_only_and_never_the_negative(cosmos_pipe
     assert session.token_indices == {"sunset": [3]}
     outside, _ = run(cosmos_pipe, {"bending": [{**ENTRY, "apply_to_timesteps": [3, 3]}]})
     assert torch.equal(outside, plain) and not torch.equal(bent, plain)
+    outputs = {}                     # step 1's negative call (the fourth) sees the same inputs in both runs
+    for name, dynamic in (("plain", None), ("bent", windowed)):
+        found = outputs.setdefault(name, [])
+        run(cosmos_pipe, dynamic, after=found.append)
+    assert torch.equal(outputs["plain"][3], outputs["bent"][3])
+    assert not torch.equal(outputs["plain"][2], outputs["bent"][2])
 
     calls = []
     dispatch = transformer_cosmos.dispatch_attention_fn
