@@ -179,20 +179,6 @@ def test_the_step_window_bends_its_steps_only_and_never_the_negative(cosmos_pipe
     torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_anima_s_modular_pipeline_is_refused_in_one_line():
-    """diffusers runs Anima (a Cosmos transformer behind a text adapter) only as AnimaModularPipeline, which has no
-    encode_prompt: bending is refused at apply(), before any denoising; without bending apply() still installs."""
-    from diffusers import AnimaAutoBlocks
-
-    pipe = AnimaAutoBlocks().init_pipeline()
-    pipe.update_components(transformer=CosmosTransformer3DModel(**CONFIG), scheduler=FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(ValueError, match="does not reach Anima") as refused:
-        dh.apply(pipe, {"bending": [ENTRY]})
-    assert "\n" not in str(refused.value) and getattr(pipe, "_ckptbend_session", None) is None
-    dh.apply(pipe, {})
-    dh.remove(pipe)
-
-
 @pytest.mark.parametrize("name", ["Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline"])
 def test_cosmos_predict2_5_pipelines_are_refused_in_one_line(cosmos, name):
     """Predict2.5 (the same transformer class) encodes a Qwen2.5-VL chat conversation: refused at apply()."""

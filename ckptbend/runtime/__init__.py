@@ -21,6 +21,6 @@ ComfyUI's own modules only inside the functions ComfyUI calls while sampling. It
                     single.py (Z-Image, Lumina 2), qwen21.py (Qwen-Image 2.x), hunyuan15.py (HunyuanVideo 1.5),
                     hidream.py (HiDream), kandinsky5.py (Kandinsky 5), mochi.py (Mochi),
                     motif_video.py (Motif-Video), minimax_h3.py (MiniMax H3),
-                    hunyuan10.py (HunyuanVideo 1.0), cosmos.py (Cosmos Predict2's steps),
+                    hunyuan10.py (HunyuanVideo 1.0), cosmos.py (Cosmos Predict2's steps), anima.py (Anima),
                     prompts.py
 """

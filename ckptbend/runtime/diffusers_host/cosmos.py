@@ -7,9 +7,8 @@ is the value passed. In bfloat16 neighbouring steps near σ_max round alike: the
 before the first step: 0) decides among them. Video2World passes one t per frame, the given frames a tiny
 t_conditioning: any frame's value that names a step names this call's.
 
-Anima (a Cosmos Predict2 transformer behind a text adapter) has only diffusers' modular AnimaModularPipeline, which has
-no encode_prompt to find a word's columns through; Cosmos Predict2.5's pipelines (the same transformer class) wrap the
-prompt in a Qwen2.5-VL chat conversation, whose columns the generic T5 search would miss: both refused in one line."""
+Cosmos Predict2.5's pipelines (the same transformer class) wrap the prompt in a Qwen2.5-VL chat conversation, whose
+columns the generic T5 search would miss: refused in one line. (Anima: anima.py.)"""
 
 from __future__ import annotations
 
@@ -18,10 +17,7 @@ import torch
 COSMOS2_PIPELINES = ("Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline")
 _PREDICT25 = ("Attention Bending does not reach Cosmos Predict2.5 in diffusers yet: its prompt is a Qwen2.5-VL chat "
               "conversation whose word columns are not found yet (Cosmos Predict2's pipelines are bent)")
-UNREACHED_PIPELINES = {"AnimaModularPipeline": "Attention Bending does not reach Anima in diffusers yet: its modular "
-                       "pipeline has no encode_prompt through which to find the word's columns (the T5 token positions "
-                       "its text adapter writes); use the recipe without [[bending]]",
-                       "Cosmos2_5_PredictBasePipeline": _PREDICT25, "Cosmos2_5_TransferPipeline": _PREDICT25}
+UNREACHED_PIPELINES = {"Cosmos2_5_PredictBasePipeline": _PREDICT25, "Cosmos2_5_TransferPipeline": _PREDICT25}
 
 
 def position(pipe, timestep) -> int | None:

@@ -13,7 +13,7 @@ from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size
 from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
 from . import ltx_video, sana, skyreels
-from . import cosmos, hunyuan10
+from . import anima, cosmos, hunyuan10
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -143,6 +143,7 @@ class Session:
         self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
         self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
         self.hunyuan10 = type(self.models[0]).__name__ in hunyuan10.HUNYUAN10_MODELS   # [video; cropped Llama]
+        self.anima = type(pipe).__name__ in anima.ANIMA_PIPELINES     # a modular pipeline: its text steps wrapped
         self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
         self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
         self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
@@ -159,7 +160,7 @@ class Session:
     # installing -------------------------------------------------------------------------------
 
     def _install(self):
-        if self.entries and type(self.pipe).__name__ in cosmos.UNREACHED_PIPELINES:   # Anima's modular pipeline
+        if self.entries and type(self.pipe).__name__ in cosmos.UNREACHED_PIPELINES:   # Cosmos Predict2.5
             raise ValueError(cosmos.UNREACHED_PIPELINES[type(self.pipe).__name__])
         for model in self.models:
             self._install_model(model)
@@ -170,6 +171,8 @@ class Session:
             wrap_encode_prompt(self)
         elif self.flux3:                      # a modular pipeline: its text encoder step is wrapped
             flux3.wrap_text_encoder(self)
+        elif self.anima:
+            anima.wrap_text_steps(self)
         if self.joint == "longcat" and self.entries and hasattr(self.pipe, "rewire_prompt"):
             wrap_rewrite(self)
         if self.minimax:                      # a modular pipeline: its blocks find the words
@@ -280,7 +283,7 @@ class Session:
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
         # pipelines whose CFG runs two calls, no flag
         separate = (self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5 or self.motif
-                    or self.hunyuan10)
+                    or self.hunyuan10 or self.anima)
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
