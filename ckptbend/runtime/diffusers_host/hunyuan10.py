@@ -23,8 +23,10 @@ HUNYUAN10_MODELS = {"HunyuanVideoTransformer3DModel": "hunyuan10"}
 
 
 def describe(call, kwargs) -> None:
-    """Per batch item, (0, its valid text tokens) into call.spans: the text keys follow the video tokens."""
-    call.spans = [(0, int(n)) for n in kwargs["encoder_attention_mask"].bool().sum(1).tolist()]
+    """Per batch item, (0, its valid text tokens) into call.spans: the text keys follow the video tokens (the pipelines
+    pass encoder_attention_mask by name; without it every text token counts)."""
+    mask = kwargs.get("encoder_attention_mask")
+    call.spans = None if mask is None else [(0, int(n)) for n in mask.bool().sum(1).tolist()]
 
 
 def hunyuan10_modules(model) -> list:
@@ -61,7 +63,7 @@ def hunyuan10_attention(session, site, attn, given, original):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask.bool(), float("-inf"))
     for row in call.cond_rows:
-        offset, n_text = call.spans[row]
+        offset, n_text = call.spans[row] if call.spans else (0, context.shape[1])
         for e in active:
             if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
                 raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
