@@ -51,3 +51,12 @@ def test_an_unknown_dit_names_the_families_the_node_reaches():
     for family in ("HiDream", "Cosmos Predict2", "LTX-Video", "Krea 2", "Ideogram 4", "LongCat-Image", "Ovis-Image",
                    "Mochi", "AuraFlow"):
         assert family in str(refused.value), family
+
+
+def test_pixart_is_refused_not_taken_for_wan():
+    """ComfyUI 0.3.64's PixArtMS (comfy/ldm/pixart/pixartms.py) has `blocks` and `patch_size` as Wan does; its loop
+    calls each block as block(x, y, t0, y_lens, (H, W)) and its cross-attention takes no transformer_options."""
+    model = module(blocks=nn.ModuleList([module(cross_attn=nn.Module())]), patch_size=2, t_block=nn.Sequential(),
+                   y_embedder=nn.Module(), x_embedder=nn.Module())
+    with pytest.raises(ValueError, match="does not reach PixArt: ComfyUI's PixArt blocks take no dit block replace"):
+        comfy_host.dit_layout(model)

@@ -84,6 +84,10 @@ def dit_layout(diffusion_model) -> DiTLayout:
         raise ValueError("Attention Bending in ComfyUI does not reach Wan Animate 2: its blocks' self-attention "
                          "attends to the pose branch in one call per frame, so the text cross-attention is no fixed "
                          "call of a block")
+    if hasattr(dm, "blocks") and hasattr(dm, "y_embedder") and hasattr(dm, "t_block"):       # PixArt (PixArtMS)
+        raise ValueError("Attention Bending in ComfyUI does not reach PixArt: ComfyUI's PixArt blocks take no dit "
+                         "block replace and call their cross-attention without transformer_options (the diffusers "
+                         "host bends it)")
     if hasattr(dm, "blocks") and hasattr(dm, "t5_yproj"):                          # Mochi: [video; T5]
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
         return DiTLayout("mochi", blocks, 0, True, patch3(dm.patch_size), "t5xxl")
