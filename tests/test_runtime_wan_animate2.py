@@ -16,6 +16,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel
 from diffusers.models.transformers import transformer_wan_animate_2 as tm
+from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks, SequentialPipelineBlocks
+from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam
+from diffusers.modular_pipelines.wan_animate_2 import denoise
+from diffusers.modular_pipelines.wan_animate_2.encoders import WanAnimate2TextEncoderStep
+from transformers import UMT5Config, UMT5EncoderModel
+
+from _pipelines import t5_sentencepiece_tokenizer
 
 from ckptbend.runtime import bending
 from ckptbend.runtime import diffusers_host as dh
@@ -77,10 +84,10 @@ def segment(animate, step=0, dynamic=None, uncond=False, columns=COLUMNS, on_gen
         dh.remove(pipe)
 
 
-def explicit_bent(entry, kinds, bend):
+def explicit_bent(entry, kinds, bend, columns=COLUMNS):
     """diffusers' dispatch replaced: softmax(q·kᵀ·d^−½), the text cross-attention's rows bent while bend["on"] (the
-    generation pass); the flex self-attention (BlockMask) goes to diffusers' own dispatch."""
-    spec = bending.BendSpec.from_dict(entry)
+    generation pass, the step window's); the flex self-attention (BlockMask) goes to diffusers' own dispatch."""
+    spec = bending.BendSpec.from_dict({k: v for k, v in entry.items() if k != "apply_to_timesteps"})
     real = tm.dispatch_attention_fn
 
     def attend(query, key, value, attn_mask=None, **kwargs):
@@ -91,7 +98,7 @@ def explicit_bent(entry, kinds, bend):
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
         if kind == "text" and bend["on"]:
-            probs = bending.bend_probs(probs[0], COLUMNS, (H, W), [spec], frames=FRAMES)[None]
+            probs = bending.bend_probs(probs[0], columns, (H, W), [spec], frames=FRAMES)[None]
         return (probs @ v).transpose(1, 2).to(query.dtype)
 
     return attend
@@ -175,3 +182,84 @@ def test_phase_one_records_maps_and_leaves_the_output_bit_identical(animate):
         dh.remove(pipe)
     assert torch.equal(out, plain)
     assert [m["layer"] for m in session.maps] == [0, 1] and session.maps[0]["bent"].shape == (FRAMES, H, W)
+
+
+# --- the modular pipeline's own loop ---------------------------------------------------------------
+
+class Segment(denoise.WanAnimate2SegmentLoopWrapper):
+    """The pipeline's segment loop less its VAE steps (encode, previous frames, decode): scheduler reset, the
+    reference pass, the guided denoising steps."""
+    block_classes = [denoise.WanAnimate2SegmentSchedulerResetStep, denoise.WanAnimate2RefExtractStep,
+                     denoise.WanAnimate2SegmentDenoiseInner]
+    block_names = ["scheduler_reset", "ref_extract", "denoise_inner"]
+
+
+class Clip(ModularPipelineBlocks):
+    """The CLIP image features, tagged for the denoiser as the pipeline's CLIP encoder step tags them."""
+
+    @property
+    def inputs(self):
+        return [InputParam("clip")]
+
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("encoder_hidden_states_image", kwargs_type="denoiser_input_fields")]
+
+    def __call__(self, components, state):
+        block_state = self.get_block_state(state)
+        block_state.encoder_hidden_states_image = block_state.clip
+        self.set_block_state(state, block_state)
+        return components, state
+
+
+def test_the_pipelines_loop_bends_the_windows_conditional_calls_at_the_words_columns(animate, monkeypatch):
+    """WanAnimate2TextEncoderStep (a tiny UMT5, T5's SentencePiece conventions) and the segment loop's own steps (2
+    steps, the guider's CFG as two calls) in a modular pipeline: the marked prompt's word is found by Wan's rule at
+    its T5 column, and an entry windowed to step 1 bends that step's conditional generation call only, as the
+    explicit bent softmax at that column (the reference pass, step 0 and the unconditional calls unbent)."""
+    model, reference, generation, _ = animate
+    tokenizer = t5_sentencepiece_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=37, num_layers=1,
+                                          num_heads=2, relative_attention_num_buckets=8)).eval()
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"text": WanAnimate2TextEncoderStep(), "clip": Clip(),
+                                                        "segment": Segment()})
+    pipe = blocks.init_pipeline()
+    pipe.update_components(text_encoder=encoder, tokenizer=tokenizer, transformer=model,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    inputs = dict(max_sequence_length=TEXT_LEN, num_inference_steps=2, num_segments=1, segment_frame_length=4,
+                  height=32, width=48, max_seq_len=FRAMES * H * W, max_seq_len_ref=REF_FRAMES * H * W,
+                  grid_sizes_ref=reference["offset_grid_sizes"], clip=generation["encoder_hidden_states_image"],
+                  condition_clip_context=reference["encoder_hidden_states_image"],
+                  driving_video_latents=reference["hidden_states"][0][None],
+                  driving_video_condition=reference["condition_latents"][0],
+                  latents=generation["hidden_states"][0], reference_latents=generation["condition_latents"][0])
+    entry = {**ENTRY, "apply_to_timesteps": [1, 1]}
+
+    def sample(prompt):
+        return pipe(prompt=prompt, kv_cache=tm.WanAnimate2KVCache(len(model.blocks)), **inputs, output="latents")
+
+    plain = sample("a kiss at sunset")
+    session = dh.apply(pipe, {"bending": [entry]})
+    try:
+        bent = sample("a kiss at {sunset}")
+    finally:
+        dh.remove(pipe)
+    columns = session.token_indices
+    ids = tokenizer("a kiss at sunset")["input_ids"]
+    assert columns == {"sunset": [3]} and tokenizer.convert_ids_to_tokens(ids[3]) == "▁sunset"
+    kinds, bend, calls = [], {"on": False}, []
+
+    def note(module, args, kwargs):             # the call in progress: bent where the session bends
+        calls.append(kwargs["kv_cache_mode"])
+        bend["on"] = (kwargs["kv_cache_mode"] == "cached" and not kwargs["is_uncondtion"]
+                      and float(kwargs["timestep"][0]) == float(pipe.scheduler.timesteps[1]))
+
+    monkeypatch.setattr(tm, "dispatch_attention_fn", explicit_bent(entry, kinds, bend, columns))
+    hook = model.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        expected = sample("a kiss at sunset")
+    finally:
+        hook.remove()
+    assert calls == ["extract"] + ["cached"] * 4                           # 2 steps × (prompt, negative)
+    torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
+    assert (bent - plain).abs().max() > 1e-4
