@@ -21,6 +21,7 @@ from .hunyuan15 import HUNYUAN15_MODELS, hunyuan15_attention, hunyuan15_modules
 from .qwen21 import QWEN21_MODELS, qwen21_attention, qwen21_modules
 from .single import SINGLE_MODELS, single_attention, single_modules
 from .unet import self_attention
+from .wan_animate2 import ANIMATE2_MODELS, animate2_attention, animate2_modules
 
 BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}   # ComfyUI's names
 # Wan VACE's control blocks: their cross-attentions read the control video's tokens, and the hosts run them in
@@ -56,6 +57,8 @@ def sites_of(model) -> list[Site]:
                 for layer, (n, m) in enumerate(single[type(model).__name__](model))]
     if type(model).__name__ in MOTIF_MODELS:        # joint attn and text cross_attn, both the block's layer
         return [Site(n, m, False, None, layer, joint=True) for n, m, layer in motif_modules(model)]
+    if type(model).__name__ in ANIMATE2_MODELS:       # text cross_attn (image keys a second attention), no attn2
+        return [Site(n, m, True, None, layer) for layer, (n, m) in enumerate(animate2_modules(model))]
     if type(model).__name__ in KANDINSKY5_MODELS:     # visual→text cross-attention only (no attn1 / attn2 names)
         return [Site(n, m, True, None, layer) for layer, (n, m) in enumerate(kandinsky5_modules(model))]
     if type(model).__name__ in JOINT_MODELS:
@@ -127,6 +130,8 @@ class Processor:
             return single_attention(session, self.site, attn, given, original)
         if self.site.joint:
             return joint_attention(session, self.site, attn, given, original)
+        if session.animate2:
+            return animate2_attention(session, self.site, attn, given, original)
         run = cross_attention if self.site.cross else self_attention
         return run(session, self.site, attn, hidden_states, given.get("encoder_hidden_states"),
                    given.get("attention_mask"), original)

@@ -14,6 +14,7 @@ from .joint import JOINT_MODELS
 from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
 from . import ltx_video, sana, skyreels
 from . import anima, cosmos, hunyuan10
+from . import wan_animate2
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -27,7 +28,7 @@ NOT_REACHED: dict[str, str] = {}
 BENDABLE = ("UNets (SD 1.x/2.x, SDXL), PixArt, Wan 2.1/2.2, Flux.1, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, "
             "Qwen-Image 2.x, Z-Image, Lumina 2, ERNIE-Image, Krea 2, HunyuanVideo 1.0 and 1.5, HiDream, Kandinsky 5, "
             "AuraFlow, Mochi, LongCat-Image, Ovis-Image, Ideogram 4, Flux.3, Motif-Video, MiniMax H3, Sana, LTX-Video, "
-            "SkyReels V2, ChronoEdit, Cosmos Predict2 and LTX-2's video stream")
+            "SkyReels V2, ChronoEdit, Cosmos Predict2, Wan Animate 2 and LTX-2's video stream")
 
 
 # --- the API ---------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class Session:
         self.motif = type(self.models[0]).__name__ in motif_video.MOTIF_MODELS   # joint attn and cross_attn
         self.minimax = type(self.models[0]).__name__ in minimax_h3.MINIMAX_MODELS   # one packed sequence, no CFG
         self.sana = type(self.models[0]).__name__ in sana.SANA_MODELS            # Gemma 2 after an instruction
+        self.animate2 = type(self.models[0]).__name__ in wan_animate2.ANIMATE2_MODELS   # reference pass left alone
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -177,6 +179,8 @@ class Session:
             wrap_rewrite(self)
         if self.minimax:                      # a modular pipeline: its blocks find the words
             minimax_h3.wrap_blocks(self)
+        if self.animate2:                     # a modular pipeline: its blocks find the words
+            wan_animate2.wrap_blocks(self)
 
     def _install_model(self, model):
         """One model's processors and its pre / post hooks (every model shares this session's state)."""
@@ -216,6 +220,9 @@ class Session:
             return None
         if self.minimax:
             self.call = minimax_h3.describe(self, module, args, kwargs)
+            return None
+        if self.animate2:
+            self.call = wan_animate2.describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
