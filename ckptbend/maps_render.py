@@ -1,6 +1,7 @@
 """Render stored attention-bending maps (runtime/maps.py files) as PNG heatmap grids.
 
-One PNG per token: a row per sampling step, a column per cross-attention layer, and in each cell
+One PNG per token: a row per sampling step, a column per cross-attention layer (one per attention
+where a layer records two, e.g. Motif-Video's attn and cross_attn, labelled), and in each cell
 the original map (left) beside the bent one (right), both on the same colour scale so a move, a
 blur or a mask is visible at a glance. Video maps show their first frame.
 """
@@ -62,6 +63,24 @@ def image_names(tokens) -> dict[str, str]:
     return names
 
 
+def _column(record) -> tuple:
+    return record["layer"], record.get("site")
+
+
+def _columns(records) -> dict:
+    """(layer, site) → its column label, by layer, a layer's sites in recording order; the site named only
+    where its layer has more than one (Motif-Video's joint attn, then its cross_attn)."""
+    order = list(dict.fromkeys(_column(r) for r in records))
+    order.sort(key=lambda c: c[0])                                   # stable: sites keep their order
+    per_layer = {layer: sum(c[0] == layer for c in order) for layer, _ in order}
+    # A site is a module's attribute name; anything else in a file is drawn as ASCII (any font draws it), short.
+    return {c: f"layer {c[0]}" if per_layer[c[0]] == 1 else f"layer {c[0]} {_ascii(c[1])}" for c in order}
+
+
+def _ascii(site) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", site or "-")[:24]
+
+
 def render(records: list[dict], out_dir: Path, *, force: bool = False, inputs=()) -> list[Path]:
     """Write one PNG per token into out_dir (created); returns the paths. Every image is checked
     first and written through a temporary (output.py); an existing one needs `force`."""
@@ -73,18 +92,20 @@ def render(records: list[dict], out_dir: Path, *, force: bool = False, inputs=()
     for token, target in targets.items():
         mine = [r for r in records if r["token"] == token]
         steps = sorted({r["step"] for r in mine}, key=lambda s: (s is None, s or 0))   # None: outside the schedule
-        layers = sorted({r["layer"] for r in mine})
+        columns = _columns(mine)
         cell_w, cell_h = 2 * CELL + GAP, CELL
-        sheet = Image.new("RGB", (LABEL * 4 + len(layers) * (cell_w + GAP), LABEL + len(steps) * (cell_h + GAP)), "white")
+        size = (LABEL * 4 + len(columns) * (cell_w + GAP), LABEL + len(steps) * (cell_h + GAP))
+        sheet = Image.new("RGB", size, "white")
         draw = ImageDraw.Draw(sheet)
-        for c, layer in enumerate(layers):
-            draw.text((LABEL * 4 + c * (cell_w + GAP), 2), f"layer {layer}: original | bent", fill="black")
+        for c, label in enumerate(columns.values()):
+            draw.text((LABEL * 4 + c * (cell_w + GAP), 2), f"{label}: original | bent", fill="black")
         for r_i, step in enumerate(steps):
             draw.text((2, LABEL + r_i * (cell_h + GAP) + cell_h // 2), f"step {step}", fill="black")
-        # Several records for one (step, layer) (a second-order sampler's two calls): the last one.
-        cells = {(r["step"], r["layer"]): r for r in mine}
-        for (step, layer), r in cells.items():
-            x = LABEL * 4 + layers.index(layer) * (cell_w + GAP)
+        # Several records for one (step, layer, site) (a second-order sampler's two calls): the last one.
+        cells = {(r["step"], _column(r)): r for r in mine}
+        order = list(columns)
+        for (step, column), r in cells.items():
+            x = LABEL * 4 + order.index(column) * (cell_w + GAP)
             y = LABEL + steps.index(step) * (cell_h + GAP)
             sheet.paste(_tile(r["original"], r["bent"]), (x, y))
         with atomic_output(target, force) as tmp:

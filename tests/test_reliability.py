@@ -1757,7 +1757,7 @@ def test_parse_recipe_accepts_canonical_recipes_and_rejects_everything_else_clea
 MAP_EDITS = st.one_of(
     st.tuples(st.just("records"), JSON),                               # the whole records value
     st.tuples(st.just("record"), INDEX, JSON),                         # one record
-    st.tuples(st.just("field"), INDEX, st.sampled_from(["token", "layer", "step", "x"]), JSON),
+    st.tuples(st.just("field"), INDEX, st.sampled_from(["token", "layer", "step", "site", "x"]), JSON),
     st.tuples(st.just("drop_field"), INDEX, st.sampled_from(["token", "layer", "step"])),
     st.tuples(st.just("format"), JSON),
 )

@@ -664,7 +664,7 @@ def test_phase_one_records_maps_and_leaves_the_output_alone(sd):
     assert sorted((r["step"], r["layer"]) for r in records) == \
         [(s, layer) for s in range(STEPS) for layer in range(SD_CROSS_SITES)]
     for r in records:
-        assert set(r) == {"token", "layer", "step", "original", "bent"} and r["token"] == "sunset"
+        assert set(r) == {"token", "layer", "step", "site", "original", "bent"} and r["token"] == "sunset"
         for key in ("original", "bent"):
             assert r[key].dtype == torch.float32 and r[key].device.type == "cpu"
         assert r["original"].shape == ((16, 16) if r["layer"] in (0, 5, 6) else (8, 8))

@@ -1,8 +1,9 @@
 """Store recorded attention-bending maps in a .safetensors file (torch + stdlib only).
 
-A record is {"token", "layer", "step", "original", "bent"}: the token's cross-attention column as a
+A record is {"token", "layer", "step", "original", "bent"} and optionally "site" (the attention's name,
+where a layer holds two, e.g. Motif-Video's attn and cross_attn): the token's cross-attention column as a
 map [h, w] (video: [frames, h, w]) before and after bending. The file holds the tensors
-`<i>.original` / `<i>.bent` and, in its metadata, the list of (token, layer, step) per record; it is
+`<i>.original` / `<i>.bent` and, in its metadata, the list of (token, layer, step[, site]) per record; it is
 written with the standard library so that companions need no extra package, and any safetensors
 reader opens it. `ckptbend maps FILE -o DIR` renders it as PNG heatmaps.
 """
@@ -37,8 +38,9 @@ def save_maps(source, path) -> int:
             blobs.append(data)
             offset += len(data)
     # step is None for a model call outside the scheduler's timesteps.
-    index = [{"token": r["token"], "layer": int(r["layer"]), "step": None if r["step"] is None else int(r["step"])}
-             for r in records]
+    index = [{"token": r["token"], "layer": int(r["layer"]),
+              "step": None if r["step"] is None else int(r["step"]),
+              **({"site": str(r["site"])} if r.get("site") is not None else {})} for r in records]
     header = {"__metadata__": {"format": FORMAT, "records": json.dumps(index)}, **entries}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)                     # keeps tensor data 8-byte aligned
@@ -101,7 +103,10 @@ def _record(i, item, header, raw, base, bad) -> dict:
         bad(f"record {i}'s layer must be an integer >= 0")
     if step is not None and (not _is_int(step) or step < 0):
         bad(f"record {i}'s step must be an integer >= 0 or null")
-    record = {"token": token, "layer": layer, "step": step}
+    site = item.get("site", None)                       # absent in files of one attention per layer
+    if site is not None and (not isinstance(site, str) or not site):
+        bad(f"record {i}'s site must be a non-empty string or null")
+    record = {"token": token, "layer": layer, "step": step, "site": site}
     for kind in ("original", "bent"):
         e = header.get(f"{i}.{kind}")
         if not isinstance(e, dict) or e.get("dtype") != "F32":

@@ -120,6 +120,7 @@ def recorder(session, site, active, heads, grid, n_text):
         for word in words:
             local = [keys.index(j) for j in tokens.columns_for(word, session.token_indices, n_text)]
             session.maps.append({"token": word, "layer": site.layer, "step": call.step,
+                             "site": site.name.rsplit(".", 1)[-1],     # a layer may record two attentions
                              "original": word_map(columns, heads, local, shape),
                              "bent": word_map(bent, heads, local, shape)})
     return observe
