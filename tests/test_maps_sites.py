@@ -55,7 +55,8 @@ def test_motif_video_maps_keep_both_attentions_of_a_layer(tmp_path):
     assert not torch.equal(records[0]["original"], records[1]["original"])       # two different attentions
     path = tmp_path / "maps.safetensors"
     save_maps(session, path)
-    assert [(r["layer"], r["step"], r["site"]) for r in load_maps(path)] == [(r["layer"], 0, r["site"]) for r in records]
+    back = [(r["layer"], r["step"], r["site"]) for r in load_maps(path)]
+    assert back == [(r["layer"], 0, r["site"]) for r in records]
     (png,) = render_file(path, tmp_path / "png")
     sheet = Image.open(png).convert("RGB")
     assert sheet.size == (LABEL * 4 + 4 * (2 * CELL + 2 * GAP), LABEL + CELL + GAP)

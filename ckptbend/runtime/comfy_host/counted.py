@@ -17,6 +17,8 @@ LLAMA = "encoder_hidden_states_llama3"      # HiDream's extra cond: [b, layers, 
 def record(kind: str, call: dict, context, kwargs) -> None:
     """Start the model call's count; its text length (HiDream: T5's tokens, then twice Llama's; Cosmos: T5's)."""
     call["calls"], call["text"] = [0], context.shape[1]
+    if kind == "cosmos" and kwargs.get("t5xxl_ids") is not None:    # Anima outside inference mode: its adapter runs
+        call["text"] = max(512, kwargs["t5xxl_ids"].shape[-1])     # in the model; a row per T5 token, padded to 512
     if kind == "hidream":
         if kwargs.get("image_cond") is not None:
             raise ValueError("Attention Bending on HiDream bends text-to-image sampling only: HiDream E1's edit "

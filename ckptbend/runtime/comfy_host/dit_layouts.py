@@ -64,6 +64,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
                          tuple(dm.patchifier.patch_size), "t5xxl")
     if hasattr(dm, "double_stream_blocks") and hasattr(dm, "single_stream_blocks"):  # HiDream: blocks by call order
         return DiTLayout("hidream", [], 0, True, patch3(dm.patch_size), HIDREAM_KEY)
+    # Cosmos Predict2, and Anima: its llm_adapter runs in extra_conds, before the model call; its rows are T5's tokens
     if hasattr(dm, "blocks") and hasattr(dm, "patch_spatial") and hasattr(dm, "t_embedding_norm"):  # Cosmos Predict2
         return DiTLayout("cosmos", [], 1, False, (dm.patch_temporal, dm.patch_spatial, dm.patch_spatial), "t5xxl")
     if hasattr(dm, "video_patch_proj") and hasattr(dm, "audio_patch_proj"):          # MiniMax H3
@@ -127,7 +128,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
         return DiTLayout("sd3", blocks, 0, True, patch3(getattr(dm, "patch_size", 2)), ("l", "t5xxl"))
     raise ValueError("Attention Bending in ComfyUI supports UNets (SD 1.x/2.x, SDXL), Wan 2.1/2.2, Flux.1/Chroma, "
                      "SD3/SD3.5, Qwen-Image, Qwen-Image 2.x, Z-Image, Lumina 2, HunyuanVideo, Kandinsky 5, "
-                     "HiDream, Cosmos Predict2, LTX-Video, Krea 2, Ideogram 4, LongCat-Image, Ovis-Image, "
+                     "HiDream, Cosmos Predict2, Anima, LTX-Video, Krea 2, Ideogram 4, LongCat-Image, Ovis-Image, "
                      "Mochi and AuraFlow; "
                      f"this model's diffusion_model is a {name}")
 
