@@ -52,8 +52,7 @@ class NextDiTHookedAttention:
         options = self.model.options
         out = cs.BACKEND.optimized_attention_masked(q, k, v, attn.heads, None, skip_reshape=True,
                                                     transformer_options=options)
-        self.model._note(options.get("block_index") if self.layer == "layers" else self.layer, "joint", q, k, v, out,
-                         options)
+        self.model._note(self.model.main if self.layer == "layers" else self.layer, "joint", q, k, v, out, options)
         return attn.to_out[0](out)
 
 
@@ -66,10 +65,12 @@ def _padded(tokens, pad_token, multiple):
 
 class ZImageModel(cj.JointFlowModel):
     """ComfyUI's BaseModel for Z-Image around a diffusers ZImageTransformer2DModel (module docstring); with
-    multiple=None, Lumina 2's NextDiT as ComfyUI runs it (the same loop, no padding: pad_tokens_multiple None)."""
+    multiple=None, Lumina 2's NextDiT as ComfyUI runs it (the same loop, no padding: pad_tokens_multiple None);
+    block_index=False: ComfyUI 0.3.64's loop, which writes neither block_index nor block_type."""
 
-    def __init__(self, transformer, shift: float = 3.0, multiple: int | None = MULTIPLE):
+    def __init__(self, transformer, shift: float = 3.0, multiple: int | None = MULTIPLE, block_index: bool = True):
         super().__init__(transformer, shift)
+        self.block_index, self.main = block_index, None
         dm = self.diffusion_model
         for name in ("layers", "context_refiner", "noise_refiner", "cap_embedder"):
             setattr(dm, name, getattr(transformer, name))
@@ -98,10 +99,13 @@ class ZImageModel(cj.JointFlowModel):
         for layer in tf.context_refiner:
             text = layer(text, None, freqs[:, :n_text])
         joint = torch.cat([text, image], 1)
-        options["total_blocks"] = len(tf.layers)
-        options["block_type"] = "double"
+        if self.block_index:
+            options["total_blocks"] = len(tf.layers)
+            options["block_type"] = "double"
         for i, layer in enumerate(tf.layers):
-            options["block_index"] = i
+            self.main = i
+            if self.block_index:
+                options["block_index"] = i
             joint = layer(joint, None, freqs, adaln)
         out = tf.all_final_layer["2-1"](joint, c=adaln)[:, n_text:n_text + rows * cols]
         out = out.view(b, rows, cols, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .. import bending, bent_attention, tokens
-from . import counted
+from . import counted, nextdit
 from .common import SAG_PASS, chunk_rows, logit_bias, per_head, step_counter
 from .dit_layouts import DiTLayout
 
@@ -38,6 +38,8 @@ def patch_bending_dit(m, specs: list, columns: Mapping, steps, layout: DiTLayout
     replaced = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for name, index, layer in layout.blocks:         # all of them: Flux's double blocks give the text length
         m.set_model_patch_replace(_tag_block(layer, replaced.get((name, index))), "dit", name, index)
+    if layout.kind == "nextdit":                     # ComfyUI 0.3.64 writes no block_index: main calls counted
+        layout.refiner_calls = nextdit.refiners(m.model.diffusion_model)
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "ckptbend_bending", _record_call(layout))
     # Read only now: set_model_patch_replace puts a new transformer_options dict in place each time.
     options = m.model_options["transformer_options"]
@@ -76,6 +78,9 @@ def _record_call(layout):
             counted.record(layout.kind, options[DIT_CALL], context, kwargs)
         if layout.kind in HOST_TAGGED or layout.kind in JOINT_COUNTED:
             text, image = 0 if context is None else context.shape[1], grid[0] * grid[1] * grid[2]
+            if layout.kind == "nextdit":
+                options[DIT_CALL].update(calls=0, main=-1, refiners=layout.refiner_calls)
+                text = text if layout.pad else nextdit.text_length(context, kwargs)
             if layout.pad:
                 text, image = text + (-text) % layout.pad, image + (-image) % layout.pad
             options[DIT_CALL].update(text=text, joint=text + image)
@@ -103,7 +108,10 @@ def _host_tagged_layer(kind, options, call, n_queries, n_keys):
     for a call not bent. NextDiT: the main blocks' joint call (not a refiner's: text or image alone, before the
     loop; nor a longer one: Z-Image's omni edit with reference images and SigLIP tokens). Qwen-Image 2.x: the
     target image's call (its queries the image tokens alone, against text and image keys: its block-causal prefix
-    calls and the prefix-cached ones alike); with reference images among the keys it refuses."""
+    calls and the prefix-cached ones alike); with reference images among the keys it refuses. NextDiT on a
+    ComfyUI that writes no block_index (0.3.64): its main layers told by call order (nextdit.py)."""
+    if kind == "nextdit" and "block_index" not in options:
+        return nextdit.counted_layer(call, n_queries, n_keys)
     if options.get("block_type") != HOST_TAGGED[kind] or "block_index" not in options:
         return None
     if kind == "nextdit":
