@@ -8,7 +8,8 @@ Gemma-like stand-in with SentencePiece's conventions. ComfyUI 0.3.64's loop writ
 the main layers' calls after the refiners' (comfy_host/nextdit.py). Every main call's positive image queries equal
 the explicit bent softmax; the refiners' calls, the text queries and the negative rows are the backend's output bit
 for bit; strength 0 samples bit-identically; a window [1, 1] bends step 1 alone; a layer list bends its layers alone;
-a negative prompt of another length runs in model calls of its own, untouched.
+a negative prompt of another length runs in model calls of its own, untouched; a positive context padded with 4
+masked tokens (ComfyUI keeps the mask's tokens) bends as the unpadded one.
 
 pixart: ComfyUI's own PixArtMS is refused by comfy_host.dit_layout with its one-line reason.
 """
@@ -80,8 +81,8 @@ def main_check(h, seen, n_text, n_image, columns, grid, entry, bent_at):
             assert torch.equal(out, plain), "a call not bent changed"
             seen["other"] += 1
             return
-        assert mask is None                                         # every token valid: ComfyUI passes no mask
-        probs = torch.softmax(qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5, -1)[rows]
+        logits = qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5
+        probs = torch.softmax(logits if mask is None else logits + comfy_host.common.logit_bias(mask), -1)[rows]
         image, text = slice(n_text, n_text + n_image), slice(0, n_text)
         block = probs[:, :, image, text].reshape(-1, n_image, n_text)
         unwindowed = {**entry, "renormalize": "none", "apply_to_timesteps": None, "apply_to_layers": None}
@@ -114,7 +115,10 @@ def check_lumina2(h):
     g = torch.Generator().manual_seed(1)
     conds = [[[torch.randn(1, n, 24, generator=g), {"attention_mask": torch.ones(1, n, dtype=torch.long)}]]
              for n in (n_text, n_text, n_text - 5)]
-    run = lambda m, negative=conds[1]: h.sample(m, (1, 16, 8, 12), conds[0], negative, cfg=2.0)    # noqa: E731
+    padded = torch.cat([conds[0][0][0], torch.randn(1, 4, 24, generator=g)], 1)    # 4 padding tokens, masked out
+    conds.append([[padded, {"attention_mask": (torch.arange(n_text + 4) < n_text).long()[None]}]])
+    run = lambda m, negative=conds[1], positive=conds[0]: h.sample(m, (1, 16, 8, 12), positive, negative,  # noqa
+                                                                   cfg=2.0)
     node = lambda entry, **values: h.node(patcher, {"bending": [entry]}, clip, bending_prompt=prompt, **values)  # noqa
 
     base = run(patcher)
@@ -124,12 +128,14 @@ def check_lumina2(h):
              ("step window [1, 1]", {**h.ENTRY, "apply_to_timesteps": [1, 1]},
               lambda sigma, n: round(sigma, 4) == step1, 2),
              ("layers [1]", {**h.ENTRY, "apply_to_layers": [1]}, lambda sigma, n: n == 1, 3),
-             ("a shorter negative (its own model calls)", h.ENTRY, lambda sigma, n: True, 2 * 3)]
+             ("a shorter negative (its own model calls)", h.ENTRY, lambda sigma, n: True, 2 * 3),
+             ("a padded positive under its attention mask", h.ENTRY, lambda sigma, n: True, 2 * 3)]
     for name, entry, bent_at, expected in cases:
         seen = {"bent": 0, "other": 0, "error": 0.0}
-        negative = conds[2] if name.startswith("a shorter") else conds[1]
+        positive = conds[3] if name.startswith("a padded") else conds[0]
+        negative = conds[2] if name.startswith(("a shorter", "a padded")) else conds[1]
         m = h.recording(node(entry), main_check(h, seen, n_text, 24, columns, grid, entry, bent_at))
-        change = float((run(m, negative) - (run(patcher, negative) if negative is conds[2] else base)).abs().max())
+        change = float((run(m, negative, positive) - run(patcher, negative, positive)).abs().max())
         print(f"  {name}: columns {columns}, {n_text} text tokens, largest change of the sample {change:.3g}; "
               f"calls {seen}")
         assert seen["bent"] == expected and seen["error"] < 1e-5 and change > 0
