@@ -13,6 +13,7 @@ only wire it into ComfyUI's model-patch hooks:
                   Chroma, SD3, Qwen-Image and 2.x, Z-Image / Lumina 2, HunyuanVideo 1.5, Krea 2, Ideogram 4)
   tokens.py  a word's text-token columns as ComfyUI's tokenizers and encoders produce them
   hunyuan_video.py  HunyuanVideo 1.0's: the Llama 3 tokens its encoder keeps from its template
+  nextdit.py  NextDiT where ComfyUI writes no block_index (0.3.64's Lumina 2): main layers told by call order
 
 
   SAG       attn1_replace at ("middle", 0, 0) keeps the unconditional chunk's attention

@@ -33,8 +33,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
     [text; image], mask passed positionally: None). Layers count the blocks in order.
     SD3's text_key ("l", "t5xxl"): its context is the CLIP tokens then T5's; a word's keys in both are
     bent (token_columns). NextDiT (Z-Image, Lumina 2): one attention per main block over [text; image], the block
-    told by transformer_options["block_index"] (its loop has no "dit" replace), Z-Image's Qwen3 or Lumina 2's
-    Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
+    told by transformer_options["block_index"] (its loop has no "dit" replace; 0.3.64's writes none: by call order,
+    nextdit.py), Z-Image's Qwen3 or Lumina 2's Gemma 2 tokens. HunyuanVideo 1.5: Flux's blocks over [image; text], the text its refined Qwen2.5-VL prompt
     tokens (Qwen-Image's template rule) then ByT5 glyph tokens, with a key mask; HunyuanVideo 1.0 the same without
     the glyphs, its text the Llama 3 tokens its encoder keeps (hunyuan_video.py). Qwen-Image 2.x: one block-causal
     sequence [text; target image] of unpatched latent tokens, the block told alike; the target image's call is
