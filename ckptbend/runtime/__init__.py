@@ -15,6 +15,7 @@ ComfyUI's own modules only inside the functions ComfyUI calls while sampling. It
                     dit_layouts.py (DiT bending), tokens.py (ComfyUI's tokenizers and encoders), counted.py
                     (HiDream, Cosmos: blocks by call order), hidream.py (HiDream's T5 and Llama keys),
                     hunyuan_video.py (HunyuanVideo 1.0's Llama tokens)
+                    nextdit.py (0.3.64's Lumina 2: main layers by call order)
   diffusers_host/   apply(pipe) / remove(pipe): session.py, calls.py, processor.py, recompute.py, unet.py,
                     cross.py (UNets, Wan, PixArt, LTX-2's video),
                     joint.py (Flux.1/.2, Chroma, SD3, Qwen-Image, AuraFlow),
