@@ -60,3 +60,14 @@ def test_pixart_is_refused_not_taken_for_wan():
                    y_embedder=nn.Module(), x_embedder=nn.Module())
     with pytest.raises(ValueError, match="does not reach PixArt: ComfyUI's PixArt blocks take no dit block replace"):
         comfy_host.dit_layout(model)
+
+
+@pytest.mark.parametrize("model", [
+    # HunyuanDiT (comfy/ldm/hydit/models.py): `blocks` of HunYuanDiTBlock (attn1, attn2) and `patch_size`, as Wan has
+    module(blocks=nn.ModuleList([module(attn1=nn.Module(), attn2=nn.Module())]), patch_size=2),
+    # Cosmos 1.0's GeneralDIT (comfy/ldm/cosmos/model.py): `blocks` is a ModuleDict keyed by name
+    module(blocks=nn.ModuleDict({"block0": module(blocks=nn.ModuleList())}), patch_spatial=2),
+], ids=["hunyuan-dit", "cosmos-1"])
+def test_a_dit_ckptbend_does_not_know_gets_the_one_line_refusal_not_a_crash(model):
+    with pytest.raises(ValueError, match="Attention Bending in ComfyUI supports .*this model's diffusion_model is a"):
+        comfy_host.dit_layout(model)

@@ -55,6 +55,8 @@ def dit_layout(diffusion_model) -> DiTLayout:
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         return (1, *size) if len(size) == 2 else size
 
+    # the first of `blocks` (a list, or Cosmos 1.0's dict by name): Wan's and its relatives' have a cross_attn
+    first_block = next(iter(dm.blocks.children()), None) if hasattr(getattr(dm, "blocks", None), "children") else None
     blocks = getattr(dm, "transformer_blocks", None) or ()
     if len(blocks) and hasattr(blocks[0], "audio_attn2"):                           # LTX-2 (LTXAV)
         raise ValueError("Attention Bending in ComfyUI does not reach LTX-2: its latent packs video and audio into "
@@ -81,7 +83,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
     if hasattr(dm, "visual_transformer_blocks") and hasattr(dm, "text_transformer_blocks"):   # Kandinsky 5
         blocks = [("double_block", i, i) for i in range(len(dm.visual_transformer_blocks))]
         return DiTLayout("kandinsky5", blocks, 1, False, patch3(dm.patch_size), QWEN_KEY)
-    if hasattr(dm, "blocks") and len(dm.blocks) and hasattr(dm.blocks[0], "forward_gen"):     # Wan Animate 2
+    if hasattr(first_block, "forward_gen"):                                          # Wan Animate 2
         raise ValueError("Attention Bending in ComfyUI does not reach Wan Animate 2: its blocks' self-attention "
                          "attends to the pose branch in one call per frame, so the text cross-attention is no fixed "
                          "call of a block")
@@ -98,9 +100,9 @@ def dit_layout(diffusion_model) -> DiTLayout:
         blocks += [("single_block", i, n + i) for i in range(len(dm.single_layers))]
         return DiTLayout("auraflow", blocks, 0, True, patch3(dm.patch_size), "pile_t5xl",
                          registers=dm.register_tokens.shape[1])
-    if hasattr(dm, "blocks") and hasattr(dm, "patch_size"):                        # Wan
+    if hasattr(first_block, "cross_attn") and hasattr(dm, "patch_size"):            # Wan
         blocks = [("double_block", i, i) for i in range(len(dm.blocks))]
-        image_call = hasattr(dm.blocks[0].cross_attn, "k_img") if len(dm.blocks) else False
+        image_call = hasattr(first_block.cross_attn, "k_img")
         return DiTLayout("wan", blocks, 2 if image_call else 1, False, patch3(dm.patch_size), "umt5xxl")
     if hasattr(dm, "double_blocks") and hasattr(getattr(dm, "txt_in", None), "individual_token_refiner"):
         n = len(dm.double_blocks)                       # HunyuanVideo 1.5: [image; Qwen2.5-VL prompt; ByT5 glyphs]
