@@ -10,7 +10,7 @@ from .common import step_counter
 from .dit import patch_bending_dit
 from .dit_layouts import dit_layout
 from .tokens import HUNYUAN_KEY, llama_prompt_tokens, token_columns
-from .unet import is_unet, patch_bending, patch_sag, patch_slothful
+from .unet import SVD_REFUSAL, is_svd, is_unet, patch_bending, patch_sag, patch_slothful
 
 CATEGORY = "ckptbend"
 SECOND_MODEL = ("Optional: a second model sampled after the first over the rest of the same schedule (Wan 2.2 "
@@ -137,6 +137,9 @@ def patch_models(model, model_2, dynamic: Mapping, **values) -> tuple:
 
 def _patch_one(model, dynamic: Mapping, values: Mapping, steps):
     """patch_model's clone of one model; steps: its step_counter."""
+    if is_svd(model.model.diffusion_model) and (dynamic.get("bending") or any(
+            dynamic.get(k) is not None for k in ("sag", "slothful"))):
+        raise ValueError(SVD_REFUSAL)
     if (dynamic.get("sag") is not None or dynamic.get("slothful") is not None) \
             and not is_unet(model.model.diffusion_model):
         raise ValueError("SAG and Slothful Attention need a UNet model (SD 1.x/2.x, SDXL); this model's "

@@ -13,6 +13,17 @@ def is_unet(diffusion_model) -> bool:
     return hasattr(diffusion_model, "input_blocks")
 
 
+# ComfyUI builds SVD (SVD_img2vid, SV3D) as a UNetModel with use_temporal_resblock. Run in ComfyUI 0.3.64, SAG fails
+# on it (ComfyUI's own SAG node too) and so does Slothful, at the temporal blocks' self-attention over frames.
+SVD_REFUSAL = ("ckptbend's sampling-time techniques do not reach SVD: its cross-attention attends to the CLIP image "
+               "embedding, not to a prompt (Attention Bending), and its temporal blocks' self-attention runs over "
+               "frames, not the image grid (SAG, Slothful Attention)")
+
+
+def is_svd(diffusion_model) -> bool:
+    return bool(getattr(diffusion_model, "use_temporal_resblocks", False))
+
+
 # --- SAG -----------------------------------------------------------------------------------------
 
 def patch_sag(m, scale: float, blur_sigma: float) -> None:

@@ -15,6 +15,7 @@ from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, mi
 from . import ltx_video, sana, skyreels
 from . import anima, cosmos, hunyuan10
 from . import wan_animate2
+from . import qwen_layered, svd
 from .single import SINGLE_MODELS, describe
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -46,6 +47,7 @@ def apply(pipe, dynamic: Mapping, *, phase: int = 2, record_maps: bool | None = 
         raise ValueError(f"phase must be 1 (visualise only) or 2 (bend), got {phase!r}")
     models = denoisers(pipe)
     sag_params, slothful_params, entries = parse_dynamic(dynamic)
+    svd.check(models, sag_params, slothful_params, entries)      # SVD: refused in one line
     if (sag_params or slothful_params) and not hasattr(models[0], "mid_block"):
         raise ValueError("SAG and Slothful Attention need a UNet; this pipeline's model is a "
                          f"{type(models[0]).__name__}")
@@ -250,7 +252,7 @@ class Session:
         packed = packed_grid(kwargs) if x.ndim == 3 else None
         if packed is not None:
             height, width = token_hw = packed
-        frames = x.shape[2] // frame_patch if x.ndim == 5 else None
+        frames = x.shape[2] // frame_patch if x.ndim == 5 else qwen_layered.frames(kwargs)   # Layered: its frames
         if x.ndim == 3 and kwargs.get("num_frames") and kwargs.get("height") and kwargs.get("width"):   # LTX-2
             height, width = kwargs["height"], kwargs["width"]
             token_hw = (height // row_patch, width // column_patch)
