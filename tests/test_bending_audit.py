@@ -6,6 +6,7 @@ Qwen-Image Layered: the reference is diffusers' own QwenImageTransformer2DModel 
 embedding) with PyTorch's attention replaced by an explicit softmax whose [generated frames × text] block is bent by
 bending.bend_probs over the frames, rows renormalised; the input image's queries are left as they are."""
 
+import inspect
 import types
 
 import pytest
@@ -145,3 +146,61 @@ def test_layered_negative_call_is_bit_identical(layered):
     finally:
         dh.remove(pipe)
     assert torch.equal(out, plain)
+
+
+# --- the ComfyUI node: Cosmos Predict2.5, Qwen-Image Layered refused; Chroma Radiance's grid ------------------------
+
+def module(**children):
+    m = nn.Module()
+    for name, value in children.items():
+        setattr(m, name, value)
+    return m
+
+
+def cosmos_dit(**extra):
+    """ComfyUI's MiniTrainDIT (comfy/ldm/cosmos/predict2.py) by its attributes; Predict2.5 adds crossattn_proj."""
+    return module(blocks=nn.ModuleList([module(cross_attn=nn.Module())]), patch_spatial=2, patch_temporal=1,
+                  t_embedding_norm=nn.Module(), **extra)
+
+
+def test_cosmos_predict25_is_refused_by_the_node_and_predict2_is_not():
+    with pytest.raises(ValueError, match="does not reach Cosmos Predict2.5: its cross-attention keys are its "
+                                         "crossattn_proj's projection of a Qwen2.5-VL"):
+        comfy_host.dit_layout(cosmos_dit(crossattn_proj=nn.Sequential(nn.Linear(8, 4), nn.GELU())))
+    assert comfy_host.dit_layout(cosmos_dit()).text_key == "t5xxl"
+    assert comfy_host.dit_layout(cosmos_dit(crossattn_proj=None)).kind == "cosmos"
+
+
+def test_qwen_image_layered_is_refused_by_the_node_and_qwen_image_is_not():
+    """ComfyUI's Qwen-Image class names its modules as diffusers does: Layered's weights add
+    time_text_embed.addition_t_embedding."""
+    def qwen(**embed):
+        return module(transformer_blocks=nn.ModuleList([nn.Module()]), txt_norm=nn.Module(), patch_size=2,
+                      time_text_embed=module(**embed))
+
+    with pytest.raises(ValueError, match="does not reach Qwen-Image Layered: no ComfyUI model code for its layers"):
+        comfy_host.dit_layout(qwen(addition_t_embedding=nn.Embedding(2, 4)))
+    assert comfy_host.dit_layout(qwen()).kind == "qwen"
+
+
+def test_chroma_radiance_takes_flux_layout_with_its_16_px_patch():
+    """ComfyUI 0.3.64's ChromaRadiance (comfy/ldm/chroma_radiance/model.py): Chroma's double and single blocks over
+    [T5; image], the image a 16-px Conv2d patchify of the padded pixels, raster order (bin/check-comfyui
+    chroma-radiance runs the node there)."""
+    dm = module(double_blocks=nn.ModuleList([nn.Module()]), single_blocks=nn.ModuleList([nn.Module()] * 2),
+                patch_size=16, nerf_blocks=nn.ModuleList())
+    layout = comfy_host.dit_layout(dm)
+    assert (layout.kind, layout.patch, layout.text_key, len(layout.blocks)) == ("flux", (1, 16, 16), "t5xxl", 3)
+
+
+# --- diffusers: Wan Camera, Wan 2.2 Fun Control have no class ------------------------------------
+
+def test_wan_camera_and_fun_control_have_no_diffusers_class():
+    """Their extra modules (control_adapter, ref_conv) are in no diffusers Wan transformer: no pipeline loads them."""
+    import diffusers
+
+    wan = [getattr(diffusers, n) for n in dir(diffusers) if n.startswith("Wan") and n.endswith("Model")]
+    assert wan and not any("Camera" in c.__name__ or "Fun" in c.__name__ for c in wan)
+    for cls in wan:
+        source = inspect.getsource(cls.__init__)
+        assert "control_adapter" not in source and "ref_conv" not in source, cls.__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .hidream import HIDREAM_KEY
 from .tokens import GEMMA2_KEY, IDEOGRAM4_KEY, KREA2_KEY, LONGCAT_KEY, OVIS_KEY, QWEN3_KEY, QWEN3VL_KEY, QWEN_KEY
 from .tokens import HUNYUAN_KEY
+from .refusals import refuse
 
 
 class DiTLayout:
@@ -50,6 +51,7 @@ def dit_layout(diffusion_model) -> DiTLayout:
     tokens; image], the word's columns after the registers."""
     dm = diffusion_model
     name = type(dm).__name__
+    refuse(dm)                # Cosmos Predict2.5, Qwen-Image Layered: one line each (refusals.py)
 
     def patch3(size):
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
