@@ -204,3 +204,24 @@ def test_wan_camera_and_fun_control_have_no_diffusers_class():
     for cls in wan:
         source = inspect.getsource(cls.__init__)
         assert "control_adapter" not in source and "ref_conv" not in source, cls.__name__
+
+
+def test_layered_pipeline_finds_the_words_as_qwen_image():
+    """QwenImageLayeredPipeline encodes the prompt with Qwen-Image's template and rule (its first 34 tokens dropped):
+    the session's column finder gives it the columns it gives QwenImagePipeline."""
+    from diffusers import QwenImageLayeredPipeline
+    from _pipelines_joint import qwen_pipeline
+
+    qwen = qwen_pipeline()
+    layered = QwenImageLayeredPipeline(scheduler=qwen.scheduler, vae=qwen.vae, text_encoder=qwen.text_encoder,
+                                       tokenizer=qwen.tokenizer, processor=None, transformer=qwen.transformer)
+    found = []
+    for pipe in (qwen, layered):
+        session = dh.apply(pipe, {"bending": [ENTRY]})
+        try:
+            embeds = pipe.encode_prompt("a romantic kiss at {sunset}")[0]
+            found.append((session.token_indices, embeds))
+        finally:
+            dh.remove(pipe)
+    assert found[0][0] == found[1][0] and found[1][0]["sunset"]
+    assert torch.equal(found[0][1], found[1][1])          # the same text keys
