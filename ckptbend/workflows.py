@@ -29,6 +29,16 @@ FLUX_TE = ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": 
 T5_TE = "t5xxl_fp16.safetensors"
 VIDEO_LATENT = _latent("EmptyHunyuanLatentVideo", width=832, height=480, length=33)
 IMAGE_1024 = _latent("EmptySD3LatentImage", width=1024, height=1024)
+# Flux.2 samples with its own resolution-aware schedule (Flux2Scheduler) through SamplerCustomAdvanced.
+FLUX2_SIGMAS = ("Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024})
+FLUX2_KLEIN = {"vae": "flux2-vae.safetensors", "latent": _latent("EmptyFlux2LatentImage", width=1024, height=1024),
+               "sampler": _sampler(20, 5.0), "sigmas": FLUX2_SIGMAS}   # the base model's settings
+
+
+def _kandinsky5_te(kind):
+    return ("DualCLIPLoader", {"clip_name1": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                               "clip_name2": "clip_l.safetensors", "type": kind})
+
 
 # architecture (as `ckptbend inspect` names it; the longest matching prefix wins) → the family's graph parts.
 # text_encoder: (loader class, its inputs); model_sampling: a node between the model and the sampler;
@@ -78,11 +88,80 @@ FAMILIES = {
                       "model_sampling": ("ModelSamplingSD3", {"shift": 7.0}),
                       "latent": _latent("EmptyHunyuanLatentVideo", width=848, height=480, length=73), "guidance": 6.0,
                       "sampler": _sampler(20, 1.0), "fps": 24},
+    # families of newer ComfyUI (from its official templates; their nodes are not in 0.3.64)
+    "flux2-dev": {"text_encoder": ("CLIPLoader", {"clip_name": "mistral_3_small_flux2_bf16.safetensors",
+                                                  "type": "flux2"}),
+                  "vae": "full_encoder_small_decoder.safetensors", "guidance": 4.0,
+                  "latent": _latent("EmptyFlux2LatentImage", width=1024, height=1024), "sampler": _sampler(20, 1.0),
+                  "sigmas": FLUX2_SIGMAS, "guider": "BasicGuider"},
+    "flux2-klein": {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors",
+                                                                   "type": "flux2"})},
+    "flux2-klein-9b": {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_8b_fp8mixed.safetensors",
+                                                                      "type": "flux2"}),
+                       "vae": "full_encoder_small_decoder.safetensors"},
+    "flux2": "flux2-dev",
+    "z-image": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}),
+                "vae": "ae.safetensors", "model_sampling": ("ModelSamplingAuraFlow", {"shift": 3.0}),
+                "latent": IMAGE_1024, "sampler": _sampler(25, 4.0, "res_multistep")},
+    "qwen-image-2.1": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen3vl_8b_int8_convrot.safetensors",
+                                                       "type": "qwen_image"}),
+                       "vae": "qwen_image_2.1_vae_bf16.safetensors",
+                       "encode": ("TextEncodeQwenImage21", {"prompt": "PROMPT", "negative_prompt": "NEGATIVE_PROMPT",
+                                                            "resolution": 1024}),
+                       "latent": _latent("EmptyLatentImage", width=1024, height=1024), "sampler": _sampler(25, 1.0)},
+    "kandinsky5": {"text_encoder": _kandinsky5_te("kandinsky5_image"), "vae": "ae.safetensors",
+                   "model_sampling": ("ModelSamplingSD3", {"shift": 3.0}),
+                   "latent": _latent("EmptyLatentImage", width=1024, height=1024), "sampler": _sampler(50, 3.5)},
+    "kandinsky5-lite-video": {"text_encoder": _kandinsky5_te("kandinsky5"), "vae": "hunyuan_video_vae_bf16.safetensors",
+                              "model_sampling": ("ModelSamplingSD3", {"shift": 5.0}),
+                              "conditioning": ("Kandinsky5ImageToVideo", {"width": 768, "height": 512, "length": 121,
+                                                                          "batch_size": 1, "vae": "VAE"}),
+                              "latent": "conditioning", "sampler": _sampler(50, 5.0, "euler_ancestral", "beta"),
+                              "fps": 24},
+    "kandinsky5-pro-video": "kandinsky5-lite-video",
+    "krea2": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen3vl_4b_fp8_scaled.safetensors", "type": "krea2"}),
+              "vae": "qwen_image_vae.safetensors", "latent": _latent("EmptyLatentImage", width=1024, height=1024),
+              "zero_negative": True, "sampler": _sampler(8, 1.0)},
+    "longcat-image": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                      "type": "longcat_image"}),
+                      "vae": "ae.safetensors", "model_sampling": ("CFGNorm", {"strength": 1.0}), "latent": IMAGE_1024,
+                      "guidance": 4.0, "guidance_negative": True, "sampler": _sampler(20, 4.0)},
+    "ovis-image": {"text_encoder": ("CLIPLoader", {"clip_name": "ovis_2.5.safetensors", "type": "ovis"}),
+                   "vae": "ae.safetensors", "model_sampling": ("ModelSamplingAuraFlow", {"shift": 3.0}),
+                   "latent": IMAGE_1024, "sampler": _sampler(20, 5.0)},
+    "hunyuan-video-1.5": {"text_encoder": ("DualCLIPLoader", {"clip_name1": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                              "clip_name2": "byt5_small_glyphxl_fp16.safetensors",
+                                                              "type": "hunyuan_video_15"}),
+                          "vae": "hunyuanvideo15_vae_fp16.safetensors",
+                          "model_sampling": ("ModelSamplingSD3", {"shift": 7.0}),
+                          "latent": _latent("EmptyHunyuanVideo15Latent", width=1280, height=720, length=121),
+                          "sampler": _sampler(20, 6.0), "fps": 24},
+    "anima": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_06b_base.safetensors", "type": "stable_diffusion"}),
+              "vae": "qwen_image_vae.safetensors", "latent": _latent("EmptyLatentImage", width=1024, height=1024),
+              "sampler": _sampler(30, 4.0)},
 }
 DEFAULT_FAMILY = "sd1"
 # A file with its text encoders and VAE inside (CheckpointLoaderSimple gives MODEL, CLIP, VAE). LTX-Video's
 # single files hold the VAE but no text encoder: the family's loader adds it.
 CHECKPOINT_KINDS = ("single-file",)
+
+
+def _wired(inputs: dict, links: dict) -> dict:
+    return {k: links.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}
+
+
+def _custom_sampler(add, spec, model, positive, negative, latent) -> str:
+    """SamplerCustomAdvanced with the family's sigmas node (Flux.2's Flux2Scheduler), as its template samples."""
+    sampler = spec["sampler"]
+    if spec.get("guider") == "BasicGuider":
+        guider = add("BasicGuider", {"model": model, "conditioning": positive})
+    else:
+        guider = add("CFGGuider", {"cfg": sampler["cfg"], "model": model, "positive": positive, "negative": negative})
+    class_type, inputs = spec["sigmas"]
+    noise = add("RandomNoise", {"noise_seed": 0})
+    select = add("KSamplerSelect", {"sampler_name": sampler["sampler_name"]})
+    return add("SamplerCustomAdvanced", {"noise": [noise, 0], "guider": [guider, 0], "sampler": [select, 0],
+                                         "sigmas": [add(class_type, dict(inputs)), 0], "latent_image": latent})
 
 
 def family_of(architecture: str | None) -> str:
@@ -125,13 +204,23 @@ def example_workflow(node_id: str, node_inputs: dict, checkpoint_file: str, arch
         class_type, inputs = spec["model_sampling"]
         model = [add(class_type, {**inputs, "model": model}), 0]
     prompt = node_inputs.get("bending_prompt") or EXAMPLE_PROMPT
-    positive = [add("CLIPTextEncode", {"text": prompt, "clip": clip}), 0]
-    negative = [add("CLIPTextEncode", {"text": NEGATIVE_PROMPT, "clip": clip}), 0]
+    words = {"PROMPT": prompt, "NEGATIVE_PROMPT": NEGATIVE_PROMPT, "VAE": vae}
+    if "encode" in spec:            # the family's own text-encode node, giving positive and negative (Qwen-Image 2.1)
+        class_type, inputs = spec["encode"]
+        both = add(class_type, {"clip": clip, **_wired(inputs, words)})
+        positive, negative = [both, 0], [both, 1]
+    else:
+        positive = [add("CLIPTextEncode", {"text": prompt, "clip": clip}), 0]
+        negative = [add("CLIPTextEncode", {"text": NEGATIVE_PROMPT, "clip": clip}), 0]
+    if spec.get("zero_negative"):   # a distilled model without CFG: a zeroed negative, as its template has
+        negative = [add("ConditioningZeroOut", {"conditioning": positive}), 0]
     if "guidance" in spec:
         positive = [add("FluxGuidance", {"guidance": spec["guidance"], "conditioning": positive}), 0]
+        if spec.get("guidance_negative"):
+            negative = [add("FluxGuidance", {"guidance": spec["guidance"], "conditioning": negative}), 0]
     if "conditioning" in spec:
         class_type, inputs = spec["conditioning"]
-        both = add(class_type, {**inputs, "positive": positive, "negative": negative})
+        both = add(class_type, {**_wired(inputs, words), "positive": positive, "negative": negative})
         positive, negative = [both, 0], [both, 1]
     if "image_to_video" in spec:
         class_type, inputs = spec["image_to_video"]
@@ -144,11 +233,16 @@ def example_workflow(node_id: str, node_inputs: dict, checkpoint_file: str, arch
         i2v = add(class_type, {**inputs, **extra, "positive": positive, "negative": negative, "vae": vae,
                                "start_image": start})
         positive, negative, latent = [i2v, 0], [i2v, 1], [i2v, 2]
+    elif spec["latent"] == "conditioning":      # the conditioning node gives the latent too (Kandinsky 5 video)
+        latent = [both, 2]
     else:
         inputs = {k: vae if v == "VAE" else v for k, v in spec["latent"]["inputs"].items()}
         latent = [add(spec["latent"]["class_type"], inputs), 0]
-    sampled = add("KSampler", {"seed": 0, **spec["sampler"], "denoise": 1.0, "model": model, "positive": positive,
-                               "negative": negative, "latent_image": latent})
+    if "sigmas" in spec:
+        sampled = _custom_sampler(add, spec, model, positive, negative, latent)
+    else:
+        sampled = add("KSampler", {"seed": 0, **spec["sampler"], "denoise": 1.0, "model": model, "positive": positive,
+                                   "negative": negative, "latent_image": latent})
     images = [add("VAEDecode", {"samples": [sampled, 0], "vae": vae}), 0]
     if "fps" in spec:
         video = add("CreateVideo", {"images": images, "fps": float(spec["fps"])})
