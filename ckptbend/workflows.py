@@ -44,6 +44,9 @@ def _kandinsky5_te(kind):
 # text_encoder: (loader class, its inputs); model_sampling: a node between the model and the sampler;
 # guidance: FluxGuidance on the positive; conditioning: a node taking positive and negative (LTX-Video);
 # image_to_video: the family's I2V node (start image, CLIP vision); fps: a video model's output.
+# encode: the family's own text-encode node (positive, negative out); zero_negative: ConditioningZeroOut as the
+# negative; guidance_negative: FluxGuidance on the negative too; latent "conditioning": the conditioning node's
+# third output; sigmas (+ guider): SamplerCustomAdvanced with that sigmas node instead of KSampler.
 FAMILIES = {
     "sd1": {"latent": _latent("EmptyLatentImage", width=512, height=512), "sampler": _sampler(25, 7.0, scheduler="normal")},
     "sd2": {"latent": _latent("EmptyLatentImage", width=768, height=768), "sampler": _sampler(25, 7.0, scheduler="normal")},
