@@ -157,6 +157,12 @@ def _dry_run(jobs, input, allow_missing):
         click.echo(f"{plan.summary()} would be scaled; nothing written (dry run)", err=True)
 
 
+def _note_workflow(folder):
+    note = json.loads((Path(folder) / "companion.json").read_text(encoding="utf-8")).get("no_workflow")
+    if note:
+        click.echo(f"note: {note}", err=True)
+
+
 def _note_left_alone(ckpt):
     for part in ckpt.left_alone:
         click.echo(f"note: left alone (no section reaches it): {part}", err=True)
@@ -187,6 +193,7 @@ def _bake_all(jobs, input, *, force, allow_missing, quiet, durable, source_name,
                 click.echo(f"wrote the companion {result.companion}/ for the recipe's sampling-time part "
                            f"(diffusers: import it and call apply(pipe); ComfyUI: copy it into custom_nodes/)",
                            err=True)
+                _note_workflow(result.companion)
 
 
 @cli.command()
@@ -340,6 +347,7 @@ def emit(recipe_path, output, checkpoint, force, allow_out_of_range):
                    "but `import` needs importlib", err=True)
     write(r, output, force=force, checkpoint=record, inputs=[recipe_path, *([checkpoint] if checkpoint else [])])
     click.echo(f"wrote the companion of {r.name} ({r.sha256[:12]}) to {output}/")
+    _note_workflow(output)
 
 
 @cli.command()

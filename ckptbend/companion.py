@@ -8,6 +8,7 @@ the checkpoint and needs only torch (and diffusers, for `apply(pipe)`), never ck
     <folder>/recipe.toml          the whole recipe, canonical form
     <folder>/pyproject.toml       ComfyUI registry metadata, so the folder can be published as a node pack
     <folder>/workflow_api.json    a ComfyUI workflow (API format): load the checkpoint, apply the node, sample
+                                  (none for a family without a graph: companion.json's no_workflow says why)
     <folder>/runtime/             ckptbend/runtime copied whole, as it is: a package that imports only torch,
                                   the standard library and itself (relative imports), so it never reaches for
                                   an installed ckptbend, and ComfyUI's own modules only while sampling
@@ -91,24 +92,39 @@ def write_companion(recipe, folder: Path, checkpoint: dict | None = None) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(RUNTIME_DIR, folder / "runtime", ignore=RUNTIME_SKIP, dirs_exist_ok=True)
     data = manifest(recipe, checkpoint)
+    workflow = example_workflow(recipe, checkpoint)
+    if workflow is None:       # a family without a graph: say so, never an SD 1.x graph that would not load it
+        data["no_workflow"] = missing_workflow(recipe, checkpoint)
     (folder / "companion.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "recipe.toml").write_text(recipe.canonical(), encoding="utf-8")
     (folder / "pyproject.toml").write_text(_pyproject(recipe), encoding="utf-8")
-    workflow = example_workflow(recipe, checkpoint)
-    (folder / "workflow_api.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if workflow is not None:
+        (folder / "workflow_api.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
     (folder / "__init__.py").write_text(INIT_TEMPLATE.format(name=recipe.name, sha=recipe.sha256), encoding="utf-8")
 
 
-def example_workflow(recipe, checkpoint: dict | None) -> dict:
+def _architecture(recipe, checkpoint: dict | None) -> str | None:
+    return (checkpoint or {}).get("architecture") or (recipe.architecture[0] if recipe.architecture else None)
+
+
+def missing_workflow(recipe, checkpoint: dict | None) -> str | None:
+    """The one line saying why the companion has no workflow_api.json; None where it has one."""
+    from .workflows import missing_graph
+    return missing_graph(_architecture(recipe, checkpoint))
+
+
+def example_workflow(recipe, checkpoint: dict | None) -> dict | None:
     """ComfyUI's API-format workflow for the model family the companion belongs to (workflows.py): its
     loaders → the companion's node → sampler → save. The node's inputs come from its own INPUT_TYPES, so
     the example always matches the node. checkpoint: the record of the file (its name, architecture and
-    kind, as detected); without one, the recipe's architecture, else an SD 1.x graph."""
+    kind, as detected); without one, the recipe's architecture, else an SD 1.x graph. None for a family
+    without a graph (missing_workflow says so)."""
     from .runtime.comfy_host import node_class_mappings
     from .workflows import EXAMPLE_PROMPT, example_workflow as graph
 
+    architecture = _architecture(recipe, checkpoint)
     checkpoint = checkpoint or {}
-    architecture = checkpoint.get("architecture") or (recipe.architecture[0] if recipe.architecture else None)
     (node_id, node), = node_class_mappings(dynamic_part(recipe), recipe.name, recipe.sha256)[0].items()
     words = [b.token for b in recipe.bending]
     prompt = EXAMPLE_PROMPT + "".join(f", {w}" for w in words if w not in EXAMPLE_PROMPT.split())

@@ -337,7 +337,8 @@ def classes(graph: dict) -> list[str]:
     (None, "sd1"), ("sd1", "sd1"), ("sdxl-base", "sdxl"), ("sdxl-refiner", "sdxl"), ("flux-dev", "flux-dev"),
     ("sd35-large", "sd3"), ("sd3-medium", "sd3"), ("wan21-t2v-14b", "wan21-t2v"), ("wan21-t2v", "wan21-t2v"),
     ("wan22-i2v-a14b", "wan22-i2v"), ("ltx-video-13b", "ltx-video"), ("qwen-image", "qwen-image"),
-    ("unet-only", "sd1"), ("some-future-model", "sd1")])
+    ("unet-only", "sd1"), ("some-future-model", None), ("svd", None), ("mochi", "mochi"), ("lumina2", "lumina2"),
+    ("chroma-radiance", "chroma-radiance"), ("wan-vace-14b", "wan-vace"), ("cosmos-predict2-2b", "cosmos-predict2")])
 def test_family_of_an_architecture(architecture, family):
     from ckptbend.workflows import family_of
     assert family_of(architecture) == family
