@@ -102,7 +102,7 @@ def test_cosmos_video2world_is_told_by_its_file_name():
     assert "SaveVideo" in v2w
 
 
-@pytest.mark.parametrize("architecture", ["some-future-model", "svd", "flux2-dev", "sana"])
+@pytest.mark.parametrize("architecture", ["some-future-model", "svd", "motif-video", "sana"])
 def test_an_architecture_without_a_graph_gets_no_workflow(tmp_path, architecture):
     """Never an SD 1.x graph for a model it cannot load: no workflow_api.json, and companion.json says why."""
     write_companion(RECIPE, tmp_path / "c", {"file": "x.safetensors", "architecture": architecture, "kind": "dit"})
