@@ -166,6 +166,25 @@ def _refuse_offsets_outside_floats(ckpt: Checkpoint, by_tensor: dict) -> None:
                                 f"{dtypes[where]}; ckptbend scales such a weight only in F32, F16 or BF16")
 
 
+# What the companion's techniques reach (ckptbend/runtime): SAG and Slothful patch an SD UNet's self-attention;
+# nothing reaches SVD (its cross-attention reads a CLIP image embedding, its temporal blocks run over frames).
+SD_UNETS = ("sd1", "sd2", "sdxl")
+
+
+def _sampling_time_warnings(recipe, ckpt: Checkpoint) -> list[str]:
+    """Warn, at bake time, about sampling-time sections whose companion both hosts will refuse on this model."""
+    arch = ckpt.architecture or ""
+    unet_only = [n for n, on in (("[sag]", recipe.sag is not None), ("[slothful]", recipe.slothful is not None)) if on]
+    used = unet_only + (["[[bending]]"] if recipe.bending else [])
+    if arch == "svd" and used:
+        return [f"{', '.join(used)}: the companion's techniques do not reach SVD (its cross-attention attends to the "
+                "CLIP image embedding, not a prompt; its temporal blocks run over frames): both hosts refuse them"]
+    if unet_only and arch and not arch.startswith(SD_UNETS) and arch != "unet-only":
+        return [f"{', '.join(unet_only)}: SAG and Slothful Attention need an SD UNet (SD 1.x/2.x, SDXL); on {arch} "
+                "the companion refuses them in both hosts"]
+    return []
+
+
 def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
     labels_read_for(recipe, ckpt)
     warnings: list[str] = []
@@ -203,6 +222,7 @@ def make_plan(recipe, ckpt: Checkpoint, *, allow_missing: bool = False) -> Plan:
                         at = (section, s.file, s.key, s.rows)
                         applied[at] = applied.get(at, 1.0) * factor
     warnings += _qk_warnings(ckpt, recipe, applied)
+    warnings += _sampling_time_warnings(recipe, ckpt)
 
     # Group segments per tensor, keeping file order (the order tensors will be written in).
     by_tensor: dict[tuple[str, str], list[Segment]] = {}
