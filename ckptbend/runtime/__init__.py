@@ -23,6 +23,6 @@ ComfyUI's own modules only inside the functions ComfyUI calls while sampling. It
                     hidream.py (HiDream), kandinsky5.py (Kandinsky 5), mochi.py (Mochi),
                     motif_video.py (Motif-Video), minimax_h3.py (MiniMax H3),
                     hunyuan10.py (HunyuanVideo 1.0), cosmos.py (Cosmos Predict2's steps), anima.py (Anima),
-                    wan_animate2.py (Wan Animate 2),
+                    wan_animate2.py (Wan Animate 2), modular.py (modular pipelines' prompts),
                     prompts.py
 """

@@ -26,6 +26,7 @@ bending.py; these modules only wire it in:
   flux3.py      Bending at Flux.3's joint single blocks over [text; image; references] (its modular pipeline)
   motif_video.py Bending at Motif-Video's joint [video; context] attentions and text cross-attentions
   minimax_h3.py Bending at MiniMax H3's packed self-attentions; the modular pipeline's prompt (its blocks wrapped)
+  modular.py    a modular pipeline's blocks wrapped: the prompt unmarked and its words found (MiniMax H3, Animate 2)
   prompts.py    the prompt's "{word}" marks and the words' token columns, per pipeline's tokenizer(s)
 
     session = apply(pipe, {"sag": {...}, "slothful": {...}, "bending": [...]})

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import bending, tokens
-from .recompute import attention, bent_sdpa, plain, recorder
+from .. import bending
+from .recompute import attention, bent_sdpa, plain, recorder, refuse_beyond
 
 WAN_TEXT_LENGTH = 512          # diffusers' WanAttnProcessor: I2V's text is the context's last 512 tokens
 
@@ -22,9 +22,7 @@ def cross_attention(session, site, attn, hidden_states, encoder_hidden_states, a
         split = context.shape[1] - WAN_TEXT_LENGTH
         image, context = context[:, :split], context[:, split:]
     n_text = context.shape[1]
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     if getattr(attn, "norm_cross", None):
         context = attn.norm_encoder_hidden_states(context)
     grid = bending.grid_for(hidden_states.shape[1], call.token_hw, call.frames)

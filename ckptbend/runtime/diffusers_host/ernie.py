@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
+from .. import bent_attention
 from .calls import Call, model_input, scheduler_position, step_of
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 ERNIE_MODELS = {"ErnieImageTransformer2DModel": "ernie"}
 
@@ -76,9 +76,7 @@ def ernie_attention(session, site, attn, given, original):
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, -math.inf)
     for at, row in enumerate(rows):
         n_image, text_at, n_text = call.spans[row][1], call.spans[row][1], call.spans[row][2]
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        refuse_beyond(session, active, n_text)
         observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
         bent_attention.bend_rows(target, q, k, v, [at], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .. import bent_attention, tokens
 from .calls import Call, step_near
 from .prompts import same_columns, unmark
-from .recompute import acting, recorder
+from .joint import _rope   # Flux's real-form RoPE on interleaved pairs
+from .recompute import acting, recorder, refuse_beyond
 
 FLUX3_MODELS = {"Flux3Transformer2DModel": "flux3"}
 TEXT_STEP = "_get_qwen3_vl_prompt_embeds"       # the text encoder step's encoder, one prompt per call
@@ -59,12 +60,6 @@ def describe(session, module, args, kwargs) -> Call:
                 alpha_cumprod=None, n_text=text.shape[1])
 
 
-def _rope(x, rotary):
-    """diffusers' apply_rotary_emb (use_real, pairs interleaved, sequence_dim 1) on [b, n, heads, d]."""
-    cos, sin = (t[None, :, None, :].to(x.device) for t in rotary)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def flux3_attention(session, site, attn, given, original):
@@ -74,9 +69,7 @@ def flux3_attention(session, site, attn, given, original):
     call = session.call
     out = original()
     rows, n_text = call.cond_rows, call.n_text
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     hidden = given["hidden_states"][rows]
     if getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(hidden).chunk(3, dim=-1)

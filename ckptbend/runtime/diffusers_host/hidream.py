@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
-from .recompute import acting, recorder
+from .. import bent_attention
+from .recompute import acting, recorder, refuse_beyond
 
 HIDREAM_MODELS = {"HiDreamImageTransformer2DModel": "hidream"}
 
@@ -70,9 +70,7 @@ def hidream_attention(session, site, attn, given, original):
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     n_text = call.n_text
     first = q.shape[2] - n_text                         # the image tokens (padded ones included) come first
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     n_image = call.token_hw[0] * call.token_hw[1]
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
     bent_attention.bend_rows(out if session.phase == 2 else out.clone(), q, k, v, call.cond_rows, entries=active,

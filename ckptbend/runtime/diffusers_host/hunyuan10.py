@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import bent_attention, tokens
 from . import prompts
 from .joint import _rope
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 HUNYUAN10_MODELS = {"HunyuanVideoTransformer3DModel": "hunyuan10"}
 
@@ -64,9 +64,7 @@ def hunyuan10_attention(session, site, attn, given, original):
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask.bool(), float("-inf"))
     for row in call.cond_rows:
         offset, n_text = call.spans[row] if call.spans else (0, context.shape[1])
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        refuse_beyond(session, active, n_text)
         observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
         bent_attention.bend_rows(out, q, k, v, [row], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
+from .. import bent_attention
 from .joint import _rope
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 HUNYUAN15_MODELS = {"HunyuanVideo15Transformer3DModel": "hunyuan15"}
 
@@ -64,9 +64,7 @@ def hunyuan15_attention(session, site, attn, given, original):
     target = out if session.phase == 2 else out.clone()
     for row in call.cond_rows:
         offset, n_text = call.spans[row]
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} prompt tokens the model sees")
+        refuse_beyond(session, active, n_text, "prompt")
         observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
         bent_attention.bend_rows(target, q, k, v, [row], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

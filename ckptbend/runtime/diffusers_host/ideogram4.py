@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import bent_attention, tokens
 from .calls import Call, step_near
 from .prompts import same_columns
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 IDEOGRAM4_MODELS = {"Ideogram4Transformer2DModel": "ideogram4"}
 TEXT, IMAGE, IMAGE_OFFSET = 3, 2, 65536        # diffusers' LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR, offset
@@ -87,9 +87,7 @@ def ideogram4_attention(session, site, attn, given, original):
     bent = out.clone() if session.phase == 2 else out
     for at, row in enumerate(rows):
         first_image, text_at, n_text = call.spans[row]
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        refuse_beyond(session, active, n_text)
         # only the image queries are recomputed (the other rows keep the host's result bit for bit)
         image = slice(first_image, first_image + n_image)
         qi, ki, vi, keep = q[at:at + 1, :, image], k[at:at + 1], v[at:at + 1], mask[at:at + 1, :, image]

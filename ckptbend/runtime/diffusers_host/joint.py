@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
+from .. import bent_attention
 from .longcat_ovis import LONGCAT_OVIS_MODELS
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
@@ -32,9 +32,7 @@ def joint_attention(session, site, attn, given, original):
     q, k, v, text, mlp = _joint_qkv(session.joint, attn, hidden, context, given.get("image_rotary_emb"), call.n_text,
                                     0 if registers is None else registers.shape[1])
     n_text = text.stop - text.start
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
     first = 0 if session.joint == "sd3" else text.stop
     mask = _joint_mask(given.get("attention_mask"), given.get("encoder_hidden_states_mask"), hidden.shape[1])

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bending, bent_attention, tokens
-from .recompute import recorder
+from .. import bending, bent_attention
+from .recompute import recorder, refuse_beyond
 
 KANDINSKY5_MODELS = {"Kandinsky5Transformer3DModel"}
 FRACTAL = 8                     # diffusers' fractal_flatten: 8×8 token blocks
@@ -54,9 +54,7 @@ def kandinsky5_attention(session, site, attn, given, original):
         raise ValueError("Attention Bending has no token positions: run the pipeline with a prompt")
     hidden = given["hidden_states"]
     n_text = context.shape[1]
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
 
     def heads(x, proj, norm):
         x = proj(x).unflatten(-1, (attn.num_heads, -1))

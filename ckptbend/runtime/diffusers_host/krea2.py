@@ -16,8 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
-from .recompute import acting, recorder
+from .. import bent_attention
+from .joint import _rope   # Flux's real-form RoPE on interleaved pairs
+from .recompute import acting, recorder, refuse_beyond
 
 KREA2_MODELS = {"Krea2Transformer2DModel": "krea2"}
 
@@ -35,12 +36,6 @@ def describe(call, kwargs) -> None:
     call.n_text = kwargs["encoder_hidden_states"].shape[1]
 
 
-def _rope(x, rotary):
-    """Krea 2's rotary embedding on [b, n, heads, d]: (cos, sin) [n, d], each angle on an interleaved pair."""
-    cos, sin = (t[None, :, None, :].to(x.device) for t in rotary)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def krea2_attention(session, site, attn, given, original):
@@ -50,9 +45,7 @@ def krea2_attention(session, site, attn, given, original):
     call = session.call
     out = original()
     rows, n_text = call.cond_rows, call.n_text
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     hidden = given["hidden_states"][rows]
     q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (attn.num_heads, attn.head_dim)))
     k = attn.norm_k(attn.to_k(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim)))

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .calls import Call, scheduler_position, step_of
-from .prompts import same_columns, unmark
-from .recompute import acting, recorder
+from . import modular
+from .prompts import same_columns
+from .recompute import acting, recorder, refuse_beyond
 
 MINIMAX_MODELS = {"MiniMaxH3Transformer3DModel": "minimax_h3"}
 
@@ -47,38 +48,9 @@ def columns(session, prompt: str) -> dict[str, list[int]]:
     return found
 
 
-class _Blocks:
-    """Stands in for the modular pipeline's blocks (ModularPipeline.__call__ runs pipe._blocks(pipe, state)): with
-    bending, the state's prompt is stripped of its marks and its words found before any block runs."""
-
-    def __init__(self, session, inner):
-        self.session, self.inner = session, inner
-
-    def __getattr__(self, name):             # only for what the instance lacks (deepcopy probes before __init__)
-        if name.startswith("__") or name in ("session", "inner"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __call__(self, pipeline, state):
-        session = self.session
-        if session.entries:
-            prompt = state.get("prompt")
-            if not isinstance(prompt, str):
-                raise ValueError("Attention Bending finds its words in the prompt: call the MiniMax H3 pipeline "
-                                 "with prompt=... (one string)")
-            state.set("prompt", unmark(prompt))
-            session.token_indices = columns(session, state.get("prompt"))
-        return self.inner(pipeline, state)
-
-
 def wrap_blocks(session) -> None:
     """pipe._blocks wrapped (a modular pipeline: no encode_prompt to wrap); undone by remove()."""
-    pipe = session.pipe
-    inner = getattr(pipe, "_blocks", None)
-    if inner is None:
-        return
-    pipe._blocks = _Blocks(session, inner)
-    session._undo.append(lambda: setattr(pipe, "_blocks", inner))
+    modular.wrap_blocks(session, "MiniMax H3", columns)
 
 
 # --- the model call --------------------------------------------------------------------------------
@@ -134,9 +106,7 @@ def minimax_attention(session, site, attn, given, original):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     first_video, first_prompt, n_prompt = call.spans[0]
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_prompt)) >= n_prompt:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_prompt} prompt tokens the model sees")
+    refuse_beyond(session, active, n_prompt, "prompt")
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_prompt) if session.record_maps else None
     bias = mask
     if mask is not None and mask.dtype == torch.bool:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
-from .recompute import acting, recorder
+from .. import bent_attention
+from .recompute import acting, recorder, refuse_beyond
 
 MOCHI_MODELS = {"MochiTransformer3DModel": "mochi"}
 
@@ -57,9 +57,7 @@ def mochi_attention(session, site, attn, given, original):
         out = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=0.0, is_causal=False)
         if i in call.cond_rows:
             n_text = len(valid)
-            for e in active:
-                if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                    raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+            refuse_beyond(session, active, n_text)
             observe = (recorder(session, site, active, attn.heads, call.token_hw, n_text)
                        if session.record_maps else None)
             bent_attention.bend_rows(out if session.phase == 2 else out.clone(), qi, ki, vi, [0], entries=active,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .joint import _rope
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 MOTIF_MODELS = {"MotifVideoTransformer3DModel": "motif"}
 
@@ -134,9 +134,7 @@ def _bend(session, site, active, heads, out, q, k, v, mask, first, n_video):
     target = out if session.phase == 2 else out.clone()
     for row in call.cond_rows:
         offset, n_text = call.spans[row]
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} prompt tokens the model sees")
+        refuse_beyond(session, active, n_text, "prompt")
         observe = recorder(session, site, active, heads, call.token_hw, n_text) if session.record_maps else None
         bent_attention.bend_rows(target, q, k, v, [row], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

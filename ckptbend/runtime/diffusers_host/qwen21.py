@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
-from .recompute import acting, recorder
+from .. import bent_attention
+from .recompute import acting, recorder, refuse_beyond
 
 QWEN21_MODELS = {"QwenImage21Transformer2DModel": "qwen21"}
 SLOT_TOKENS = 4           # one image slot of the encoder's sequence stands for 2×2 latent tokens
@@ -62,9 +62,7 @@ def qwen21_attention(session, site, attn, given, original):
         cached_k, cached_v = given["layer_cache"].get()
         k, v = torch.cat([cached_k, k], 1), torch.cat([cached_v, v], 1)
     n_image, n_text = call.token_hw[0] * call.token_hw[1] * (call.frames or 1), call.n_text
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     first = q.shape[1] - n_image                   # the target image's queries are the last
     rows = call.cond_rows
     qt, k, v = (t.transpose(1, 2) for t in (q[rows, first:], k[rows], v[rows]))

@@ -104,6 +104,13 @@ def acting(session, site) -> list:
     return active
 
 
+def refuse_beyond(session, active, n_text: int, what: str = "text") -> None:
+    """A word whose columns lie past the n_text keys the model sees is an error (never a silent wrong bend)."""
+    for e in active:
+        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
+            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} {what} tokens the model sees")
+
+
 def recorder(session, site, active, heads, grid, n_text):
     """observe() for bent_output: appends the maps of this call's words to session.maps."""
     call = session.call

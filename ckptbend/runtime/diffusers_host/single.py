@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import bent_attention, tokens
+from .. import bent_attention
 from .calls import Call, alpha_cumprod_at, scheduler_position, step_of
-from .recompute import acting, recorder
+from .recompute import acting, recorder, refuse_beyond
 
 SINGLE_MODELS = {"ZImageTransformer2DModel": "zimage", "Lumina2Transformer2DModel": "lumina2"}
 ZIMAGE_MULTIPLE = 32          # diffusers' SEQ_MULTI_OF: Z-Image pads image and text tokens to a multiple of it
@@ -116,9 +116,7 @@ def single_attention(session, site, attn, given, original):
     target = out if session.phase == 2 else out.clone()
     for row in call.cond_rows:
         image_at, text_at, n_text = call.spans[row]
-        for e in active:
-            if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-                raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+        refuse_beyond(session, active, n_text)
         observe = recorder(session, site, active, heads, call.token_hw, n_text) if session.record_maps else None
         bent_attention.bend_rows(target, q, k, v, [row], bias=bias, entries=active,
                                  token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import inspect
 
-from .. import tokens
 from .calls import Call, patch_size_of, scheduler_position, step_of
-from .prompts import _columns, unmark
-from .recompute import acting, attention, bent_sdpa, plain, recorder
+from . import modular
+from .prompts import _columns
+from .recompute import acting, attention, bent_sdpa, plain, recorder, refuse_beyond
 
 ANIMATE2_MODELS = {"WanAnimate2Transformer3DModel": "wan_animate2"}
 
@@ -54,9 +54,7 @@ def animate2_attention(session, site, attn, given, original):
         return original()
     call = session.call
     n_text = text.shape[1]
-    for e in active:
-        if max(tokens.columns_for(e.token, session.token_indices, n_text)) >= n_text:
-            raise ValueError(f"Token '{e.token}' lies beyond the {n_text} text tokens the model sees")
+    refuse_beyond(session, active, n_text)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
 
     def attend(q, k, v, heads, bias):
@@ -71,35 +69,6 @@ def animate2_attention(session, site, attn, given, original):
 
 # --- the prompt ------------------------------------------------------------------------------------
 
-class _Blocks:
-    """Stands in for the modular pipeline's blocks (ModularPipeline.__call__ runs pipe._blocks(pipe, state)): with
-    bending, the state's prompt is stripped of its marks and its words found (Wan's T5 rule) before any block runs."""
-
-    def __init__(self, session, inner):
-        self.session, self.inner = session, inner
-
-    def __getattr__(self, name):             # only for what the instance lacks (deepcopy probes before __init__)
-        if name.startswith("__") or name in ("session", "inner"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __call__(self, pipeline, state):
-        session = self.session
-        if session.entries:
-            prompt = state.get("prompt")
-            if not isinstance(prompt, str):
-                raise ValueError("Attention Bending finds its words in the prompt: call the Wan Animate 2 pipeline "
-                                 "with prompt=... (one string)")
-            state.set("prompt", unmark(prompt))
-            session.token_indices = _columns(session, session.pipe.tokenizer, state.get("prompt"))
-        return self.inner(pipeline, state)
-
-
 def wrap_blocks(session) -> None:
     """pipe._blocks wrapped (a modular pipeline: no encode_prompt to wrap); undone by remove()."""
-    pipe = session.pipe
-    inner = getattr(pipe, "_blocks", None)
-    if inner is None:
-        return
-    pipe._blocks = _Blocks(session, inner)
-    session._undo.append(lambda: setattr(pipe, "_blocks", inner))
+    modular.wrap_blocks(session, "Wan Animate 2", lambda s, prompt: _columns(s, s.pipe.tokenizer, prompt))   # T5
