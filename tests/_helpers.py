@@ -37,3 +37,20 @@ def gain_entry(layers, factor: float = 40.0, token: str = "kiss") -> dict:
     """The bending entry that scales a word's column by `factor` (large, so a wrong column shows), renormalised."""
     return {"token": token, "mode": "scale", "strength": 1.0, "scale_factor": factor, "apply_to_timesteps": None,
             "apply_to_layers": layers, "renormalize": "column"}
+
+
+def assert_bent_on_positive_rows(call, plain, entries, step, explicit, columns) -> float:
+    """One attention call the ComfyUI node recorded (a batch of two rows): its positive rows equal explicit(call,
+    rows, the entries acting at this step and layer, columns, step), its other rows are the host's own output
+    `plain` bit for bit. Returns how far the call moved from plain."""
+    import torch
+    from torch.testing import assert_close
+
+    from ckptbend.runtime import bending, comfy_host
+
+    rows = comfy_host.common.chunk_rows(call["cond_or_uncond"], 0, 2)
+    active = [e for e in entries if bending.entry_active(e, step, call["layer"])]
+    assert_close(call["out"], explicit(call, rows, active, columns, step), rtol=1e-4, atol=1e-5)
+    others = [r for r in range(2) if r not in rows]
+    assert torch.equal(call["out"][others], plain[others])
+    return float((call["out"] - plain).abs().max())
