@@ -129,7 +129,7 @@ def _attention(s: Site) -> tuple:
     attention module in a text encoder; within one model (a diffusers sub-folder)."""
     if s.block is not None:   # a self or cross attention per stream (LTX-2's video and audio) is its own softmax
         stream = s.stream if s.attn != "joint" else None
-        return folder(s.file), s.component, s.block, s.depth, s.attn, s.temporal, stream
+        return folder(s.file), s.component, s.block, s.depth, s.attn, s.temporal, stream, s.softmax
     return folder(s.file), s.component, s.key.rsplit(".", 2)[0]
 
 

@@ -259,6 +259,18 @@ def test_qk_warning_counts_each_streams_own_attention(synth_file):
     assert not apart.warnings and any("q x k up to 6" in w for w in met.warnings)
 
 
+def test_qk_warning_keeps_the_two_audio_video_attentions_apart(synth_file):
+    """[dit.joint] is two softmaxes per block: audio→video (video queries, audio keys) and video→audio (audio
+    queries, video keys). Video q 3 and video k 2 never meet; video q 3 and audio k 2 meet in every a2v."""
+    ckpt = detect(synth_file("ltx2"))
+    apart = make_plan(recipe('[[dit.joint]]\nstream = "video"\nq = 3\n[[dit.joint]]\nstream = "video"\nk = 2\n'), ckpt)
+    met = make_plan(recipe('[[dit.joint]]\nstream = "video"\nq = 3\n[[dit.joint]]\nstream = "audio"\nk = 2\n'), ckpt)
+    blocks = len({s.block for s in ckpt.sites if s.attn == "joint"})
+    assert not [w for w in apart.warnings if "q x k" in w]
+    assert [w for w in met.warnings if "q x k" in w] == [w for w in met.warnings if f"q x k up to 6 (> 4) in {blocks} "
+                                                         "attention(s)" in w] != []
+
+
 def test_inspect_names_model_blocks_and_streams(synth_file):
     r = run("inspect", synth_file("ltx2_5", "single_prefixed"))
     assert r.returncode == 0, r.stderr

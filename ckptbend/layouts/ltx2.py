@@ -123,7 +123,8 @@ def sites(cf: CheckpointFile, files) -> list[Site]:
         if role in ROLES:
             proj = ROLES[role]
             found.append(Site(cf.rel, t.name, "dit", section, proj, block=block,
-                              stream=kv_stream if proj in ("k", "v") else q_stream))
+                              stream=kv_stream if proj in ("k", "v") else q_stream,
+                              softmax=module if section == "joint" else None))
         if role in NODE_ROLES and module.endswith(("attn1", "attn2")):
             found.append(Site(cf.rel, t.name, "unet", module[-5:], NODE_ROLES[role], block=block))
     return found

@@ -31,6 +31,8 @@ class Site:
     fused: int | None = None     # the length the fused axis must have (3·h rows for q|k|v): detection checks it
     offset: float = 0.0          # a norm weight w the model uses as (w + offset) (Gemma 3's qk-norm: 1): factors
                                  # scale (w + offset), so w becomes f·(w + offset) − offset
+    softmax: str | None = None   # which attention of its block it feeds, where block and attn do not tell it
+                                 # (LTX-2's audio→video and video→audio attentions: two softmaxes, both joint)
 
     @property
     def bias(self) -> bool:
