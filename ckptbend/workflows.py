@@ -50,7 +50,8 @@ def _kandinsky5_te(kind):
 # image_to_video: the family's I2V node (start image, CLIP vision); fps: a video model's output.
 # encode: the family's own text-encode node (positive, negative out); zero_negative: ConditioningZeroOut as the
 # negative; guidance_negative: FluxGuidance on the negative too; latent "conditioning": the conditioning node's
-# third output; sigmas (+ guider): SamplerCustomAdvanced with that sigmas node instead of KSampler.
+# third output; sigmas (+ guider): SamplerCustomAdvanced with that sigmas node instead of KSampler;
+# unconditional_model: DualModelGuider's model_negative file (its own UNETLoader, no node on it).
 # A list of model_sampling nodes chains them; a text encoder loader that is CheckpointLoaderSimple gives the VAE
 # too; image_input: the I2V node's image input (None: none); i2v_inputs: nodes feeding its other inputs;
 # trim_latent: TrimVideoLatent by the I2V node's 4th output; frames: a node picking the frames to save as images;
@@ -209,6 +210,17 @@ FAMILIES = {
     "anima": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_06b_base.safetensors", "type": "stable_diffusion"}),
               "vae": "qwen_image_vae.safetensors", "latent": _latent("EmptyLatentImage", width=1024, height=1024),
               "sampler": _sampler(30, 4.0)},
+    # Ideogram 4's negative is a second, unconditional model (no text) through DualModelGuider; the companion's node
+    # sits on the conditional one. Its schedule: the template's "Default" preset (20 steps, mu 0, std 1.75).
+    "ideogram4": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen3vl_8b_fp8_scaled.safetensors",
+                                                  "type": "ideogram4"}),
+                  "vae": "flux2-vae.safetensors",
+                  "model_sampling": ("CFGOverride", {"cfg": 3.0, "start_percent": 0.7, "end_percent": 1.0}),
+                  "latent": _latent("EmptyFlux2LatentImage", width=1024, height=1024), "zero_negative": True,
+                  "sampler": _sampler(20, 7.0), "guider": "DualModelGuider",
+                  "unconditional_model": "ideogram4_unconditional_fp8_scaled.safetensors",
+                  "sigmas": ("Ideogram4Scheduler", {"steps": 20, "width": 1024, "height": 1024, "mu": 0.0,
+                                                    "std": 1.75})},
 }
 DEFAULT_FAMILY = "sd1"
 # A file with its text encoders and VAE inside (CheckpointLoaderSimple gives MODEL, CLIP, VAE). LTX-Video's
@@ -221,10 +233,15 @@ def _wired(inputs: dict, links: dict) -> dict:
 
 
 def _custom_sampler(add, spec, model, positive, negative, latent) -> str:
-    """SamplerCustomAdvanced with the family's sigmas node (Flux.2's Flux2Scheduler), as its template samples."""
+    """SamplerCustomAdvanced with the family's sigmas node (Flux.2's Flux2Scheduler, Ideogram 4's
+    Ideogram4Scheduler) and guider, as its template samples."""
     sampler = spec["sampler"]
     if spec.get("guider") == "BasicGuider":
         guider = add("BasicGuider", {"model": model, "conditioning": positive})
+    elif spec.get("guider") == "DualModelGuider":     # the negative from its own model, straight from its loader
+        unconditional = add("UNETLoader", {"unet_name": spec["unconditional_model"], "weight_dtype": "default"})
+        guider = add("DualModelGuider", {"cfg": sampler["cfg"], "model": model, "positive": positive,
+                                         "model_negative": [unconditional, 0], "negative": negative})
     else:
         guider = add("CFGGuider", {"cfg": sampler["cfg"], "model": model, "positive": positive, "negative": negative})
     class_type, inputs = spec["sigmas"]
@@ -299,9 +316,10 @@ def example_workflow(node_id: str, node_inputs: dict, checkpoint_file: str, arch
         positive, negative = [both, 0], [both, 1]
     else:
         positive = [add("CLIPTextEncode", {"text": prompt, "clip": clip}), 0]
-        negative = [add("CLIPTextEncode", {"text": NEGATIVE_PROMPT, "clip": clip}), 0]
-    if spec.get("zero_negative"):   # a distilled model without CFG: a zeroed negative, as its template has
+    if spec.get("zero_negative"):   # a zeroed negative, as its template has (no negative text encoded)
         negative = [add("ConditioningZeroOut", {"conditioning": positive}), 0]
+    elif "encode" not in spec:
+        negative = [add("CLIPTextEncode", {"text": NEGATIVE_PROMPT, "clip": clip}), 0]
     if "guidance" in spec:
         positive = [add("FluxGuidance", {"guidance": spec["guidance"], "conditioning": positive}), 0]
         if spec.get("guidance_negative"):

@@ -1,5 +1,5 @@
 """The companion's example graphs for the families only newer ComfyUI runs (Flux.2, Z-Image, Qwen-Image 2.1,
-Kandinsky 5, Krea 2, LongCat-Image, Ovis-Image, HunyuanVideo 1.5, Anima), checked against ComfyUI's official
+Kandinsky 5, Krea 2, LongCat-Image, Ovis-Image, HunyuanVideo 1.5, Anima, Ideogram 4), checked against ComfyUI's official
 workflow templates (PyPI comfyui-workflow-templates-json, a test extra), since the runnable ComfyUI 0.3.64 has
 none of their nodes:
 - every node class of a graph is one some official template uses, and every input name is one of that class's
@@ -7,7 +7,8 @@ none of their nodes:
   widget values there);
 - against the family's own template: every node class the template has carries values the template's node of
   that class has (loader file names, CLIPLoader type, latent size, shift, sampler, steps, cfg, fps); the
-  sampler settings match the template's sampler or its scheduler, guider and sampler nodes."""
+  sampler settings match the template's sampler or its scheduler, guider and sampler nodes (Ideogram 4's
+  scheduler: the preset its template picks)."""
 
 import json
 from collections import defaultdict
@@ -35,6 +36,7 @@ TEMPLATES = {
     "ovis-image": ("image_ovis_text_to_image.json", None),
     "hunyuan-video-1.5": ("video_hunyuan_video_1.5_720p_t2v.json", None),
     "anima": ("image_anima_base_v1.json", None),
+    "ideogram4": ("image_ideogram4_t2i.json", "Text to Image (Ideogram v4)"),
 }
 VIDEO = {"kandinsky5-lite-video", "hunyuan-video-1.5"}
 # values that are the example's own, not the template's: the file baked, the prompts, the seed, the output name
@@ -50,6 +52,18 @@ def nodes_of(data, subgraph=None):
 
 def load(name):
     return json.loads((FOLDER / name).read_text(encoding="utf-8"))
+
+
+def widgets(node, template):
+    """A template node's widget values. Ideogram 4's template links Ideogram4Scheduler's steps, mu and std from a
+    presets JSON, by the preset its CustomCombo picks (the values saved beside those links are stale): that preset's."""
+    values = node.get("widgets_values") or []
+    if node["type"] != "Ideogram4Scheduler":
+        return values
+    choice = next(n["widgets_values"][0] for n in template if n["type"] == "CustomCombo")
+    presets = next(json.loads(n["widgets_values"][0]) for n in template
+                   if n["type"] == "JsonExtractString" and n["widgets_values"][0].lstrip().startswith("{"))
+    return [presets[choice]["num_steps"], *values[1:3], presets[choice]["mu"], presets[choice]["std"]]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +134,7 @@ def test_values_are_the_family_templates(architecture):
         if kind in UNCHECKED or kind == "KSampler" or kind not in kinds:
             continue
         own = [v for k, v in node["inputs"].items() if k not in OWN and not isinstance(v, list)]
-        assert any(all(v in (n.get("widgets_values") or []) for v in own) for n in template if n["type"] == kind), \
+        assert any(all(v in widgets(n, template) for v in own) for n in template if n["type"] == kind), \
             (architecture, kind, own)
     # every class the graph adds beyond the generic ones is in the family's template
     generic = UNCHECKED | {"KSampler", "UNETLoader", "VAEDecode", "CreateVideo", "ConditioningZeroOut"}
@@ -139,7 +153,7 @@ def test_values_are_the_family_templates(architecture):
     ("kandinsky5-lite-image", "kandinsky5"), ("kandinsky5-lite-video", "kandinsky5-lite-video"),
     ("kandinsky5-pro-video", "kandinsky5-pro-video"), ("krea2", "krea2"), ("longcat-image", "longcat-image"),
     ("ovis-image", "ovis-image"), ("hunyuan-video-1.5", "hunyuan-video-1.5"), ("hunyuan-video", "hunyuan-video"),
-    ("anima", "anima")])
+    ("anima", "anima"), ("ideogram4", "ideogram4")])
 def test_family_of_the_newer_architectures(architecture, family):
     assert family_of(architecture) == family and family in FAMILIES
 
@@ -174,3 +188,75 @@ def test_kandinsky5_video_takes_its_latent_from_its_conditioning_node():
     assert graph[i2v]["inputs"]["vae"] == [by_class["VAELoader"], 0] and "start_image" not in graph[i2v]["inputs"]
     ks = graph[by_class["KSampler"]]["inputs"]
     assert (ks["positive"], ks["negative"], ks["latent_image"]) == ([i2v, 0], [i2v, 1], [i2v, 2])
+
+
+def _upstream(graph, key, name, skip=()):
+    """The class names feeding a node's input `name`, following each node's "model" input back to a loader."""
+    chain = []
+    while True:
+        key = graph[key]["inputs"][name][0]
+        if graph[key]["class_type"] not in skip:
+            chain.append(graph[key]["class_type"])
+        if "model" not in graph[key]["inputs"]:
+            return chain, key
+        name = "model"
+
+
+def test_ideogram4_bends_the_conditional_model_only():
+    """Ideogram 4: UNETLoader (the baked file) → the node → CFGOverride → DualModelGuider's model (the one
+    that sees the prompt), as the template's conditional chain (UNETLoader → CFGOverride → model);
+    model_negative straight from a second UNETLoader of the template's unconditional file; Ideogram4Scheduler's
+    sigmas."""
+    name, subgraph = TEMPLATES["ideogram4"]
+    template = nodes_of(load(name), subgraph)
+    links = {link["id"]: link for g in load(name)["definitions"]["subgraphs"] if g["name"] == subgraph
+             for link in g["links"]}
+    by_id = {n["id"]: n for n in template}
+    (guide,) = [n for n in template if n["type"] == "DualModelGuider"]
+
+    def template_chain(socket):
+        chain, node = [], guide
+        while True:
+            link = next(i["link"] for i in node.get("inputs") or [] if i["name"] == socket)
+            node, socket = by_id[links[link]["origin_id"]], "model"
+            chain.append(node["type"])
+            if node["type"] == "UNETLoader":
+                return chain, node
+
+    graph = graph_of("ideogram4")
+    (guider,) = [k for k, n in graph.items() if n["class_type"] == "DualModelGuider"]
+    chain, loader = _upstream(graph, guider, "model")
+    assert chain == ["CFGOverride", NODE, "UNETLoader"] and graph[loader]["inputs"]["unet_name"] == "baked.safetensors"
+    assert _upstream(graph, guider, "model", skip={NODE})[0] == template_chain("model")[0]
+    negative, unconditional = _upstream(graph, guider, "model_negative")
+    expected, official = template_chain("model_negative")
+    assert negative == expected == ["UNETLoader"]
+    assert graph[unconditional]["inputs"]["unet_name"] == official["widgets_values"][0] != "baked.safetensors"
+    inputs = graph[guider]["inputs"]
+    clip = [k for k, n in graph.items() if n["class_type"] == "CLIPLoader"]
+    assert graph[inputs["positive"][0]]["inputs"]["clip"] == [clip[0], 0] and len(clip) == 1
+    assert graph[inputs["negative"][0]] == {"class_type": "ConditioningZeroOut", "inputs": {"conditioning":
+                                                                                           inputs["positive"]}}
+    node = next(n["inputs"] for n in graph.values() if n["class_type"] == NODE)
+    assert node["bending_clip"] == [clip[0], 0]
+    assert [n["class_type"] for n in graph.values()].count(NODE) == 1
+    sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "SamplerCustomAdvanced")
+    assert sampler["guider"] == [guider, 0] and graph[sampler["sigmas"][0]]["class_type"] == "Ideogram4Scheduler"
+
+
+def test_a_baked_ideogram4_companion_writes_its_graph(tmp_path):
+    """A baked Ideogram 4 file (`inspect`'s architecture ideogram4, tests/test_dit_ideogram4.py): the companion
+    now writes workflow_api.json (no no_workflow line), its node on the baked file, the unconditional model
+    loaded beside it."""
+    from ckptbend.companion import write_companion
+    from ckptbend.recipe import parse_recipe
+
+    recipe = parse_recipe('schema = 1\nname = "b"\n[[bending]]\ntoken = "sunset"\nmode = "translate"\n'
+                          'translate_x = -0.4\n', "b.toml")
+    write_companion(recipe, tmp_path / "c", {"file": "bent.safetensors", "architecture": "ideogram4", "kind": "dit"})
+    assert "no_workflow" not in json.loads((tmp_path / "c" / "companion.json").read_text())
+    graph = json.loads((tmp_path / "c" / "workflow_api.json").read_text())
+    (node,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("ckptbend_")]
+    assert graph[node["model"][0]]["inputs"]["unet_name"] == "bent.safetensors"
+    loaders = sorted(n["inputs"]["unet_name"] for n in graph.values() if n["class_type"] == "UNETLoader")
+    assert loaders == ["bent.safetensors", FAMILIES["ideogram4"]["unconditional_model"]]
