@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from _comfy_cross_calls import explicit_cross
 from _helpers import gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_anima as ca
@@ -69,18 +70,7 @@ def test_the_words_columns_are_its_t5_tokens_the_rows_of_the_adapter(anima, clip
 def explicit(call, rows, entries, columns, step):
     """The backend's output, except the batch items `rows`: the explicit fp32 softmax over the 512 keys with the
     video × key probabilities bent by bending.bend_probs, rows renormalised."""
-    q, k, v = (call[n].float() for n in ("q", "k", "v"))
-    out = cs.attention_chunked(call["q"], call["k"], call["v"], cc.HEADS, skip_reshape=True).clone()
-    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[rows]
-    unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
-    probs = bending.bend_probs(probs.reshape(-1, N_VIDEO, ca.PADDED), columns, (H, W), unrowed, step,
-                               call["layer"]).view(len(rows), cc.HEADS, N_VIDEO, ca.PADDED)
-    if any(e["renormalize"] == "row" for e in entries):
-        probs = probs / probs.sum(-1, keepdim=True)
-    bent = (probs @ v[rows]).transpose(1, 2).flatten(2)
-    for i, r in enumerate(rows):
-        out[r] = bent[i].to(out.dtype)
-    return out
+    return explicit_cross(call, rows, entries, columns, step, (H, W), cc.HEADS)
 
 
 @pytest.mark.parametrize("inference", [True, False], ids=["adapter-in-extra-conds", "adapter-in-the-model"])

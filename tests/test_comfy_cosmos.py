@@ -7,11 +7,12 @@ token); the self-attentions are the backend's output."""
 import pytest
 import torch
 
+from _comfy_cross_calls import explicit_cross
 from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_cosmos as cc
 from _pipelines import t5_like_tokenizer
-from ckptbend.runtime import bending, comfy_host
+from ckptbend.runtime import comfy_host
 
 PROMPT = "a romantic kiss at {sunset}"
 F_, H, W, TEXT = 2, 3, 4, 10                   # token grid (latent 2 × 6 × 8, patch 1 × 2 × 2); T5 tokens
@@ -50,18 +51,7 @@ def patched(model, clip, entries):
 def explicit(call, rows, entries, columns, step):
     """The backend's output, except the batch items `rows`: the explicit fp32 softmax with the video × text
     probabilities bent by bending.bend_probs, rows renormalised."""
-    q, k, v = (call[n].float() for n in ("q", "k", "v"))
-    out = cs.attention_chunked(call["q"], call["k"], call["v"], cc.HEADS, skip_reshape=True).clone()
-    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[rows]
-    unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
-    probs = bending.bend_probs(probs.reshape(-1, N_VIDEO, TEXT), columns, (H, W), unrowed, step, call["layer"],
-                               frames=F_).view(len(rows), cc.HEADS, N_VIDEO, TEXT)
-    if any(e["renormalize"] == "row" for e in entries):
-        probs = probs / probs.sum(-1, keepdim=True)
-    bent = (probs @ v[rows]).transpose(1, 2).flatten(2)
-    for i, r in enumerate(rows):
-        out[r] = bent[i].to(out.dtype)
-    return out
+    return explicit_cross(call, rows, entries, columns, step, (H, W), cc.HEADS, frames=F_)
 
 
 def test_layout_and_words(cosmos, clip):

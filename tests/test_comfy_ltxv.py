@@ -7,11 +7,12 @@ output."""
 import pytest
 import torch
 
+from _comfy_cross_calls import explicit_cross
 from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_ltxv as cl
 from _pipelines import t5_like_tokenizer
-from ckptbend.runtime import bending, comfy_host
+from ckptbend.runtime import comfy_host
 
 PROMPT = "a romantic kiss at {sunset}"
 F_, H, W, TEXT = 2, 3, 4, 12                   # token grid = latent (patch 1); T5 tokens
@@ -51,19 +52,7 @@ def patched(model, clip, entries):
 def explicit(call, rows, entries, columns, step):
     """The backend's output, except the batch items `rows`: the explicit fp32 softmax (mask added) with the video ×
     text probabilities bent by bending.bend_probs, rows renormalised."""
-    q, k, v = (t.float() for t in cs._heads_first(call["q"], call["k"], call["v"], cl.HEADS))
-    out = cs.attention_chunked(call["q"], call["k"], call["v"], cl.HEADS, call["mask"]).clone()
-    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + call["mask"].float()
-    probs = torch.softmax(logits, dim=-1)[rows]
-    unrowed = [{**e, "renormalize": "none"} if e["renormalize"] == "row" else e for e in entries]
-    probs = bending.bend_probs(probs.reshape(-1, N_VIDEO, TEXT), columns, (H, W), unrowed, step, call["layer"],
-                               frames=F_).view(len(rows), cl.HEADS, N_VIDEO, TEXT)
-    if any(e["renormalize"] == "row" for e in entries):
-        probs = probs / probs.sum(-1, keepdim=True)
-    bent = (probs @ v[rows]).transpose(1, 2).flatten(2)
-    for i, r in enumerate(rows):
-        out[r] = bent[i].to(out.dtype)
-    return out
+    return explicit_cross(call, rows, entries, columns, step, (H, W), cl.HEADS, frames=F_)
 
 
 def test_layout_and_words(ltxv, clip):
