@@ -16,13 +16,20 @@ from . import ltx_video, sana, skyreels
 from . import anima, cosmos, hunyuan10
 from . import wan_animate2
 from . import qwen_layered, svd
-from .single import SINGLE_MODELS, describe
+from . import single
+from .single import SINGLE_MODELS
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
 from .longcat_ovis import wrap_rewrite
 from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
+# Families whose model call is described by their own module (packed sequences, per-item offsets, modular pipelines)
+# rather than by Session._before_model's generic reading of the latent, timestep and text.
+OWN_DESCRIPTION = {name: family.describe for family, models in (
+    (single, SINGLE_MODELS), (ernie, ernie.ERNIE_MODELS), (ideogram4, ideogram4.IDEOGRAM4_MODELS),
+    (flux3, flux3.FLUX3_MODELS), (minimax_h3, minimax_h3.MINIMAX_MODELS),
+    (wan_animate2, wan_animate2.ANIMATE2_MODELS)) for name in models}
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 # Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
 NOT_REACHED: dict[str, str] = {}
@@ -208,23 +215,9 @@ class Session:
         self.prompt_encoded = False           # the next encode_prompt is a new run's prompt
         if self._in_sag_call:                 # SAG's extra call keeps this step's description
             return None
-        if self.single:
-            self.call = describe(self, module, args, kwargs)
-            return None
-        if self.ernie:
-            self.call = ernie.describe(self, module, args, kwargs)
-            return None
-        if self.ideogram4:
-            self.call = ideogram4.describe(self, module, args, kwargs)
-            return None
-        if self.flux3:
-            self.call = flux3.describe(self, module, args, kwargs)
-            return None
-        if self.minimax:
-            self.call = minimax_h3.describe(self, module, args, kwargs)
-            return None
-        if self.animate2:
-            self.call = wan_animate2.describe(self, module, args, kwargs)
+        own = OWN_DESCRIPTION.get(type(module).__name__)
+        if own is not None:                   # a family that reads its call its own way
+            self.call = own(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
