@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__, profile
-from .errors import CkptbendError
+from .errors import CkptbendError, broken_install_message
 from .synth import catalog as synth_catalog
 
 EXISTING = click.Path(path_type=Path)   # existence is checked by the library, with ckptbend's own messages
@@ -33,6 +33,11 @@ class _Group(click.Group):
             _end_as_sigpipe()
         except OSError as e:
             click.echo(f"error: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "), err=True)
+            ctx.exit(2)
+        except (ImportError, RuntimeError) as e:
+            if (message := broken_install_message(e)) is None:
+                raise
+            click.echo(f"error: {message}", err=True)
             ctx.exit(2)
 
 

@@ -1,5 +1,6 @@
 """Test-wide settings."""
 
+import importlib.util
 import os
 import sys
 
@@ -12,6 +13,17 @@ if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:      # imported before this file (by a plugin): the variable comes too late
         sys.modules["torch"].set_num_threads(1)
+
+
+def _refuse_unusable_torchvision():
+    # A torchvision built for another torch fails every transformers import: one line, not 65 collection errors.
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:
+        pytest.exit(f"the installed torchvision cannot import beside this torch ({e}); `pip uninstall torchvision` "
+                    "(the tests do not use it) or install the one made for this torch", returncode=4)
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +109,7 @@ def _record(name):
 
 
 def pytest_sessionstart(session):
+    _refuse_unusable_torchvision()
     _record(None)
 
 
