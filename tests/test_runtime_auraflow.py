@@ -118,7 +118,7 @@ def test_words_are_found_in_the_t5_tokens():
     from _pipelines import t5_sentencepiece_tokenizer
 
     pipe = types.SimpleNamespace(tokenizer=t5_sentencepiece_tokenizer())
-    session = types.SimpleNamespace(pipe=pipe, joint="auraflow", single=None, qwen21=False, hunyuan15=False,
+    session = types.SimpleNamespace(pipe=pipe, joint="auraflow", single=None, family=None,
                                     entries=[bending.as_spec(ENTRY)])
     # ▁a ▁kiss ▁at ▁sunset </s>
     assert dh.prompts._locate(session, {"prompt": "a kiss at sunset"}) == {"sunset": [3]}

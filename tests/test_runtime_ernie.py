@@ -107,7 +107,7 @@ def test_words_are_found_in_the_bare_prompt():
     import comfy_standin_qwen as cq
 
     tokenizer = cq.qwen_tokenizer()
-    session = types.SimpleNamespace(pipe=types.SimpleNamespace(tokenizer=tokenizer), ernie=True, joint=None,
+    session = types.SimpleNamespace(pipe=types.SimpleNamespace(tokenizer=tokenizer), family="ernie", joint=None,
                                     entries=[bending.as_spec({**ENTRY, "token": w}) for w in ("sunset", "a")])
     prompt = "a romantic kiss at sunset"
     found = dh.prompts._locate(session, {"prompt": prompt})

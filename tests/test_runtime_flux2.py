@@ -109,7 +109,7 @@ def test_words_are_found_in_flux2s_chat_templates(pipeline, padding):
     pipe = types.SimpleNamespace(tokenizer=tokenizer)
     if pipeline == "mistral":
         pipe.system_message = "You are a photo assistant."
-    session = types.SimpleNamespace(pipe=pipe, joint="flux2", single=None, qwen21=False, hunyuan15=False,
+    session = types.SimpleNamespace(pipe=pipe, joint="flux2", single=None, family=None,
                                     entries=[bending.as_spec(ENTRY)])
     found = dh.prompts._locate(session, {"prompt": "a romantic kiss at sunset"})
     text = ("<|im_start|>user\na romantic kiss at sunset<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -92,7 +92,7 @@ def test_words_are_found_in_t5_and_in_both_llama_parts():
 
     t5, llama = t5_like_tokenizer(), cq.qwen_tokenizer()
     pipe = types.SimpleNamespace(tokenizer_3=t5, tokenizer_4=llama)
-    session = types.SimpleNamespace(pipe=pipe, joint=None, single=None, qwen21=False, hunyuan15=False, hidream=True,
+    session = types.SimpleNamespace(pipe=pipe, joint=None, single=None, family="hidream",
                                     entries=[bending.as_spec({**ENTRY, "token": "kiss"})])
     found = dh.prompts._locate(session, {"prompt": "a romantic kiss at sunset", "max_sequence_length": 128})
     t5_ids = t5("a romantic kiss at sunset")["input_ids"]

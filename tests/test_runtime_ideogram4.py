@@ -128,8 +128,8 @@ def test_words_are_found_in_the_chat_template_from_its_first_token():
 
     tokenizer = cq.qwen_tokenizer()
     tokenizer.chat_template = QWEN3_VL_TEMPLATE
-    session = types.SimpleNamespace(pipe=types.SimpleNamespace(tokenizer=tokenizer), ideogram4=True, joint=None,
-                                    krea2=False, entries=[bending.as_spec({**ENTRY, "token": w})
+    session = types.SimpleNamespace(pipe=types.SimpleNamespace(tokenizer=tokenizer), family="ideogram4", joint=None,
+                                    entries=[bending.as_spec({**ENTRY, "token": w})
                                                           for w in ("sunset", "a", "user")])
     prompt = "a romantic kiss at sunset"
     with pytest.raises(ValueError, match="Token not found: 'user'"):     # the template's word is not the prompt's

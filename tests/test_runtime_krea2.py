@@ -111,7 +111,7 @@ def test_words_are_found_after_the_template_prefix():
     pipe = types.SimpleNamespace(tokenizer=tokenizer, prompt_template_encode_prefix=prefix,
                                  prompt_template_encode_start_idx=len(tokenizer(prefix)["input_ids"]),
                                  prompt_template_encode_num_suffix_tokens=5)
-    session = types.SimpleNamespace(pipe=pipe, krea2=True, joint=None,
+    session = types.SimpleNamespace(pipe=pipe, family="krea2", joint=None,
                                     entries=[bending.as_spec({**ENTRY, "token": w}) for w in ("sunset", "image")])
     prompt = "image of a kiss at sunset"
     found = dh.prompts._locate(session, {"prompt": prompt})

@@ -100,7 +100,7 @@ def test_words_count_from_the_first_valid_token():
     tokenizer = cq.qwen_tokenizer()
     connectors = types.SimpleNamespace(video_connector=types.SimpleNamespace(learnable_registers=torch.zeros(1)))
     pipe = types.SimpleNamespace(tokenizer=tokenizer, connectors=connectors)
-    session = types.SimpleNamespace(pipe=pipe, joint=None, single=None, qwen21=False, hunyuan15=False,
+    session = types.SimpleNamespace(pipe=pipe, joint=None, single=None, family=None,
                                     entries=[bending.as_spec(ENTRY)])
     found = dh.prompts._locate(session, {"prompt": "  a romantic kiss at sunset "})
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("a romantic kiss at sunset")["input_ids"])

@@ -171,7 +171,7 @@ def test_words_are_found_in_the_text_the_pipeline_encodes(family):
     pipe = types.SimpleNamespace(tokenizer=tokenizer, system_prompt=system, system_message=system,
                                  prompt_template_encode_start_idx=crop, tokenizer_max_length=1000)
     session = types.SimpleNamespace(pipe=pipe, single=None if family == "hunyuan15" else family, joint=None,
-                                    qwen21=False, hunyuan15=family == "hunyuan15",
+                                    family="hunyuan15" if family == "hunyuan15" else "single",
                                     entries=[bending.as_spec({**ENTRY, "token": w}) for w in ("sunset", "a")])
     prompt = "a romantic kiss at sunset"
     found = dh.prompts._locate(session, {"prompt": prompt})

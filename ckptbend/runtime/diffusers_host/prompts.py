@@ -37,7 +37,7 @@ def wrap_encode_prompt(session):
             args, kwargs = bound.args, bound.kwargs
         result = inner(*args, **kwargs)
         # prompt_embeds first, in every diffusers pipeline but ERNIE-Image's (a list of per-prompt tensors)
-        session.prompt_embeds = result if getattr(session, "ernie", False) else result[0]
+        session.prompt_embeds = result if session.family == "ernie" else result[0]
         return result
 
     pipe.encode_prompt = encode_prompt
@@ -57,25 +57,24 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
-    kandinsky5 = getattr(session, "kandinsky5", False)
-    if getattr(session, "hunyuan10", False):         # its template less crop_start (hunyuan10.py)
+    if session.family == "hunyuan10":         # its template less crop_start (hunyuan10.py)
         return hunyuan10.columns(session, arguments)
-    if getattr(session, "krea2", False):
+    if session.family == "krea2":
         return _krea2_columns(session, arguments)
-    if getattr(session, "ideogram4", False):
+    if session.family == "ideogram4":
         from .ideogram4 import ideogram4_columns
         return ideogram4_columns(session, arguments)
-    if getattr(session, "ernie", False):              # the bare prompt, <bos> first (ErnieImagePipeline)
+    if session.family == "ernie":              # the bare prompt, <bos> first (ErnieImagePipeline)
         return _ernie_columns(session, arguments["prompt"])
-    if session.single or session.qwen21 or session.hunyuan15 or session.joint == "flux2" or kandinsky5:
+    if session.single or session.joint == "flux2" or session.family in ("qwen21", "hunyuan15", "kandinsky5"):
         return _single_columns(session, arguments)
     if hasattr(pipe, "connectors"):
         return _ltx2_columns(session, arguments["prompt"])
-    if getattr(session, "hidream", False):
+    if session.family == "hidream":
         return _hidream_columns(session, arguments)
-    if getattr(session, "motif", False):
+    if session.family == "motif":
         return motif_video.columns(session, arguments)
-    if getattr(session, "sana", False):
+    if session.family == "sana":
         from .sana import sana_columns             # here: sana.py imports this module
         return sana_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
@@ -210,8 +209,8 @@ def _single_columns(session, arguments) -> dict[str, list[int]]:
     found spelled after a space or bare (byte-level BPE and Gemma's SentencePiece spell them apart), the earlier
     in the prompt (not in the template or system prompt before it)."""
     pipe = session.pipe
-    family = ("qwen21" if session.qwen21 else "hunyuan15" if session.hunyuan15 else "flux2" if session.joint == "flux2"
-              else "kandinsky5" if getattr(session, "kandinsky5", False) else session.single)
+    family = ("flux2" if session.joint == "flux2" else session.family if session.family in ("qwen21", "hunyuan15",
+              "kandinsky5") else session.single)
     tokenizer = pipe.processor.tokenizer if family == "qwen21" else pipe.tokenizer
     if family == "kandinsky5":             # a Qwen2.5-VL processor: text only, its tokenizer's tokens
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)

@@ -10,13 +10,9 @@ import torch
 from .. import bending, sag, slothful
 from .calls import (Call, alpha_cumprod_at, model_input, packed_grid, patch_size_of, scheduler_position, step_near,
                     step_of)
+from .families import FAMILIES, family_of
 from .joint import JOINT_MODELS
-from . import ernie, flux3, hidream, hunyuan15, ideogram4, kandinsky5, krea2, minimax_h3, mochi, motif_video, qwen21
-from . import ltx_video, sana, skyreels
-from . import anima, cosmos, hunyuan10
-from . import wan_animate2
-from . import qwen_layered, svd
-from . import single
+from . import anima, cosmos, flux3, ltx_video, minimax_h3, qwen_layered, sana, skyreels, svd, wan_animate2
 from .single import SINGLE_MODELS
 from .processor import Processor, sites_of
 from .prompts import wrap_encode_prompt
@@ -24,12 +20,6 @@ from .longcat_ovis import wrap_rewrite
 from .unet import before_mid, sag_correction
 
 SESSION_ATTR = "_ckptbend_session"
-# Families whose model call is described by their own module (packed sequences, per-item offsets, modular pipelines)
-# rather than by Session._before_model's generic reading of the latent, timestep and text.
-OWN_DESCRIPTION = {name: family.describe for family, models in (
-    (single, SINGLE_MODELS), (ernie, ernie.ERNIE_MODELS), (ideogram4, ideogram4.IDEOGRAM4_MODELS),
-    (flux3, flux3.FLUX3_MODELS), (minimax_h3, minimax_h3.MINIMAX_MODELS),
-    (wan_animate2, wan_animate2.ANIMATE2_MODELS)) for name in models}
 DYNAMIC_KEYS = ("sag", "slothful", "slothful_simple", "bending")   # slothful_simple: informational only
 # Families whose text attention is not reached, and why (one line each; the others get the generic refusal).
 NOT_REACHED: dict[str, str] = {}
@@ -148,21 +138,8 @@ class Session:
         self.call: Call | None = None
         self.joint = JOINT_MODELS.get(type(self.models[0]).__name__)     # None: cross-attention models
         self.single = SINGLE_MODELS.get(type(self.models[0]).__name__)   # Z-Image, Lumina 2: single-stream
-        self.ernie = type(self.models[0]).__name__ in ernie.ERNIE_MODELS       # [image; text], CFG [uncond; cond]
-        self.krea2 = type(self.models[0]).__name__ in krea2.KREA2_MODELS       # [text; image], CFG in two calls
-        self.qwen21 = type(self.models[0]).__name__ in qwen21.QWEN21_MODELS   # Qwen-Image 2.x: block-causal
-        self.hunyuan15 = type(self.models[0]).__name__ in hunyuan15.HUNYUAN15_MODELS   # [video; context]
-        self.hunyuan10 = type(self.models[0]).__name__ in hunyuan10.HUNYUAN10_MODELS   # [video; cropped Llama]
+        self.family = getattr(family_of(self.models[0]), "name", None)     # a row of families.FAMILIES, or None
         self.anima = type(pipe).__name__ in anima.ANIMA_PIPELINES     # a modular pipeline: its text steps wrapped
-        self.hidream = type(self.models[0]).__name__ in hidream.HIDREAM_MODELS         # [image; T5, Llama ×2]
-        self.kandinsky5 = type(self.models[0]).__name__ in kandinsky5.KANDINSKY5_MODELS   # channels-last, fractal
-        self.mochi = type(self.models[0]).__name__ in mochi.MOCHI_MODELS         # [video; valid T5] per item
-        self.ideogram4 = type(self.models[0]).__name__ in ideogram4.IDEOGRAM4_MODELS   # [pad; text; image] per item
-        self.flux3 = type(self.models[0]).__name__ in flux3.FLUX3_MODELS     # [text; image; refs], modular pipeline
-        self.motif = type(self.models[0]).__name__ in motif_video.MOTIF_MODELS   # joint attn and cross_attn
-        self.minimax = type(self.models[0]).__name__ in minimax_h3.MINIMAX_MODELS   # one packed sequence, no CFG
-        self.sana = type(self.models[0]).__name__ in sana.SANA_MODELS            # Gemma 2 after an instruction
-        self.animate2 = type(self.models[0]).__name__ in wan_animate2.ANIMATE2_MODELS   # reference pass left alone
         self.prompt_encoded = False     # encode_prompt ran since the last model call: the next is the negative's
         self._undo: list = []
         self._in_sag_call = False
@@ -180,15 +157,15 @@ class Session:
                 functools.partial(before_mid, self), with_kwargs=True).remove)
         if hasattr(self.pipe, "encode_prompt"):
             wrap_encode_prompt(self)
-        elif self.flux3:                      # a modular pipeline: its text encoder step is wrapped
+        elif self.family == "flux3":          # a modular pipeline: its text encoder step is wrapped
             flux3.wrap_text_encoder(self)
         elif self.anima:
             anima.wrap_text_steps(self)
         if self.joint == "longcat" and self.entries and hasattr(self.pipe, "rewire_prompt"):
             wrap_rewrite(self)
-        if self.minimax:                      # a modular pipeline: its blocks find the words
+        if self.family == "minimax_h3":       # a modular pipeline: its blocks find the words
             minimax_h3.wrap_blocks(self)
-        if self.animate2:                     # a modular pipeline: its blocks find the words
+        if self.family == "wan_animate2":     # a modular pipeline: its blocks find the words
             wan_animate2.wrap_blocks(self)
 
     def _install_model(self, model):
@@ -215,9 +192,9 @@ class Session:
         self.prompt_encoded = False           # the next encode_prompt is a new run's prompt
         if self._in_sag_call:                 # SAG's extra call keeps this step's description
             return None
-        own = OWN_DESCRIPTION.get(type(module).__name__)
-        if own is not None:                   # a family that reads its call its own way
-            self.call = own(self, module, args, kwargs)
+        family = family_of(module)
+        if family is not None and family.describe is not None:     # a family that reads its call its own way
+            self.call = family.describe(self, module, args, kwargs)
             return None
         x = model_input(args, kwargs)
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))     # HiDream: timesteps
@@ -237,7 +214,7 @@ class Session:
             position = scheduler_position(scheduler, t * 1000)
         if position is None and t_dtype in (torch.bfloat16, torch.float16):   # Flux, Qwen-Image... in bf16
             position = step_near(scheduler, t * 1000 if t <= 1 else t, t_dtype)     # pass t rounded to it
-        if position is None and self.sana:    # Sana Sprint: its SCM angle, encoded
+        if position is None and self.family == "sana":    # Sana Sprint: its SCM angle, encoded
             position = sana.sprint_position(scheduler, t)
         frame_patch, row_patch, column_patch = patch_size_of(module)
         height, width = x.shape[-2:]
@@ -256,20 +233,8 @@ class Session:
             step=step_of(scheduler, position),
             alpha_cumprod=alpha_cumprod_at(scheduler, t, position) if self.sag or self.slothful else None,
             n_text=text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None)
-        if self.qwen21 and self.entries:
-            qwen21.describe(self.call, kwargs)
-        if self.krea2 and self.entries:
-            krea2.describe(self.call, kwargs)
-        if self.hunyuan15 and self.entries:
-            hunyuan15.describe(self.call, kwargs)
-        if self.hunyuan10 and self.entries:
-            hunyuan10.describe(self.call, kwargs)
-        if self.hidream and self.entries:
-            hidream.describe(self.call, kwargs)
-        if self.kandinsky5:
-            kandinsky5.describe(self.call, module, x, kwargs)
-        if self.motif:
-            motif_video.describe(self.call, module, x, kwargs)
+        if family is not None and family.refine is not None and (self.entries or family.refine_always):
+            family.refine(self.call, module, x, kwargs)
         return None
 
     def _layout(self, batch: int, text) -> tuple[bool, list[int]]:
@@ -284,8 +249,7 @@ class Session:
             return True, list(range(batch // 2, batch))
         # CFG in two calls (WanPipeline; FluxPipeline's true CFG, which has no do_classifier_free_guidance)
         # pipelines whose CFG runs two calls, no flag
-        separate = (self.joint or self.qwen21 or self.krea2 or self.hunyuan15 or self.kandinsky5 or self.motif
-                    or self.hunyuan10 or self.anima)
+        separate = self.joint or self.anima or self.family is not None and FAMILIES[self.family].separate_cfg
         if (flag is True or flag is None and separate) and batch == n and torch.is_tensor(text):
             same = text is prompt or (text.shape == prompt.shape and torch.equal(text, prompt.to(text)))
             return False, list(range(batch)) if same else []
