@@ -29,7 +29,7 @@ def cross_attention(session, site, attn, hidden_states, encoder_hidden_states, a
     observe = recorder(session, site, active, attn.heads, grid, n_text) if session.record_maps else None
 
     def attend(q, k, v, heads, bias):
-        return bent_sdpa(q, k, v, heads, bias, call.cond_rows, apply=session.phase == 2, observe=observe,
+        return bent_sdpa(q, k, v, heads, bias, call.cond_rows, apply=session.phase == 2, observe=observe, attn=attn,
                               entries=active, token_indices=session.token_indices, grid_hw=grid,
                               step_index=call.step, layer_index=site.layer, frames=call.frames)
 

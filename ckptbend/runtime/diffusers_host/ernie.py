@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
 from .calls import Call, model_input, scheduler_position, step_of
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 ERNIE_MODELS = {"ErnieImageTransformer2DModel": "ernie"}
 
@@ -72,7 +71,7 @@ def ernie_attention(session, site, attn, given, original):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     mask = given.get("attention_mask")
     mask = None if mask is None else mask[rows].bool().view(len(rows), 1, 1, -1)
-    target = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    target = host_attention(attn, q, k, v, attn_mask=mask)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, -math.inf)
     for at, row in enumerate(rows):
         n_image, text_at, n_text = call.spans[row][1], call.spans[row][1], call.spans[row][2]

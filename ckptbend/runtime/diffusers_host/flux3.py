@@ -21,13 +21,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .calls import Call, step_near
 from .prompts import same_columns, unmark
 from .joint import _rope   # Flux's real-form RoPE on interleaved pairs
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 FLUX3_MODELS = {"Flux3Transformer2DModel": "flux3"}
 TEXT_STEP = "_get_qwen3_vl_prompt_embeds"       # the text encoder step's encoder, one prompt per call
@@ -83,7 +82,7 @@ def flux3_attention(session, site, attn, given, original):
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))
     # the generated image's queries (after the text) only: the text and reference rows keep the host's result
     image = slice(n_text, n_text + call.token_hw[0] * call.token_hw[1])
-    target = F.scaled_dot_product_attention(q[:, :, image], k, v)
+    target = host_attention(attn, q[:, :, image], k, v)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
     bent_attention.bend_rows(target, q[:, :, image], k, v, list(range(len(rows))), entries=active,
                              token_indices=session.token_indices, grid_hw=call.token_hw, step_index=call.step,

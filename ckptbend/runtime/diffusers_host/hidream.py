@@ -11,10 +11,9 @@ the model, as here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 HIDREAM_MODELS = {"HiDreamImageTransformer2DModel": "hidream"}
 
@@ -67,7 +66,7 @@ def hidream_attention(session, site, attn, given, original):
         q, k, v = torch.cat([q, qt], 1), torch.cat([k, kt], 1), torch.cat([v, vt], 1)
     q, k = _rope(q, k, given["image_rotary_emb"])
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = host_attention(attn, q, k, v)
     n_text = call.n_text
     first = q.shape[2] - n_text                         # the image tokens (padded ones included) come first
     refuse_beyond(session, active, n_text)

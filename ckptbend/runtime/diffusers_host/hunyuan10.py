@@ -12,12 +12,11 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from . import prompts
 from .joint import _rope
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 HUNYUAN10_MODELS = {"HunyuanVideoTransformer3DModel": "hunyuan10"}
 
@@ -60,7 +59,7 @@ def hunyuan10_attention(session, site, attn, given, original):
         q, k, v = (torch.cat(p, 1) for p in ((q, cq), (k, ck), (v, heads(context, attn.add_v_proj, None))))
     mask = given["attention_mask"]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = host_attention(attn, q, k, v, attn_mask=mask)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask.bool(), float("-inf"))
     for row in call.cond_rows:
         offset, n_text = call.spans[row] if call.spans else (0, context.shape[1])

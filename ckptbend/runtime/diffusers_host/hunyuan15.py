@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import bent_attention
 from .joint import _rope
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 HUNYUAN15_MODELS = {"HunyuanVideo15Transformer3DModel": "hunyuan15"}
 
@@ -58,7 +58,7 @@ def hunyuan15_attention(session, site, attn, given, original):
     keep = F.pad(given["attention_mask"], (length - given["attention_mask"].shape[1], 0), value=True).bool()
     mask = keep.view(b, 1, 1, length) & keep.view(b, 1, length, 1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = host_attention(attn, q, k, v, attn_mask=mask)
     bias = torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
     n_video = hidden.shape[1]
     target = out if session.phase == 2 else out.clone()

@@ -20,12 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .calls import Call, step_near
 from .prompts import same_columns
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 IDEOGRAM4_MODELS = {"Ideogram4Transformer2DModel": "ideogram4"}
 TEXT, IMAGE, IMAGE_OFFSET = 3, 2, 65536        # diffusers' LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR, offset
@@ -91,7 +90,7 @@ def ideogram4_attention(session, site, attn, given, original):
         # only the image queries are recomputed (the other rows keep the host's result bit for bit)
         image = slice(first_image, first_image + n_image)
         qi, ki, vi, keep = q[at:at + 1, :, image], k[at:at + 1], v[at:at + 1], mask[at:at + 1, :, image]
-        target = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=keep)
+        target = host_attention(attn, qi, ki, vi, attn_mask=keep)
         bias = torch.zeros(keep[:, :, :1].shape, device=q.device).masked_fill(~keep[:, :, :1], -math.inf)
         observe = (recorder(session, site, active, attn.num_heads, call.token_hw, n_text)
                    if session.record_maps else None)

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
 from .longcat_ovis import LONGCAT_OVIS_MODELS
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 # Joint-attention DiTs by class name: their "attn" modules attend over [text; image] (Flux, Qwen-Image) or
 # [image; text] (SD3) tokens at once.
@@ -19,9 +18,9 @@ JOINT_MODELS.update(LONGCAT_OVIS_MODELS)      # LongCat-Image, Ovis-Image: Flux.
 
 
 def joint_attention(session, site, attn, given, original):
-    """A joint attention where an entry acts: q, k, v as the model's processor forms them, PyTorch's
-    attention, and for the conditional items the bent text columns' correction of the image-query
-    rows (bent_attention.bent_output: no [L, L] matrix; the text-query rows and the rest stay SDPA's)."""
+    """A joint attention where an entry acts: q, k, v as the model's processor forms them, the host's
+    attention (recompute.host_attention), and for the conditional items the bent text columns' correction of the
+    image-query rows (bent_attention.bent_output: no [L, L] matrix; the text-query rows stay the host's)."""
     active = acting(session, site)
     if not active:
         return original()
@@ -37,7 +36,7 @@ def joint_attention(session, site, attn, given, original):
     first = 0 if session.joint == "sd3" else text.stop
     mask = _joint_mask(given.get("attention_mask"), given.get("encoder_hidden_states_mask"), hidden.shape[1])
     scale = attn.scale if session.joint == "auraflow" else None      # AuraFlow's processor passes attn.scale
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = host_attention(attn, q, k, v, attn_mask=mask, scale=scale)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
     bias = mask
     if mask is not None and mask.dtype == torch.bool:

@@ -13,10 +13,9 @@ in the cross-attention); cu_seqlens only sets the text RoPE positions of the tex
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import bending, bent_attention
-from .recompute import recorder, refuse_beyond
+from .recompute import host_attention, recorder, refuse_beyond
 
 KANDINSKY5_MODELS = {"Kandinsky5Transformer3DModel"}
 FRACTAL = 8                     # diffusers' fractal_flatten: 8×8 token blocks
@@ -63,7 +62,7 @@ def kandinsky5_attention(session, site, attn, given, original):
     q, k = heads(hidden, attn.to_query, attn.query_norm), heads(context, attn.to_key, attn.key_norm)
     v = heads(context, attn.to_value, None)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))               # [b, heads, L, d]
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = host_attention(attn, q, k, v)
     order = None if call.order is None else call.order.to(q.device)
     if order is not None:                                           # fractal → grid order (copies)
         inverse = torch.argsort(order)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
 from .joint import _rope   # Flux's real-form RoPE on interleaved pairs
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 KREA2_MODELS = {"Krea2Transformer2DModel": "krea2"}
 
@@ -58,7 +57,7 @@ def krea2_attention(session, site, attn, given, original):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     mask = given.get("attention_mask")
     mask = None if mask is None else mask[rows].bool().view(len(rows), 1, 1, -1)
-    target = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    target = host_attention(attn, q, k, v, attn_mask=mask)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, -math.inf)
     observe = recorder(session, site, active, attn.num_heads, call.token_hw, n_text) if session.record_maps else None
     bent_attention.bend_rows(target, q, k, v, list(range(len(rows))), bias=bias, entries=active,

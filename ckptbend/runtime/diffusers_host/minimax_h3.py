@@ -14,13 +14,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .calls import Call, scheduler_position, step_of
 from . import modular
 from .prompts import same_columns
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 MINIMAX_MODELS = {"MiniMaxH3Transformer3DModel": "minimax_h3"}
 
@@ -104,7 +103,7 @@ def minimax_attention(session, site, attn, given, original):
     if rotary is not None:
         q, k = _rope(q, *rotary), _rope(k, *rotary)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    out = host_attention(attn, q, k, v, attn_mask=mask)
     first_video, first_prompt, n_prompt = call.spans[0]
     refuse_beyond(session, active, n_prompt, "prompt")
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_prompt) if session.record_maps else None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bent_attention
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 MOCHI_MODELS = {"MochiTransformer3DModel": "mochi"}
 
@@ -54,7 +54,7 @@ def mochi_attention(session, site, attn, given, original):
     for i in range(q.shape[0]):
         valid = torch.nonzero(mask[i].flatten(), as_tuple=False).flatten()
         qi, ki, vi = (torch.cat([a[i:i + 1], c[i:i + 1, :, valid]], 2) for a, c in ((q, cq), (k, ck), (v, cv)))
-        out = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=0.0, is_causal=False)
+        out = host_attention(attn, qi, ki, vi)
         if i in call.cond_rows:
             n_text = len(valid)
             refuse_beyond(session, active, n_text)

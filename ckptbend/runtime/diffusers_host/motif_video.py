@@ -11,11 +11,10 @@ queries and keys only (cross_attn: the queries)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention, tokens
 from .joint import _rope
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 MOTIF_MODELS = {"MotifVideoTransformer3DModel": "motif"}
 
@@ -98,7 +97,7 @@ def motif_attention(session, site, attn, given, original):
     else:                                        # MotifVideoAttnProcessor2_0: [video; context]
         q, k, v = _joint_qkv(attn, hidden, context, rotary)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = host_attention(attn, q, k, v, attn_mask=mask)
     _bend(session, site, active, attn.heads, out, q, k, v, mask, -n_image if cross else n_video, n_video)
     out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
     if cross:

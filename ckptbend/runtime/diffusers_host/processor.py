@@ -16,6 +16,9 @@ BLOCK_KINDS = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "outp
 # replaces), so no one layer numbering fits both: left unbent in both; their hints add into the bent main blocks.
 UNBENT_BRANCHES = ("vace_blocks.",)
 EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}   # named_modules() gives down, up, mid
+# What diffusers' set_attention_backend / enable_parallelism write on every processor that has them: they reach the
+# original processor, which keeps serving the unbent calls, and recompute.host_attention reads them for bent ones.
+HOST_SETTINGS = ("_attention_backend", "_parallel_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,17 @@ class Processor:
 
         shown.__signature__ = self.signature
         self.__call__ = shown
+
+    def __getattr__(self, name):            # only for what the instance and its class lack
+        if name in HOST_SETTINGS:
+            return getattr(self.__dict__.get("original"), name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name in HOST_SETTINGS:
+            setattr(self.original, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         def original():

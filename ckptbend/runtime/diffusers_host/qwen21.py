@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 QWEN21_MODELS = {"QwenImage21Transformer2DModel": "qwen21"}
 SLOT_TOKENS = 4           # one image slot of the encoder's sequence stands for 2×2 latent tokens
@@ -68,7 +67,7 @@ def qwen21_attention(session, site, attn, given, original):
     qt, k, v = (t.transpose(1, 2) for t in (q[rows, first:], k[rows], v[rows]))
     valid, mask = given.get("key_valid"), given.get("attention_mask")   # prefill: key_valid; cached: the mask
     mask = valid[rows][:, None, None, :] if valid is not None else mask[rows] if torch.is_tensor(mask) else None
-    target = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask)
+    target = host_attention(attn, qt, k, v, attn_mask=mask)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, -math.inf)
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
     bent = target if session.phase == 2 else target.clone()

@@ -3,6 +3,8 @@ seams: separate key/value inputs (Slothful) and a replaceable core (Bending)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,17 +32,33 @@ def qk_norm(norm, x, heads):
     return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
 
 
-def sdpa(q, k, v, heads, bias=None):
-    """scaled_dot_product_attention on [b, n, heads·d], as AttnProcessor2_0 calls it."""
+def host_attention(attn, q, k, v, attn_mask=None, scale=None):
+    """softmax(q·kᵀ·scale)·v on [b, heads, L, d] as the host's processor of `attn` computes it: diffusers'
+    dispatch_attention_fn with the backend the user chose (set_attention_backend, attention_backend(...)) where that
+    processor dispatches (it has `_attention_backend`), PyTorch's SDPA where it calls SDPA itself (AttnProcessor2_0,
+    Mochi, Lumina 2, HiDream) or no attention module is given. Bending then corrects this result exactly."""
+    processor = getattr(attn, "processor", None)
+    if not hasattr(processor, "_attention_backend"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=attn_mask, scale=scale,
+                                backend=processor._attention_backend,
+                                parallel_config=getattr(processor, "_parallel_config", None))
+    return out.transpose(1, 2)
+
+
+def sdpa(q, k, v, heads, bias=None, attn=None):
+    """The processor's attention on [b, n, heads·d] (host_attention: attn's processor decides how), as
+    AttnProcessor2_0 / WanAttnProcessor call it."""
     b = q.shape[0]
     q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
     if bias is not None:
         bias = bias.view(b, heads, -1, bias.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).flatten(2)
+    return host_attention(attn, q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
 
 
-def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=sdpa, image=None):
+def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=None, image=None):
     """AttnProcessor2_0 (WanAttnProcessor) for a transformer block's attention (plain), with the
     key/value inputs given separately (Slothful passes reduced ones; the query keeps every token)
     and the core attend(q, k, v, heads, bias) -> [b, S, heads·d] replaceable (Bending). image: Wan
@@ -53,26 +71,26 @@ def attention(attn, hidden_states, k_in, v_in, attention_mask=None, attend=sdpa,
     q = qk_norm(getattr(attn, "norm_q", None), attn.to_q(hidden_states), attn.heads)
     k = qk_norm(getattr(attn, "norm_k", None), attn.to_k(k_in), attn.heads)
     v = attn.to_v(v_in)
-    out = attend(q, k, v, attn.heads, bias).to(q.dtype)
+    out = (attend or functools.partial(sdpa, attn=attn))(q, k, v, attn.heads, bias).to(q.dtype)
     gate = getattr(attn, "to_gate_logits", None)          # LTX-2's gated attention: a gate per head and token
     if gate is not None:
         out = (out.unflatten(2, (attn.heads, -1)) * (2.0 * torch.sigmoid(gate(hidden_states))).unsqueeze(-1)).flatten(2)
     if image is not None:
         k_img, v_img = attn.norm_added_k(attn.add_k_proj(image)), attn.add_v_proj(image)
-        out = out + sdpa(q, k_img, v_img, attn.heads).to(q.dtype)
+        out = out + sdpa(q, k_img, v_img, attn.heads, attn=attn).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))            # linear, dropout
     if getattr(attn, "residual_connection", False):
         out = out + residual
     return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
-def bent_sdpa(q, k, v, heads, bias, rows, apply=True, observe=None, **bend):
-    """SDPA (the processor's own attention) for every batch item, plus bent_attention.bent_output's exact
+def bent_sdpa(q, k, v, heads, bias, rows, apply=True, observe=None, attn=None, **bend):
+    """The processor's own attention (host_attention) for every batch item, plus bent_attention.bent_output's exact
     float32 correction of the bent text columns on the batch rows `rows`: no [S, T] probability matrix.
     q [b, S, heads·d], k, v [b, T, heads·d]; bias: prepare_attention_mask's [b·heads, 1, T]; bend:
     bent_output's entries, token_indices, grid_hw, step_index, layer_index, frames. apply=False (phase 1):
     observe sees the columns, the output stays unbent."""
-    out = sdpa(q, k, v, heads, bias)
+    out = sdpa(q, k, v, heads, bias, attn=attn)
     if not rows:
         return out
 

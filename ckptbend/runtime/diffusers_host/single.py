@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import bent_attention
 from .calls import Call, alpha_cumprod_at, scheduler_position, step_of
-from .recompute import acting, recorder, refuse_beyond
+from .recompute import acting, host_attention, recorder, refuse_beyond
 
 SINGLE_MODELS = {"ZImageTransformer2DModel": "zimage", "Lumina2Transformer2DModel": "lumina2"}
 ZIMAGE_MULTIPLE = 32          # diffusers' SEQ_MULTI_OF: Z-Image pads image and text tokens to a multiple of it
@@ -110,7 +109,7 @@ def single_attention(session, site, attn, given, original):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     mask = given.get("attention_mask")
     mask = None if mask is None else mask.bool().view(mask.shape[0], 1, 1, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = host_attention(attn, q, k, v, attn_mask=mask, scale=scale)
     bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
     n_image = (call.frames or 1) * call.token_hw[0] * call.token_hw[1]
     target = out if session.phase == 2 else out.clone()

@@ -58,7 +58,7 @@ def animate2_attention(session, site, attn, given, original):
     observe = recorder(session, site, active, attn.heads, call.token_hw, n_text) if session.record_maps else None
 
     def attend(q, k, v, heads, bias):
-        return bent_sdpa(q, k, v, heads, bias, call.cond_rows, apply=session.phase == 2, observe=observe,
+        return bent_sdpa(q, k, v, heads, bias, call.cond_rows, apply=session.phase == 2, observe=observe, attn=attn,
                          entries=active, token_indices=session.token_indices, grid_hw=call.token_hw,
                          step_index=call.step, layer_index=site.layer, frames=call.frames)
 
