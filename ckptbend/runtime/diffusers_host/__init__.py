@@ -79,8 +79,9 @@ Conventions:
   as the processor computes it). Other attentions are left to their processor. Slothful leaves calls
   with an attention mask alone.
 - Bending never forms the [S, T] probabilities: the host's own attention output (recompute.host_attention:
-  the diffusers backend the user chose) plus bent_attention.bent_output's of the bent columns, per chunk of queries, on the conditional rows
-  (recompute.bent_sdpa); the maps come from those columns.
+  the diffusers backend the user chose) plus bent_attention.bent_output's exact float32 correction of the
+  bent columns, per chunk of queries, on the conditional rows (recompute.bent_sdpa); the maps come from
+  those columns.
 """
 
 from __future__ import annotations
