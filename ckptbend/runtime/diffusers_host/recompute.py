@@ -4,6 +4,7 @@ seams: separate key/value inputs (Slothful) and a replaceable core (Bending)."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -33,18 +34,17 @@ def qk_norm(norm, x, heads):
 
 
 def host_attention(attn, q, k, v, attn_mask=None, scale=None):
-    """softmax(q·kᵀ·scale)·v on [b, heads, L, d] as the host's processor of `attn` computes it: diffusers'
-    dispatch_attention_fn with the backend the user chose (set_attention_backend, attention_backend(...)) where that
-    processor dispatches (it has `_attention_backend`), PyTorch's SDPA where it calls SDPA itself (AttnProcessor2_0,
-    Mochi, Lumina 2, HiDream) or no attention module is given. Bending then corrects this result exactly."""
+    """softmax(q·kᵀ·scale)·v on [b, heads, L, d] as the host's processor of `attn` computes it: the
+    dispatch_attention_fn its own module calls, with the backend the user chose (set_attention_backend,
+    attention_backend(...)), where that processor dispatches; PyTorch's SDPA where it calls SDPA itself
+    (AttnProcessor2_0, Mochi, Lumina 2, HiDream). Bending then corrects this result exactly."""
     processor = getattr(attn, "processor", None)
-    if not hasattr(processor, "_attention_backend"):
+    original = getattr(processor, "original", processor)       # ckptbend's Processor wraps the host's
+    dispatch = getattr(inspect.getmodule(type(original)), "dispatch_attention_fn", None)
+    if dispatch is None or not hasattr(processor, "_attention_backend"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    out = dispatch_attention_fn(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=attn_mask, scale=scale,
-                                backend=processor._attention_backend,
-                                parallel_config=getattr(processor, "_parallel_config", None))
+    out = dispatch(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=attn_mask, scale=scale,
+                   backend=processor._attention_backend, parallel_config=getattr(processor, "_parallel_config", None))
     return out.transpose(1, 2)
 
 
