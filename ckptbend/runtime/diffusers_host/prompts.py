@@ -7,8 +7,6 @@ import inspect
 
 from .. import tokens
 from .longcat_ovis import longcat_ovis_columns
-from . import motif_video
-from . import hunyuan10
 
 
 def wrap_encode_prompt(session):
@@ -57,26 +55,14 @@ def _locate(session, arguments) -> dict[str, list[int]]:
         return _columns(session, t5, arguments.get("prompt_2") or arguments["prompt"])
     if session.joint == "qwen":
         return _qwen_columns(session, arguments["prompt"])
-    if session.family == "hunyuan10":         # its template less crop_start (hunyuan10.py)
-        return hunyuan10.columns(session, arguments)
-    if session.family == "krea2":
-        return _krea2_columns(session, arguments)
-    if session.family == "ideogram4":
-        from .ideogram4 import ideogram4_columns
-        return ideogram4_columns(session, arguments)
-    if session.family == "ernie":              # the bare prompt, <bos> first (ErnieImagePipeline)
-        return _ernie_columns(session, arguments["prompt"])
-    if session.single or session.joint == "flux2" or session.family in ("qwen21", "hunyuan15", "kandinsky5"):
-        return _single_columns(session, arguments)
+    from .families import FAMILIES            # here: the families table imports this module
+    family = FAMILIES.get(session.family)
+    if family is not None and family.columns is not None:      # the family's own tokenizer and template
+        return family.columns(session, arguments)
+    if session.joint == "flux2":                # Mistral 3's (Klein: Qwen3's) chat template
+        return single_columns(session, arguments)
     if hasattr(pipe, "connectors"):
         return _ltx2_columns(session, arguments["prompt"])
-    if session.family == "hidream":
-        return _hidream_columns(session, arguments)
-    if session.family == "motif":
-        return motif_video.columns(session, arguments)
-    if session.family == "sana":
-        from .sana import sana_columns             # here: sana.py imports this module
-        return sana_columns(session, arguments)
     found = _columns(session, pipe.tokenizer, arguments["prompt"], arguments.get("clean_caption", False))
     if session.joint == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         t5_prompt = arguments.get("prompt_3") or arguments["prompt"]
@@ -109,7 +95,7 @@ def _qwen_columns(session, prompt) -> dict[str, list[int]]:
     return same_columns([tokens.token_columns(words, kept(text), lambda w: tokens.Alternatives(
         (spell(" " + w), spell(w)))) for text in ([prompt] if isinstance(prompt, str) else prompt)])
 
-def _hidream_columns(session, arguments) -> dict[str, list[int]]:
+def hidream_columns(session, arguments) -> dict[str, list[int]]:
     """HiDream: every block attends to [T5; Llama's last layer; Llama's layer for the block], each padded to
     max_sequence_length (the tokenizer's limit if smaller): a word's T5 columns (tokenizer_3, of prompt_3) and its
     Llama columns (tokenizer_4, of prompt_4) in both Llama parts; found in at least one of the two."""
@@ -161,10 +147,10 @@ def _ltx2_columns(session, prompt) -> dict[str, list[int]]:
         (spell(" " + w), spell(w)))) for p in ([prompt] if isinstance(prompt, str) else prompt)])
 
 
-def _ernie_columns(session, prompt) -> dict[str, list[int]]:
+def ernie_columns(session, arguments) -> dict[str, list[int]]:
     """ERNIE-Image: each prompt tokenized bare with special tokens (<bos> first), truncated at the tokenizer's
     limit, every token fed to the model: column 0 is the first. A word after a space or bare (byte-level BPE)."""
-    tokenizer = session.pipe.tokenizer
+    tokenizer, prompt = session.pipe.tokenizer, arguments["prompt"]
     words = list(dict.fromkeys(e.token for e in session.entries))
 
     def spell(word):
@@ -175,7 +161,7 @@ def _ernie_columns(session, prompt) -> dict[str, list[int]]:
                          for p in ([prompt] if isinstance(prompt, str) else prompt)])
 
 
-def _krea2_columns(session, arguments) -> dict[str, list[int]]:
+def krea2_columns(session, arguments) -> dict[str, list[int]]:
     """Krea 2: its system-and-user-header prefix + the prompt, padded to a fixed length, the prefix's
     prompt_template_encode_start_idx tokens dropped: column 0 is the prompt's first token (spelled bare)."""
     pipe = session.pipe
@@ -195,7 +181,7 @@ def _krea2_columns(session, arguments) -> dict[str, list[int]]:
                          for p in ([prompt] if isinstance(prompt, str) else prompt)])
 
 
-def _single_columns(session, arguments) -> dict[str, list[int]]:
+def single_columns(session, arguments) -> dict[str, list[int]]:
     """Z-Image: the prompt as the user's turn of the tokenizer's own chat template with the generation prompt
     (ZImagePipeline: apply_chat_template, enable_thinking=True; Qwen3's template then adds no think block); Lumina 2:
     system prompt + " <Prompt Start> " + prompt, Gemma 2's <bos> first (Lumina2Pipeline). Both feed every token
