@@ -35,8 +35,15 @@ IMAGE_1024 = _latent("EmptySD3LatentImage", width=1024, height=1024)
 COSMOS_TE = ("CLIPLoader", {"clip_name": "oldt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "cosmos"})
 # Flux.2 samples with its own resolution-aware schedule (Flux2Scheduler) through SamplerCustomAdvanced.
 FLUX2_SIGMAS = ("Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024})
+# Flux.2 Klein: the distilled files (flux-2-klein-4b…) sample in 4 steps without CFG, the base files, whose names
+# say "base" (flux-2-klein-base-4b…), in 20 steps at cfg 5, as the official templates do.
 FLUX2_KLEIN = {"vae": "flux2-vae.safetensors", "latent": _latent("EmptyFlux2LatentImage", width=1024, height=1024),
-               "sampler": _sampler(20, 5.0), "sigmas": FLUX2_SIGMAS}   # the base model's settings
+               "sampler": _sampler(4, 1.0), "sigmas": ("Flux2Scheduler", {"steps": 4, "width": 1024, "height": 1024})}
+FLUX2_KLEIN_BASE = {"sampler": _sampler(20, 5.0), "sigmas": FLUX2_SIGMAS}
+KLEIN_4B = {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2"})}
+KLEIN_9B = {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_8b_fp8mixed.safetensors",
+                                                           "type": "flux2"}),
+            "vae": "full_encoder_small_decoder.safetensors"}
 
 
 def _kandinsky5_te(kind):
@@ -165,11 +172,10 @@ FAMILIES = {
                   "vae": "full_encoder_small_decoder.safetensors", "guidance": 4.0,
                   "latent": _latent("EmptyFlux2LatentImage", width=1024, height=1024), "sampler": _sampler(20, 1.0),
                   "sigmas": FLUX2_SIGMAS, "guider": "BasicGuider"},
-    "flux2-klein": {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors",
-                                                                   "type": "flux2"})},
-    "flux2-klein-9b": {**FLUX2_KLEIN, "text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_8b_fp8mixed.safetensors",
-                                                                      "type": "flux2"}),
-                       "vae": "full_encoder_small_decoder.safetensors"},
+    "flux2-klein": {**KLEIN_4B, "by_file": {"base": "flux2-klein-base"}},
+    "flux2-klein-base": {**KLEIN_4B, **FLUX2_KLEIN_BASE},
+    "flux2-klein-9b": {**KLEIN_9B, "by_file": {"base": "flux2-klein-9b-base"}},
+    "flux2-klein-9b-base": {**KLEIN_9B, **FLUX2_KLEIN_BASE},
     "flux2": "flux2-dev",
     "z-image": {"text_encoder": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}),
                 "vae": "ae.safetensors", "model_sampling": ("ModelSamplingAuraFlow", {"shift": 3.0}),

@@ -25,8 +25,10 @@ NODE = "ckptbend_check"
 # architecture → (its official template, the subgraph holding the text-to-image/video recipe, or None: all)
 TEMPLATES = {
     "flux2-dev": ("image_flux2_text_to_image.json", None),
-    "flux2-klein-4b": ("image_flux2_klein_text_to_image.json", "Text to Image (FLUX.2 Klein 4B)"),
-    "flux2-klein-9b": ("image_flux2_text_to_image_9b.json", None),
+    "flux2-klein-4b": ("image_flux2_klein_text_to_image.json", "Text to Image (FLUX.2 Klein 4B Distilled)"),
+    "flux2-klein-4b base": ("image_flux2_klein_text_to_image.json", "Text to Image (FLUX.2 Klein 4B)"),
+    "flux2-klein-9b": ("image_flux2_klein_image_edit_9b_distilled.json", "Image Edit (FLUX.2 Klein 9B Distilled)"),
+    "flux2-klein-9b base": ("image_flux2_text_to_image_9b.json", None),
     "z-image": ("image_z_image.json", None),
     "qwen-image-2.1": ("image_qwen_image_2_1_t2i.json", None),
     "kandinsky5-lite-image": ("image_kandinsky5_t2i.json", None),
@@ -38,6 +40,10 @@ TEMPLATES = {
     "anima": ("image_anima_base_v1.json", None),
     "ideogram4": ("image_ideogram4_t2i.json", "Text to Image (Ideogram v4)"),
 }
+# the file a case's graph loads ("baked.safetensors" for the rest): Klein's base files say "base" in their names,
+# as the templates' do (flux-2-klein-base-4b.safetensors; distilled: flux-2-klein-4b.safetensors)
+FILES = {"flux2-klein-4b base": "flux-2-klein-base-4b.safetensors", "flux2-klein-4b": "flux-2-klein-4b.safetensors",
+         "flux2-klein-9b base": "flux-2-klein-base-9b-fp8.safetensors", "flux2-klein-9b": "flux-2-klein-9b-fp8.safetensors"}
 VIDEO = {"kandinsky5-lite-video", "hunyuan-video-1.5"}
 # values that are the example's own, not the template's: the file baked, the prompts, the seed, the output name
 OWN = {"unet_name", "text", "prompt", "negative_prompt", "seed", "noise_seed", "filename_prefix"}
@@ -80,9 +86,10 @@ def official():
     return sockets, values
 
 
-def graph_of(architecture):
+def graph_of(case):
+    """The graph for a case of TEMPLATES: its architecture (the case's first word) and file."""
     inputs = {"model": "MODEL", "bending_clip": "CLIP", "bending_prompt": "a photo of a lake at sunset"}
-    return example_workflow(NODE, inputs, "baked.safetensors", architecture, "dit")
+    return example_workflow(NODE, inputs, FILES.get(case, "baked.safetensors"), case.split()[0], "dit")
 
 
 @pytest.mark.parametrize("architecture", TEMPLATES)
