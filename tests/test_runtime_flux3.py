@@ -64,6 +64,9 @@ class Processor:
     def apply_chat_template(self, *args, **kwargs):
         return self.tokenizer.apply_chat_template(*args, **kwargs)
 
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
 
 @pytest.fixture(scope="module")
 def flux3():
@@ -235,3 +238,53 @@ def test_a_word_the_prompt_upsampler_dropped_is_refused_naming_the_step(flux3):
             dh.remove(pipe)
         assert ("blocks.sub_blocks.pop('prompt_upsampler')" in str(refused.value)) == hint
         assert "\n" not in str(refused.value)
+
+
+def test_the_prompt_upsampler_gets_the_prompt_without_its_marks(flux3):
+    """diffusers' Flux3Text2ImagePromptUpsampleStep, with a real (tiny, seeded, greedy) Qwen3.5 upsampler, rewrites the
+    prompt before the text encoder step: with bending it gets the prompt an unbent run gives it, the marks stripped
+    (the braces would be tokens it reads), and the words are looked for in its caption: here a random model's words,
+    without "sunset", so the refusal quotes the very caption the unmarked prompt gives."""
+    from diffusers.modular_pipelines.flux3.prompt_upsampler import Flux3Text2ImagePromptUpsampleStep, upsample_prompt
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    model, _ = flux3
+    processor = Processor()
+    ids = sorted(processor.tokenizer.get_vocab().values())
+    text = dict(vocab_size=ids[-1] + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_value_heads=2,
+                linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8,
+                layer_types=["linear_attention", "full_attention"])
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        upsampler = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+        unused = torch.ones(ids[-1] + 1, dtype=torch.bool)
+        unused[ids] = False
+        upsampler.lm_head.weight[unused] = 0       # greedy picks among the stand-in tokenizer's ids (Qwen's special
+                                                    # tokens sit at 151643…, the few others below 500)
+    unmarked = upsample_prompt(upsampler, processor, "a romantic kiss at sunset", max_new_tokens=8)
+    seen = []                                    # the token ids of each prompt the upsampler reads (its prefill)
+    upsampler.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()),
+                                        with_kwargs=True)
+    upsample_prompt(upsampler, processor, "a romantic kiss at sunset", max_new_tokens=1)
+    expected_ids = seen.pop()
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        encoder = TextEncoder().eval()
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"prompt_upsampler": Flux3Text2ImagePromptUpsampleStep(),
+                                                        "text_encoder": Flux3TextEncoderStep(),
+                                                        "denoise": Flux3CoreDenoiseStep()})
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=encoder,
+                           tokenizer=processor, guider=ClassifierFreeGuidance(guidance_scale=3.5),
+                           prompt_upsampler=upsampler, prompt_upsampler_processor=processor)
+    dh.apply(pipe, {"bending": [ENTRY]})
+    try:
+        with pytest.raises(ValueError, match="Token not found: 'sunset'") as refused:
+            pipe(prompt=PROMPT, max_new_tokens=8, height=16 * H, width=16 * W, num_inference_steps=1,
+                 generator=torch.Generator().manual_seed(1), output="latents")
+    finally:
+        dh.remove(pipe)
+    assert seen[0] == expected_ids               # the upsampler read the prompt without its marks
+    assert repr(unmarked) in str(refused.value) and "\n" not in str(refused.value)

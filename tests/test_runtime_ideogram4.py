@@ -153,11 +153,9 @@ def test_a_word_beyond_the_items_text_is_refused(ideogram4):
         dh.remove(pipe)
 
 
-def test_the_bent_pipeline_is_the_explicit_bent_softmax(monkeypatch):
+def ideogram4_pipeline(prompt_enhancer_head=None):
     """Ideogram4Pipeline itself, tiny: a 36-layer Qwen3-VL text model (16 wide), its chat template through the
-    stand-in tokenizer, the conditional and the unconditional transformer, two steps of its reversed schedule. Only the
-    conditional transformer's calls are bent (its words at the prompt's own left-pad offset); the result equals the
-    plain pipeline with the explicit bent softmax at those calls."""
+    stand-in tokenizer, the conditional and the unconditional transformer."""
     import comfy_standin_qwen as cq
     from diffusers import AutoencoderKLFlux2
     from transformers import Qwen3VLConfig, Qwen3VLModel
@@ -180,7 +178,17 @@ def test_the_bent_pipeline_is_the_explicit_bent_softmax(monkeypatch):
     pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
                              tokenizer=tokenizer, transformer=cj.seeded_transformer(ti.Ideogram4Transformer2DModel,
                                                                                     tiny, 67),
-                             unconditional_transformer=cj.seeded_transformer(ti.Ideogram4Transformer2DModel, tiny, 71))
+                             unconditional_transformer=cj.seeded_transformer(ti.Ideogram4Transformer2DModel, tiny, 71),
+                             prompt_enhancer_head=prompt_enhancer_head)
+    return pipe
+
+
+def test_the_bent_pipeline_is_the_explicit_bent_softmax(monkeypatch):
+    """Ideogram4Pipeline (ideogram4_pipeline), two steps of its reversed schedule. Only the conditional transformer's
+    calls are bent (its words at the prompt's own left-pad offset); the result equals the plain pipeline with the
+    explicit bent softmax at those calls."""
+    pipe = ideogram4_pipeline()
+    tokenizer = pipe.tokenizer
     prompt = "a romantic kiss at sunset"
 
     def generate(text, dynamic=None):
@@ -218,3 +226,30 @@ def test_the_bent_pipeline_is_the_explicit_bent_softmax(monkeypatch):
     expected = generate(prompt)
     torch.testing.assert_close(bent, expected, rtol=1e-4, atol=1e-5)
     assert (bent - plain).abs().max() > 1e-4
+
+
+def test_the_prompt_upsampler_gets_the_prompt_without_its_marks():
+    """prompt_upsampling=True: Ideogram4Pipeline.upsample_prompt (its Qwen3-VL text model made generative by a real,
+    tiny prompt_enhancer_head) rewrites the prompt before encode_prompt. With bending it reads the prompt an unbent run
+    gives it, the marks stripped, and the words are looked for in what it writes (here a random model's words: the
+    refusal names the word)."""
+    from diffusers import Ideogram4PromptEnhancerHead
+
+    with torch.random.fork_rng():
+        torch.manual_seed(73)
+        pipe = ideogram4_pipeline(Ideogram4PromptEnhancerHead(hidden_size=16, vocab_size=151700).eval())
+    seen = []                                    # the token ids of each text the Qwen3-VL body reads, in order
+    pipe.text_encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()),
+                                                with_kwargs=True)
+    pipe.upsample_prompt("a romantic kiss at sunset", height=2 * H, width=2 * W, max_new_tokens=1)
+    expected = seen[0]
+    seen.clear()
+    dh.apply(pipe, {"bending": [ENTRY]})
+    try:
+        with pytest.raises(ValueError, match="Token not found: 'sunset'"):
+            pipe("a romantic kiss at {sunset}", height=2 * H, width=2 * W, num_inference_steps=1, guidance_scale=3.0,
+                 guidance_schedule=None, max_sequence_length=16, output_type="latent", prompt_upsampling=True,
+                 generator=torch.Generator().manual_seed(2))
+    finally:
+        dh.remove(pipe)
+    assert seen[0] == expected                   # the upsampler's prefill: the prompt without its marks

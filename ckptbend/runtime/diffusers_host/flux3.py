@@ -26,6 +26,7 @@ from .. import bent_attention, tokens
 from .calls import Call, step_near
 from .prompts import same_columns, unmark
 from .joint import _rope   # Flux's real-form RoPE on interleaved pairs
+from .modular import wrap_blocks
 from .recompute import acting, host_attention, recorder, refuse_beyond
 
 FLUX3_MODELS = {"Flux3Transformer2DModel": "flux3"}
@@ -138,6 +139,7 @@ def wrap_text_encoder(session) -> None:
 
         setattr(block, TEXT_STEP, encode)
         session._undo.append(lambda b=block: delattr(b, TEXT_STEP))
+    wrap_blocks(session, "Flux.3", None)    # the marks stripped before any step: the prompt upsampler never sees them
 
 
 def flux3_columns(session, processor, prompt, limit) -> dict[str, list[int]]:

@@ -1,6 +1,7 @@
 """diffusers' modular pipelines (ModularPipeline.__call__ runs pipe._blocks(pipe, state)) have no encode_prompt to
 wrap: their blocks are wrapped instead, so that with bending the state's prompt is stripped of its marks and its
-words found before any block runs (MiniMax H3, Wan Animate 2)."""
+words found before any block runs (MiniMax H3, Wan Animate 2), or only stripped, where a later step finds them in
+what a prompt upsampler wrote (Flux.3: the upsampler never sees the marks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from .prompts import unmark
 
 
 class PromptBlocks:
-    """Stands in for pipe._blocks; `find(session, prompt)` gives the unmarked prompt's word columns."""
+    """Stands in for pipe._blocks; `find(session, prompt)` gives the unmarked prompt's word columns (None: the
+    prompt, one or a list, only unmarked)."""
 
     def __init__(self, session, inner, family, find):
         self.session, self.inner, self.family, self.find = session, inner, family, find
@@ -20,7 +22,10 @@ class PromptBlocks:
 
     def __call__(self, pipeline, state):
         session = self.session
-        if session.entries:
+        if session.entries and self.find is None:
+            if state.get("prompt") is not None:
+                state.set("prompt", unmark(state.get("prompt")))
+        elif session.entries:
             prompt = state.get("prompt")
             if not isinstance(prompt, str):
                 raise ValueError(f"Attention Bending finds its words in the prompt: call the {self.family} pipeline "

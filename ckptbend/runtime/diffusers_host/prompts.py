@@ -40,6 +40,28 @@ def wrap_encode_prompt(session):
 
     pipe.encode_prompt = encode_prompt
     session._undo.append(lambda: setattr(pipe, "encode_prompt", before) if had else delattr(pipe, "encode_prompt"))
+    if hasattr(pipe, "upsample_prompt"):
+        _unmark_before(session, "upsample_prompt")
+
+
+def _unmark_before(session, method: str) -> None:
+    """pipe.<method>, a step that rewrites the prompt before encode_prompt (Ideogram4Pipeline.upsample_prompt: an LLM),
+    as an instance attribute that, with bending, gets the prompt without its marks, as it would in an unbent run; the
+    words are then found in what it writes."""
+    pipe = session.pipe
+    had, before = method in vars(pipe), vars(pipe).get(method)
+    inner = getattr(pipe, method)
+    signature = inspect.signature(inner)
+
+    def rewrite(*args, **kwargs):
+        if session.entries:
+            bound = signature.bind(*args, **kwargs)
+            bound.arguments["prompt"] = unmark(bound.arguments["prompt"])
+            args, kwargs = bound.args, bound.kwargs
+        return inner(*args, **kwargs)
+
+    setattr(pipe, method, rewrite)
+    session._undo.append(lambda: setattr(pipe, method, before) if had else delattr(pipe, method))
 
 def _locate(session, arguments) -> dict[str, list[int]]:
     """word → its token columns, the same in every prompt of a list (else ValueError), in the text
