@@ -258,6 +258,41 @@ def run_experts(high_patcher, low_patcher, switch=2, steps=4):
     return cs.sample_advanced(low_patcher, x, cond, uncond, sigmas[switch:])
 
 
+def test_wan_reference_and_concatenated_frames_leave_their_rows_unbent():
+    """A Wan call with tokens beside the video's (ComfyUI's WanModel puts Fun Control's reference image, ref_conv, before
+    them and Phantom's time_dim_concat frames after; bin/check-comfyui wan-extra-tokens runs both on ComfyUI's own
+    model): the node's override bends the positive item's video rows as in a call without the extra tokens (a query
+    row's attention is its own), and leaves the extra rows and the negative item to ComfyUI's attention."""
+    from ckptbend.runtime.comfy_host import dit
+    from ckptbend.runtime.comfy_host.dit_layouts import DiTLayout
+
+    layout = DiTLayout("wan", [], 1, False, (1, 2, 2), "umt5xxl")
+    specs = [bending.as_spec(ENTRY)]
+    override = dit._dit_override(specs, {"sunset": [4]}, layout, None, steps=lambda options: 0)
+    g = torch.Generator().manual_seed(7)
+    x, image = torch.randn(2, 16, FRAMES, HEIGHT, WIDTH, generator=g), torch.randn(2, 16, HEIGHT, WIDTH, generator=g)
+    n_video, n_frame = FRAMES * (HEIGHT // 2) * (WIDTH // 2), (HEIGHT // 2) * (WIDTH // 2)
+    q, k, v = (torch.randn(2, n, 24, generator=g) for n in (n_video + n_frame, 16, 16))
+
+    def call(q, **conds):
+        options = {"cond_or_uncond": [1, 0]}                        # [negative; positive]
+        dit._record_call(layout)(lambda *a, **kw: None, x, None, None, None, None, options, **conds)
+        options[dit.DIT_TAG] = {"calls": [layout.text_call], "layer": 0}
+        return override(cs.attention_sdpa, q, k, v, 2, transformer_options=options)
+
+    plain = cs.attention_sdpa(q, k, v, 2)
+    for conds, video in (({"reference_latent": image}, slice(n_frame, None)),
+                         ({"time_dim_concat": image[:, :, None]}, slice(0, n_video))):
+        out = call(q, **conds)
+        assert_close(out[:, video], call(q[:, video]), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out[1, video], plain[1, video], atol=1e-4)                # the positive is bent
+        assert torch.equal(out[0], plain[0])                                                # the negative is not
+        extra = [i for i in range(q.shape[1]) if i not in range(q.shape[1])[video]]
+        assert torch.equal(out[:, extra], plain[:, extra])                                  # nor the extra rows
+    with pytest.raises(ValueError, match="do not fit the grid"):
+        call(q)                                                     # extra tokens the call does not explain
+
+
 def test_node_takes_an_optional_second_model(model, clip):
     (cls,) = comfy_host.node_class_mappings({"bending": [ENTRY]}, "wan bend", "ab" * 32)[0].values()
     assert cls.RETURN_TYPES == ("MODEL", "MODEL") and cls.RETURN_NAMES == ("model", "model_2")

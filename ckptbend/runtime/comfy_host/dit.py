@@ -71,6 +71,8 @@ def _record_call(layout):
         frames = x.shape[2] if x.ndim == 5 else 1
         grid = tuple(-(-size // p) for size, p in zip((frames, *x.shape[-2:]), layout.patch))   # ComfyUI pads up
         options[DIT_CALL] = {"grid": grid, "text": None}
+        if layout.kind == "wan":
+            options[DIT_CALL]["extra"] = _wan_extra_tokens(grid, layout.patch, kwargs)
         context = args[2] if len(args) > 2 else kwargs.get("c_crossattn")
         if layout.kind == "hunyuan":                     # the prompt's tokens, before the ByT5 glyphs
             options[DIT_CALL]["prompt"] = context.shape[1]
@@ -87,6 +89,20 @@ def _record_call(layout):
         return executor(x, *args, **kwargs)
 
     return wrapper
+
+
+def _wan_extra_tokens(grid, patch, conds) -> tuple[int, int]:
+    """(tokens before, tokens after) the video's in a Wan model call: Wan 2.2 Fun Control's reference image
+    (reference_latent, one frame through ref_conv: its tokens first, where the model has a ref_conv) and Phantom's
+    subject images (time_dim_concat: frames after the video's, padded to the patch as the video is)."""
+    before = after = 0
+    ref = conds.get("reference_latent")
+    if ref is not None:
+        before = (ref.shape[-2] // patch[1]) * (ref.shape[-1] // patch[2])
+    more = conds.get("time_dim_concat")
+    if more is not None:
+        after = -(-more.shape[2] // patch[0]) * grid[1] * grid[2]
+    return before, after
 
 
 HOST_TAGGED = {"nextdit": "double", "qwen21": "single"}    # kind → transformer_options["block_type"] of its blocks
@@ -122,6 +138,17 @@ def _host_tagged_layer(kind, options, call, n_queries, n_keys):
         raise ValueError("Attention Bending on Qwen-Image 2.x bends text-to-image sampling only: reference images "
                          "sit among the text tokens and shift the word's columns")
     return options["block_index"]
+
+
+def _video_queries(n_queries: int, n_image: int, call) -> slice:
+    """The video's query rows of a cross-attention: all of them, or those between a Wan call's reference-image tokens
+    and its concatenated frames (_wan_extra_tokens: left unbent, as conditioning; a model without ref_conv ignores
+    its reference image)."""
+    before, after = call.get("extra", (0, 0))
+    for first, total in ((0, n_image), (before, before + n_image + after), (0, n_image + after)):
+        if n_queries == total:
+            return slice(first, first + n_image)
+    raise ValueError(f"Attention Bending: {n_queries} image tokens do not fit the grid {call['grid']}")
 
 
 def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, steps=None):
@@ -181,9 +208,7 @@ def _dit_override(specs: list, columns: Mapping, layout: DiTLayout, previous, st
             if layout.kind == "hidream":                 # [image; T5; Llama's last layer; the block's layer]
                 text, queries = slice(n_image, n_image + n_text), slice(0, n_image)
         else:
-            text, queries = slice(None), slice(None)
-            if qh.shape[2] != n_image:
-                raise ValueError(f"Attention Bending: {qh.shape[2]} image tokens do not fit the grid {call['grid']}")
+            text, queries = slice(None), _video_queries(qh.shape[2], n_image, call)
         here = columns
         if layout.kind == "sd3":         # the T5 columns are absent when SD3 samples without T5
             here = {w: [j for j in js if j < n_text] for w, js in columns.items()}
