@@ -54,3 +54,15 @@ def assert_bent_on_positive_rows(call, plain, entries, step, explicit, columns) 
     others = [r for r in range(2) if r not in rows]
     assert torch.equal(call["out"][others], plain[others])
     return float((call["out"] - plain).abs().max())
+
+
+def bending_node(model, clip, entries, prompt, **values):
+    """The recipe's bending node as ComfyUI runs it: the class comfy_host.node_class_mappings gives, its FUNCTION on
+    the stand-in's ModelPatcher of `model`, with bending_clip, bending_prompt and any other input; the patched MODEL
+    (its first output; the second, model_2, is the one wired there, if any)."""
+    import comfy_standin as cs
+    from ckptbend.runtime import comfy_host
+
+    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "bend", "ab" * 32)[0].values()
+    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=prompt,
+                                        **values)[0]

@@ -6,12 +6,13 @@ bent. Row j is the prompt's
 T5 token j (the adapter maps T5 ids, attending to the Qwen3 states; the rest is zero padding), so the word's
 columns are its T5 tokens, read from the tokenizer's "t5xxl" key, not its Qwen3 tokens."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
 from _comfy_cross_calls import explicit_cross
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_anima as ca
 import comfy_standin_cosmos as cc
@@ -45,9 +46,7 @@ def latent(seed=2):
     return torch.randn(1, cc.CHANNELS, F_, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "anima bend", "57" * 32)[0].values()
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=PROMPT)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_the_words_columns_are_its_t5_tokens_the_rows_of_the_adapter(anima, clip, conds):

@@ -6,12 +6,13 @@ with a SentencePiece tokenizer as Pile-T5's); the register and text queries, the
 outside the window are the backend's output bit for bit. bin/check-comfyui auraflow runs the same on the real
 ComfyUI with its own Pile-T5 tokenizer."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
 from _comfy_joint_calls import check_calls
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 from _pipelines import t5_sentencepiece_tokenizer
 import comfy_standin as cs
 import comfy_standin_auraflow as ca
@@ -44,10 +45,7 @@ def latent(seed=2):
     return torch.randn(1, 4, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "aura bend", "56" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_stand_in_auraflow_runs_the_diffusers_model_as_comfyui_does(aura, monkeypatch):

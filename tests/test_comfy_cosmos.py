@@ -4,11 +4,12 @@ the node tells the blocks by the order of the model call's attention calls (two 
 the cross-attention to the T5 context, is bent (video queries against the word's T5 keys, from 0: T5 has no start
 token); the self-attentions are the backend's output."""
 
+import functools
 import pytest
 import torch
 
 from _comfy_cross_calls import explicit_cross
-from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
+from _helpers import assert_bent_on_positive_rows, bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_cosmos as cc
 from _pipelines import t5_like_tokenizer
@@ -42,10 +43,7 @@ def latent(seed=2):
     return torch.randn(1, cc.CHANNELS, F_, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "cosmos bend", "56" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def explicit(call, rows, entries, columns, step):

@@ -2,13 +2,14 @@
 the stand-in host's Wan 2.1 (a real tiny diffusers WanTransformer3DModel run as ComfyUI runs Wan:
 shared/docs/comfyui-dit-hooks.md) and compared with the diffusers host on the same weights."""
 
+import functools
 import contextlib
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 from _pipelines import t5_like_tokenizer, wan_pipeline
 from ckptbend.runtime import bending, comfy_host
@@ -42,11 +43,7 @@ def latent(seed=2):
     return torch.randn(1, 16, FRAMES, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "wan bend", "ab" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]   # bending: (model, model_2)
-    return m
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def predictions(model, patcher, cond, uncond, sigma, sample_sigmas):

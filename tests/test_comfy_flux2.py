@@ -3,10 +3,11 @@ diffusers Flux2Transformer2DModel run as ComfyUI runs Flux; not in ComfyUI 0.3.6
 layout (double then single blocks, [text; image]) with the wired CLIP's Mistral 3 tokens, found in its chat
 template; the explicit reference is test_comfy_joint's."""
 
+import functools
 import pytest
 import torch
 
-from _helpers import translate_entry
+from _helpers import bending_node, translate_entry
 import comfy_standin as cs
 import comfy_standin_flux2 as cf
 from ckptbend.runtime import comfy_host
@@ -24,9 +25,7 @@ def flux2():
     return cf.Flux2Model(cf.tiny_flux2())
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "flux2 bend", "34" * 32)[0].values()
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=PROMPT)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_flux2_layout_and_mistral_words(flux2):

@@ -4,11 +4,12 @@ node tells the blocks by the order of the model call's attention calls (one per 
 single-stream). Every call is joint over [image; T5; Llama's last layer; Llama's layer for the block]: the image
 queries of the positive rows are bent against the word's T5 keys and its Llama keys in both Llama parts."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_hidream as ch
 from ckptbend.runtime import bending, comfy_host
@@ -43,10 +44,7 @@ def latent(seed=2):
     return torch.randn(1, ch.CHANNELS, 2 * H - 1, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "hidream bend", "34" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def explicit(call, rows, entries, columns, step):

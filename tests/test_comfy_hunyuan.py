@@ -4,11 +4,12 @@ hunyuan_video model runs it; not in ComfyUI 0.3.64, the newest runnable here). T
 glyphs]: the node bends the video queries against the word's prompt keys, under the prompt's key mask; the words are
 found as Qwen-Image's (the same Qwen2.5-VL template rule)."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_hunyuan as ch
 import comfy_standin_qwen as cq
@@ -45,10 +46,7 @@ def latent(seed=2):
     return torch.randn(1, 4, F_, H, W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "hunyuan bend", "12" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def explicit(call, rows, entries, columns, step):

@@ -6,11 +6,12 @@ hunyuan_video model runs them, no glyphs) with a Llama-3-like tokenizer laid out
 the explicit bent softmax, the text queries and the negative rows are the backend's bit for bit. bin/check-comfyui
 hunyuan-video runs ComfyUI 0.3.64's own HunyuanVideo 1.0 (double and single blocks) and tokenizer code."""
 
+import functools
 import pytest
 import torch
 
 from _comfy_joint_calls import check_calls
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_hunyuan as ch
 import comfy_standin_hunyuan_video as chv
@@ -50,10 +51,7 @@ def latent(seed=2):
     return torch.randn(1, 4, F_, H, W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "hunyuan video bend", "78" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_layout_and_words(hunyuan, clip):

@@ -5,11 +5,12 @@ Ideogram 4 loop registers no "dit" replace and writes no block_index: the node c
 each model call and bends the image queries against the word's text keys, under ComfyUI's block-diagonal padding mask
 where the conditioning has one; every token of its Qwen3-VL template is a text key (the encoder drops none)."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_ideogram4 as ci
 from ckptbend.runtime import bending, comfy_host
@@ -47,10 +48,7 @@ def latent(seed=2):
     return torch.randn(1, 16, GH, GW, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "ideogram4 bend", "ab" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_every_template_token_is_a_text_key(clip, ideogram):

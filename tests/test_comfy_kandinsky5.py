@@ -5,11 +5,12 @@ visual→text cross-attention, is bent: its video queries against the word's Qwe
 Qwen-Image's: ComfyUI's Kandinsky 5 encoder keeps its tokens by the same template rule); the self-attentions and the
 text blocks' attentions are left as the backend computes them."""
 
+import functools
 import pytest
 import torch
 
 from _comfy_cross_calls import explicit_cross
-from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
+from _helpers import assert_bent_on_positive_rows, bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_kandinsky5 as ck
 import comfy_standin_qwen as cq
@@ -43,10 +44,7 @@ def latent(seed=2):
     return torch.randn(1, 4, F_, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "kandinsky bend", "12" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def explicit(call, rows, entries, columns, step):

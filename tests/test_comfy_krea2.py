@@ -5,11 +5,12 @@ ComfyUI source runs it; ComfyUI 0.3.64, the newest runnable here, has no Krea 2)
 text-fusion calls alone and bends the image queries against the word's text keys; the words are found past the
 system turn its encoder drops."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_krea2 as ck
 from ckptbend.runtime import bending, comfy_host
@@ -41,10 +42,7 @@ def latent(seed=2):
     return torch.randn(1, 4, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "krea2 bend", "cd" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_words_are_found_past_the_system_turn(clip, krea2):

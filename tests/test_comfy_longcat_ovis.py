@@ -4,10 +4,12 @@ from a padded template (comfy_standin_longcat_ovis); every bent call equals the 
 (test_comfy_joint.check_calls), the negative prediction, strength 0 and steps outside the window are bit-identical.
 Flux.2 Klein's Qwen3 template, padded to 512 by ComfyUI, has its words found too."""
 
+import functools
+
 import pytest
 import torch
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_joint as cj
 import comfy_standin_longcat_ovis as clo
@@ -46,10 +48,7 @@ def contexts(n_text, seed=1):
     return [torch.randn(1, n_text, 32, generator=g) for _ in range(2)]
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "padded bend", "ef" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_words_are_found_among_the_kept_padded_tokens(family):

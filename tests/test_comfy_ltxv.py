@@ -4,11 +4,12 @@ block, attn2 to the T5 context under the additive text mask, is bent: the video 
 voxel) against the word's T5 keys, the mask added before the softmax; attn1 and the negative rows are the backend's
 output."""
 
+import functools
 import pytest
 import torch
 
 from _comfy_cross_calls import explicit_cross
-from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
+from _helpers import assert_bent_on_positive_rows, bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_ltxv as cl
 from _pipelines import t5_like_tokenizer
@@ -43,10 +44,7 @@ def latent(seed=2):
     return torch.randn(1, cl.CHANNELS, F_, H, W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "ltxv bend", "78" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def explicit(call, rows, entries, columns, step):

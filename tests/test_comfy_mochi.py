@@ -4,12 +4,13 @@ it). Each block's one joint attention over [video; the first num_tokens T5 token
 the word's T5 keys; the text queries, the negative rows, strength 0 and steps outside the window are the backend's
 output bit for bit. bin/check-comfyui mochi runs the same on the real ComfyUI."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
 from _comfy_joint_calls import check_calls
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 from _pipelines import t5_like_tokenizer
 import comfy_standin as cs
 import comfy_standin_mochi as cm
@@ -43,10 +44,7 @@ def latent(seed=2):
     return torch.randn(1, 4, F_, 2 * H, 2 * W, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "mochi bend", "34" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_stand_in_mochi_runs_the_diffusers_model_as_comfyui_does(mochi, monkeypatch):

@@ -4,11 +4,12 @@ ComfyUI source runs it; ComfyUI 0.3.64, the newest runnable here, has no Z-Image
 transformer_options["block_index"], leaves the refiners' calls alone, and bends the image queries against the
 word's keys among the padded [text; image] tokens; the words are found in Qwen3's chat template."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_nextdit as cn
 import comfy_standin_qwen as cq
@@ -55,10 +56,7 @@ def latent(seed=2):
     return torch.randn(1, cn.LATENT_CHANNELS, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "nextdit bend", "ab" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_words_are_found_among_all_the_template_tokens(clip):

@@ -2,11 +2,12 @@
 stand-in host's Qwen-Image (a real tiny diffusers QwenImageTransformer2DModel run as ComfyUI runs it:
 comfy_standin_qwen), and compared with the diffusers host on the same weights."""
 
+import functools
 import pytest
 import torch
 from torch.testing import assert_close
 
-from _helpers import gain_entry, translate_entry
+from _helpers import bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_joint as cj
 import comfy_standin_qwen as cq
@@ -44,11 +45,7 @@ def latent(seed=2):
     return torch.randn(1, cq.LATENT_CHANNELS, 1, HEIGHT, WIDTH, generator=g)
 
 
-def patched(model, clip, entries, prompt=PROMPT, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "qwen bend", "ab" * 32)[0].values()
-    m = getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), bending_clip=clip, bending_prompt=prompt,
-                                     **values)[0]                     # (model, model_2)
-    return m
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def words_at(clip, prompt, columns):

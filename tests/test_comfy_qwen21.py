@@ -4,10 +4,11 @@ the newest ComfyUI source runs it; ComfyUI 0.3.64, the newest runnable here, has
 block by transformer_options["block_index"], leaves the text's causal calls alone and bends the target image's
 queries against the word's keys; the words are found past the system turn its encoder drops."""
 
+import functools
 import pytest
 import torch
 
-from _helpers import assert_bent_on_positive_rows, gain_entry, translate_entry
+from _helpers import assert_bent_on_positive_rows, bending_node, gain_entry, translate_entry
 import comfy_standin as cs
 import comfy_standin_qwen21 as cq21
 from ckptbend.runtime import bending, comfy_host
@@ -39,10 +40,7 @@ def latent(seed=2):
     return torch.randn(1, 8, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def patched(model, clip, entries, **values):
-    (cls,) = comfy_host.node_class_mappings({"bending": entries}, "qwen21 bend", "ef" * 32)[0].values()
-    values = {"bending_clip": clip, "bending_prompt": PROMPT, **values}
-    return getattr(cls(), cls.FUNCTION)(model=cs.ModelPatcher(model), **values)[0]
+patched = functools.partial(bending_node, prompt=PROMPT)     # the node as ComfyUI runs it
 
 
 def test_words_are_found_past_the_system_turn(clip):
